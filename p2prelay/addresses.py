@@ -1,0 +1,68 @@
+"""
+Turning what users type into Twisted endpoints.
+
+Users type ``localhost:8000`` and ``8000``; Twisted speaks endpoint
+descriptions (``tcp:8000:interface=127.0.0.1``, ``tls:host:443``).  Both
+are accepted everywhere an address is asked for, and this module is the one
+place that tells them apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+CONNECT_TIMEOUT = 10.0
+
+_HOST_PORT = re.compile(r"\A(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s]+)):(?P<port>\d{1,5})\Z")
+# Endpoint types whose descriptions could look like HOST:PORT.
+_ENDPOINT_TYPES = {"tcp", "tcp6", "ssl", "tls", "unix", "tor", "onion", "systemd"}
+
+
+class AddressError(ValueError):
+    """An address the user typed that we cannot use; the message says why."""
+
+
+def serverDescription(value: str) -> str:
+    """
+    A server endpoint description from ``8000`` or a full description.
+    """
+    value = value.strip()
+    if value.isdigit():
+        if int(value) > 65535:
+            raise AddressError(f"port {value} is out of range 0-65535")
+        return f"tcp:{value}"
+    if ":" not in value:
+        raise AddressError(f"{value!r} is neither a port number nor an endpoint description")
+    return value
+
+
+def parseHostPort(value: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` as a pair, or None for anything else."""
+    match = _HOST_PORT.match(value.strip())
+    if match is None:
+        return None
+    host = match.group("v6") or match.group("host")
+    if host.lower() in _ENDPOINT_TYPES and match.group("v6") is None:
+        return None
+    port = int(match.group("port"))
+    if not 0 < port <= 65535:
+        raise AddressError(f"port {port} is out of range 1-65535")
+    return host, port
+
+
+def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
+    """
+    A client endpoint from ``host:port`` or a client endpoint description.
+    """
+    pair = parseHostPort(value)
+    if pair is not None:
+        return HostnameEndpoint(reactor, pair[0], pair[1], timeout=timeout)
+    try:
+        return clientFromString(reactor, value)
+    except (ValueError, TypeError, KeyError, NameError) as e:
+        raise AddressError(
+            f"{value!r} is not HOST:PORT or a client endpoint description ({e})"
+        ) from None

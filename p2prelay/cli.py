@@ -1,0 +1,314 @@
+"""
+``p2p-fetch``: the command-line client.
+
+stdout carries only file contents (or the listing or JSON asked for);
+everything meant for the person at the terminal goes to stderr.  Every
+failure ends as a one-line message and an exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+
+from . import __version__, wire
+from .addresses import AddressError, clientEndpoint
+from .console import EOF, Console, err, prompt
+from .download import DestinationError, Download, destination
+from .fetch import PEER_TIMEOUT, Fetched, Fetcher, NotFetched, RelayUnreachable
+
+EXIT_OK = 0
+EXIT_NOT_FETCHED = 1
+EXIT_USAGE = 2
+EXIT_RELAY = 3
+
+DEFAULT_RELAY = "localhost:8000"
+RELAY_ENV = "P2PRELAY_RELAY"
+PROMPT = "file name (or quit)> "
+
+EPILOG = """\
+exit status:
+  0  every file was fetched (or the listing was printed)
+  1  some file could not be fetched (not found, every peer failed, exists)
+  2  usage error
+  3  the relay could not be reached
+
+With one NAME and no -o, the verified file's bytes are written to stdout and
+nothing else is. With no NAME, an interactive prompt (on stderr) asks for
+names until EOF or 'quit'.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="p2p-fetch",
+        description="Fetch files from a p2prelay network: ask the relay who holds "
+        "them, then download directly from the peers, failing over from one to the next.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="file names to fetch; a comma list such as 'a.txt, b.txt' works too",
+    )
+    p.add_argument(
+        "--relay",
+        default=os.environ.get(RELAY_ENV, DEFAULT_RELAY),
+        help=f"relay as HOST:PORT or a client endpoint description "
+        f"(default: ${RELAY_ENV}, else {DEFAULT_RELAY})",
+    )
+    p.add_argument("-o", "--output", metavar="DIR", help="save files into DIR instead of printing")
+    p.add_argument("--force", action="store_true", help="with -o, replace files that exist")
+    p.add_argument(
+        "--parallel", type=int, default=4, metavar="N", help="files fetched at once (default 4)"
+    )
+    p.add_argument("--peers", action="store_true", help="list the active peers and exit")
+    p.add_argument(
+        "--list",
+        nargs="?",
+        const="",
+        metavar="PATTERN",
+        help="list the network's files (substring or glob such as '*.txt') and exit",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="machine-readable output: JSON lines on stdout"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=PEER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"connect and idle timeout for every connection (default {PEER_TIMEOUT:g})",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="narrate each phase on stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    args.names = wire.splitNames(args.names)
+    if args.parallel < 1:
+        p.error("--parallel must be at least 1")
+    if args.timeout <= 0:
+        p.error("--timeout must be positive")
+    if args.force and not args.output:
+        p.error("--force only makes sense with -o DIR")
+    if args.json and args.names and not args.output:
+        p.error("--json with file names needs -o DIR (stdout carries the JSON)")
+    if (args.peers or args.list is not None) and args.names:
+        p.error("--peers and --list take no file names")
+    for name in args.names:
+        try:
+            wire.checkName(name)
+        except wire.ProtocolError as e:
+            p.error(f"{name!r}: {e.message}")
+    return args
+
+
+class Client:
+    """One run of p2p-fetch: a fetcher, the terminal, and the outcomes."""
+
+    def __init__(self, reactor, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+        self.relayUnreachable = False
+        self.failed = 0
+        verbose = err if args.verbose else (lambda line: None)
+        self.fetcher = Fetcher(
+            reactor,
+            clientEndpoint(reactor, args.relay, timeout=args.timeout),
+            timeout=args.timeout,
+            report=err,
+            verbose=verbose,
+        )
+        self.semaphore = DeferredSemaphore(args.parallel)
+
+    def out(self, line: str) -> None:
+        self.console.stdio.write((line + "\n").encode("utf-8"))
+
+    # Listings.
+
+    async def listPeers(self) -> None:
+        peers = await self.fetcher.peers()
+        for p in peers:
+            if self.args.json:
+                self.out(json.dumps({"host": p.host, "port": p.port, "udp": p.udp, "node": p.node}))
+            else:
+                udp = f"  udp={p.udp}" if p.udp else ""
+                self.out(f"{p}  node={p.node}{udp}")
+        if not self.args.json:
+            err(f"{len(peers)} active peer(s)")
+
+    async def listFiles(self, pattern: str) -> None:
+        files, truncated = await self.fetcher.search(pattern)
+        rows = [(m.require("name"), m.integer("size"), m.integer("holders"), m.require("sha256")) for m in files]
+        if self.args.json:
+            for name, size, holders, sha in rows:
+                self.out(json.dumps({"name": name, "size": size, "holders": holders, "sha256": sha}))
+        else:
+            width = max([len("NAME")] + [len(r[0]) for r in rows])
+            swidth = max([len("SIZE")] + [len(str(r[1])) for r in rows])
+            self.out(f"{'NAME':<{width}}  {'SIZE':>{swidth}}  HOLDERS  SHA256")
+            for name, size, holders, sha in rows:
+                self.out(f"{name:<{width}}  {size:>{swidth}}  {holders:>7}  {sha}")
+        if truncated:
+            err("(the list was truncated by the relay; narrow the pattern)")
+
+    # Fetching.
+
+    async def fetchOne(self, name: str) -> Optional[tuple[Fetched, Download]]:
+        """Fetch one file; report and count a failure instead of raising."""
+        async with self.semaphore:
+            try:
+                return await self._fetchOne(name)
+            except RelayUnreachable as e:
+                self.relayUnreachable = True
+                self._failure(name, f"relay {self.args.relay} unreachable: {e}")
+            except NotFetched as e:
+                self._failure(name, e.why, e.attempts)
+            except (DestinationError, OSError) as e:
+                self._failure(name, str(e))
+            except wire.ProtocolError as e:
+                self._failure(name, f"relay answered {e}")
+            return None
+
+    async def _fetchOne(self, name: str) -> tuple[Fetched, Download]:
+        if self.args.output:
+            final = destination(Path(self.args.output), name)
+            if final.exists() and not self.args.force:
+                raise DestinationError(f"{final} exists (use --force to replace it)")
+            sink = Download(final.parent)
+        else:
+            final = None
+            sink = Download(Path(tempfile.gettempdir()))
+        try:
+            result = await self.fetcher.fetch(name, sink)
+            if final is not None:
+                sink.commit(final, force=self.args.force)
+                err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
+                if self.args.json:
+                    self.out(json.dumps(self._record(result, path=str(final))))
+            return result, sink
+        except BaseException:
+            sink.discard()
+            raise
+
+    def _record(self, result: Fetched, **extra: object) -> dict:
+        return {
+            "name": result.name,
+            "ok": True,
+            "size": result.size,
+            "sha256": result.sha256,
+            "peer": result.peer,
+            "attempts": [{"peer": a.peer, "error": a.error} for a in result.attempts],
+            "seconds": round(result.seconds, 3),
+            **extra,
+        }
+
+    def _failure(self, name: str, why: str, attempts: Sequence = ()) -> None:
+        self.failed += 1
+        err(f"p2p-fetch: {name}: not fetched: {why}")
+        if self.args.json:
+            self.out(
+                json.dumps(
+                    {
+                        "name": name,
+                        "ok": False,
+                        "error": why,
+                        "attempts": [{"peer": a.peer, "error": a.error} for a in attempts],
+                    }
+                )
+            )
+
+    async def fetchAll(self, names: List[str]) -> None:
+        """Fetch in parallel; print to stdout in the order asked."""
+        results = await gatherResults(
+            [Deferred.fromCoroutine(self.fetchOne(n)) for n in names]
+        )
+        for outcome in results:
+            if outcome is None or self.args.output:
+                continue
+            result, sink = outcome
+            try:
+                if len(names) > 1:
+                    err(f"==> {result.name} <==")
+                await self.console.send(sink.open(), result.size)
+            finally:
+                sink.discard()
+
+    async def interact(self) -> None:
+        while True:
+            prompt(PROMPT)
+            line = await self.console.readLine()
+            if line is EOF:
+                err("")
+                return
+            assert isinstance(line, str)
+            if line.strip().lower() in ("quit", "exit", "q"):
+                return
+            names = wire.splitNames([line], allowVerb=True)
+            good = []
+            for name in names:
+                try:
+                    good.append(wire.checkName(name))
+                except wire.ProtocolError as e:
+                    self._failure(name, e.message)
+            if good:
+                await self.fetchAll(good)
+
+    def exitCode(self) -> int:
+        if self.relayUnreachable:
+            return EXIT_RELAY
+        return EXIT_NOT_FETCHED if self.failed else EXIT_OK
+
+
+async def run(reactor, args: argparse.Namespace) -> int:
+    interactive = not (args.names or args.peers or args.list is not None)
+    console = Console(reactor, interactive)
+    try:
+        client = Client(reactor, args, console)
+    except AddressError as e:
+        err(f"p2p-fetch: {e}")
+        await console.close()
+        return EXIT_USAGE
+    try:
+        if args.peers:
+            await client.listPeers()
+        elif args.list is not None:
+            await client.listFiles(args.list)
+        elif args.names:
+            await client.fetchAll(args.names)
+        else:
+            await client.interact()
+    except RelayUnreachable as e:
+        err(f"p2p-fetch: relay {args.relay} unreachable: {e}")
+        client.relayUnreachable = True
+    except wire.ProtocolError as e:
+        err(f"p2p-fetch: relay answered {e}")
+        client.failed += 1
+    finally:
+        await console.close()
+    return client.exitCode()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parseArgs(sys.argv[1:] if argv is None else argv)
+
+    async def start(reactor) -> None:
+        code = await run(reactor, args)
+        if code:
+            raise SystemExit(code)
+
+    task.react(lambda reactor: Deferred.fromCoroutine(start(reactor)))

@@ -1,0 +1,126 @@
+"""
+The terminal, as Twisted sees it: typed lines in, file contents out.
+
+Contents are streamed to stdout through ``twisted.internet.stdio`` with a
+producer, so a slow pipe (``| less``) pauses the file reader instead of
+blocking the reactor or filling memory.  Human messages go to stderr,
+written so that a non-blocking terminal never raises mid-message.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import sys
+from typing import IO, Optional
+
+from twisted.internet import stdio
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from .node import FileBodyProducer
+
+EOF = object()
+
+
+def err(text: str) -> None:
+    """Write a line to stderr, waiting out EAGAIN on a non-blocking tty."""
+    data = (text if text.endswith("\n") else text + "\n").encode("utf-8", "replace")
+    try:
+        sys.stderr.flush()
+    except (BlockingIOError, ValueError):
+        pass
+    fd = 2
+    while data:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                continue
+            return  # stderr is gone; nothing sensible left to do
+        data = data[written:]
+
+
+def prompt(text: str) -> None:
+    data = text.encode("utf-8", "replace")
+    while data:
+        try:
+            data = data[os.write(2, data):]
+        except BlockingIOError:
+            select.select([], [2], [], 1.0)
+        except OSError:
+            return
+
+
+@implementer(IHalfCloseableProtocol)
+class Terminal(LineReceiver):
+    """
+    stdin as a queue of typed lines, stdout as a consumer for contents.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self) -> None:
+        self.lines: DeferredQueue[object] = DeferredQueue()
+        self.writeClosed: Deferred[None] = Deferred()
+        self._readDone = False
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.put(line.rstrip(b"\r").decode("utf-8", "replace"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        err("input line too long; ignored")
+
+    def readConnectionLost(self) -> None:
+        if not self._readDone:
+            self._readDone = True
+            if self._buffer:
+                self.lines.put(self._buffer.decode("utf-8", "replace"))
+                self._buffer = b""
+            self.lines.put(EOF)
+
+    def writeConnectionLost(self) -> None:
+        if not self.writeClosed.called:
+            self.writeClosed.callback(None)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.readConnectionLost()
+        self.writeConnectionLost()
+
+
+class Console:
+    """Owns stdio for one run of a console program."""
+
+    def __init__(self, reactor, interactive: bool) -> None:
+        self.terminal = Terminal()
+        stdin = 0
+        self._devnull: Optional[int] = None
+        if not interactive:
+            # Never read (or wait on) the user's stdin when not asked to.
+            self._devnull = stdin = os.open(os.devnull, os.O_RDONLY)
+        self.stdio = stdio.StandardIO(self.terminal, stdin=stdin, reactor=reactor)
+
+    async def readLine(self) -> object:
+        return await self.terminal.lines.get()
+
+    async def send(self, f: IO[bytes], size: int) -> None:
+        """Stream an open file to stdout; closes it."""
+        await FileBodyProducer(f, 0, size).start(self.stdio)
+
+    async def close(self) -> None:
+        """Flush stdout and release it; returns once every byte is out."""
+        self.stdio.loseWriteConnection()
+        await self.terminal.writeClosed
+        if self._devnull is not None:
+            try:
+                os.close(self._devnull)
+            except OSError:
+                pass
+            self._devnull = None

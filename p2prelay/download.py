@@ -1,0 +1,138 @@
+"""
+A download in progress: bytes go to a temporary file beside their final
+place and become visible only once their size and SHA-256 check out.
+
+The rename is the commit point, so an existing file is never clobbered by a
+partial or unverified one, and a crash leaves at most a ``.p2prelay-*``
+temporary behind (which peer nodes never announce).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from zope.interface import implementer
+from twisted.internet.interfaces import IConsumer
+
+from . import wire
+
+TEMP_PREFIX = ".p2prelay-"
+
+
+class VerificationError(Exception):
+    """The bytes received are not the file that was announced."""
+
+
+class DestinationError(Exception):
+    """The file cannot be saved where it was asked to go."""
+
+
+def destination(directory: Path, name: str) -> Path:
+    """
+    Where ``name`` is saved under ``directory``, refusing any escape.
+    """
+    wire.checkName(name)
+    root = os.path.realpath(directory)
+    final = os.path.realpath(os.path.join(root, *name.split("/")))
+    if not final.startswith(root.rstrip(os.sep) + os.sep):
+        raise DestinationError(f"{name} would be saved outside {directory}")
+    return Path(final)
+
+
+@implementer(IConsumer)
+class Download:
+    """
+    One file's bytes on their way to disk, hashed as they arrive.
+
+    It is the consumer a transfer writes into; a transfer that fails is
+    :meth:`reset` before the next peer is tried, so failover reuses one
+    temporary file.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=directory)
+        self.path = Path(path)
+        self._file = os.fdopen(fd, "w+b")
+        self.reset()
+        self.producer = None
+
+    def reset(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._hash = hashlib.sha256()
+        self.received = 0
+        self.expectedSize: Optional[int] = None
+        self.expectedHash: Optional[str] = None
+
+    def expect(self, size: int, sha256: Optional[str]) -> None:
+        self.expectedSize = size
+        self.expectedHash = sha256
+
+    # IConsumer
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.received += len(data)
+
+    # Verification and commit.
+
+    def verify(self) -> str:
+        """The SHA-256 of what arrived, if it is what was announced."""
+        self._file.flush()
+        digest = self._hash.hexdigest()
+        if self.received != self.expectedSize:
+            raise VerificationError(
+                f"got {self.received} bytes, expected {self.expectedSize}"
+            )
+        if self.expectedHash is not None and digest != self.expectedHash:
+            raise VerificationError("SHA-256 mismatch: the bytes are not the announced file")
+        return digest
+
+    def open(self):
+        """A fresh reader over the verified bytes (for printing them)."""
+        return open(self.path, "rb")
+
+    def commit(self, final: Path, force: bool = False) -> None:
+        """
+        Move the verified file into place; never replace one unless forced.
+        """
+        self._file.close()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o644)
+        if force:
+            os.replace(self.path, final)
+            return
+        try:
+            # link() fails if the name exists: a no-clobber rename.
+            os.link(self.path, final)
+        except FileExistsError:
+            raise DestinationError(f"{final} exists (use --force to replace it)") from None
+        except OSError:
+            # No hard links here (some network or FAT file systems): claim
+            # the name exclusively, then move the verified bytes over it.
+            try:
+                os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                raise DestinationError(f"{final} exists (use --force to replace it)") from None
+            os.replace(self.path, final)
+            return
+        os.unlink(self.path)
+
+    def discard(self) -> None:
+        self._file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

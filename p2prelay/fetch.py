@@ -1,0 +1,360 @@
+"""
+The client's side of phases 2 and 3: ask the relay, then fetch from peers
+one at a time, failing over until one delivers a verified copy.
+
+The peers the relay names as holders come first; if none delivers, every
+other active peer is tried too, since the relay's index may be stale.  A
+peer that cannot be reached at all is reported to the relay so the next
+client does not wait on it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, List, Optional, Sequence
+
+import attrs
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import wire
+from .download import Download, VerificationError
+from .lines import NegotiationProtocol
+from .query import IncompleteReply, query
+
+PEER_TIMEOUT = 10.0
+
+
+class IncompleteBody(Exception):
+    """The peer closed the connection before the whole body arrived."""
+
+
+class RelayUnreachable(Exception):
+    """The relay could not be asked at all (refused, timed out, no route)."""
+
+
+class NotFetched(Exception):
+    """Every candidate peer was tried and none delivered the file."""
+
+    def __init__(self, name: str, attempts: Sequence["Attempt"], why: str = "") -> None:
+        super().__init__(name)
+        self.name = name
+        self.attempts = list(attempts)
+        self.why = why or (
+            "no peer holds it" if not attempts else f"all {len(attempts)} peers failed"
+        )
+
+
+@attrs.frozen
+class PeerAddress:
+    host: str
+    port: int
+    node: str = ""
+    udp: Optional[int] = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def fromMessage(cls, message: wire.Message) -> "PeerAddress":
+        udp = message.get("udp")
+        return cls(
+            host=message.require("host"),
+            port=message.port(),
+            node=message.get("node", "") or "",
+            udp=message.port("udp") if udp else None,
+        )
+
+
+@attrs.frozen
+class Attempt:
+    peer: str
+    error: str
+
+
+@attrs.frozen
+class Fetched:
+    name: str
+    size: int
+    sha256: str
+    peer: str
+    attempts: List[Attempt]
+    seconds: float
+
+
+class GetProtocol(NegotiationProtocol):
+    """
+    Ask one peer for one file; write the body into a :class:`Download`.
+
+    While the download's consumer side has paused us (a slow sink), the
+    transport is paused too, so bytes wait in the kernel, not in memory.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        name: str,
+        sink: Download,
+        timeout: float,
+        offset: int = 0,
+        length: Optional[int] = None,
+    ) -> None:
+        super().__init__(clock, timeout)
+        self.name = name
+        self.sink = sink
+        self.offset = offset
+        self.length = length
+        self.remaining = 0
+        self.deferred: Deferred[None] = Deferred()
+        self._done = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.sink.registerProducer(self.transport, True)
+        self.transport.write(
+            wire.request(
+                wire.GET,
+                name=self.name,
+                offset=self.offset or None,
+                length=self.length,
+            )
+        )
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._done:
+            return
+        try:
+            message = wire.parseLine(line)
+            code = message.status
+            if code is None:
+                raise wire.ProtocolError(wire.BAD_REQUEST, "peer sent no status line")
+            if code != wire.OK:
+                self._fail(wire.ProtocolError(code, message.text or wire.REASONS.get(code, "")))
+                return
+            size = message.integer("size")
+            digest = message.sha256()
+            offset = message.integer("offset", 0)
+            length = message.integer("length", size - offset)
+            if offset != self.offset or (self.length is not None and length != self.length):
+                raise wire.ProtocolError(wire.BAD_REQUEST, "peer answered another range")
+            if offset + length > size:
+                raise wire.ProtocolError(wire.BAD_REQUEST, "peer announced an impossible range")
+        except wire.ProtocolError as e:
+            self._fail(wire.ProtocolError(e.status, f"bad answer: {e.message}"))
+            return
+        # A whole file is checked against its hash; a range only by length.
+        whole = (offset, length) == (0, size)
+        self.sink.expect(length, digest if whole else None)
+        self.announcedSize = size
+        self.remaining = length
+        if length == 0:
+            self._succeed()
+            return
+        self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        chunk = data[: self.remaining]
+        self.remaining -= len(chunk)
+        self.sink.write(chunk)
+        if self.remaining == 0:
+            self._succeed()
+
+    def _succeed(self) -> None:
+        self._done = self.finished = True
+        self.setTimeout(None)
+        self.sink.unregisterProducer()
+        self.transport.loseConnection()
+        self.deferred.callback(None)
+
+    def _fail(self, reason: Exception) -> None:
+        if self._done:
+            return
+        self._done = self.finished = True
+        self.setTimeout(None)
+        self.sink.unregisterProducer()
+        self.transport.loseConnection()
+        self.deferred.errback(Failure(reason))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(wire.ProtocolError(wire.LINE_TOO_LONG, "peer sent an over-long line"))
+
+    def timeoutConnection(self) -> None:
+        self._fail(error.TimeoutError("peer stopped sending"))
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        super().connectionLost(reason)
+        if not self._done:
+            if self.remaining:
+                got = self.sink.received
+                self._fail(IncompleteBody(f"connection lost after {got} bytes"))
+            else:
+                self._fail(IncompleteBody("peer closed the connection without answering"))
+
+
+def describe(e: BaseException) -> str:
+    """A short, user-facing reason for a failed attempt."""
+    if isinstance(e, wire.ProtocolError):
+        return f"{e.status} {e.message}"
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (error.TimeoutError, error.TCPTimedOutError)):
+        return "timed out"
+    if isinstance(e, error.DNSLookupError):
+        return "unknown host"
+    if isinstance(e, (IncompleteBody, IncompleteReply, VerificationError)):
+        return str(e)
+    if isinstance(e, error.ConnectError):
+        return (e.osError and str(e.osError)) or e.__class__.__name__
+    return str(e) or e.__class__.__name__
+
+
+def unreachable(e: BaseException) -> bool:
+    """Errors meaning nothing listens there (as opposed to a bad answer)."""
+    return isinstance(
+        e,
+        (
+            error.ConnectionRefusedError,
+            error.TimeoutError,
+            error.TCPTimedOutError,
+            error.NoRouteError,
+            error.DNSLookupError,
+        ),
+    )
+
+
+Report = Callable[[str], None]
+TransferFn = Callable[[PeerAddress, str, Download], Awaitable[None]]
+
+
+class Fetcher:
+    """
+    Everything a client needs to get files: the relay, the reactor, limits.
+
+    ``transfer`` performs one attempt against one peer; the TCP one is the
+    default and a UDP one can be swapped in without touching the failover.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        relay,
+        *,
+        timeout: float = PEER_TIMEOUT,
+        report: Report = lambda line: None,
+        verbose: Report = lambda line: None,
+        transfer: Optional[TransferFn] = None,
+        peerEndpoint: Optional[Callable[[PeerAddress], object]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.relay = relay
+        self.timeout = timeout
+        self.report = report
+        self.verbose = verbose
+        self.transfer = transfer or self.transferTCP
+        self.peerEndpoint = peerEndpoint or (
+            lambda peer: HostnameEndpoint(reactor, peer.host, peer.port, timeout=self.timeout)
+        )
+
+    async def ask(self, payload: bytes):
+        try:
+            return await query(self.relay, payload, self.reactor, self.timeout)
+        except (error.ConnectError, error.TimeoutError, IncompleteReply) as e:
+            raise RelayUnreachable(describe(e)) from None
+
+    async def peers(self) -> List[PeerAddress]:
+        reply = await self.ask(wire.request(wire.PEERS))
+        return [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
+
+    async def holders(self, name: str) -> List[PeerAddress]:
+        reply = await self.ask(wire.request(wire.WHOHAS, name=name))
+        return [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
+
+    async def search(self, pattern: str, limit: Optional[int] = None):
+        reply = await self.ask(wire.request(wire.SEARCH, pattern=pattern, limit=limit))
+        truncated = bool(reply.end and reply.end.get("truncated") == "1")
+        return [m for m in reply.items if m.word == wire.FILE], truncated
+
+    async def reportDead(self, peer: PeerAddress) -> None:
+        try:
+            await self.ask(wire.request(wire.DEAD, host=peer.host, port=peer.port))
+        except Exception as e:
+            self.log.debug("could not report {peer}: {error}", peer=str(peer), error=e)
+
+    async def transferTCP(self, peer: PeerAddress, name: str, sink: Download) -> None:
+        protocols: List[GetProtocol] = []
+
+        def build() -> GetProtocol:
+            proto = GetProtocol(self.reactor, name, sink, self.timeout)
+            protocols.append(proto)
+            return proto
+
+        await self.peerEndpoint(peer).connect(Factory.forProtocol(build))
+        await protocols[0].deferred
+
+    async def fetch(self, name: str, sink: Download) -> Fetched:
+        """
+        Fetch ``name`` into ``sink``, verified, trying peer after peer.
+
+        Raises :class:`RelayUnreachable` or :class:`NotFetched`.
+        """
+        wire.checkName(name)
+        started = time.monotonic()
+        attempts: List[Attempt] = []
+        tried: set[tuple[str, int]] = set()
+        holders = await self.holders(name)
+        if holders:
+            self.verbose(
+                f"relay: {len(holders)} peer(s) hold {name}: "
+                + ", ".join(str(p) for p in holders)
+            )
+        else:
+            self.verbose(f"relay: no registered peer holds {name}; asking every active peer")
+
+        async def tryAll(candidates: List[PeerAddress]) -> Optional[PeerAddress]:
+            for peer in candidates:
+                if (peer.host, peer.port) in tried:
+                    continue
+                tried.add((peer.host, peer.port))
+                sink.reset()
+                self.verbose(f"fetching {name} from {peer}")
+                try:
+                    await self.transfer(peer, name, sink)
+                    sink.verify()
+                    return peer
+                except Exception as e:
+                    reason = describe(e)
+                    attempts.append(Attempt(str(peer), reason))
+                    self.report(f"peer {peer}: {reason}, trying next")
+                    if unreachable(e):
+                        await self.reportDead(peer)
+            return None
+
+        winner = await tryAll(holders)
+        if winner is None:
+            others = [p for p in await self.peers() if (p.host, p.port) not in tried]
+            if others and holders:
+                self.verbose(f"trying the {len(others)} other active peer(s)")
+            winner = await tryAll(others)
+        if winner is None:
+            raise NotFetched(name, attempts)
+        assert sink.expectedHash is not None and sink.expectedSize is not None
+        return Fetched(
+            name=name,
+            size=sink.expectedSize,
+            sha256=sink.expectedHash,
+            peer=str(winner),
+            attempts=attempts,
+            seconds=time.monotonic() - started,
+        )

@@ -1,0 +1,180 @@
+"""
+The long-running pieces as Twisted services, assembled by ``tap.py``.
+
+twistd (and a ``.tac``) start and stop these; stopping a node unregisters
+it first, so clients stop being sent to a node that is going away.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import task
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from .node import FileServerFactory
+from .registrar import Registrar
+from .registry import Registry
+from .relay import RelayFactory
+from .share import SharedDirectory
+
+SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
+
+
+def describeAddress(port: IListeningPort) -> str:
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return f"{host}:{address.port}"
+
+
+class ListeningService(Service):
+    """
+    Listen on a server endpoint description; ``whenListening`` fires with
+    the bound port, so an OS-chosen port (``tcp:0``) can be read back.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, description: str, factory, what: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port: Optional[IListeningPort] = None
+        self.whenListening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = serverFromString(self.reactor, self.description).listen(self.factory)
+        d.addCallback(self._listening)
+        d.addErrback(self._failed)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self.log.info(
+            "{what} listening on {address}", what=self.what, address=describeAddress(port)
+        )
+        self.whenListening.callback(port)
+        return port
+
+    def _failed(self, failure) -> None:
+        self.log.failure("cannot listen on {desc}", failure, desc=self.description)
+        self.whenListening.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class RelayService(MultiService):
+    """The relay: a registry, its expiry sweep, and the listening port."""
+
+    log = Logger()
+
+    def __init__(self, reactor, description: str, ttl: float) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.registry = Registry(reactor.seconds, ttl)
+        self.factory = RelayFactory(self.registry, reactor)
+        self.listener = ListeningService(reactor, description, self.factory, "relay")
+        self.listener.setServiceParent(self)
+        self._sweep = task.LoopingCall(self._expire)
+        self._sweep.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweep.start(max(self.registry.ttl / SWEEP_FRACTION, 0.25), now=False)
+
+    def stopService(self):
+        if self._sweep.running:
+            self._sweep.stop()
+        return super().stopService()
+
+    def _expire(self) -> None:
+        gone = self.registry.expire()
+        for peer in gone:
+            self.log.info(
+                "expired {node} at {host}:{port}", node=peer.node, host=peer.host, port=peer.port
+            )
+        if gone:
+            self.factory.changed()
+
+
+class NodeService(MultiService):
+    """
+    A peer node: scan the folder, serve it, and keep it registered.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        relay,
+        directory: str,
+        description: str,
+        advertise: Optional[str] = None,
+        heartbeat: Optional[float] = None,
+        rescan: Optional[float] = None,
+        node: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.relay = relay
+        self.share = SharedDirectory(directory)
+        self.node = node or uuid.uuid4().hex[:16]
+        self.advertise = advertise
+        self.heartbeat = heartbeat
+        self.rescan = rescan
+        self.files = FileServerFactory(self.share, reactor)
+        self.listener = ListeningService(reactor, description, self.files, "peernode")
+        self.listener.setServiceParent(self)
+        self.registrar: Optional[Registrar] = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        ensureDeferred(self._start()).addErrback(
+            lambda f: self.log.failure("peer node failed to start", f)
+        )
+
+    async def _start(self) -> None:
+        port = await self.listener.whenListening
+        await self.share.scan()
+        self.log.info(
+            "sharing {count} files from {dir}", count=len(self.share.entries), dir=self.share.root
+        )
+        self.registrar = Registrar(
+            self.reactor,
+            self.relay,
+            self.share,
+            self.node,
+            port.getHost().port,
+            advertise=self.advertise,
+            heartbeat=self.heartbeat,
+            rescan=self.rescan,
+        )
+        if self.running:
+            self.registrar.start()
+        self.ready.callback(None)
+
+    def stopService(self):
+        async def stop() -> None:
+            if self.registrar is not None:
+                await self.registrar.stop()
+            await super(NodeService, self).stopService()
+
+        return ensureDeferred(stop())

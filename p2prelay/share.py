@@ -1,0 +1,175 @@
+"""
+A peer node's shared folder: what it holds, and the only door into it.
+
+Every file name that arrives from the network passes through
+:meth:`SharedDirectory.resolve`, which refuses anything that is not a
+regular file inside the folder (``../x``, absolute paths, symlinks that
+point outside), so no other module joins untrusted names to paths.
+
+Hashing is slow and blocking, so it runs off the reactor thread through an
+injected ``runInThread`` (tests pass a synchronous one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, Iterator
+
+import attrs
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from . import wire
+
+HASH_CHUNK = 1024 * 1024
+
+RunInThread = Callable[..., "Deferred[Any]"]
+
+
+@attrs.frozen
+class FileEntry:
+    """One shared file as announced to the relay."""
+
+    name: str
+    size: int
+    sha256: str
+    mtime_ns: int = 0
+
+
+def sha256File(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hashIfStable(path: Path, size: int, mtime_ns: int) -> str | None:
+    """
+    Hash a file, or None when it changed while we read it.
+
+    A file still being written must not be announced with a hash of half
+    its bytes; the next scan tries again.
+    """
+    digest = sha256File(path)
+    try:
+        after = path.stat()
+    except OSError:
+        return None
+    if after.st_size != size or after.st_mtime_ns != mtime_ns:
+        return None
+    return digest
+
+
+def _within(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class SharedDirectory:
+    """
+    The files under one folder, with their sizes and SHA-256 digests.
+    """
+
+    log = Logger()
+
+    def __init__(self, root: str | Path, runInThread: RunInThread = threads.deferToThread):
+        self.root = Path(root)
+        self._realRoot = os.path.realpath(self.root)
+        self._runInThread = runInThread
+        self.entries: Dict[str, FileEntry] = {}
+
+    def resolve(self, name: str) -> Path:
+        """
+        The on-disk path of a shared file, or ProtocolError (400 or 404).
+        """
+        wire.checkName(name)
+        real = os.path.realpath(os.path.join(self._realRoot, *name.split("/")))
+        if not _within(self._realRoot, real):
+            raise wire.ProtocolError(wire.NOT_FOUND, "no such file in this share")
+        try:
+            st = os.stat(real)
+        except OSError:
+            raise wire.ProtocolError(wire.NOT_FOUND, "no such file in this share") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise wire.ProtocolError(wire.NOT_FOUND, "no such file in this share")
+        return Path(real)
+
+    def _walk(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Regular files under the root, named as relative POSIX paths."""
+        for dirpath, dirnames, filenames in os.walk(self._realRoot):
+            # os.walk does not follow symlinked directories; keep it so.
+            dirnames.sort()
+            for filename in sorted(filenames):
+                full = os.path.join(dirpath, filename)
+                rel = os.path.relpath(full, self._realRoot).replace(os.sep, "/")
+                if filename.startswith(".p2prelay-"):
+                    continue  # our own partial downloads
+                try:
+                    wire.checkName(rel)
+                    path = self.resolve(rel)
+                    yield rel, path, path.stat()
+                except (wire.ProtocolError, OSError):
+                    continue
+
+    def scan(self) -> "Deferred[bool]":
+        """
+        Re-read the folder; fires with True when the set of files changed.
+
+        Only new or changed files (by size and modification time) are hashed
+        again, each in a worker thread.
+        """
+        return ensureDeferred(self._scan())
+
+    async def _scan(self) -> bool:
+        listing = await self._runInThread(lambda: list(self._walk()))
+        fresh: Dict[str, FileEntry] = {}
+        for name, path, st in listing:
+            old = self.entries.get(name)
+            if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                fresh[name] = old
+                continue
+            try:
+                digest = await self._runInThread(
+                    _hashIfStable, path, st.st_size, st.st_mtime_ns
+                )
+            except OSError as e:
+                self.log.warn("cannot read {name}: {error}", name=name, error=e)
+                continue
+            if digest is None:
+                self.log.info("{name} changed while hashing; retrying later", name=name)
+                continue
+            fresh[name] = FileEntry(name, st.st_size, digest, st.st_mtime_ns)
+        changed = fresh != self.entries
+        self.entries = fresh
+        return changed
+
+    def add(self, entry: FileEntry) -> None:
+        """Record a file we just wrote and verified (no need to hash again)."""
+        self.entries[entry.name] = entry
+
+    async def open(self, name: str) -> tuple[IO[bytes], FileEntry]:
+        """
+        Open a shared file for serving, with its size and digest.
+
+        The digest comes from the last scan when the file is unchanged since;
+        otherwise it is computed now (off the reactor thread).
+        """
+        path = self.resolve(name)
+        f = open(path, "rb")
+        try:
+            st = os.fstat(f.fileno())
+            entry = self.entries.get(name)
+            if entry is None or (entry.size, entry.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                digest = await self._runInThread(_hashIfStable, path, st.st_size, st.st_mtime_ns)
+                if digest is None:
+                    raise wire.ProtocolError(wire.BUSY, "file is changing; try again later")
+                entry = FileEntry(name, st.st_size, digest, st.st_mtime_ns)
+                self.entries[name] = entry
+            return f, entry
+        except BaseException:
+            f.close()
+            raise

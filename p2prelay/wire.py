@@ -1,0 +1,286 @@
+"""
+The p2prelay wire format: the one place that knows what a line looks like.
+
+Every role (relay, peer node, client) imports this module and nothing else
+defines message syntax, so the protocol described in ``docs/protocol.rst``
+lives in exactly one file.  It does no I/O: it turns bytes into values and
+values into bytes, and enforces every limit, so a malformed or hostile line
+becomes a :class:`ProtocolError` carrying the status to answer with.
+
+A line is UTF-8 text ending in CRLF (a bare LF is accepted)::
+
+    P2P/1 <WORD> [key=value ...] [:<free text>]
+
+``WORD`` is a request verb (``REGISTER``), a three-digit status (``200``) or
+an item tag inside a list (``FILE``, ``PEER``, ``END``).  Values are
+percent-encoded so any file name (spaces, ``=``, non-ASCII) fits in one
+token; the free text after `` :`` is for humans and never parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+from urllib.parse import quote, unquote
+
+import attrs
+
+PROTOCOL = "P2P/1"
+VERSION = 1
+
+# Limits.  A peer that exceeds one is answered with the 4xx status named
+# next to it and disconnected; none of them is reachable by honest use.
+MAX_LINE = 16 * 1024  # bytes in one line (414)
+MAX_NAME = 1024  # UTF-8 bytes in one file name (400)
+MAX_NAME_DEPTH = 32  # path components in one file name (400)
+MAX_FIELDS = 16  # key=value pairs on one line (400)
+MAX_FILES = 20_000  # FILE lines in one registration (413)
+MAX_LIST = 100_000  # items a client accepts in any list response
+MAX_TEXT = 512  # characters of human text we emit
+SHA256_HEX = 64
+
+# Status codes: 2xx success, 4xx the requester's fault, 5xx the server's.
+OK = 200
+BAD_REQUEST = 400
+NOT_FOUND = 404
+TIMEOUT = 408
+TOO_LARGE = 413
+LINE_TOO_LONG = 414
+BAD_RANGE = 416
+UPGRADE_REQUIRED = 426
+SERVER_ERROR = 500
+BUSY = 503
+
+REASONS = {
+    OK: "ok",
+    BAD_REQUEST: "bad request",
+    NOT_FOUND: "not found",
+    TIMEOUT: "timed out",
+    TOO_LARGE: "too large",
+    LINE_TOO_LONG: "line too long",
+    BAD_RANGE: "range not satisfiable",
+    UPGRADE_REQUIRED: "protocol version not supported",
+    SERVER_ERROR: "server error",
+    BUSY: "busy",
+}
+
+# Request verbs.
+REGISTER = "REGISTER"
+UNREGISTER = "UNREGISTER"
+HEARTBEAT = "HEARTBEAT"
+PEERS = "PEERS"
+WHOHAS = "WHOHAS"
+SEARCH = "SEARCH"
+DEAD = "DEAD"
+GET = "GET"
+VERBS = frozenset({REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET})
+
+# Item tags inside lists.
+FILE = "FILE"
+PEER = "PEER"
+END = "END"
+
+_WORD = re.compile(r"\A(?:[A-Z]{2,16}|[1-5][0-9][0-9])\Z")
+_KEY = re.compile(r"\A[a-z][a-z0-9_]{0,31}\Z")
+_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+class ProtocolError(Exception):
+    """
+    Input that breaks the protocol; ``status`` is what to answer with.
+
+    Raised by the parsers here, caught by the protocols, and turned into an
+    ``ERR``-style status line followed by a close.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+@attrs.frozen
+class Message:
+    """
+    One parsed line: its word (verb, status or tag), fields and free text.
+    """
+
+    word: str
+    fields: Mapping[str, str] = attrs.field(factory=dict)
+    text: str = ""
+
+    @property
+    def status(self) -> int | None:
+        """The numeric status, or None when this line is not a response."""
+        return int(self.word) if self.word.isdigit() else None
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.fields.get(key, default)
+
+    def require(self, key: str) -> str:
+        try:
+            return self.fields[key]
+        except KeyError:
+            raise ProtocolError(BAD_REQUEST, f"{self.word} needs {key}=") from None
+
+    def integer(
+        self, key: str, default: int | None = None, *, low: int = 0, high: int = 2**63
+    ) -> int:
+        """A non-negative integer field, range-checked."""
+        raw = self.fields.get(key)
+        if raw is None:
+            if default is None:
+                raise ProtocolError(BAD_REQUEST, f"{self.word} needs {key}=")
+            return default
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+            raise ProtocolError(BAD_REQUEST, f"{key}= must be a whole number")
+        value = int(raw)
+        if not low <= value <= high:
+            raise ProtocolError(BAD_REQUEST, f"{key}= out of range {low}..{high}")
+        return value
+
+    def name(self, key: str = "name") -> str:
+        """A file name field, validated with :func:`checkName`."""
+        return checkName(self.require(key))
+
+    def sha256(self, key: str = "sha256") -> str:
+        value = self.require(key)
+        if not _HEX.match(value):
+            raise ProtocolError(BAD_REQUEST, f"{key}= must be 64 lowercase hex digits")
+        return value
+
+    def port(self, key: str = "port", default: int | None = None) -> int:
+        return self.integer(key, default, low=1, high=65535)
+
+
+def encodeValue(value: object) -> str:
+    return quote(str(value), safe="")
+
+
+def formatLine(
+    word: str, fields: Mapping[str, object] | Iterable[tuple[str, object]] = (), text: str = ""
+) -> bytes:
+    """
+    Build one wire line (with its CRLF) from a word, fields and human text.
+
+    Fields whose value is None are left out, so optional ones need no
+    special casing at the call site.
+    """
+    items = fields.items() if isinstance(fields, Mapping) else fields
+    parts = [PROTOCOL, word]
+    for key, value in items:
+        if value is None:
+            continue
+        assert _KEY.match(key), key
+        parts.append(f"{key}={encodeValue(value)}")
+    if text:
+        clean = "".join(c if c.isprintable() else "?" for c in text)[:MAX_TEXT]
+        parts.append(":" + clean)
+    line = " ".join(parts).encode("utf-8") + b"\r\n"
+    assert len(line) <= MAX_LINE, "we never emit a line we would refuse"
+    return line
+
+
+def status(code: int, text: str | None = None, **fields: object) -> bytes:
+    """A response status line: ``P2P/1 404 :not found``."""
+    return formatLine(str(code), fields, text if text is not None else REASONS.get(code, ""))
+
+
+def request(verb: str, **fields: object) -> bytes:
+    assert verb in VERBS, verb
+    return formatLine(verb, fields)
+
+
+def item(tag: str, **fields: object) -> bytes:
+    return formatLine(tag, fields)
+
+
+def end(count: int, **fields: object) -> bytes:
+    """The explicit end of a list, so a truncated answer is detectable."""
+    return formatLine(END, {"count": count, **fields})
+
+
+def parseLine(line: bytes) -> Message:
+    """
+    Parse one line (without its line ending) into a :class:`Message`.
+
+    Raises :class:`ProtocolError` with the status to answer with.
+    """
+    if len(line) > MAX_LINE:
+        raise ProtocolError(LINE_TOO_LONG, f"lines are limited to {MAX_LINE} bytes")
+    line = line.rstrip(b"\r")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(BAD_REQUEST, "line is not UTF-8") from None
+    head, sep, human = text.partition(" :")
+    tokens = head.split(" ")
+    if not tokens or not tokens[0].startswith("P2P/"):
+        raise ProtocolError(BAD_REQUEST, f"lines start with {PROTOCOL}")
+    if tokens[0] != PROTOCOL:
+        raise ProtocolError(
+            UPGRADE_REQUIRED, f"this server speaks {PROTOCOL}, not {tokens[0][:16]}"
+        )
+    if len(tokens) < 2 or not _WORD.match(tokens[1]):
+        raise ProtocolError(BAD_REQUEST, "missing or malformed verb")
+    if len(tokens) - 2 > MAX_FIELDS:
+        raise ProtocolError(BAD_REQUEST, f"at most {MAX_FIELDS} fields per line")
+    fields: dict[str, str] = {}
+    for token in tokens[2:]:
+        key, eq, raw = token.partition("=")
+        if not eq or not _KEY.match(key):
+            raise ProtocolError(BAD_REQUEST, f"malformed field {token[:40]!r}")
+        if key in fields:
+            raise ProtocolError(BAD_REQUEST, f"field {key}= repeated")
+        try:
+            fields[key] = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise ProtocolError(BAD_REQUEST, f"field {key}= is not UTF-8") from None
+    return Message(tokens[1], fields, human)
+
+
+def checkName(name: str) -> str:
+    """
+    Validate a shared file name: a relative POSIX path inside the share.
+
+    This is the first of two guards (the second resolves the path on disk
+    and checks it stays inside the shared folder), so a name that escapes is
+    refused before it is ever joined to a directory.
+    """
+    if not name:
+        raise ProtocolError(BAD_REQUEST, "empty file name")
+    if len(name.encode("utf-8")) > MAX_NAME:
+        raise ProtocolError(BAD_REQUEST, f"file names are limited to {MAX_NAME} bytes")
+    if any(not c.isprintable() for c in name) or "\\" in name:
+        raise ProtocolError(BAD_REQUEST, "file name has control characters or backslashes")
+    if name.startswith("/"):
+        raise ProtocolError(BAD_REQUEST, "file names are relative to the shared folder")
+    parts = name.split("/")
+    if len(parts) > MAX_NAME_DEPTH:
+        raise ProtocolError(BAD_REQUEST, "file name is nested too deeply")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ProtocolError(BAD_REQUEST, "file name has an empty, '.' or '..' component")
+    return name
+
+
+def splitNames(words: Iterable[str], *, allowVerb: bool = False) -> list[str]:
+    """
+    Split command-line or prompt input into file names.
+
+    Accepts separate words and comma lists (``"a.txt, b.txt"``, the seeds'
+    ``Send FILE1, FILE2`` form) and drops duplicates, keeping the order.
+    With ``allowVerb`` (typed input) a leading ``Send``/``get`` is dropped.
+    """
+    names: list[str] = []
+    for word in words:
+        for piece in word.split(","):
+            piece = piece.strip()
+            if piece and piece not in names:
+                names.append(piece)
+    if allowVerb and names and names[0].split(" ", 1)[0].lower() in ("send", "get"):
+        first = names[0].split(" ", 1)
+        names[0:1] = [first[1].strip()] if len(first) > 1 and first[1].strip() else []
+    return names
