@@ -53,6 +53,12 @@ def parseHostPort(value: str) -> tuple[str, int] | None:
     return host, port
 
 
+def checkClientAddress(value: str) -> None:
+    """Raise AddressError unless value names a client endpoint; connects nowhere."""
+    if parseHostPort(value) is None:
+        clientEndpoint(None, value)
+
+
 def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
     """
     A client endpoint from ``host:port`` or a client endpoint description.

@@ -11,7 +11,7 @@ import os
 
 from twisted.python import usage
 
-from .addresses import AddressError, clientEndpoint, serverDescription
+from .addresses import AddressError, checkClientAddress, clientEndpoint, serverDescription
 from .registrar import DEFAULT_RESCAN
 from .registry import DEFAULT_TTL
 from .service import NodeService, RelayService
@@ -22,9 +22,6 @@ def _positive(value: str) -> float:
     if not number > 0:
         raise ValueError("must be a positive number of seconds")
     return number
-
-
-_positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
 def _server(value: str) -> str:
@@ -70,7 +67,7 @@ class NodeOptions(usage.Options):
         if not os.path.isdir(self["dir"]):
             raise usage.UsageError(f"--dir {self['dir']}: not a directory")
         try:
-            clientEndpoint(None, self["relay"])
+            checkClientAddress(self["relay"])
         except AddressError as e:
             raise usage.UsageError(f"--relay: {e}") from None
 
