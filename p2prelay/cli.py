@@ -20,7 +20,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 
 from . import __version__, wire
-from .addresses import AddressError, clientEndpoint
+from .addresses import AddressError, checkClientAddress, clientEndpoint
 from .console import EOF, Console, err, prompt
 from .download import DestinationError, Download, destination
 from .fetch import PEER_TIMEOUT, Fetched, Fetcher, NotFetched, RelayUnreachable
@@ -109,6 +109,10 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--json with file names needs -o DIR (stdout carries the JSON)")
     if (args.peers or args.list is not None) and args.names:
         p.error("--peers and --list take no file names")
+    try:
+        checkClientAddress(args.relay)
+    except AddressError as e:
+        p.error(f"--relay: {e}")
     for name in args.names:
         try:
             wire.checkName(name)

@@ -32,7 +32,7 @@ def _server(value: str) -> str:
 
 
 class RelayOptions(usage.Options):
-    synopsis = "[--port DESC] [--ttl SECONDS]"
+    synopsis = "[--port DESC] [--ttl SECONDS] [--state PATH]"
     longdesc = (
         "The p2prelay relay: the directory peer nodes register with and clients ask. "
         "DESC is a port number or a Twisted server endpoint description, "
@@ -41,6 +41,8 @@ class RelayOptions(usage.Options):
     optParameters = [
         ["port", "p", "tcp:8000", "Where to listen (port number or endpoint description).", _server],
         ["ttl", None, DEFAULT_TTL, "Seconds a registration lives without a heartbeat.", _positive],
+        ["state", None, None, "SQLite file keeping the registry across restarts "
+         "(default: in memory only)."],
     ]
 
 
@@ -75,7 +77,7 @@ class NodeOptions(usage.Options):
 def makeRelayService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    return RelayService(reactor, config["port"], config["ttl"])
+    return RelayService(reactor, config["port"], config["ttl"], config["state"])
 
 
 def makeNodeService(config, reactor=None):
