@@ -46,9 +46,15 @@ class NotFetched(Exception):
         super().__init__(name)
         self.name = name
         self.attempts = list(attempts)
-        self.why = why or (
-            "no peer holds it" if not attempts else f"all {len(attempts)} peers failed"
-        )
+        notFound = [a for a in attempts if a.error.startswith(f"{wire.NOT_FOUND} ")]
+        if why:
+            self.why = why
+        elif not attempts:
+            self.why = "no active peer holds it"
+        elif len(notFound) == len(attempts):
+            self.why = f"not found on any of the {len(attempts)} active peers"
+        else:
+            self.why = f"all {len(attempts)} peers that might have it failed"
 
 
 @attrs.frozen
@@ -256,6 +262,7 @@ class Fetcher:
         verbose: Report = lambda line: None,
         transfer: Optional[TransferFn] = None,
         peerEndpoint: Optional[Callable[[PeerAddress], object]] = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
         self.relay = relay
@@ -263,6 +270,8 @@ class Fetcher:
         self.report = report
         self.verbose = verbose
         self.transfer = transfer or self.transferTCP
+        # Node ids never to fetch from: a peer's own node, in p2p-peer.
+        self.exclude = frozenset(exclude)
         self.peerEndpoint = peerEndpoint or (
             lambda peer: HostnameEndpoint(reactor, peer.host, peer.port, timeout=self.timeout)
         )
@@ -273,13 +282,15 @@ class Fetcher:
         except (error.ConnectError, error.TimeoutError, IncompleteReply) as e:
             raise RelayUnreachable(describe(e)) from None
 
+    def _peerList(self, reply) -> List[PeerAddress]:
+        peers = [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
+        return [p for p in peers if p.node not in self.exclude]
+
     async def peers(self) -> List[PeerAddress]:
-        reply = await self.ask(wire.request(wire.PEERS))
-        return [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
+        return self._peerList(await self.ask(wire.request(wire.PEERS)))
 
     async def holders(self, name: str) -> List[PeerAddress]:
-        reply = await self.ask(wire.request(wire.WHOHAS, name=name))
-        return [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
+        return self._peerList(await self.ask(wire.request(wire.WHOHAS, name=name)))
 
     async def search(self, pattern: str, limit: Optional[int] = None):
         reply = await self.ask(wire.request(wire.SEARCH, pattern=pattern, limit=limit))

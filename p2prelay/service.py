@@ -178,6 +178,7 @@ class NodeService(MultiService):
         self.listener.setServiceParent(self)
         self.registrar: Optional[Registrar] = None
         self.ready: Deferred[None] = Deferred()
+        self._stopping: Optional[Deferred[None]] = None
 
     def startService(self) -> None:
         super().startService()
@@ -206,9 +207,13 @@ class NodeService(MultiService):
         self.ready.callback(None)
 
     def stopService(self):
-        async def stop() -> None:
-            if self.registrar is not None:
-                await self.registrar.stop()
-            await super(NodeService, self).stopService()
+        # Called by twistd, by a reactor shutdown trigger, or both.
+        if self._stopping is None:
 
-        return ensureDeferred(stop())
+            async def stop() -> None:
+                if self.registrar is not None:
+                    await self.registrar.stop()
+                await super(NodeService, self).stopService()
+
+            self._stopping = ensureDeferred(stop())
+        return self._stopping
