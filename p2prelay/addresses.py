@@ -39,6 +39,34 @@ def serverDescription(value: str) -> str:
     return value
 
 
+def udpPort(value: str, defaultInterface: str = "") -> tuple[int, str]:
+    """
+    A UDP port and interface from ``5555`` or ``udp:5555:interface=ADDR``.
+
+    Twisted has no UDP endpoint descriptions, so this small parser mirrors
+    the TCP ones users already write.
+    """
+    value = value.strip()
+    parts = value.split(":")
+    if parts and parts[0] == "udp":
+        parts = parts[1:]
+    if not parts or not parts[0].isdigit() or int(parts[0]) > 65535:
+        raise AddressError(f"{value!r} is not a UDP port or udp:PORT[:interface=ADDR]")
+    interface = defaultInterface
+    for extra in parts[1:]:
+        key, eq, val = extra.partition("=")
+        if key != "interface" or not eq:
+            raise AddressError(f"{value!r}: only interface= is understood after the port")
+        interface = val
+    return int(parts[0]), interface
+
+
+def interfaceOf(description: str) -> str:
+    """The ``interface=`` of a TCP server description, or '' for all."""
+    match = re.search(r"(?:^|:)interface=((?:\\:|[^:])*)", description)
+    return match.group(1).replace("\\:", ":") if match else ""
+
+
 def parseHostPort(value: str) -> tuple[str, int] | None:
     """``host:port`` or ``[v6]:port`` as a pair, or None for anything else."""
     match = _HOST_PORT.match(value.strip())

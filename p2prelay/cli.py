@@ -9,6 +9,7 @@ failure ends as a one-line message and an exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from typing import List, Optional, Sequence
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 
-from . import __version__, wire
+from . import __version__, udp, wire
 from .addresses import AddressError, checkClientAddress, clientEndpoint
 from .console import EOF, Console, err, prompt
 from .download import DestinationError, Download, destination
@@ -90,6 +91,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"connect and idle timeout for every connection (default {PEER_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--udp", action="store_true", help="fetch over UDP instead of TCP (the relay stays on TCP)"
+    )
+    p.add_argument(
+        "--udp-block",
+        type=int,
+        default=udp.DEFAULT_BLOCK,
+        metavar="BYTES",
+        help=f"UDP block size (default {udp.DEFAULT_BLOCK}, fits a 1500-byte Ethernet MTU; "
+        f"up to {udp.MAX_BLOCK} on loopback or jumbo-frame links)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="narrate each phase on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -103,6 +115,8 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--parallel must be at least 1")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
+    if not udp.MIN_BLOCK <= args.udp_block <= udp.MAX_BLOCK:
+        p.error(f"--udp-block must be {udp.MIN_BLOCK}..{udp.MAX_BLOCK}")
     if args.force and not args.output:
         p.error("--force only makes sense with -o DIR")
     if args.json and args.names and not args.output:
@@ -137,6 +151,10 @@ class Client:
             report=err,
             verbose=verbose,
         )
+        if args.udp:
+            self.fetcher.transfer = functools.partial(
+                self.fetcher.transferUDP, blockSize=args.udp_block
+            )
         self.semaphore = DeferredSemaphore(args.parallel)
 
     def out(self, line: str) -> None:

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable, List, Optional, Sequence
 
 import attrs
 from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
@@ -23,7 +24,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import wire
+from . import udp, wire
 from .download import Download, VerificationError
 from .lines import NegotiationProtocol
 from .query import IncompleteReply, query
@@ -33,6 +34,10 @@ PEER_TIMEOUT = 10.0
 
 class IncompleteBody(Exception):
     """The peer closed the connection before the whole body arrived."""
+
+
+class NoUDP(Exception):
+    """The peer did not register a UDP port, or does not answer on it."""
 
 
 class RelayUnreachable(Exception):
@@ -217,7 +222,7 @@ def describe(e: BaseException) -> str:
         return "timed out"
     if isinstance(e, error.DNSLookupError):
         return "unknown host"
-    if isinstance(e, (IncompleteBody, IncompleteReply, VerificationError)):
+    if isinstance(e, (IncompleteBody, IncompleteReply, VerificationError, NoUDP)):
         return str(e)
     if isinstance(e, error.ConnectError):
         return (e.osError and str(e.osError)) or e.__class__.__name__
@@ -313,6 +318,28 @@ class Fetcher:
 
         await self.peerEndpoint(peer).connect(Factory.forProtocol(build))
         await protocols[0].deferred
+
+    async def transferUDP(
+        self, peer: PeerAddress, name: str, sink: Download, blockSize: int = udp.DEFAULT_BLOCK
+    ) -> None:
+        """
+        One attempt over UDP.  Silence is not reported to the relay as a
+        dead peer: UDP may be filtered where TCP is not.
+        """
+        if peer.udp is None:
+            raise NoUDP("peer serves no UDP")
+        host = peer.host
+        if not (isIPAddress(host) or isIPv6Address(host)):
+            host = await self.reactor.resolve(host)
+        try:
+            result = await udp.fetchUDP(
+                self.reactor, host, peer.udp, name, sink, timeout=self.timeout, blockSize=blockSize
+            )
+        except error.TimeoutError:
+            raise NoUDP(f"no answer over UDP (port {peer.udp})") from None
+        except udp.UDPTransferError as e:
+            raise NoUDP(f"UDP transfer failed: {e}") from None
+        sink.expect(result.size, result.sha256)
 
     async def fetch(self, name: str, sink: Download) -> Fetched:
         """

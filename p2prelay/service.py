@@ -23,6 +23,7 @@ from .registry import Registry
 from .relay import RelayFactory
 from .share import SharedDirectory
 from .store import StateStore
+from .udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
 
 SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
 SAVE_DELAY = 0.5  # coalesce bursts of registrations into one write
@@ -164,6 +165,7 @@ class NodeService(MultiService):
         heartbeat: Optional[float] = None,
         rescan: Optional[float] = None,
         node: Optional[str] = None,
+        udp: Optional[tuple[int, str]] = (0, ""),
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -177,6 +179,8 @@ class NodeService(MultiService):
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)
         self.registrar: Optional[Registrar] = None
+        self.udp = udp
+        self.udpPort = None
         self.ready: Deferred[None] = Deferred()
         self._stopping: Optional[Deferred[None]] = None
 
@@ -188,6 +192,23 @@ class NodeService(MultiService):
 
     async def _start(self) -> None:
         port = await self.listener.whenListening
+        udpNumber = None
+        if self.udp is not None:
+            number, interface = self.udp
+            # Serve blocks as large as a client asks for (up to 60 KiB on
+            # loopback); clients default to blocks that fit Ethernet.
+            self.udpPort = self.reactor.listenUDP(
+                number,
+                UDPFileServer(self.share, self.reactor, blockSize=MAX_BLOCK),
+                interface=interface,
+                maxPacketSize=MAX_DATAGRAM,
+            )
+            udpNumber = self.udpPort.getHost().port
+            self.log.info(
+                "peernode listening on udp {host}:{port}",
+                host=self.udpPort.getHost().host,
+                port=udpNumber,
+            )
         await self.share.scan()
         self.log.info(
             "sharing {count} files from {dir}", count=len(self.share.entries), dir=self.share.root
@@ -199,6 +220,7 @@ class NodeService(MultiService):
             self.node,
             port.getHost().port,
             advertise=self.advertise,
+            udp=udpNumber,
             heartbeat=self.heartbeat,
             rescan=self.rescan,
         )
@@ -214,6 +236,8 @@ class NodeService(MultiService):
                 if self.registrar is not None:
                     await self.registrar.stop()
                 await super(NodeService, self).stopService()
+                if self.udpPort is not None:
+                    await self.udpPort.stopListening()
 
             self._stopping = ensureDeferred(stop())
         return self._stopping

@@ -11,7 +11,14 @@ import os
 
 from twisted.python import usage
 
-from .addresses import AddressError, checkClientAddress, clientEndpoint, serverDescription
+from .addresses import (
+    AddressError,
+    checkClientAddress,
+    clientEndpoint,
+    interfaceOf,
+    serverDescription,
+    udpPort,
+)
 from .registrar import DEFAULT_RESCAN
 from .registry import DEFAULT_TTL
 from .service import NodeService, RelayService
@@ -61,7 +68,10 @@ class NodeOptions(usage.Options):
         ["heartbeat", None, None, "Seconds between heartbeats (default: a third of the "
          "lifetime the relay grants).", _positive],
         ["rescan", None, DEFAULT_RESCAN, "Seconds between rescans of DIR.", _positive],
+        ["udp-port", None, None, "Where to serve over UDP: a port or udp:PORT:interface=ADDR "
+         "(default: an OS-chosen port on the --port interface)."],
     ]
+    optFlags = [["no-udp", None, "Do not serve over UDP."]]
 
     def postOptions(self) -> None:
         if not self["dir"]:
@@ -72,6 +82,13 @@ class NodeOptions(usage.Options):
             checkClientAddress(self["relay"])
         except AddressError as e:
             raise usage.UsageError(f"--relay: {e}") from None
+        if self["no-udp"]:
+            self["udp"] = None
+        else:
+            try:
+                self["udp"] = udpPort(self["udp-port"] or "0", interfaceOf(self["port"]))
+            except AddressError as e:
+                raise usage.UsageError(f"--udp-port: {e}") from None
 
 
 def makeRelayService(config, reactor=None):
@@ -91,4 +108,5 @@ def makeNodeService(config, reactor=None):
         advertise=config["advertise"],
         heartbeat=config["heartbeat"],
         rescan=config["rescan"],
+        udp=config["udp"],
     )

@@ -186,3 +186,36 @@ class TransferTests(SynchronousTestCase):
             timeout=30,
         )
         self.assertEqual(result.returncode, 2)
+
+
+class UDPTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.net = Network(self)
+        self.content = os.urandom(3 * 1024 * 1024 + 777)
+
+    def test_udpMultiMegabyte(self) -> None:
+        """p2p-fetch --udp delivers a multi-megabyte binary file, verified, to stdout and -o."""
+        self.net.node(self.net.folder("u", {"blob.bin": self.content}))
+        result = self.net.fetch("--udp", "blob.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, self.content)
+        out = self.net.root / "out"
+        result = self.net.fetch("--udp", "--udp-block", "16384", "-o", str(out), "blob.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual((out / "blob.bin").read_bytes(), self.content)
+
+    def test_udpFailoverPastNodeWithoutUDP(self) -> None:
+        """A holder started with --no-udp counts as a failed attempt; the next peer delivers."""
+        self.net.node(self.net.folder("a", {"blob.bin": self.content}), "--no-udp")
+        self.net.node(self.net.folder("b", {"blob.bin": self.content}))
+        result = self.net.fetch("--udp", "blob.bin")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, self.content)
+        self.assertIn(b"peer serves no UDP, trying next", result.stderr)
+
+    def test_udpMissingFile(self) -> None:
+        """Over UDP, a missing file is a 404 from every peer and exit 1."""
+        self.net.node(self.net.folder("a", {"x": "x"}))
+        result = self.net.fetch("--udp", "nope.bin")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"404", result.stderr)

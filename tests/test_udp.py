@@ -1,0 +1,1008 @@
+"""
+Tests for p2prelay.udp: reliable UDP transfer on a simulated network.
+
+Most tests run a server and a client on an in-memory datagram network
+driven by ``task.Clock``, with seeded loss, duplication and reordering,
+so every run is the same and none of them waits for real time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import struct
+from typing import Callable, Dict, List, Optional, Tuple
+
+from twisted.internet import defer, error, task
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial import unittest
+
+from p2prelay import udp, wire
+from p2prelay.share import SharedDirectory
+
+SERVER = ("10.0.0.1", 9999)
+CLIENT_HOST = "10.0.0.2"
+DELAY = 0.005  # one-way delay of the fake network
+BLOCK = 256  # small blocks: many of them in small files
+
+Address = Tuple[str, int]
+
+
+def syncThread(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+class FakePort:
+    """A bound UDP port on the fake network: the transport a protocol sees."""
+
+    def __init__(self, network: "FakeNetwork", protocol: DatagramProtocol, addr: Address):
+        self.network = network
+        self.protocol = protocol
+        self.addr = addr
+        self.listening = True
+
+    def write(self, datagram: bytes, addr: Address) -> None:
+        assert isinstance(datagram, bytes)
+        self.network.send(self.addr, addr, datagram)
+
+    def stopListening(self):
+        if self.listening:
+            self.listening = False
+            del self.network.ports[self.addr]
+            self.protocol.doStop()
+        return defer.succeed(None)
+
+    def getHost(self):
+        return self.addr
+
+
+class FakeNetwork:
+    """
+    Delivers datagrams after DELAY (plus jitter, when reordering), losing
+    or duplicating them at random, and counts every byte sent.
+
+    ``drop(src, dst, datagram)`` returning True loses one datagram on
+    purpose, for tests that need a particular packet gone.
+    """
+
+    def __init__(
+        self,
+        clock: task.Clock,
+        *,
+        seed: int = 0,
+        loss: float = 0.0,
+        duplicate: float = 0.0,
+        jitter: float = 0.0,
+        drop: Optional[Callable[[Address, Address, bytes], bool]] = None,
+    ) -> None:
+        self.clock = clock
+        self.random = random.Random(seed)
+        self.loss = loss
+        self.duplicate = duplicate
+        self.jitter = jitter
+        self.drop = drop
+        self.ports: Dict[Address, FakePort] = {}
+        self.sent: Dict[Tuple[Address, Address], int] = {}
+        self.log: List[Tuple[Address, Address, bytes]] = []
+        self._nextPort = 40000
+
+    def bind(self, protocol: DatagramProtocol, addr: Address) -> FakePort:
+        port = FakePort(self, protocol, addr)
+        self.ports[addr] = port
+        protocol.makeConnection(port)
+        return port
+
+    def ephemeral(self, protocol: DatagramProtocol) -> FakePort:
+        self._nextPort += 1
+        return self.bind(protocol, (CLIENT_HOST, self._nextPort))
+
+    def send(self, src: Address, dst: Address, datagram: bytes) -> None:
+        self.sent[src, dst] = self.sent.get((src, dst), 0) + len(datagram)
+        self.log.append((src, dst, datagram))
+        if self.drop is not None and self.drop(src, dst, datagram):
+            return
+        if self.random.random() < self.loss:
+            return
+        copies = 2 if self.random.random() < self.duplicate else 1
+        for _ in range(copies):
+            delay = DELAY + self.random.random() * self.jitter
+            self.clock.callLater(delay, self._arrive, src, dst, datagram)
+
+    def _arrive(self, src: Address, dst: Address, datagram: bytes) -> None:
+        port = self.ports.get(dst)
+        if port is not None and port.listening:
+            port.protocol.datagramReceived(datagram, src)
+
+
+class FakeReactor(task.Clock):
+    """A Clock that can also listenUDP on the fake network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.network = FakeNetwork(self)
+        self.packetSizes: List[int] = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        self.packetSizes.append(maxPacketSize)
+        assert port == 0
+        return self.network.ephemeral(protocol)
+
+
+def stall(src: Address, dst: Address, datagram: bytes) -> bool:
+    """A drop rule that lets a transfer start and then never finish."""
+    block = dataBlock(datagram)
+    return block is not None and block > 20
+
+
+def kind(datagram: bytes) -> int:
+    return datagram[3]
+
+
+def dataBlock(datagram: bytes) -> Optional[int]:
+    if kind(datagram) != udp.DATA:
+        return None
+    return struct.unpack_from("!I", datagram, 8)[0]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.chunks: List[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.chunks.append(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class UDPTestCase(unittest.TestCase):
+    """A share with a few files, a server on the fake network, a client."""
+
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        os.makedirs(self.root)
+        self.files: Dict[str, bytes] = {}
+        rng = random.Random(42)
+        for name, size in [
+            ("empty.bin", 0),
+            ("one.bin", BLOCK),
+            ("small.txt", 100),
+            ("many.bin", 150 * BLOCK + 77),
+        ]:
+            self.addFile(name, rng.randbytes(size))
+        self.share = SharedDirectory(self.root, runInThread=syncThread)
+        self.reactor = FakeReactor()
+        self.network = self.reactor.network
+        self.server = self.makeServer()
+
+    def addFile(self, name: str, content: bytes) -> None:
+        with open(os.path.join(self.root, name), "wb") as f:
+            f.write(content)
+        self.files[name] = content
+
+    def makeServer(self, **kw) -> udp.UDPFileServer:
+        kw.setdefault("blockSize", BLOCK)
+        server = udp.UDPFileServer(self.share, self.reactor, **kw)
+        self.network.bind(server, SERVER)
+        return server
+
+    def fetch(self, name: str, sink=None, **kw) -> Tuple[defer.Deferred, Sink]:
+        sink = sink if sink is not None else Sink()
+        kw.setdefault("blockSize", BLOCK)
+        d = defer.ensureDeferred(
+            udp.fetchUDP(self.reactor, SERVER[0], SERVER[1], name, sink, **kw)
+        )
+        return d, sink
+
+    def runUntil(self, d: defer.Deferred, limit: float = 60.0) -> None:
+        """
+        Advance the clock event by event until ``d`` fires; fail the test
+        if it has not fired within ``limit`` simulated seconds (a hang).
+        """
+        start = self.reactor.seconds()
+        while not d.called:
+            calls = self.reactor.getDelayedCalls()
+            if not calls:
+                break
+            when = min(c.getTime() for c in calls)
+            if when - start > limit:
+                break
+            self.reactor.advance(max(0.0, when - self.reactor.seconds()))
+        self.assertTrue(d.called, f"no result after {limit} simulated seconds")
+
+    def advance(self, seconds: float) -> None:
+        """
+        Move the clock forward event by event: one big Clock.advance would
+        schedule every answer relative to the end of the jump.
+        """
+        end = self.reactor.seconds() + seconds
+        while True:
+            calls = [c.getTime() for c in self.reactor.getDelayedCalls()]
+            when = min(calls) if calls else end
+            if when > end:
+                break
+            self.reactor.advance(max(0.0, when - self.reactor.seconds()))
+            if not calls:
+                break
+        self.reactor.advance(max(0.0, end - self.reactor.seconds()))
+
+    def settle(self, seconds: float = 120.0) -> None:
+        """Let every pending timer run (the server's idle timeout included)."""
+        self.advance(seconds)
+
+    def assertNoTimers(self) -> None:
+        """Nothing is scheduled but datagrams still on the wire."""
+        pending = [
+            c for c in self.reactor.getDelayedCalls() if c.func != self.network._arrive
+        ]
+        self.assertEqual(pending, [])
+
+    def assertFetched(self, name: str, **kw) -> udp.UDPResult:
+        d, sink = self.fetch(name, **kw)
+        self.runUntil(d)
+        result = self.successResultOf(d)
+        content = self.files[name]
+        self.assertEqual(result.size, len(content))
+        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        self.assertEqual(sink.value(), content)
+        self.assertEqual(hashlib.sha256(sink.value()).hexdigest(), result.sha256)
+        self.assertEqual((result.offset, result.length), (0, len(content)))
+        return result
+
+    def assertServerIdle(self) -> None:
+        self.settle()
+        self.assertEqual(self.server.transfers, {})
+        self.assertEqual(self.server.perAddress, {})
+
+    def assertClientClosed(self) -> None:
+        self.assertEqual(
+            [addr for addr in self.network.ports if addr != SERVER],
+            [],
+            "the client's port is still open",
+        )
+
+
+class CleanNetworkTests(UDPTestCase):
+    """Transfers over a network that loses nothing."""
+
+    def test_manyBlocks(self) -> None:
+        """A file of many blocks arrives whole and matches its digest."""
+        self.assertFetched("many.bin")
+        self.assertClientClosed()
+        self.assertServerIdle()
+
+    def test_emptyFile(self) -> None:
+        """A zero-byte file is announced and finishes without any DATA."""
+        self.assertFetched("empty.bin")
+        self.assertEqual([d for _, _, d in self.network.log if kind(d) == udp.DATA], [])
+        self.assertServerIdle()
+
+    def test_exactlyOneBlock(self) -> None:
+        """A file of exactly one block needs exactly one DATA datagram."""
+        self.assertFetched("one.bin")
+        blocks = [dataBlock(d) for _, _, d in self.network.log if kind(d) == udp.DATA]
+        self.assertEqual(blocks, [0])
+
+    def test_shorterThanABlock(self) -> None:
+        """A file smaller than one block arrives whole."""
+        self.assertFetched("small.txt")
+
+    def test_listensWithMaxDatagram(self) -> None:
+        """The client's port is opened with MAX_DATAGRAM so nothing is truncated."""
+        self.assertFetched("small.txt")
+        self.assertEqual(self.reactor.packetSizes, [udp.MAX_DATAGRAM])
+        self.assertGreaterEqual(udp.MAX_DATAGRAM, udp.MAX_BLOCK + udp.DATA_HEADER_SIZE)
+
+    def test_defaultBlockFitsEthernet(self) -> None:
+        """A default DATA datagram fits a 1500-byte MTU with IPv6 headers."""
+        self.assertLessEqual(udp.DEFAULT_BLOCK + udp.DATA_HEADER_SIZE, 1500 - 40 - 8)
+
+    def test_serverCapsBlockSize(self) -> None:
+        """A client asking for bigger blocks than the server sends gets the server's."""
+        self.assertFetched("many.bin", blockSize=1024)
+        sizes = {len(d) for _, _, d in self.network.log if kind(d) == udp.DATA}
+        self.assertEqual(max(sizes), BLOCK + udp.DATA_HEADER_SIZE)
+
+    def test_firstRequestPadded(self) -> None:
+        """Every request is padded to MIN_REQUEST bytes, like QUIC's Initial."""
+        self.assertFetched("small.txt")
+        requests = [d for _, _, d in self.network.log if kind(d) == udp.REQUEST]
+        self.assertEqual(len(requests), 2)  # without, then with the cookie
+        for datagram in requests:
+            self.assertGreaterEqual(len(datagram), udp.MIN_REQUEST)
+
+    def test_nestedName(self) -> None:
+        """A file in a subfolder is fetched by its POSIX relative name."""
+        os.makedirs(os.path.join(self.root, "sub dir"))
+        self.addFile("sub dir/ünï.txt", b"hello " * 500)
+        self.assertFetched("sub dir/ünï.txt")
+
+    def test_acksAreDelayed(self) -> None:
+        """The client acknowledges every ACK_EVERY blocks, not every block."""
+        self.assertFetched("many.bin")
+        acks = [d for src, _, d in self.network.log if src != SERVER and kind(d) == udp.ACK]
+        self.assertLess(len(acks), 151 / udp.ACK_EVERY * 3)
+
+    def test_plainFileSink(self) -> None:
+        """A plain file's write method works as the sink."""
+        target = self.mktemp()
+        with open(target, "wb") as f:
+            d, _ = self.fetch("many.bin", sink=f)
+            self.runUntil(d)
+            self.successResultOf(d)
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), self.files["many.bin"])
+
+    def test_concurrentTransfers(self) -> None:
+        """Several transfers from one client address run side by side."""
+        fetches = [self.fetch(name) for name in ["many.bin", "one.bin", "small.txt"]]
+        self.runUntil(defer.gatherResults([d for d, _ in fetches]))
+        for (d, sink), name in zip(fetches, ["many.bin", "one.bin", "small.txt"]):
+            self.successResultOf(d)
+            self.assertEqual(sink.value(), self.files[name])
+
+
+class RangeTests(UDPTestCase):
+    """Range requests: exactly bytes [offset, offset+length) of the file."""
+
+    def fetchRange(self, name: str, offset: int, length: Optional[int]) -> bytes:
+        d, sink = self.fetch(name, offset=offset, length=length)
+        self.runUntil(d)
+        result = self.successResultOf(d)
+        content = self.files[name]
+        expected = content[offset:] if length is None else content[offset : offset + length]
+        self.assertEqual(sink.value(), expected)
+        self.assertEqual(result.offset, offset)
+        self.assertEqual(result.length, len(expected))
+        self.assertEqual(result.size, len(content))
+        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        return sink.value()
+
+    def test_middle(self) -> None:
+        """A range in the middle, not aligned to blocks."""
+        self.fetchRange("many.bin", 1000, 5000)
+
+    def test_toTheEnd(self) -> None:
+        """No length means to the end of the file."""
+        self.fetchRange("many.bin", 12345, None)
+
+    def test_emptyAtEnd(self) -> None:
+        """An empty range at the very end is valid and delivers nothing."""
+        self.assertEqual(self.fetchRange("many.bin", len(self.files["many.bin"]), 0), b"")
+
+    def test_partsMakeTheWhole(self) -> None:
+        """Ranges fetched separately reassemble into the announced digest."""
+        size = len(self.files["many.bin"])
+        whole = self.fetchRange("many.bin", 0, size // 3) + self.fetchRange(
+            "many.bin", size // 3, None
+        )
+        self.assertEqual(whole, self.files["many.bin"])
+
+    def test_pastTheEnd(self) -> None:
+        """A range beyond the end of the file is answered with 416."""
+        d, sink = self.fetch("small.txt", offset=50, length=51)
+        self.runUntil(d)
+        e = self.failureResultOf(d, wire.ProtocolError).value
+        self.assertEqual(e.status, wire.BAD_RANGE)
+        self.assertEqual(sink.value(), b"")
+        self.assertServerIdle()
+
+    def test_offsetPastTheEnd(self) -> None:
+        """An offset beyond the end of the file is answered with 416."""
+        d, _ = self.fetch("small.txt", offset=101)
+        self.runUntil(d)
+        self.assertEqual(self.failureResultOf(d, wire.ProtocolError).value.status, 416)
+
+    def test_negativeRefusedLocally(self) -> None:
+        """A negative offset is the caller's mistake, refused before sending."""
+        d, _ = self.fetch("small.txt", offset=-1)
+        self.failureResultOf(d, ValueError)
+        self.assertEqual(self.network.log, [])
+
+
+class ErrorAnswerTests(UDPTestCase):
+    """The server's refusals reach the caller as wire.ProtocolError."""
+
+    def assertRefused(self, name: str, status: int) -> wire.ProtocolError:
+        d, _ = self.fetch(name)
+        self.runUntil(d)
+        e = self.failureResultOf(d, wire.ProtocolError).value
+        self.assertEqual(e.status, status)
+        self.assertTrue(e.message)
+        self.assertClientClosed()
+        return e
+
+    def test_notFound(self) -> None:
+        """A missing file is a 404."""
+        self.assertRefused("missing.bin", wire.NOT_FOUND)
+        self.assertServerIdle()
+
+    def test_directoryIsNotFound(self) -> None:
+        """A directory is not a shared file: 404."""
+        os.makedirs(os.path.join(self.root, "folder"))
+        self.assertRefused("folder", wire.NOT_FOUND)
+
+    def test_escapingSymlink(self) -> None:
+        """A symlink out of the share is not found."""
+        outside = self.mktemp()
+        with open(outside, "wb") as f:
+            f.write(b"secret")
+        os.symlink(os.path.abspath(outside), os.path.join(self.root, "link"))
+        self.assertRefused("link", wire.NOT_FOUND)
+
+    def test_badNameOnTheWire(self) -> None:
+        """A name that escapes the share is a 400 from the server."""
+        client = udp._UDPClient(
+            self.reactor, SERVER, "../etc/passwd", Sink(), 0, None, 10.0, BLOCK
+        )
+        port = self.network.ephemeral(client)
+        self.runUntil(client.deferred)
+        e = self.failureResultOf(client.deferred, wire.ProtocolError).value
+        self.assertEqual(e.status, wire.BAD_REQUEST)
+        port.stopListening()
+
+    def test_badNameLocally(self) -> None:
+        """fetchUDP refuses a bad name before sending anything."""
+        d, _ = self.fetch("../x")
+        self.assertEqual(self.failureResultOf(d, wire.ProtocolError).value.status, 400)
+        self.assertEqual(self.network.log, [])
+
+    def test_errorAnswerLost(self) -> None:
+        """A lost error answer is repeated when the client asks again."""
+        lost = []
+
+        def drop(src, dst, datagram):
+            if kind(datagram) == udp.ERROR and not lost:
+                lost.append(datagram)
+                return True
+            return False
+
+        self.network.drop = drop
+        self.assertRefused("missing.bin", wire.NOT_FOUND)
+        self.assertEqual(len(lost), 1)
+
+    def test_garbageIgnored(self) -> None:
+        """Datagrams that are not ours get no answer at all."""
+        for datagram in [b"", b"hello", b"XX" + bytes(1300), udp._header(99, 1) + bytes(1300)]:
+            self.server.datagramReceived(datagram, ("10.9.9.9", 1))
+        self.assertEqual(self.network.log, [])
+
+    def test_malformedRequest(self) -> None:
+        """A request with a valid cookie but a broken body is a 400."""
+        addr = ("10.0.0.7", 5000)
+        received = []
+        self.network.bind(Recorder(received), addr)
+        cookie = self.server._cookies.mint(addr)
+        body = udp._header(udp.REQUEST, 7) + udp._REQUEST.pack(0, udp.TO_END, 256, 64, len(cookie))
+        body += cookie + struct.pack("!H", 5000)  # name longer than the datagram
+        self.network.send(addr, SERVER, body + bytes(1200))
+        self.settle(1)
+        self.assertEqual([kind(d) for d in received], [udp.ERROR])
+        self.assertEqual(struct.unpack_from("!H", received[0], 8)[0], 400)
+
+
+class Recorder(DatagramProtocol):
+    def __init__(self, received: List[bytes]) -> None:
+        self.received = received
+
+    def datagramReceived(self, datagram, addr):
+        self.received.append(datagram)
+
+
+class LossyNetworkTests(UDPTestCase):
+    """Reliability over loss, duplication and reordering."""
+
+    def dropOnce(self, predicate: Callable[[Address, Address, bytes], bool]) -> List[bytes]:
+        dropped: List[bytes] = []
+
+        def drop(src, dst, datagram):
+            if not dropped and predicate(src, dst, datagram):
+                dropped.append(datagram)
+                return True
+            return False
+
+        self.network.drop = drop
+        return dropped
+
+    def test_firstBlockLost(self) -> None:
+        """Losing block 0 is repaired."""
+        dropped = self.dropOnce(lambda s, d, g: dataBlock(g) == 0)
+        self.assertFetched("many.bin")
+        self.assertEqual(len(dropped), 1)
+
+    def test_lastBlockLost(self) -> None:
+        """Losing the final block (nothing follows to reveal it) is repaired by the timer."""
+        dropped = self.dropOnce(lambda s, d, g: dataBlock(g) == 150)
+        self.assertFetched("many.bin")
+        self.assertEqual(len(dropped), 1)
+
+    def test_onlyBlockLost(self) -> None:
+        """Losing the only block of a one-block file is repaired."""
+        dropped = self.dropOnce(lambda s, d, g: dataBlock(g) == 0)
+        self.assertFetched("one.bin")
+        self.assertEqual(len(dropped), 1)
+
+    def test_firstRequestLost(self) -> None:
+        """A lost first request is sent again."""
+        self.dropOnce(lambda s, d, g: kind(g) == udp.REQUEST)
+        self.assertFetched("small.txt")
+
+    def test_retryLost(self) -> None:
+        """A lost cookie answer is replaced when the request is repeated."""
+        self.dropOnce(lambda s, d, g: kind(g) == udp.RETRY)
+        self.assertFetched("small.txt")
+
+    def test_cookieRequestLost(self) -> None:
+        """A lost request carrying the cookie is repeated."""
+        seen = []
+
+        def second(s, d, g):
+            if kind(g) == udp.REQUEST:
+                seen.append(g)
+                return len(seen) == 2
+            return False
+
+        dropped = self.dropOnce(second)
+        self.assertFetched("many.bin")
+        self.assertEqual(len(dropped), 1)
+
+    def test_metaLost(self) -> None:
+        """A lost META is sent again; blocks that arrived before it are resent."""
+        self.dropOnce(lambda s, d, g: kind(g) == udp.META)
+        self.assertFetched("many.bin")
+
+    def test_metaLostEmptyFile(self) -> None:
+        """A lost META of an empty file is repaired too."""
+        self.dropOnce(lambda s, d, g: kind(g) == udp.META)
+        self.assertFetched("empty.bin")
+
+    def test_firstAckLost(self) -> None:
+        """A lost acknowledgement of META is repaired."""
+        self.dropOnce(lambda s, d, g: kind(g) == udp.ACK)
+        self.assertFetched("many.bin")
+
+    def test_allAcksLostForAWhile(self) -> None:
+        """Acknowledgements lost for a second only slow the transfer down."""
+        self.network.drop = lambda s, d, g: kind(g) == udp.ACK and self.reactor.seconds() < 1.0
+        self.assertFetched("many.bin")
+        self.assertServerIdle()
+
+    def test_finalAcksLost(self) -> None:
+        """When every final ACK is lost the client is done and the server times out."""
+        content = self.files["many.bin"]
+        nblocks = -(-len(content) // BLOCK)
+
+        def final(s, d, g):
+            return kind(g) == udp.ACK and struct.unpack_from("!I", g, 8)[0] == nblocks
+
+        self.network.drop = final
+        self.assertFetched("many.bin")
+        self.assertEqual(len(self.server.transfers), 1)
+        self.advance(self.server.idleTimeout + 0.1)
+        self.assertEqual(self.server.transfers, {})
+
+    def test_randomLoss(self) -> None:
+        """Ten percent loss in both directions, several seeds."""
+        for seed in range(4):
+            self.network.random.seed(seed)
+            self.network.loss = 0.1
+            self.assertFetched("many.bin")
+
+    def test_heavyLoss(self) -> None:
+        """Thirty percent loss still delivers the file intact."""
+        self.network.loss = 0.3
+        self.assertFetched("many.bin")
+
+    def test_duplication(self) -> None:
+        """Every datagram possibly duplicated: the sink still sees each byte once."""
+        self.network.duplicate = 0.5
+        self.assertFetched("many.bin")
+        self.assertServerIdle()
+
+    def test_reordering(self) -> None:
+        """Jitter larger than the spacing of datagrams reorders them."""
+        self.network.jitter = 0.02
+        self.assertFetched("many.bin")
+
+    def test_everything(self) -> None:
+        """Loss, duplication and reordering together, several seeds."""
+        for seed in range(4):
+            self.network.random.seed(100 + seed)
+            self.network.loss = 0.05
+            self.network.duplicate = 0.1
+            self.network.jitter = 0.01
+            self.assertFetched("many.bin")
+            self.assertFetched("one.bin")
+            self.assertFetched("empty.bin")
+        self.assertServerIdle()
+
+    def test_receiverBufferBounded(self) -> None:
+        """With block 0 missing, the client buffers at most its window of blocks."""
+        content = os.urandom(400 * udp.MIN_BLOCK)
+        self.addFile("big.bin", content)
+        self.network.drop = lambda s, d, g: dataBlock(g) == 0 and self.reactor.seconds() < 3
+        client = udp._UDPClient(
+            self.reactor, SERVER, "big.bin", Sink(), 0, None, 10.0, udp.MIN_BLOCK
+        )
+        port = self.network.ephemeral(client)
+        most = 0
+        while not client.deferred.called and self.reactor.seconds() < 30:
+            self.advance(0.001)
+            most = max(most, len(client._buffer))
+        self.successResultOf(client.deferred)
+        self.assertLessEqual(most, client.window)
+        self.assertGreater(most, 0)
+        port.stopListening()
+
+    def test_rttEstimate(self) -> None:
+        """The server's RTO follows the measured round trip, within RFC 6298 bounds."""
+        self.addFile("big.bin", os.urandom(1200 * BLOCK))
+        seen = []
+        original = udp._Transfer.ackReceived
+
+        def spy(transfer, cumulative, ranges):
+            original(transfer, cumulative, ranges)
+            seen.append((transfer.rtt.srtt, transfer.rtt.timeout))
+
+        self.patch(udp._Transfer, "ackReceived", spy)
+        self.assertFetched("big.bin")
+        self.settle(1)
+        srtt, rto = seen[-1]
+        self.assertGreaterEqual(srtt, 2 * DELAY)
+        self.assertLess(srtt, 2 * DELAY + udp.ACK_DELAY + 0.001)
+        self.assertGreaterEqual(rto, udp.RTO_MIN)
+        self.assertLessEqual(rto, udp.RTO_MAX)
+
+
+class RoundTripTests(unittest.SynchronousTestCase):
+    """The RFC 6298 estimator on its own."""
+
+    def test_firstSample(self) -> None:
+        """The first sample sets SRTT=R, RTTVAR=R/2, RTO=SRTT+4*RTTVAR."""
+        rtt = udp._RoundTrip()
+        self.assertEqual(rtt.timeout, udp.RTO_INITIAL)
+        rtt.sample(0.5)
+        self.assertEqual((rtt.srtt, rtt.rttvar), (0.5, 0.25))
+        self.assertAlmostEqual(rtt.timeout, 1.5)
+
+    def test_bounds(self) -> None:
+        """The timeout stays within RTO_MIN and RTO_MAX."""
+        rtt = udp._RoundTrip()
+        rtt.sample(0.0001)
+        self.assertEqual(rtt.timeout, udp.RTO_MIN)
+        for _ in range(20):
+            rtt.expired()
+        self.assertEqual(rtt.timeout, udp.RTO_MAX)
+
+    def test_backoffClearedBySample(self) -> None:
+        """Expiry doubles the timeout; a new sample undoes the backoff."""
+        rtt = udp._RoundTrip()
+        rtt.sample(0.5)
+        rtt.expired()
+        self.assertAlmostEqual(rtt.timeout, 3.0)
+        rtt.sample(0.5)
+        self.assertAlmostEqual(rtt.timeout, 0.5 + 4 * 0.1875)
+
+
+class KarnTests(UDPTestCase):
+    def test_retransmittedBlocksNotSampled(self) -> None:
+        """An ACK for a retransmitted block gives no RTT sample (Karn's rule)."""
+        self.dropOnce = LossyNetworkTests.dropOnce.__get__(self)
+        self.dropOnce(lambda s, d, g: dataBlock(g) == 0)
+        samples = []
+        original = udp._RoundTrip.sample
+        self.patch(udp._RoundTrip, "sample", lambda rtt, r: (samples.append(r), original(rtt, r)))
+        # Only one block: its first copy is lost, the second one is acknowledged.
+        self.assertFetched("one.bin")
+        self.assertEqual(samples, [])
+
+
+class LimitTests(UDPTestCase):
+    """Bounded concurrency, busy answers and idle timeouts."""
+
+    def test_busyPerAddress(self) -> None:
+        """Beyond maxPerAddress transfers from one address, the answer is 503."""
+        self.server.maxPerAddress = 2
+        self.network.drop = stall  # keep them running
+        first = [self.fetch("many.bin")[0] for _ in range(2)]
+        self.advance(0.1)
+        self.assertEqual(len(self.server.transfers), 2)
+        d, _ = self.fetch("small.txt")
+        self.runUntil(d)
+        e = self.failureResultOf(d, wire.ProtocolError).value
+        self.assertEqual(e.status, wire.BUSY)
+        self.assertIn("per address", e.message)
+        for other in first:
+            other.cancel()
+            self.failureResultOf(other, defer.CancelledError)
+
+    def test_busyTotal(self) -> None:
+        """Beyond maxTransfers in all, the answer is 503 too."""
+        self.server.maxTransfers = 1
+        self.network.drop = stall
+        first, _ = self.fetch("many.bin")
+        self.advance(0.1)
+        d, _ = self.fetch("small.txt")
+        self.runUntil(d)
+        self.assertEqual(self.failureResultOf(d, wire.ProtocolError).value.status, wire.BUSY)
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+
+    def test_slotFreedAfterFinish(self) -> None:
+        """Finished transfers free their slot for the next request."""
+        self.server.maxTransfers = 1
+        for _ in range(3):
+            self.assertFetched("small.txt")
+            self.advance(1)
+
+    def test_idleTransferDropped(self) -> None:
+        """A client that stops acknowledging is dropped after idleTimeout."""
+        self.server.idleTimeout = 5.0
+        self.network.drop = stall
+        # A client that vanishes after the handshake.
+        client = udp._UDPClient(self.reactor, SERVER, "many.bin", Sink(), 0, None, 60.0, BLOCK)
+        port = self.network.ephemeral(client)
+        self.advance(0.05)
+        self.assertEqual(len(self.server.transfers), 1)
+        port.listening = False
+        self.advance(4.0)
+        self.assertEqual(len(self.server.transfers), 1)
+        for _ in range(30):
+            self.advance(0.5)
+        self.assertEqual(self.server.transfers, {})
+        self.assertEqual(self.server.perAddress, {})
+        self.assertEqual(
+            [c for c in self.reactor.getDelayedCalls() if "_Transfer" in repr(c.func)], []
+        )
+        client._cancel(client.deferred)
+
+    def test_retransmissionsBackOff(self) -> None:
+        """While unacknowledged, the server resends less and less often."""
+        self.server.idleTimeout = 30.0
+        client = udp._UDPClient(self.reactor, SERVER, "one.bin", Sink(), 0, None, 60.0, BLOCK)
+        port = self.network.ephemeral(client)
+        self.advance(0.012)  # the handshake is done, block 0 sent
+        port.listening = False
+        start = len(self.network.log)
+        for _ in range(400):
+            self.advance(0.1)
+        times = [dataBlock(d) for _, _, d in self.network.log[start:]]
+        resent = [t for t in times if t == 0]
+        # 1, 2, 4, then RTO_MAX: about 8 resends in 40 s, not hundreds.
+        self.assertLess(len(resent), 12)
+        self.assertEqual(self.server.transfers, {})
+        client._cancel(client.deferred)
+
+    def test_clientCloseFreesServer(self) -> None:
+        """Cancelling a download tells the server, which frees the transfer at once."""
+        self.network.drop = stall
+        d, _ = self.fetch("many.bin")
+        self.advance(0.1)
+        self.assertEqual(len(self.server.transfers), 1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.advance(0.1)
+        self.assertEqual(self.server.transfers, {})
+
+    def test_duplicateRequestAfterFinish(self) -> None:
+        """A late duplicate of a served request does not start the transfer again."""
+        requests = []
+
+        def keep(s, d, g):
+            if kind(g) == udp.REQUEST:
+                requests.append(g)
+            return False
+
+        self.network.drop = keep
+        self.assertFetched("small.txt")
+        self.advance(1)
+        src = [s for s, _, g in self.network.log if kind(g) == udp.REQUEST][-1]
+        self.network.send(src, SERVER, requests[-1])
+        self.advance(0.1)
+        self.assertEqual(self.server.transfers, {})
+
+    def test_stopListeningStopsTransfers(self) -> None:
+        """Stopping the server's port ends its transfers and their timers."""
+        self.network.drop = stall
+        d, _ = self.fetch("many.bin")
+        self.advance(0.1)
+        self.network.ports[SERVER].stopListening()
+        self.assertEqual(self.server.transfers, {})
+        self.runUntil(d, limit=30)
+        self.failureResultOf(d, error.TimeoutError)
+
+
+class AmplificationTests(UDPTestCase):
+    """A forged source address gets at most a small answer."""
+
+    VICTIM = ("10.6.6.6", 53)
+
+    def test_spoofedRequest(self) -> None:
+        """
+        A request forged from a victim's address gets only a cookie, never
+        data: the victim receives less than 3x what the forger sent.
+        """
+        client = udp._UDPClient(self.reactor, SERVER, "many.bin", Sink(), 0, None, 10.0, BLOCK)
+        request = udp._encodeRequest(1234, client.request)
+        for _ in range(5):
+            self.network.send(self.VICTIM, SERVER, request)
+        self.settle(60)
+        received = self.network.sent[self.VICTIM, SERVER]
+        sent = self.network.sent.get((SERVER, self.VICTIM), 0)
+        self.assertLessEqual(sent, udp.AMPLIFICATION * received)
+        self.assertLess(sent, received / 10)
+        kinds = {kind(g) for s, _, g in self.network.log if s == SERVER}
+        self.assertEqual(kinds, {udp.RETRY})
+        self.assertEqual(self.server.transfers, {})
+
+    def test_forgedCookie(self) -> None:
+        """A made-up or someone else's cookie starts nothing."""
+        other = ("10.0.0.3", 4000)
+        stolen = self.server._cookies.mint(other)
+        for cookie in [bytes(udp._Cookies.SIZE), stolen, b"x"]:
+            req = udp._Request(0, None, BLOCK, 64, cookie, "many.bin")
+            self.network.send(self.VICTIM, SERVER, udp._encodeRequest(1, req))
+        self.settle(1)
+        kinds = [kind(g) for s, _, g in self.network.log if s == SERVER]
+        self.assertEqual(kinds, [udp.RETRY] * 3)
+        self.assertEqual(self.server.transfers, {})
+
+    def test_expiredCookie(self) -> None:
+        """A cookie older than two periods is refused."""
+        cookie = self.server._cookies.mint(self.VICTIM)
+        self.assertTrue(self.server._cookies.check(self.VICTIM, cookie))
+        self.advance(udp.COOKIE_PERIOD)
+        self.assertTrue(self.server._cookies.check(self.VICTIM, cookie))
+        self.advance(udp.COOKIE_PERIOD)
+        self.assertFalse(self.server._cookies.check(self.VICTIM, cookie))
+
+    def test_unpaddedRequestIgnored(self) -> None:
+        """A request shorter than MIN_REQUEST gets no answer at all."""
+        client = udp._UDPClient(self.reactor, SERVER, "many.bin", Sink(), 0, None, 10.0, BLOCK)
+        request = udp._encodeRequest(1234, client.request).rstrip(b"\0")
+        self.network.send(self.VICTIM, SERVER, request)
+        self.settle(1)
+        self.assertEqual(self.network.sent.get((SERVER, self.VICTIM), 0), 0)
+
+    def test_cookieBoundToPort(self) -> None:
+        """A cookie minted for one port does not validate another."""
+        cookie = self.server._cookies.mint(("10.0.0.2", 1000))
+        self.assertFalse(self.server._cookies.check(("10.0.0.2", 1001), cookie))
+
+
+class ClientFailureTests(UDPTestCase):
+    """Every failure ends the download with a clear error and closes the port."""
+
+    def test_serverSilent(self) -> None:
+        """No answer at all: TimeoutError after `timeout` seconds."""
+        self.network.ports[SERVER].listening = False
+        d, _ = self.fetch("many.bin", timeout=3.0)
+        self.runUntil(d, limit=10)
+        self.failureResultOf(d, error.TimeoutError)
+        self.assertAlmostEqual(self.reactor.seconds(), 3.0, delta=0.1)
+        self.assertClientClosed()
+        self.assertNoTimers()
+
+    def test_serverGoesQuiet(self) -> None:
+        """The server vanishing mid-transfer is a TimeoutError, not a hang."""
+        self.network.drop = lambda s, d, g: s == SERVER and dataBlock(g) is not None and dataBlock(g) > 50
+        d, sink = self.fetch("many.bin", timeout=2.0)
+        self.runUntil(d, limit=30)
+        self.failureResultOf(d, error.TimeoutError)
+        self.assertEqual(len(sink.value()), 51 * BLOCK)
+        self.assertClientClosed()
+
+    def test_cancel(self) -> None:
+        """Cancelling stops listening, cancels timers, and tells the server."""
+        self.network.drop = stall
+        d, _ = self.fetch("many.bin")
+        self.advance(0.1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertClientClosed()
+        self.advance(0.1)
+        self.assertEqual(self.server.transfers, {})
+        self.assertNoTimers()
+
+    def test_cancelDuringHandshake(self) -> None:
+        """Cancelling before any answer cleans up too."""
+        self.network.ports[SERVER].listening = False
+        d, _ = self.fetch("many.bin")
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertClientClosed()
+        self.assertNoTimers()
+
+    def test_sinkFails(self) -> None:
+        """A sink that raises ends the download with UDPTransferError."""
+
+        class Full:
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+
+        d, _ = self.fetch("many.bin", sink=Full())
+        self.runUntil(d)
+        self.failureResultOf(d, udp.UDPTransferError)
+        self.assertClientClosed()
+        self.advance(0.1)
+        self.assertEqual(self.server.transfers, {})
+
+    def test_mismatchedMeta(self) -> None:
+        """A META for a different range than requested is a UDPTransferError."""
+        original = udp._META.pack
+
+        def lie(size, offset, length, *rest):
+            return original(size, offset + 1, length, *rest)
+
+        self.patch(udp, "_META", FakeStruct(udp._META, lie))
+        d, _ = self.fetch("many.bin")
+        self.runUntil(d)
+        self.failureResultOf(d, udp.UDPTransferError)
+
+    def test_wrongSizedBlock(self) -> None:
+        """A DATA block of the wrong size is a UDPTransferError."""
+
+        def corrupt(src, dst, datagram):
+            if dataBlock(datagram) == 3:
+                self.network.ports[dst].protocol.datagramReceived(datagram[:-1], src)
+                return True
+            return False
+
+        self.network.drop = corrupt
+        d, _ = self.fetch("many.bin")
+        self.runUntil(d)
+        self.failureResultOf(d, udp.UDPTransferError)
+
+    def test_strangersIgnored(self) -> None:
+        """Datagrams from other addresses or transfers do not disturb a download."""
+        d, sink = self.fetch("many.bin")
+        client = self.network.ports[(CLIENT_HOST, self.network._nextPort)].protocol
+        client.datagramReceived(udp._encodeError(client.tid, 404, "no"), ("10.1.1.1", 9999))
+        client.datagramReceived(udp._encodeError(client.tid + 1, 404, "no"), SERVER)
+        self.runUntil(d)
+        self.successResultOf(d)
+        self.assertEqual(sink.value(), self.files["many.bin"])
+
+
+class FakeStruct:
+    """A struct.Struct stand-in whose pack lies, to forge server answers."""
+
+    def __init__(self, real, pack):
+        self._real = real
+        self.pack = pack
+        self.size = real.size
+
+    def unpack_from(self, *a):
+        return self._real.unpack_from(*a)
+
+
+class RealReactorTests(unittest.TestCase):
+    """One transfer over a real loopback socket."""
+
+    def test_loopback(self) -> defer.Deferred:
+        """Two megabytes over 127.0.0.1 arrive intact."""
+        from twisted.internet import reactor
+
+        root = self.mktemp()
+        os.makedirs(root)
+        content = os.urandom(2 * 1024 * 1024 + 17)
+        with open(os.path.join(root, "big.bin"), "wb") as f:
+            f.write(content)
+        share = SharedDirectory(root, runInThread=syncThread)
+        server = udp.UDPFileServer(share, reactor, blockSize=udp.MAX_BLOCK)
+        port = reactor.listenUDP(0, server, interface="127.0.0.1", maxPacketSize=udp.MAX_DATAGRAM)
+        self.addCleanup(port.stopListening)
+        sink = io.BytesIO()
+
+        async def go():
+            result = await udp.fetchUDP(
+                reactor, "127.0.0.1", port.getHost().port, "big.bin", sink, blockSize=16384
+            )
+            self.assertEqual(sink.getvalue(), content)
+            self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+            self.assertEqual(result.length, len(content))
+
+        return defer.ensureDeferred(go())
