@@ -140,6 +140,7 @@ class Client:
 
     def __init__(self, reactor, args: argparse.Namespace, console: Console) -> None:
         self.args = args
+        self.reactor = reactor
         self.console = console
         self.relayUnreachable = False
         self.failed = 0
@@ -211,10 +212,10 @@ class Client:
             final = destination(Path(self.args.output), name)
             if final.exists() and not self.args.force:
                 raise DestinationError(f"{final} exists (use --force to replace it)")
-            sink = Download(final.parent)
+            sink = Download(final.parent, self.reactor)
         else:
             final = None
-            sink = Download(Path(tempfile.gettempdir()))
+            sink = Download(Path(tempfile.gettempdir()), self.reactor)
         try:
             result = await self.fetcher.fetch(name, sink)
             if final is not None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
+
+from twisted.internet.defer import Deferred, succeed
 
 from zope.interface import implementer
 from twisted.internet.interfaces import IConsumer
@@ -21,6 +25,10 @@ from twisted.internet.interfaces import IConsumer
 from . import wire
 
 TEMP_PREFIX = ".p2prelay-"
+# Bytes queued for the writer thread before the transfer is paused, and
+# the level at which it resumes: the disk, not memory, sets the pace.
+HIGH_WATER = 8 * 1024 * 1024
+LOW_WATER = 2 * 1024 * 1024
 
 
 class VerificationError(Exception):
@@ -51,15 +59,31 @@ class Download:
     It is the consumer a transfer writes into; a transfer that fails is
     :meth:`reset` before the next peer is tried, so failover reuses one
     temporary file.
+
+    Given a reactor, writing and hashing happen on a thread of the
+    download's own (both release the GIL), so the reactor thread only
+    receives; when that thread falls ``HIGH_WATER`` bytes behind, the
+    registered producer (the transport) is paused until it catches up.
+    Await :meth:`flushed` before :meth:`verify` or :meth:`reset`.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, reactor=None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=directory)
         self.path = Path(path)
         self._file = os.fdopen(fd, "w+b")
-        self.reset()
         self.producer = None
+        self._reactor = reactor
+        self._queue: Optional[queue.SimpleQueue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._backlog = 0
+        self._paused = False
+        self._error: Optional[OSError] = None
+        if reactor is not None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="p2prelay-download", daemon=True)
+            self._thread.start()
+        self.reset()
 
     def reset(self) -> None:
         self._file.seek(0)
@@ -82,14 +106,64 @@ class Download:
         self.producer = None
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
         self.received += len(data)
+        if self._queue is None:
+            self._store(data)
+            return
+        self._backlog += len(data)
+        self._queue.put(data)
+        if self._backlog > HIGH_WATER and self.producer is not None and not self._paused:
+            self._paused = True
+            self.producer.pauseProducing()
+
+    def _store(self, data: bytes) -> None:
+        if self._error is None:
+            try:
+                self._file.write(data)
+            except OSError as e:  # a full disk fails the download, not the client
+                self._error = e
+        self._hash.update(data)
+
+    def _run(self) -> None:
+        """The writer thread: store queued chunks, fire flush markers."""
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, Deferred):
+                self._reactor.callFromThread(item.callback, None)
+                continue
+            self._store(item)
+            self._reactor.callFromThread(self._stored, len(item))
+
+    def _stored(self, count: int) -> None:
+        self._backlog -= count
+        if self._paused and self._backlog < LOW_WATER:
+            self._paused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+
+    def flushed(self) -> "Deferred[None]":
+        """Fires once every byte written so far is stored and hashed."""
+        if self._queue is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._queue.put(d)
+        return d
+
+    def _stop(self) -> None:
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = self._thread = None
 
     # Verification and commit.
 
     def verify(self) -> str:
         """The SHA-256 of what arrived, if it is what was announced."""
+        if self._error is not None:
+            raise self._error
         self._file.flush()
         digest = self._hash.hexdigest()
         if self.received != self.expectedSize:
@@ -108,6 +182,7 @@ class Download:
         """
         Move the verified file into place; never replace one unless forced.
         """
+        self._stop()
         self._file.close()
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o644)
@@ -131,6 +206,7 @@ class Download:
         os.unlink(self.path)
 
     def discard(self) -> None:
+        self._stop()
         self._file.close()
         try:
             os.unlink(self.path)

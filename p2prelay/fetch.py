@@ -30,6 +30,7 @@ from .lines import NegotiationProtocol
 from .query import IncompleteReply, query
 
 PEER_TIMEOUT = 10.0
+RECEIVE_SIZE = 256 * 1024  # bytes per recv(); Twisted's default is 64 KiB
 
 
 class IncompleteBody(Exception):
@@ -128,6 +129,9 @@ class GetProtocol(NegotiationProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        if hasattr(self.transport, "bufferSize"):
+            # Fewer, larger reads: measured 4x fewer reactor turns per MiB.
+            self.transport.bufferSize = RECEIVE_SIZE
         self.sink.registerProducer(self.transport, True)
         self.transport.write(
             wire.request(
@@ -365,10 +369,12 @@ class Fetcher:
                 if (peer.host, peer.port) in tried:
                     continue
                 tried.add((peer.host, peer.port))
+                await sink.flushed()
                 sink.reset()
                 self.verbose(f"fetching {name} from {peer}")
                 try:
                     await self.transfer(peer, name, sink)
+                    await sink.flushed()
                     sink.verify()
                     return peer
                 except Exception as e:

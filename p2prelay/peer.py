@@ -157,7 +157,7 @@ class PeerConsole:
         except (wire.ProtocolError, DestinationError) as e:
             self.out(f"{name}: {getattr(e, 'message', e)}")
             return
-        sink = Download(final.parent)
+        sink = Download(final.parent, self.reactor)
         self.transfers[name] = sink
         self.out(f"{name}: downloading in the background")
         try:
