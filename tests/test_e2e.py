@@ -148,7 +148,10 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(result.stdout, content)
 
     def test_failoverWhenNodeKilled(self) -> None:
-        """A holder killed with SIGKILL is skipped: the next peer delivers."""
+        """
+        A holder killed with SIGKILL is skipped: the next peer delivers, and
+        the client's report makes the relay stop handing the dead one out.
+        """
         net = Network(self)
         content = b"shared by two\n"
         first = net.node(net.folder("a", {"both.txt": content}))
@@ -158,6 +161,20 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout, content)
         self.assertIn(b"connection refused, trying next", result.stderr)
+        peers = net.fetch("--peers")
+        self.assertEqual(len(peers.stdout.splitlines()), 1, peers.stdout)
+
+    def test_unusualName(self) -> None:
+        """A name with spaces, '=', ':' and non-ASCII travels intact."""
+        net = Network(self)
+        name = "notes/my report = draft: \u00e9t\u00e9 \u2603.txt"
+        net.node(net.folder("a", {name: "snow"}))
+        result = net.fetch(name)
+        self.assertEqual((result.returncode, result.stdout), (0, b"snow"), result.stderr)
+        out = net.root / "out"
+        result = net.fetch("-o", str(out), name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual((out / name).read_bytes(), b"snow")
 
     def test_relayUnreachable(self) -> None:
         """A relay nobody listens on: exit 3 within seconds, one clear line."""

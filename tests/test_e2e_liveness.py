@@ -98,6 +98,23 @@ class RestartTests(SynchronousTestCase):
         result = net.fetch("a.txt")
         self.assertEqual((result.returncode, result.stdout), (0, b"a"), result.stderr)
 
+    def test_nodeStartsBeforeRelay(self) -> None:
+        """A node started before its relay registers once the relay comes up."""
+        net = Network(self, ["--ttl", "4"])
+        port = net.address.rsplit(":", 1)[1]
+        net.relay.stop(signal.SIGKILL)
+        folder = net.folder("early", {"early.txt": "early"})
+        node = net.daemon(
+            ["peernode", "--relay", net.address, "--dir", str(folder), "--port", LOOPBACK,
+             "--heartbeat", "1"]
+        )
+        node.waitFor(re.compile("relay unreachable"))
+        net.relay = net.daemon(["relay", "--port", f"tcp:{port}:interface=127.0.0.1", "--ttl", "4"])
+        net.relay.listening()
+        waitUntil(lambda: peerCount(net) == 1, 3.0)
+        result = net.fetch("early.txt")
+        self.assertEqual((result.returncode, result.stdout), (0, b"early"), result.stderr)
+
     def test_corruptStateFile(self) -> None:
         """A corrupt state file is moved aside and the relay starts empty."""
         state = Path(self.mktemp()).resolve()
