@@ -80,7 +80,11 @@ class RelayProtocol(NegotiationProtocol):
             message.port("udp")
         if message.get("host") is not None:
             checkHost(message.require("host"))
-        self._expected = message.integer("files", high=wire.MAX_FILES)
+        self._expected = message.integer("files")
+        if self._expected > wire.MAX_FILES:
+            raise wire.ProtocolError(
+                wire.TOO_LARGE, f"at most {wire.MAX_FILES} files per registration"
+            )
         self._request = message
 
     def _fileLine(self, message: wire.Message) -> None:

@@ -274,13 +274,13 @@ def splitNames(words: Iterable[str], *, allowVerb: bool = False) -> list[str]:
     ``Send FILE1, FILE2`` form) and drops duplicates, keeping the order.
     With ``allowVerb`` (typed input) a leading ``Send``/``get`` is dropped.
     """
+    pieces = [piece.strip() for word in words for piece in word.split(",")]
+    pieces = [piece for piece in pieces if piece]
+    if allowVerb and pieces and pieces[0].split(" ", 1)[0].lower() in ("send", "get"):
+        first = pieces[0].split(" ", 1)
+        pieces[0:1] = [first[1].strip()] if len(first) > 1 and first[1].strip() else []
     names: list[str] = []
-    for word in words:
-        for piece in word.split(","):
-            piece = piece.strip()
-            if piece and piece not in names:
-                names.append(piece)
-    if allowVerb and names and names[0].split(" ", 1)[0].lower() in ("send", "get"):
-        first = names[0].split(" ", 1)
-        names[0:1] = [first[1].strip()] if len(first) > 1 and first[1].strip() else []
+    for piece in pieces:
+        if piece not in names:
+            names.append(piece)
     return names
