@@ -89,21 +89,21 @@ class FileBodyProducer:
         if self._task is not None:
             try:
                 self._task.pause()
-            except task.TaskDone:
+            except task.TaskFinished:  # done, stopped or failed already
                 pass
 
     def resumeProducing(self) -> None:
         if self._task is not None:
             try:
                 self._task.resume()
-            except task.TaskDone:
+            except task.TaskFinished:  # done, stopped or failed already
                 pass
 
     def stopProducing(self) -> None:
         if self._task is not None:
             try:
                 self._task.stop()
-            except task.TaskDone:
+            except task.TaskFinished:  # done, stopped or failed already
                 pass
 
 
@@ -135,6 +135,9 @@ class FileServerProtocol(NegotiationProtocol):
                 raise wire.ProtocolError(wire.BAD_REQUEST, f"a peer node answers GET, not {message.word}")
             name = message.name()
             f, entry = await self.factory.share.open(name)
+            if self.finished:  # refused (timed out) while the file was hashed
+                f.close()
+                return
         except wire.ProtocolError as e:
             self.log.info(
                 "refused {peer}: {error}", peer=self.transport.getPeer(), error=str(e)
@@ -180,6 +183,16 @@ class FileServerProtocol(NegotiationProtocol):
             return
         self.setTimeout(None)
         self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        if self._producer is None:
+            super().timeoutConnection()
+            return
+        # The status line is out: a 408 now would land inside the body, and a
+        # graceful close would wait forever on a client that stopped reading.
+        self.log.info("dropping stalled transfer to {peer}", peer=self.transport.getPeer())
+        self.finished = True
+        self.transport.abortConnection()
 
     def _crashed(self, failure: Failure) -> None:
         self.log.failure("bug while serving a request", failure)
