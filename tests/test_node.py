@@ -1,0 +1,555 @@
+"""
+The peer node's file server and the shared folder behind it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2prelay import share as share_module
+from p2prelay import wire
+from p2prelay.lines import IDLE_TIMEOUT
+from p2prelay.node import CHUNK, FileServerFactory
+from p2prelay.share import FileEntry, SharedDirectory
+
+SECRET = b"TOP SECRET: the outside file"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def syncThread(f, *args):
+    """Run 'in a thread' synchronously, as a Deferred."""
+    return maybeDeferred(f, *args)
+
+
+class SlowClientTransport(StringTransport):
+    """
+    A transport whose send buffer fills with every body write, like one to a
+    slow client: it pauses its streaming producer, as a TCP transport does.
+    """
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+def splitResponse(data: bytes) -> tuple[wire.Message, bytes]:
+    head, sep, body = data.partition(b"\n")
+    assert sep, data
+    return wire.parseLine(head), body
+
+
+class ServerTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.root = Path(self.mktemp()).absolute()
+        self.root.mkdir()
+        self.share = SharedDirectory(self.root, runInThread=syncThread)
+        # One body chunk per clock tick, so pausing between chunks is observable.
+        self.cooperator = Cooperator(
+            scheduler=lambda f: self.clock.callLater(0, f),
+            terminationPredicateFactory=lambda: (lambda: True),
+        )
+        self.addCleanup(self.cooperator.stop)
+        self.factory = FileServerFactory(self.share, self.clock, self.cooperator)
+
+    def write(self, name: str, data: bytes, root: Path | None = None) -> Path:
+        path = (root or self.root) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def outside(self) -> Path:
+        """A folder next to the share holding a file nobody may fetch."""
+        outside = Path(self.mktemp()).absolute()
+        outside.mkdir()
+        self.write("secret.txt", SECRET, outside)
+        return outside
+
+    def connect(self, transport: StringTransport | None = None):
+        transport = transport or StringTransport()
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def get(self, data: bytes, transport: StringTransport | None = None) -> StringTransport:
+        proto, transport = self.connect(transport)
+        proto.dataReceived(data)
+        self.clock.advance(0)
+        return transport
+
+    def assertRefused(self, data: bytes, code: int) -> wire.Message:
+        transport = self.get(data)
+        message, rest = splitResponse(transport.value())
+        self.assertEqual(message.status, code, message)
+        self.assertEqual(rest, b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertNotIn(SECRET, transport.value())
+        return message
+
+
+class GetTests(ServerTestCase):
+    def test_whole(self):
+        """GET sends a status line with size, digest and range, then exactly the bytes, then closes."""
+        data = b"hello, world\n" * 10
+        self.write("a.txt", data)
+        transport = self.get(wire.request(wire.GET, name="a.txt"))
+        message, body = splitResponse(transport.value())
+        self.assertEqual(message.status, wire.OK)
+        self.assertEqual(message.integer("size"), len(data))
+        self.assertEqual(message.sha256(), sha(data))
+        self.assertEqual((message.integer("offset"), message.integer("length")), (0, len(data)))
+        self.assertEqual(body, data)
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)
+
+    def test_nestedNameWithSpaces(self):
+        """Nested and non-ASCII names with spaces are served."""
+        name = "dir/sub dir/\u00e9t\u00e9 1.txt"
+        self.write(name, b"summer")
+        message, body = splitResponse(self.get(wire.request(wire.GET, name=name)).value())
+        self.assertEqual((message.status, body), (200, b"summer"))
+
+    def test_multiChunk(self):
+        """A file larger than one chunk arrives whole and in order."""
+        data = os.urandom(CHUNK * 2 + 123)
+        self.write("big.bin", data)
+        message, body = splitResponse(self.get(wire.request(wire.GET, name="big.bin")).value())
+        self.assertEqual(body, data)
+
+    def test_empty(self):
+        """An empty file is a 200 with length 0 and no body."""
+        self.write("empty", b"")
+        transport = self.get(wire.request(wire.GET, name="empty"))
+        message, body = splitResponse(transport.value())
+        self.assertEqual((message.status, message.get("length"), body), (200, "0", b""))
+        self.assertTrue(transport.disconnecting)
+
+    def test_bareLF(self):
+        """A request ending in a bare LF is served."""
+        self.write("a", b"x")
+        message, body = splitResponse(self.get(b"P2P/1 GET name=a\n").value())
+        self.assertEqual(body, b"x")
+
+    def test_splitRequest(self):
+        """A request arriving a byte at a time is served once it is complete."""
+        self.write("a", b"abc")
+        proto, transport = self.connect()
+        for byte in wire.request(wire.GET, name="a"):
+            proto.dataReceived(bytes([byte]))
+        self.clock.advance(0)
+        self.assertEqual(splitResponse(transport.value())[1], b"abc")
+
+    def test_onlyOneRequest(self):
+        """Lines after the GET are ignored: one request per connection."""
+        self.write("a", b"A")
+        self.write("b", b"B")
+        transport = self.get(wire.request(wire.GET, name="a") + wire.request(wire.GET, name="b"))
+        self.assertEqual(splitResponse(transport.value())[1], b"A")
+
+    def test_digestOfChangedFile(self):
+        """A file changed since the last scan is announced with its new digest."""
+        self.write("a", b"old")
+        self.successResultOf(self.share.scan())
+        self.write("a", b"new and longer")
+        message, body = splitResponse(self.get(wire.request(wire.GET, name="a")).value())
+        self.assertEqual((message.sha256(), body), (sha(b"new and longer"), b"new and longer"))
+
+    def test_changingFileIsBusy(self):
+        """A file that changes while it is hashed for serving is answered 503."""
+        path = self.write("a", b"growing")
+        real = share_module.sha256File
+
+        def growing(p):
+            digest = real(p)
+            with open(path, "ab") as f:
+                f.write(b" more")
+            return digest
+
+        self.patch(share_module, "sha256File", growing)
+        self.assertRefused(wire.request(wire.GET, name="a"), wire.BUSY)
+
+
+class RangeTests(ServerTestCase):
+    data = bytes(range(256)) * 4
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.write("r.bin", self.data)
+
+    def test_offsetAndLength(self):
+        """offset= and length= select a slice; size and digest still describe the whole file."""
+        message, body = splitResponse(
+            self.get(wire.request(wire.GET, name="r.bin", offset=100, length=50)).value()
+        )
+        self.assertEqual(body, self.data[100:150])
+        self.assertEqual((message.integer("offset"), message.integer("length")), (100, 50))
+        self.assertEqual((message.integer("size"), message.sha256()), (len(self.data), sha(self.data)))
+
+    def test_offsetOnly(self):
+        """offset= alone sends the rest of the file."""
+        message, body = splitResponse(self.get(wire.request(wire.GET, name="r.bin", offset=1000)).value())
+        self.assertEqual((body, message.integer("length")), (self.data[1000:], 24))
+
+    def test_rangeToEnd(self):
+        """A range ending exactly at the end of the file is served."""
+        _, body = splitResponse(
+            self.get(wire.request(wire.GET, name="r.bin", offset=1020, length=4)).value()
+        )
+        self.assertEqual(body, self.data[1020:])
+
+    def test_offsetAtEnd(self):
+        """offset= equal to the size is an empty 200."""
+        message, body = splitResponse(self.get(wire.request(wire.GET, name="r.bin", offset=1024)).value())
+        self.assertEqual((message.status, body), (200, b""))
+
+    def test_offsetPastEnd(self):
+        """offset= past the end is answered 416."""
+        self.assertRefused(wire.request(wire.GET, name="r.bin", offset=1025), wire.BAD_RANGE)
+
+    def test_lengthPastEnd(self):
+        """A range running past the end is answered 416, not a short body."""
+        self.assertRefused(wire.request(wire.GET, name="r.bin", offset=1000, length=25), wire.BAD_RANGE)
+
+    def test_malformedOffset(self):
+        """A non-numeric offset is answered 400."""
+        self.assertRefused(b"P2P/1 GET name=r.bin offset=-5\r\n", wire.BAD_REQUEST)
+
+
+class RefusalTests(ServerTestCase):
+    def test_missing(self):
+        """A file that does not exist is answered 404."""
+        self.assertRefused(wire.request(wire.GET, name="nope.txt"), wire.NOT_FOUND)
+
+    def test_parent(self):
+        """A name with '..' is refused before touching the disk."""
+        self.outside()
+        self.assertRefused(wire.request(wire.GET, name="../secret.txt"), wire.BAD_REQUEST)
+
+    def test_absolute(self):
+        """An absolute path is refused."""
+        outside = self.outside()
+        absolute = str(outside / "secret.txt")
+        self.assertTrue(absolute.startswith("/"))
+        self.assertRefused(wire.request(wire.GET, name=absolute), wire.BAD_REQUEST)
+
+    def test_backslash(self):
+        """A backslashed escape is refused."""
+        self.assertRefused(wire.request(wire.GET, name="..\\secret.txt"), wire.BAD_REQUEST)
+
+    def test_symlinkOutside(self):
+        """A symlink pointing at a file outside the folder is not served."""
+        outside = self.outside()
+        os.symlink(outside / "secret.txt", self.root / "link.txt")
+        self.assertEqual((self.root / "link.txt").read_bytes(), SECRET, "the link works")
+        self.assertRefused(wire.request(wire.GET, name="link.txt"), wire.NOT_FOUND)
+
+    def test_symlinkedDirectoryOutside(self):
+        """A symlinked directory pointing outside the folder is not a way out."""
+        outside = self.outside()
+        os.symlink(outside, self.root / "linkdir")
+        self.assertEqual((self.root / "linkdir" / "secret.txt").read_bytes(), SECRET, "the link works")
+        self.assertRefused(wire.request(wire.GET, name="linkdir/secret.txt"), wire.NOT_FOUND)
+
+    def test_symlinkInside(self):
+        """A symlink to another file inside the folder is served."""
+        self.write("real.txt", b"inside")
+        os.symlink(self.root / "real.txt", self.root / "alias.txt")
+        _, body = splitResponse(self.get(wire.request(wire.GET, name="alias.txt")).value())
+        self.assertEqual(body, b"inside")
+
+    def test_directory(self):
+        """A directory's name is answered 404."""
+        (self.root / "dir").mkdir()
+        self.assertRefused(wire.request(wire.GET, name="dir"), wire.NOT_FOUND)
+
+    def test_malformedLine(self):
+        """A line that is not the protocol is answered 400."""
+        self.assertRefused(b"GET /a.txt HTTP/1.0\r\n", wire.BAD_REQUEST)
+
+    def test_missingName(self):
+        """GET without name= is answered 400."""
+        self.assertRefused(b"P2P/1 GET\r\n", wire.BAD_REQUEST)
+
+    def test_otherVerb(self):
+        """A verb other than GET is answered 400."""
+        message = self.assertRefused(wire.request(wire.PEERS), wire.BAD_REQUEST)
+        self.assertIn("PEERS", message.text)
+
+    def test_overLongLine(self):
+        """A line over MAX_LINE is answered 414."""
+        self.assertRefused(b"P2P/1 GET name=" + b"a" * wire.MAX_LINE, wire.LINE_TOO_LONG)
+
+    def test_idle(self):
+        """A connection that never sends a request is answered 408 and closed."""
+        proto, transport = self.connect()
+        self.clock.advance(IDLE_TIMEOUT)
+        message, _ = splitResponse(transport.value())
+        self.assertEqual(message.status, wire.TIMEOUT)
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleWhileHashing(self):
+        """A request refused with 408 while its file was hashed gets nothing more afterwards."""
+        self.write("a", b"data")
+        pending: list[Deferred] = []
+
+        def slowThread(f, *args):
+            d = Deferred()
+            pending.append(d)
+            d.addCallback(lambda _: f(*args))
+            return d
+
+        self.factory.share = SharedDirectory(self.root, runInThread=slowThread)
+        transport = self.get(wire.request(wire.GET, name="a"))
+        self.clock.advance(IDLE_TIMEOUT)
+        refused = transport.value()
+        self.assertEqual(splitResponse(refused)[0].status, wire.TIMEOUT)
+        pending[0].callback(None)
+        self.clock.advance(0)
+        self.assertEqual(transport.value(), refused)
+        self.assertIsNone(transport.producer)
+
+
+class ProducerTests(ServerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.data = os.urandom(CHUNK * 2 + CHUNK // 2)
+        self.write("big.bin", self.data)
+        self.transport = SlowClientTransport()
+        self.proto, _ = self.connect(self.transport)
+        self.proto.dataReceived(wire.request(wire.GET, name="big.bin"))
+
+    def body(self) -> bytes:
+        return splitResponse(self.transport.value())[1]
+
+    def test_pauseStopsTheFlow(self):
+        """While the transport has paused the producer, no more body bytes are written."""
+        self.clock.advance(0)
+        self.assertEqual(len(self.body()), CHUNK)
+        self.clock.advance(0)
+        self.clock.advance(IDLE_TIMEOUT / 2)
+        self.assertEqual(len(self.body()), CHUNK)
+
+    def test_resumeContinues(self):
+        """Resuming the producer sends the next chunk, and the rest in turn."""
+        self.clock.advance(0)
+        for expected in [CHUNK * 2, len(self.data)]:
+            self.transport.producer.resumeProducing()
+            self.clock.advance(0)
+            self.assertEqual(len(self.body()), expected)
+        self.assertEqual(self.body(), self.data)
+        # The buffer drains once more; the producer finds nothing left and the server closes.
+        self.transport.producer.resumeProducing()
+        self.clock.advance(0)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
+
+    def test_activityResetsIdleTimer(self):
+        """A transfer that keeps moving is never cut by the idle timeout."""
+        self.clock.advance(0)
+        for _ in range(3):
+            self.clock.advance(IDLE_TIMEOUT - 1)
+            self.transport.producer.resumeProducing()
+            self.clock.advance(0)
+        self.assertEqual(self.body(), self.data)
+        self.assertFalse(self.transport.disconnected)
+
+    def test_stalledClientTimesOut(self):
+        """A client that stops reading is dropped after the idle timeout, with no status line inside the body."""
+        self.clock.advance(0)
+        self.clock.advance(IDLE_TIMEOUT)
+        self.assertEqual(self.body(), self.data[:CHUNK])
+        self.assertTrue(self.transport.disconnected, "aborted, not waiting on a full buffer")
+
+    def test_connectionLostStopsProducer(self):
+        """Losing the connection mid-body stops the producer and unregisters it."""
+        self.clock.advance(0)
+        self.proto.connectionLost(Failure(ConnectionLost()))
+        self.assertIsNone(self.transport.producer)
+        self.transport.producerState = "producing"
+        self.clock.advance(0)
+        self.assertEqual(len(self.body()), CHUNK)
+
+    def test_connectionLostAfterTransportStoppedProducer(self):
+        """
+        A TCP transport stops its producer before telling the protocol the
+        connection is lost; the protocol's own stop must then be harmless.
+        """
+        self.clock.advance(0)
+        self.transport.producer.stopProducing()
+        self.proto.connectionLost(Failure(ConnectionLost()))
+        self.assertIsNone(self.transport.producer)
+
+
+class ScanTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+        self.root.mkdir()
+        self.calls: list = []
+
+        def countingThread(f, *args):
+            self.calls.append(f)
+            return maybeDeferred(f, *args)
+
+        self.share = SharedDirectory(self.root, runInThread=countingThread)
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def scan(self) -> bool:
+        return self.successResultOf(self.share.scan())
+
+    def hashes(self) -> int:
+        return self.calls.count(share_module._hashIfStable)
+
+    def test_findsNestedFiles(self):
+        """A scan finds files in nested folders, named as POSIX paths with size and digest."""
+        self.write("a.txt", b"a")
+        self.write("sub/deeper/b c.txt", b"bee")
+        self.scan()
+        self.assertEqual(sorted(self.share.entries), ["a.txt", "sub/deeper/b c.txt"])
+        entry = self.share.entries["sub/deeper/b c.txt"]
+        self.assertEqual((entry.name, entry.size, entry.sha256), ("sub/deeper/b c.txt", 3, sha(b"bee")))
+
+    def test_skipsTemporaries(self):
+        """Partial downloads (.p2prelay-*) are never announced."""
+        self.write(".p2prelay-abc.part", b"half")
+        self.write("sub/.p2prelay-x.part", b"half")
+        self.write("done.txt", b"whole")
+        self.scan()
+        self.assertEqual(list(self.share.entries), ["done.txt"])
+
+    def test_skipsSymlinksOutside(self):
+        """Symlinks to files or folders outside the share are not announced."""
+        outside = Path(self.mktemp()).absolute()
+        outside.mkdir()
+        (outside / "secret.txt").write_bytes(SECRET)
+        os.symlink(outside / "secret.txt", self.root / "link.txt")
+        os.symlink(outside, self.root / "linkdir")
+        self.assertEqual((self.root / "linkdir" / "secret.txt").read_bytes(), SECRET, "the link works")
+        self.scan()
+        self.assertEqual(self.share.entries, {})
+
+    def test_changedFirstScan(self):
+        """The first scan of a non-empty folder reports a change."""
+        self.write("a", b"a")
+        self.assertTrue(self.scan())
+
+    def test_unchanged(self):
+        """A rescan of an untouched folder reports no change and hashes nothing."""
+        self.write("a", b"a")
+        self.write("b/c", b"c")
+        self.scan()
+        before = self.hashes()
+        self.assertFalse(self.scan())
+        self.assertEqual(self.hashes(), before)
+
+    def test_emptyFolder(self):
+        """Scanning an empty folder reports no change."""
+        self.assertFalse(self.scan())
+
+    def test_newFile(self):
+        """A new file is a change, and only it is hashed."""
+        self.write("a", b"a")
+        self.scan()
+        before = self.hashes()
+        self.write("b", b"b")
+        self.assertTrue(self.scan())
+        self.assertEqual(self.hashes() - before, 1)
+        self.assertEqual(sorted(self.share.entries), ["a", "b"])
+
+    def test_changedFile(self):
+        """A file whose size changed is hashed again and reported."""
+        self.write("a", b"a")
+        self.write("b", b"b")
+        self.scan()
+        before = self.hashes()
+        self.write("a", b"longer")
+        self.assertTrue(self.scan())
+        self.assertEqual(self.hashes() - before, 1)
+        self.assertEqual(self.share.entries["a"].sha256, sha(b"longer"))
+
+    def test_touchedSameSize(self):
+        """A same-size file with a new modification time is hashed again."""
+        path = self.write("a", b"one")
+        self.scan()
+        st = path.stat()
+        path.write_bytes(b"two")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        before = self.hashes()
+        self.assertTrue(self.scan())
+        self.assertEqual(self.hashes() - before, 1)
+        self.assertEqual(self.share.entries["a"].sha256, sha(b"two"))
+
+    def test_removedFile(self):
+        """A deleted file is a change and leaves the list."""
+        self.write("a", b"a")
+        path = self.write("b", b"b")
+        self.scan()
+        path.unlink()
+        self.assertTrue(self.scan())
+        self.assertEqual(list(self.share.entries), ["a"])
+
+    def test_changingFileNotAnnounced(self):
+        """A file that changes while it is hashed is left out until it is stable."""
+        path = self.write("growing.log", b"first")
+        real = share_module.sha256File
+
+        def growing(p):
+            digest = real(p)
+            with open(path, "ab") as f:
+                f.write(b" more")
+            return digest
+
+        self.patch(share_module, "sha256File", growing)
+        self.scan()
+        self.assertNotIn("growing.log", self.share.entries)
+        self.patch(share_module, "sha256File", real)
+        self.assertTrue(self.scan())
+        self.assertEqual(self.share.entries["growing.log"].sha256, sha(b"first more"))
+
+    def test_unreadableFileSkipped(self):
+        """A file that cannot be read is skipped; the others are announced."""
+        self.write("a", b"a")
+        self.write("b", b"b")
+        real = share_module.sha256File
+
+        def failing(p):
+            if p.name == "a":
+                raise PermissionError(13, "Permission denied")
+            return real(p)
+
+        self.patch(share_module, "sha256File", failing)
+        self.scan()
+        self.assertEqual(list(self.share.entries), ["b"])
+
+    def test_add(self):
+        """add() records a verified download without hashing it."""
+        self.share.add(FileEntry("x", 1, "a" * 64))
+        self.assertEqual(self.share.entries["x"].sha256, "a" * 64)
+        self.assertEqual(self.hashes(), 0)
+
+    def test_resolveRefusesEscapes(self):
+        """resolve() refuses names that leave the folder, whatever route they take."""
+        outside = Path(self.mktemp()).absolute()
+        outside.mkdir()
+        (outside / "secret.txt").write_bytes(SECRET)
+        os.symlink(outside, self.root / "linkdir")
+        self.assertEqual((self.root / "linkdir" / "secret.txt").read_bytes(), SECRET, "the link works")
+        for name in ["../x", "/etc/passwd", "linkdir/secret.txt", "a//b"]:
+            self.assertRaises(wire.ProtocolError, self.share.resolve, name)

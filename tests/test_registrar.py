@@ -1,0 +1,351 @@
+"""
+The registrar: a node's registration kept true at the relay over time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2prelay.registrar import Registrar
+from p2prelay.registry import Registry
+from p2prelay.relay import RelayFactory
+from p2prelay.share import FileEntry, SharedDirectory
+
+TTL = 90.0
+NODE = IPv4Address("TCP", "127.0.0.1", 40001)
+
+
+def syncThread(f, *args):
+    return maybeDeferred(f, *args)
+
+
+class _RelaySideTransport(iosim.FakeTransport):
+    """The relay's end of a connection; notes the verb of each request."""
+
+    def __init__(self, protocol, relay: "FakeRelay") -> None:
+        super().__init__(protocol, True, peerAddress=NODE)
+        self.relay = relay
+        self.heard = False
+
+    def bufferReceived(self, buf: bytes) -> None:
+        if not self.heard:
+            self.heard = True
+            self.relay.requests.append((self.relay.clock.seconds(), buf.split(b" ", 2)[1].decode()))
+        super().bufferReceived(buf)
+
+
+class FakeRelay:
+    """
+    A client endpoint reaching a real relay in memory; while ``down`` it
+    refuses connections, like a relay that is not running.
+    """
+
+    def __init__(self, clock: Clock, factory: RelayFactory) -> None:
+        self.clock = clock
+        self.factory = factory
+        self.down = False
+        self.pumps: list[iosim.IOPump] = []
+        self.attempts: list[float] = []
+        self.requests: list[tuple[float, str]] = []
+
+    def connect(self, clientFactory):
+        self.attempts.append(self.clock.seconds())
+        if self.down:
+            return fail(ConnectionRefusedError())
+        server = self.factory.buildProtocol(NODE)
+        client = clientFactory.buildProtocol(None)
+        self.pumps.append(
+            iosim.connect(
+                server,
+                _RelaySideTransport(server, self),
+                client,
+                iosim.FakeTransport(client, False),
+                greet=False,
+                clock=self.clock,
+            )
+        )
+        return succeed(client)
+
+    def flush(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for pump in list(self.pumps):
+                moved = pump.flush() or moved
+
+    def verbs(self) -> list[str]:
+        return [verb for _, verb in self.requests]
+
+
+class RegistrarTestCase(SynchronousTestCase):
+    ttl = TTL
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, self.ttl)
+        self.relay = FakeRelay(self.clock, RelayFactory(self.registry, self.clock))
+        self.root = Path(self.mktemp()).absolute()
+        self.root.mkdir()
+        (self.root / "a.txt").write_bytes(b"alpha")
+        self.share = SharedDirectory(self.root, runInThread=syncThread)
+        self.successResultOf(self.share.scan())
+        self.registrar: Registrar | None = None
+
+    def start(self, rng=lambda: 0.5, rescan=None, **kw) -> Registrar:
+        self.registrar = Registrar(
+            self.clock, self.relay, self.share, "node1", 7000, rng=rng, rescan=rescan, **kw
+        )
+        self.registrar.start()
+        self.addCleanup(self.stop)
+        self.advance(0)
+        return self.registrar
+
+    def stop(self):
+        d = ensureDeferred(self.registrar.stop())
+        self.relay.flush()
+        return self.successResultOf(d)
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass, delivering traffic at every moment something is due."""
+        end = self.clock.seconds() + seconds
+        self.relay.flush()
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.clock.rightNow = max(self.clock.seconds(), min(due))
+            self.clock.advance(0)
+            self.relay.flush()
+        self.clock.rightNow = end
+        self.clock.advance(0)
+        self.relay.flush()
+
+    def gaps(self, times: list[float]) -> list[float]:
+        return [round(b - a, 6) for a, b in zip(times, times[1:])]
+
+
+class RegistrationTests(RegistrarTestCase):
+    def test_firstRegistration(self):
+        """Starting registers at once, with every shared file."""
+        registrar = self.start()
+        self.assertEqual(self.relay.requests, [(0, "REGISTER")])
+        peer = self.registry.get("node1")
+        self.assertEqual((peer.host, peer.port, list(peer.files)), ("127.0.0.1", 7000, ["a.txt"]))
+        self.assertEqual(peer.files["a.txt"].sha256, hashlib.sha256(b"alpha").hexdigest())
+        self.assertTrue(registrar.registered)
+
+    def test_firstRegistrationFires(self):
+        """firstRegistration fires with the relay's reply, naming the host it saw."""
+        registrar = self.start()
+        reply = self.successResultOf(registrar.firstRegistration)
+        self.assertEqual(reply.status.get("host"), "127.0.0.1")
+
+    def test_learnsRelay(self):
+        """The registrar adopts the relay's ttl and boot id."""
+        registrar = self.start()
+        self.assertEqual((registrar.ttl, registrar.boot), (TTL, self.relay.factory.boot))
+
+    def test_advertiseAndUdp(self):
+        """advertise= and udp= are what the relay records."""
+        self.start(advertise="node.example", udp=7001)
+        peer = self.registry.get("node1")
+        self.assertEqual((peer.host, peer.udp), ("node.example", 7001))
+
+    def test_emptyShare(self):
+        """A node with nothing shared still registers (it may download later)."""
+        self.share.entries.clear()
+        self.start()
+        self.assertEqual(self.registry.get("node1").files, {})
+
+
+class HeartbeatTests(RegistrarTestCase):
+    def test_ttlThird(self):
+        """By default a heartbeat goes every third of the relay's ttl."""
+        self.start()
+        self.advance(TTL)
+        self.assertEqual(self.relay.requests, [(0, "REGISTER"), (30, "HEARTBEAT"), (60, "HEARTBEAT"), (90, "HEARTBEAT")])
+
+    def test_configured(self):
+        """A configured heartbeat interval wins over the ttl."""
+        self.start(heartbeat=7)
+        self.advance(21)
+        self.assertEqual(self.relay.requests, [(0, "REGISTER"), (7, "HEARTBEAT"), (14, "HEARTBEAT"), (21, "HEARTBEAT")])
+
+    def test_staysRegistered(self):
+        """Heartbeats keep the node listed long past one ttl."""
+        self.start()
+        self.advance(TTL * 10)
+        self.assertIsNotNone(self.registry.get("node1"))
+        self.assertEqual(self.relay.verbs().count("REGISTER"), 1)
+
+
+class ShortTtlTests(RegistrarTestCase):
+    ttl = 12.0
+
+    def test_followsRelayTtl(self):
+        """The interval follows the ttl the relay grants, not the assumed one."""
+        self.start()
+        self.advance(12)
+        self.assertEqual([t for t, _ in self.relay.requests], [0, 4, 8, 12])
+
+
+class BackoffTests(RegistrarTestCase):
+    def test_exponential(self):
+        """While the relay is unreachable, retries back off exponentially with jitter, up to a cap."""
+        self.relay.down = True
+        self.start(rng=lambda: 0.5)
+        self.advance(200)
+        gaps = self.gaps(self.relay.attempts)
+        # base 1, 2, 4 ... times 0.75; capped at 1.5 heartbeat intervals (45 s).
+        self.assertEqual(gaps[:8], [0.75, 1.5, 3, 6, 12, 24, 33.75, 33.75])
+        self.assertEqual(set(gaps[6:]), {33.75})
+
+    def test_jitter(self):
+        """Each retry delay is between half and all of its base, as the rng says."""
+        draws = iter([0.0, 1.0, 0.5, 0.0])
+        self.relay.down = True
+        self.start(rng=lambda: next(draws))
+        self.advance(7)
+        self.assertEqual(self.gaps(self.relay.attempts), [0.5, 2.0, 3.0])
+
+    def test_capBelowHeartbeat(self):
+        """Backoff never exceeds one and a half heartbeat intervals."""
+        self.relay.down = True
+        self.start(heartbeat=2)
+        self.advance(12)
+        self.assertEqual(set(self.gaps(self.relay.attempts)[2:]), {2.25})
+
+    def test_recovers(self):
+        """When the relay comes back, the next retry registers and heartbeats resume on time."""
+        self.relay.down = True
+        self.start()
+        self.advance(10)
+        self.relay.down = False
+        self.advance(2)  # next retry due at 11.25
+        self.assertEqual(self.relay.requests, [(11.25, "REGISTER")])
+        self.advance(30)
+        self.assertEqual(self.relay.requests[-1], (41.25, "HEARTBEAT"))
+        self.assertIsNotNone(self.registry.get("node1"))
+
+    def test_heartbeatRetry(self):
+        """A heartbeat that cannot reach the relay is retried with backoff, not dropped."""
+        self.start()
+        self.relay.down = True
+        self.advance(31)
+        self.relay.down = False
+        self.advance(2)
+        self.assertEqual(self.relay.requests, [(0, "REGISTER"), (30.75 + 1.5, "HEARTBEAT")])
+        self.assertEqual(self.gaps(self.relay.attempts[1:]), [0.75, 1.5])
+
+
+class RelayChangeTests(RegistrarTestCase):
+    def test_forgotten(self):
+        """A heartbeat answered 404 (the relay forgot us) leads to a full registration."""
+        self.start()
+        self.registry.unregister("node1")
+        self.advance(31)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "HEARTBEAT", "REGISTER"])
+        self.assertEqual(self.relay.requests[-1][0], 30.5)
+        self.assertEqual(list(self.registry.get("node1").files), ["a.txt"])
+
+    def test_relayRestarted(self):
+        """A relay restarted with an empty registry gets the node back within one heartbeat."""
+        self.start()
+        self.registry = Registry(self.clock.seconds, TTL)
+        self.relay.factory = RelayFactory(self.registry, self.clock)
+        self.advance(31)
+        self.assertIsNotNone(self.registry.get("node1"))
+        self.assertEqual(self.registrar.boot, self.relay.factory.boot)
+
+    def test_bootChanged(self):
+        """A heartbeat answered by a relay with another boot id leads to re-registration after jitter."""
+        self.start()
+        self.relay.factory.boot = "restarted"
+        self.advance(31)
+        self.assertEqual(self.relay.requests, [(0, "REGISTER"), (30, "HEARTBEAT"), (30.5, "REGISTER")])
+
+    def test_restartJitter(self):
+        """The re-registration delay after a relay restart comes from the rng, up to a second."""
+        draws = iter([0.25])
+        self.start(rng=lambda: next(draws))
+        self.relay.factory.boot = "restarted"
+        self.advance(31)
+        self.assertEqual(self.relay.requests[-1], (30.25, "REGISTER"))
+
+
+class RescanTests(RegistrarTestCase):
+    def test_newFile(self):
+        """A rescan that finds a new file re-registers with it."""
+        self.start(rescan=10)
+        (self.root / "b.txt").write_bytes(b"beta")
+        self.advance(10)
+        self.assertEqual(self.relay.requests, [(0, "REGISTER"), (10, "REGISTER")])
+        self.assertEqual(sorted(self.registry.get("node1").files), ["a.txt", "b.txt"])
+
+    def test_removedFile(self):
+        """A rescan that finds a file gone re-registers without it."""
+        self.start(rescan=10)
+        (self.root / "a.txt").unlink()
+        self.advance(10)
+        self.assertEqual(self.registry.get("node1").files, {})
+
+    def test_nothingChanged(self):
+        """Rescans that find no change send nothing extra."""
+        self.start(rescan=10)
+        self.advance(29)
+        self.assertEqual(self.relay.verbs(), ["REGISTER"])
+
+    def test_changeDuringRegistration(self):
+        """Files changing while a registration is in flight are registered right after it."""
+        self.registrar = Registrar(self.clock, self.relay, self.share, "node1", 7000, rng=lambda: 0.5, rescan=None)
+        self.registrar.start()
+        self.addCleanup(self.stop)
+        self.clock.advance(0)  # the first REGISTER is sent but not answered yet
+        self.share.add(FileEntry("late.txt", 1, "c" * 64))
+        self.registrar.registerSoon()
+        self.relay.flush()
+        self.assertEqual(self.relay.requests, [(0, "REGISTER"), (0, "REGISTER")])
+        self.assertIn("late.txt", self.registry.get("node1").files)
+
+
+class StopTests(RegistrarTestCase):
+    def test_unregisters(self):
+        """stop() sends UNREGISTER, so clients stop being sent here."""
+        self.start()
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertIsNone(self.registry.get("node1"))
+        self.assertFalse(self.registrar.registered)
+
+    def test_quiet(self):
+        """After stop() no timer is left and nothing more is sent."""
+        self.start(rescan=10)
+        self.advance(5)
+        self.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.advance(TTL)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+
+    def test_neverRegistered(self):
+        """stop() before any registration succeeded contacts nobody."""
+        self.relay.down = True
+        self.start()
+        attempts = len(self.relay.attempts)
+        self.stop()
+        self.assertEqual(len(self.relay.attempts), attempts)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_relayGone(self):
+        """stop() when the relay has gone away finishes anyway."""
+        self.start()
+        self.relay.down = True
+        self.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -1,0 +1,283 @@
+"""
+The relay's registry: who is alive, what each peer holds, and search.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2prelay.registry import Registry, SearchHit
+from p2prelay.share import FileEntry
+
+TTL = 90.0
+
+
+def entry(name: str, size: int = 1, digest: str = "a") -> FileEntry:
+    return FileEntry(name, size, digest * 64)
+
+
+class RegistryTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, TTL)
+
+    def nodes(self) -> list[str]:
+        return [p.node for p in self.registry.active()]
+
+
+class RegisterTests(RegistryTestCase):
+    def test_register(self):
+        """A registered peer is active with its address and files."""
+        peer = self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")], udp=5001)
+        self.assertEqual(self.registry.active(), [peer])
+        self.assertEqual((peer.host, peer.port, peer.udp), ("10.0.0.1", 5000, 5001))
+        self.assertEqual(peer.address, ("10.0.0.1", 5000))
+        self.assertEqual(list(peer.files), ["a.txt"])
+        self.assertEqual(peer.expires, TTL)
+
+    def test_reregisterSameNode(self):
+        """A registration that repeats a node id replaces the earlier entry."""
+        self.registry.register("n1", "10.0.0.1", 5000, [entry("old.txt")])
+        self.registry.register("n1", "10.0.0.2", 6000, [entry("new.txt")])
+        [peer] = self.registry.active()
+        self.assertEqual((peer.host, peer.port, list(peer.files)), ("10.0.0.2", 6000, ["new.txt"]))
+        self.assertEqual(self.registry.holders("old.txt"), [])
+
+    def test_reregisterNewIdSameAddress(self):
+        """A node restarted with a fresh id on the same host:port replaces its ghost."""
+        self.registry.register("old", "10.0.0.1", 5000, [entry("a.txt")])
+        self.registry.register("new", "10.0.0.1", 5000, [entry("a.txt")])
+        self.assertEqual(self.nodes(), ["new"])
+        self.assertIsNone(self.registry.get("old"))
+        self.assertEqual([p.node for p, _ in self.registry.holders("a.txt")], ["new"])
+
+    def test_sameHostOtherPort(self):
+        """Two nodes on one host with different ports are both kept."""
+        self.registry.register("a", "10.0.0.1", 5000, [])
+        self.registry.register("b", "10.0.0.1", 5001, [])
+        self.assertEqual(self.nodes(), ["a", "b"])
+
+    def test_activeOrder(self):
+        """active() lists peers by first registration, oldest first."""
+        for node in ["c", "a", "b"]:
+            self.registry.register(node, node, 1, [])
+        self.assertEqual(self.nodes(), ["c", "a", "b"])
+
+    def test_reregisterKeepsPlace(self):
+        """Re-registering (say, with new files) keeps a peer's place in the order."""
+        self.registry.register("a", "a", 1, [])
+        self.registry.register("b", "b", 1, [])
+        self.registry.register("a", "a", 1, [entry("x")])
+        self.assertEqual(self.nodes(), ["a", "b"])
+
+    def test_comeBackAfterUnregisterGoesLast(self):
+        """A peer that unregistered and registers again goes to the end."""
+        self.registry.register("a", "a", 1, [])
+        self.registry.register("b", "b", 1, [])
+        self.registry.unregister("a")
+        self.registry.register("a", "a", 1, [])
+        self.assertEqual(self.nodes(), ["b", "a"])
+
+
+class ExpiryTests(RegistryTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")])
+        self.clock.advance(TTL / 2)
+        self.registry.register("n2", "10.0.0.2", 5000, [entry("a.txt")])
+
+    def test_aliveUntilTtl(self):
+        """A peer stays active until its ttl has passed."""
+        self.clock.advance(TTL / 2 - 0.001)
+        self.assertEqual(self.nodes(), ["n1", "n2"])
+
+    def test_noAnswerNamesExpired(self):
+        """Once its ttl passes, no answer names the peer: active, get, holders, search, all."""
+        self.clock.advance(TTL / 2)
+        self.assertEqual(self.nodes(), ["n2"])
+        self.assertIsNone(self.registry.get("n1"))
+        self.assertEqual([p.node for p, _ in self.registry.holders("a.txt")], ["n2"])
+        hits, _ = self.registry.search("a", 10)
+        self.assertEqual([h.holders for h in hits], [1])
+        self.assertEqual([p.node for p in self.registry.all()], ["n2"])
+
+    def test_refreshExtends(self):
+        """A heartbeat extends the lifetime by a full ttl from now."""
+        self.clock.advance(TTL / 2 - 1)
+        peer = self.registry.refresh("n1")
+        self.assertEqual(peer.expires, self.clock.seconds() + TTL)
+        self.clock.advance(TTL - 1)
+        self.assertEqual(self.nodes(), ["n1"])  # n2 has expired meanwhile
+        self.assertEqual(self.registry.get("n1"), peer)
+
+    def test_refreshUnknown(self):
+        """A heartbeat from an unknown node is None (it must register again)."""
+        self.assertIsNone(self.registry.refresh("nobody"))
+
+    def test_refreshExpired(self):
+        """A heartbeat after expiry does not revive the peer."""
+        self.clock.advance(TTL)
+        self.assertIsNone(self.registry.refresh("n1"))
+        self.assertNotIn("n1", self.nodes())
+
+    def test_expire(self):
+        """expire() drops and returns the peers whose ttl passed."""
+        self.clock.advance(TTL / 2)
+        self.assertEqual([p.node for p in self.registry.expire()], ["n1"])
+        self.assertEqual(self.registry.expire(), [])
+        self.assertEqual(self.nodes(), ["n2"])
+
+    def test_reregisterAfterExpiry(self):
+        """An expired peer that registers again is active again."""
+        self.clock.advance(TTL)
+        self.registry.register("n1", "10.0.0.1", 5000, [])
+        self.assertIn("n1", self.nodes())
+
+    def test_restoreLive(self):
+        """A peer restored from saved state is active while it has lifetime left."""
+        saved = self.registry.all()
+        fresh = Registry(self.clock.seconds, TTL)
+        for peer in saved:
+            fresh.restore(peer)
+        self.assertEqual([p.node for p in fresh.active()], ["n1", "n2"])
+
+    def test_restoreExpired(self):
+        """A saved peer whose lifetime has passed is not restored."""
+        saved = self.registry.all()
+        self.clock.advance(TTL / 2)
+        fresh = Registry(self.clock.seconds, TTL)
+        for peer in saved:
+            fresh.restore(peer)
+        self.assertEqual([p.node for p in fresh.active()], ["n2"])
+
+
+class UnregisterTests(RegistryTestCase):
+    def test_unregister(self):
+        """An unregistered peer disappears at once."""
+        self.registry.register("n1", "h", 1, [entry("a")])
+        self.assertTrue(self.registry.unregister("n1"))
+        self.assertEqual(self.registry.active(), [])
+        self.assertEqual(self.registry.holders("a"), [])
+
+    def test_unregisterUnknown(self):
+        """Unregistering an unknown node reports False."""
+        self.assertFalse(self.registry.unregister("n1"))
+
+
+class DeadTests(RegistryTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")])
+        self.registry.register("n2", "10.0.0.2", 5000, [entry("a.txt")])
+
+    def test_markDeadHides(self):
+        """A peer reported dead is left out of active, holders and search."""
+        hidden = self.registry.markDead("10.0.0.1", 5000)
+        self.assertEqual([p.node for p in hidden], ["n1"])
+        self.assertEqual(self.nodes(), ["n2"])
+        self.assertEqual([p.node for p, _ in self.registry.holders("a.txt")], ["n2"])
+        self.assertEqual(self.registry.search("a.txt", 10)[0][0].holders, 1)
+
+    def test_markDeadKeptForPersistence(self):
+        """A peer reported dead is still in all() until it expires."""
+        self.registry.markDead("10.0.0.1", 5000)
+        self.assertEqual({p.node for p in self.registry.all()}, {"n1", "n2"})
+
+    def test_markDeadMatchesPortToo(self):
+        """Only the exact host:port is hidden."""
+        self.assertEqual(self.registry.markDead("10.0.0.1", 5001), [])
+        self.assertEqual(self.nodes(), ["n1", "n2"])
+
+    def test_registerUnhides(self):
+        """A dead peer that registers again is handed out again."""
+        self.registry.markDead("10.0.0.1", 5000)
+        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")])
+        self.assertEqual(self.nodes(), ["n1", "n2"])
+
+    def test_refreshUnhides(self):
+        """A dead peer that sends a heartbeat is handed out again."""
+        self.registry.markDead("10.0.0.1", 5000)
+        self.assertIsNotNone(self.registry.refresh("n1"))
+        self.assertEqual(self.nodes(), ["n1", "n2"])
+
+    def test_newIdOnDeadAddressIsAlive(self):
+        """A fresh node on a dead peer's address is not hidden."""
+        self.registry.markDead("10.0.0.1", 5000)
+        self.registry.register("n3", "10.0.0.1", 5000, [])
+        self.assertEqual(self.nodes(), ["n2", "n3"])
+
+
+class HoldersTests(RegistryTestCase):
+    def test_holders(self):
+        """holders() lists every active peer with the name, with its entry."""
+        self.registry.register("n1", "h1", 1, [entry("a.txt", 3, "b")])
+        self.registry.register("n2", "h2", 1, [entry("b.txt")])
+        self.registry.register("n3", "h3", 1, [entry("a.txt", 4, "c")])
+        found = [(p.node, e.size) for p, e in self.registry.holders("a.txt")]
+        self.assertEqual(found, [("n1", 3), ("n3", 4)])
+
+    def test_holdersExactName(self):
+        """holders() matches whole names only, case-sensitively."""
+        self.registry.register("n1", "h1", 1, [entry("dir/a.txt"), entry("A.TXT")])
+        self.assertEqual(self.registry.holders("a.txt"), [])
+
+
+class SearchTests(RegistryTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.register(
+            "n1", "h1", 1, [entry("music/Song One.mp3"), entry("notes.txt"), entry("pics/cat.jpg")]
+        )
+        self.registry.register("n2", "h2", 1, [entry("notes.txt"), entry("other.TXT", 9, "d")])
+
+    def names(self, pattern: str, limit: int = 100) -> list[str]:
+        return [h.name for h in self.registry.search(pattern, limit)[0]]
+
+    def test_substring(self):
+        """A plain pattern matches anywhere in the name, ignoring case."""
+        self.assertEqual(self.names("song"), ["music/Song One.mp3"])
+        self.assertEqual(self.names("TXT"), ["notes.txt", "other.TXT"])
+
+    def test_emptyMatchesAll(self):
+        """An empty pattern lists every file."""
+        self.assertEqual(len(self.names("")), 4)
+
+    def test_globBasename(self):
+        """A glob matches the base name of nested files."""
+        self.assertEqual(self.names("*.jpg"), ["pics/cat.jpg"])
+
+    def test_globFullPath(self):
+        """A glob also matches the whole path."""
+        self.assertEqual(self.names("music/*"), ["music/Song One.mp3"])
+
+    def test_globIsAnchored(self):
+        """A glob matches whole names, unlike a substring."""
+        self.assertEqual(self.names("note?"), [])
+        self.assertEqual(self.names("note?.txt"), ["notes.txt"])
+
+    def test_holdersCounted(self):
+        """One hit per version, with how many peers hold it."""
+        [hit] = self.registry.search("notes", 10)[0]
+        self.assertEqual(hit, SearchHit("notes.txt", 1, "a" * 64, 2))
+
+    def test_versionsSeparate(self):
+        """The same name with different contents is two hits."""
+        self.registry.register("n3", "h3", 1, [entry("notes.txt", 2, "e")])
+        hits = self.registry.search("notes", 10)[0]
+        self.assertEqual([(h.size, h.holders) for h in hits], [(1, 2), (2, 1)])
+
+    def test_cap(self):
+        """Results are capped at limit and flagged truncated."""
+        hits, truncated = self.registry.search("", 2)
+        self.assertEqual([h.name for h in hits], ["music/Song One.mp3", "notes.txt"])
+        self.assertTrue(truncated)
+
+    def test_exactlyLimitNotTruncated(self):
+        """Exactly limit results is not truncated."""
+        hits, truncated = self.registry.search("", 4)
+        self.assertEqual((len(hits), truncated), (4, False))
+
+    def test_noMatch(self):
+        """No match is an empty, untruncated answer."""
+        self.assertEqual(self.registry.search("zzz", 10), ([], False))

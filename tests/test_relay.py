@@ -1,0 +1,581 @@
+"""
+The relay protocol, one request per connection, and the query client
+that talks to it.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2prelay import wire
+from p2prelay.lines import IDLE_TIMEOUT
+from p2prelay.query import IncompleteReply, QueryProtocol, Reply, query
+from p2prelay.registry import Registry
+from p2prelay.relay import RelayFactory
+from p2prelay.share import FileEntry
+
+TTL = 90.0
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+CLIENT = IPv4Address("TCP", "10.1.2.3", 40000)
+
+
+def fileLine(name: str, size: int = 1, sha: str = SHA_A) -> bytes:
+    return wire.item(wire.FILE, name=name, size=size, sha256=sha)
+
+
+def registration(node="n1", port=5000, files=(), **extra) -> bytes:
+    files = list(files)
+    return b"".join(
+        [
+            wire.request(wire.REGISTER, node=node, port=port, files=len(files), **extra),
+            *(fileLine(*f) if isinstance(f, tuple) else fileLine(f) for f in files),
+            wire.end(len(files)),
+        ]
+    )
+
+
+def parse(data: bytes) -> List[wire.Message]:
+    return [wire.parseLine(line) for line in data.split(b"\n") if line]
+
+
+class RelayTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, TTL)
+        self.changes = 0
+        self.factory = RelayFactory(self.registry, self.clock, onChange=self.changed)
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def connect(self, peer=CLIENT):
+        proto = self.factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def ask(self, data: bytes, peer=CLIENT) -> StringTransport:
+        """One connection: send data, return the transport for inspection."""
+        proto, transport = self.connect(peer)
+        proto.dataReceived(data)
+        return transport
+
+    def answer(self, data: bytes, peer=CLIENT) -> List[wire.Message]:
+        transport = self.ask(data, peer)
+        self.assertTrue(transport.disconnecting, "every answer ends the connection")
+        return parse(transport.value())
+
+    def assertRefused(self, data: bytes, code: int, *, connected=None) -> wire.Message:
+        proto, transport = connected or self.connect()
+        proto.dataReceived(data)
+        [message] = parse(transport.value())
+        self.assertEqual(message.status, code, message)
+        self.assertTrue(transport.disconnecting)
+        return message
+
+    def register(self, node, host, port, names, **kw) -> None:
+        self.registry.register(node, host, port, [FileEntry(n, 1, SHA_A) for n in names], **kw)
+
+
+class RegisterTests(RelayTestCase):
+    def test_registerWithFiles(self):
+        """REGISTER with its FILE lines and END records the peer and its files."""
+        self.answer(registration("n1", 5000, ["a.txt", ("dir/b c.txt", 7, SHA_B)]))
+        peer = self.registry.get("n1")
+        self.assertEqual((peer.host, peer.port), ("10.1.2.3", 5000))
+        self.assertEqual(peer.files["dir/b c.txt"], FileEntry("dir/b c.txt", 7, SHA_B))
+        self.assertEqual(sorted(peer.files), ["a.txt", "dir/b c.txt"])
+
+    def test_registerReply(self):
+        """The 200 reply carries the ttl, the relay's boot id and the observed host."""
+        [reply] = self.answer(registration("n1", 5000, ["a.txt"]))
+        self.assertEqual(reply.status, wire.OK)
+        self.assertEqual(reply.get("ttl"), "90")
+        self.assertEqual(reply.get("boot"), self.factory.boot)
+        self.assertEqual(reply.get("host"), "10.1.2.3")
+
+    def test_registerNotifies(self):
+        """A registration tells the factory's onChange (for persistence)."""
+        self.answer(registration())
+        self.assertEqual(self.changes, 1)
+
+    def test_registerNoFiles(self):
+        """A node with nothing to share registers with files=0 and END."""
+        [reply] = self.answer(registration("n1", 5000, []))
+        self.assertEqual(reply.status, wire.OK)
+        self.assertEqual(self.registry.get("n1").files, {})
+
+    def test_advertisedHost(self):
+        """host= on REGISTER is what the registry hands out, not the observed address."""
+        [reply] = self.answer(registration(host="node.example"))
+        self.assertEqual(reply.get("host"), "node.example")
+        self.assertEqual(self.registry.get("n1").host, "node.example")
+
+    def test_udpPort(self):
+        """udp= on REGISTER is recorded and listed by PEERS."""
+        self.answer(registration(udp=5001))
+        self.assertEqual(self.registry.get("n1").udp, 5001)
+        self.assertEqual(self.answer(wire.request(wire.PEERS))[1].get("udp"), "5001")
+
+    def test_reregistrationReplaces(self):
+        """A second REGISTER from the same node replaces its file list."""
+        self.answer(registration("n1", 5000, ["old.txt"]))
+        self.answer(registration("n1", 5000, ["new.txt"]))
+        self.assertEqual(list(self.registry.get("n1").files), ["new.txt"])
+        self.assertEqual(len(self.registry.active()), 1)
+
+    def test_reregistrationNewIdSameAddress(self):
+        """A node restarted with a new id on the same address replaces its old entry."""
+        self.answer(registration("old", 5000, ["a.txt"]))
+        self.answer(registration("new", 5000, ["a.txt"]))
+        self.assertEqual([p.node for p in self.registry.active()], ["new"])
+
+    def test_badNodeId(self):
+        """A node id that is empty, too long or has spaces is refused."""
+        for node in ["", "x" * 65, "a b"]:
+            self.assertRefused(registration(node=node), wire.BAD_REQUEST)
+        self.assertEqual(self.registry.active(), [])
+
+    def test_badHost(self):
+        """An advertised host with odd characters is refused."""
+        self.assertRefused(registration(host="evil/host"), wire.BAD_REQUEST)
+
+    def test_missingPort(self):
+        """REGISTER without port= is refused."""
+        self.assertRefused(wire.request(wire.REGISTER, node="n1", files=0), wire.BAD_REQUEST)
+
+    def test_badFileName(self):
+        """A FILE line whose name escapes is refused and nothing is registered."""
+        data = wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("../x")
+        self.assertRefused(data, wire.BAD_REQUEST)
+        self.assertIsNone(self.registry.get("n1"))
+
+    def test_badFileDigest(self):
+        """A FILE line with a malformed digest is refused."""
+        data = wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("a", 1, "XYZ")
+        self.assertRefused(data, wire.BAD_REQUEST)
+
+    def test_moreFilesThanAnnounced(self):
+        """More FILE lines than files= announced is refused with 413."""
+        data = (
+            wire.request(wire.REGISTER, node="n1", port=5000, files=1)
+            + fileLine("a")
+            + fileLine("b")
+        )
+        self.assertRefused(data, wire.TOO_LARGE)
+        self.assertIsNone(self.registry.get("n1"))
+
+    def test_tooManyFilesAnnounced(self):
+        """Announcing more than MAX_FILES files is refused with 413."""
+        data = wire.request(wire.REGISTER, node="n1", port=5000, files=wire.MAX_FILES + 1)
+        self.assertRefused(data, wire.TOO_LARGE)
+
+    def test_maxFilesAnnouncedAccepted(self):
+        """Announcing exactly MAX_FILES files is accepted (the relay waits for them)."""
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.REGISTER, node="n1", port=5000, files=wire.MAX_FILES))
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+
+    def test_endTooEarly(self):
+        """END before every announced FILE line arrived is refused."""
+        data = wire.request(wire.REGISTER, node="n1", port=5000, files=2) + fileLine("a") + wire.end(1)
+        self.assertRefused(data, wire.BAD_REQUEST)
+        self.assertIsNone(self.registry.get("n1"))
+
+    def test_endCountMismatch(self):
+        """An END whose count differs from files= is refused."""
+        data = wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("a") + wire.end(2)
+        self.assertRefused(data, wire.BAD_REQUEST)
+        self.assertIsNone(self.registry.get("n1"))
+
+    def test_waitsForEnd(self):
+        """Nothing is registered or answered until END arrives."""
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("a"))
+        self.assertEqual(transport.value(), b"")
+        self.assertIsNone(self.registry.get("n1"))
+        proto.dataReceived(wire.end(1))
+        self.assertEqual(parse(transport.value())[0].status, wire.OK)
+
+
+class QueryTests(RelayTestCase):
+    def test_peers(self):
+        """PEERS lists active peers between a counted status line and END."""
+        self.register("n1", "10.0.0.1", 5000, ["a", "b"])
+        self.register("n2", "10.0.0.2", 6000, [])
+        status, first, second, end = self.answer(wire.request(wire.PEERS))
+        self.assertEqual((status.status, status.get("count"), status.get("boot")), (200, "2", self.factory.boot))
+        self.assertEqual(
+            [dict(m.fields) for m in (first, second)],
+            [
+                {"node": "n1", "host": "10.0.0.1", "port": "5000", "files": "2"},
+                {"node": "n2", "host": "10.0.0.2", "port": "6000", "files": "0"},
+            ],
+        )
+        self.assertEqual((first.word, end.word, end.get("count")), ("PEER", "END", "2"))
+
+    def test_peersEmpty(self):
+        """PEERS with nobody registered is count=0 and END count=0."""
+        status, end = self.answer(wire.request(wire.PEERS))
+        self.assertEqual((status.get("count"), end.word, end.get("count")), ("0", "END", "0"))
+
+    def test_peersLeavesOutExpired(self):
+        """PEERS never names a peer whose ttl has passed."""
+        self.register("n1", "10.0.0.1", 5000, [])
+        self.clock.advance(TTL / 2)
+        self.register("n2", "10.0.0.2", 5000, [])
+        self.clock.advance(TTL / 2)
+        messages = self.answer(wire.request(wire.PEERS))
+        self.assertEqual([m.get("node") for m in messages[1:-1]], ["n2"])
+
+    def test_whohas(self):
+        """WHOHAS lists the holders of one name with the size and digest each holds."""
+        self.register("n1", "10.0.0.1", 5000, ["a b.txt"])
+        self.register("n2", "10.0.0.2", 5000, ["other"])
+        self.register("n3", "10.0.0.3", 5000, ["a b.txt"])
+        status, *items, end = self.answer(wire.request(wire.WHOHAS, name="a b.txt"))
+        self.assertEqual(status.get("count"), "2")
+        self.assertEqual([m.get("node") for m in items], ["n1", "n3"])
+        self.assertEqual((items[0].get("size"), items[0].sha256()), ("1", SHA_A))
+        self.assertEqual(end.integer("count"), 2)
+
+    def test_whohasNobody(self):
+        """WHOHAS for a file nobody holds is an empty list, not an error."""
+        status, end = self.answer(wire.request(wire.WHOHAS, name="x"))
+        self.assertEqual((status.status, status.get("count"), end.get("count")), (200, "0", "0"))
+
+    def test_whohasBadName(self):
+        """WHOHAS with an escaping name is refused."""
+        self.assertRefused(wire.request(wire.WHOHAS, name="../etc/passwd"), wire.BAD_REQUEST)
+
+    def test_whohasNeedsName(self):
+        """WHOHAS without name= is refused."""
+        self.assertRefused(wire.request(wire.WHOHAS), wire.BAD_REQUEST)
+
+    def test_search(self):
+        """SEARCH answers FILE items with holders, and END says whether it was cut."""
+        self.register("n1", "10.0.0.1", 5000, ["song.mp3", "notes.txt"])
+        self.register("n2", "10.0.0.2", 5000, ["song.mp3"])
+        status, item, end = self.answer(wire.request(wire.SEARCH, pattern="*.mp3"))
+        self.assertEqual(status.get("count"), "1")
+        self.assertEqual((item.word, item.get("name"), item.get("holders")), ("FILE", "song.mp3", "2"))
+        self.assertEqual(end.get("truncated"), "0")
+
+    def test_searchLimit(self):
+        """SEARCH with limit= cuts the list and sets truncated=1."""
+        self.register("n1", "10.0.0.1", 5000, ["a1", "a2", "a3"])
+        status, *items, end = self.answer(wire.request(wire.SEARCH, pattern="a", limit=2))
+        self.assertEqual([m.get("name") for m in items], ["a1", "a2"])
+        self.assertEqual((end.get("count"), end.get("truncated")), ("2", "1"))
+
+    def test_searchBadLimit(self):
+        """SEARCH limit=0 is refused."""
+        self.assertRefused(wire.request(wire.SEARCH, pattern="a", limit=0), wire.BAD_REQUEST)
+
+    def test_searchPatternTooLong(self):
+        """A SEARCH pattern longer than a file name may be is refused."""
+        self.assertRefused(wire.request(wire.SEARCH, pattern="a" * (wire.MAX_NAME + 1)), wire.BAD_REQUEST)
+
+
+class UpkeepTests(RelayTestCase):
+    def test_heartbeatKnown(self):
+        """HEARTBEAT from a registered node is 200 with ttl and boot, and extends it."""
+        self.register("n1", "10.0.0.1", 5000, [])
+        self.clock.advance(TTL - 1)
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"))
+        self.assertEqual((reply.status, reply.get("ttl"), reply.get("boot")), (200, "90", self.factory.boot))
+        self.clock.advance(TTL - 1)
+        self.assertIsNotNone(self.registry.get("n1"))
+
+    def test_heartbeatUnknown(self):
+        """HEARTBEAT from an unknown node is 404, telling it to register again."""
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"))
+        self.assertEqual((reply.status, reply.get("boot")), (404, self.factory.boot))
+
+    def test_heartbeatExpired(self):
+        """HEARTBEAT after the ttl passed is 404."""
+        self.register("n1", "10.0.0.1", 5000, [])
+        self.clock.advance(TTL)
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"))
+        self.assertEqual(reply.status, 404)
+
+    def test_unregister(self):
+        """UNREGISTER removes the node at once."""
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        [reply] = self.answer(wire.request(wire.UNREGISTER, node="n1"))
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(self.registry.active(), [])
+        self.assertEqual(self.changes, 1)
+
+    def test_unregisterUnknown(self):
+        """UNREGISTER of an unknown node is 404."""
+        [reply] = self.answer(wire.request(wire.UNREGISTER, node="n1"))
+        self.assertEqual(reply.status, 404)
+
+    def test_dead(self):
+        """DEAD host port hides that peer from later answers."""
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        self.register("n2", "10.0.0.2", 5000, ["a"])
+        [reply] = self.answer(wire.request(wire.DEAD, host="10.0.0.1", port=5000))
+        self.assertEqual(reply.status, 200)
+        _, item, _ = self.answer(wire.request(wire.WHOHAS, name="a"))
+        self.assertEqual(item.get("node"), "n2")
+
+    def test_deadUnknown(self):
+        """DEAD for an address nobody registered is harmless."""
+        [reply] = self.answer(wire.request(wire.DEAD, host="10.0.0.9", port=5000))
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(self.changes, 0)
+
+    def test_deadBadHost(self):
+        """DEAD with a malformed host is refused."""
+        self.assertRefused(wire.request(wire.DEAD, host="a b", port=1), wire.BAD_REQUEST)
+
+
+class FramingTests(RelayTestCase):
+    def test_malformedLine(self):
+        """A line that is not P2P/1 is answered 400 and the connection closed."""
+        self.assertRefused(b"hello relay\r\n", wire.BAD_REQUEST)
+
+    def test_otherVersion(self):
+        """A line of another protocol version is answered 426."""
+        self.assertRefused(b"P2P/9 PEERS\r\n", wire.UPGRADE_REQUIRED)
+
+    def test_unknownVerb(self):
+        """An unknown verb is answered 400."""
+        message = self.assertRefused(b"P2P/1 FROB\r\n", wire.BAD_REQUEST)
+        self.assertIn("FROB", message.text)
+
+    def test_getIsNotForTheRelay(self):
+        """GET (a peer node's verb) is refused by the relay."""
+        self.assertRefused(wire.request(wire.GET, name="a"), wire.BAD_REQUEST)
+
+    def test_statusAsRequest(self):
+        """A status line sent as a request is refused."""
+        self.assertRefused(wire.status(200), wire.BAD_REQUEST)
+
+    def test_overLongLine(self):
+        """A line over MAX_LINE is answered 414 without waiting for its end."""
+        self.assertRefused(b"P2P/1 SEARCH pattern=" + b"a" * wire.MAX_LINE, wire.LINE_TOO_LONG)
+
+    def test_overLongLineWithEnd(self):
+        """A complete but over-long line is answered 414."""
+        self.assertRefused(b"P2P/1 SEARCH pattern=" + b"a" * wire.MAX_LINE + b"\r\n", wire.LINE_TOO_LONG)
+
+    def test_oneRequestPerConnection(self):
+        """After answering, further lines on the connection are ignored."""
+        self.register("n1", "10.0.0.1", 5000, [])
+        transport = self.ask(wire.request(wire.PEERS) + wire.request(wire.UNREGISTER, node="n1"))
+        self.assertEqual(parse(transport.value())[-1].word, "END")
+        self.assertIsNotNone(self.registry.get("n1"))
+
+    def test_byteAtATime(self):
+        """A registration split at every byte is understood the same."""
+        proto, transport = self.connect()
+        for byte in registration("n1", 5000, ["a b.txt", "c"]):
+            proto.dataReceived(bytes([byte]))
+        self.assertEqual(parse(transport.value())[0].status, wire.OK)
+        self.assertEqual(sorted(self.registry.get("n1").files), ["a b.txt", "c"])
+
+    def test_arbitrarySplits(self):
+        """Splitting a request at any boundary gives the same answer."""
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        data = wire.request(wire.WHOHAS, name="a")
+        expected = self.ask(data).value()
+        for cut in range(1, len(data)):
+            proto, transport = self.connect()
+            proto.dataReceived(data[:cut])
+            proto.dataReceived(data[cut:])
+            self.assertEqual(transport.value(), expected, cut)
+
+    def test_crlfSplitBetweenCrAndLf(self):
+        """A CRLF split between its CR and LF is still one line end."""
+        proto, transport = self.connect()
+        proto.dataReceived(b"P2P/1 PEERS\r")
+        self.assertEqual(transport.value(), b"")
+        proto.dataReceived(b"\n")
+        self.assertEqual(parse(transport.value())[0].status, wire.OK)
+
+    def test_bareLF(self):
+        """Lines ending in a bare LF are accepted."""
+        data = registration("n1", 5000, ["a"]).replace(b"\r\n", b"\n")
+        self.assertNotIn(b"\r", data)
+        [reply] = self.answer(data)
+        self.assertEqual(reply.status, wire.OK)
+
+
+class TimeoutTests(RelayTestCase):
+    def test_idle(self):
+        """A connection that sends nothing is answered 408 and closed after the idle timeout."""
+        proto, transport = self.connect()
+        self.clock.advance(IDLE_TIMEOUT - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        [reply] = parse(transport.value())
+        self.assertEqual(reply.status, wire.TIMEOUT)
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleMidRegistration(self):
+        """A registration that stalls mid-list times out and registers nothing."""
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.REGISTER, node="n1", port=5000, files=2) + fileLine("a"))
+        self.clock.advance(IDLE_TIMEOUT)
+        self.assertEqual(parse(transport.value())[0].status, wire.TIMEOUT)
+        self.assertIsNone(self.registry.get("n1"))
+
+    def test_trafficResetsTimeout(self):
+        """Each chunk received restarts the idle timer."""
+        proto, transport = self.connect()
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        proto.dataReceived(b"P2P/1 PE")
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertEqual(transport.value(), b"")
+        proto.dataReceived(b"ERS\r\n")
+        self.assertEqual(parse(transport.value())[0].status, wire.OK)
+
+    def test_noTimeoutAfterAnswer(self):
+        """Once answered, no 408 is appended later."""
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.PEERS))
+        answered = transport.value()
+        self.clock.advance(IDLE_TIMEOUT * 2)
+        self.assertEqual(transport.value(), answered)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HalfListServer(Protocol):
+    """A relay that announces two items, sends one, and hangs up."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(wire.status(200, count=2) + wire.item(wire.PEER, node="x"))
+        self.transport.loseConnection()
+
+
+class ScriptedServer(Protocol):
+    """A relay that answers with fixed bytes and hangs up."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(self.data)
+        self.transport.loseConnection()
+
+
+class QueryProtocolTests(RelayTestCase):
+    """
+    QueryProtocol against a relay, through an in-memory connection.
+    """
+
+    def exchange(self, server, payload: bytes):
+        def serverTransport(proto):
+            return iosim.FakeTransport(proto, True, peerAddress=CLIENT)
+
+        client, _, pump = iosim.connectedServerAndClient(
+            server,
+            lambda: QueryProtocol(self.clock, payload, 15.0),
+            serverTransportFactory=serverTransport,
+            clock=self.clock,
+        )
+        pump.flush()
+        return client.deferred
+
+    def test_reply(self):
+        """A list request yields a Reply with the status, the items and END."""
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        d = self.exchange(lambda: self.factory.buildProtocol(CLIENT), wire.request(wire.PEERS))
+        reply = self.successResultOf(d)
+        self.assertIsInstance(reply, Reply)
+        self.assertEqual(reply.status.status, 200)
+        self.assertEqual([m.get("node") for m in reply.items], ["n1"])
+        self.assertEqual(reply.end.word, "END")
+
+    def test_statusOnly(self):
+        """A reply without count= is just its status line."""
+        d = self.exchange(lambda: self.factory.buildProtocol(CLIENT), registration())
+        reply = self.successResultOf(d)
+        self.assertEqual((reply.status.get("host"), reply.items, reply.end), ("10.1.2.3", [], None))
+
+    def test_closedMidList(self):
+        """A relay that closes before END gives IncompleteReply."""
+        d = self.exchange(HalfListServer, wire.request(wire.PEERS))
+        self.failureResultOf(d, IncompleteReply)
+
+    def test_errorStatus(self):
+        """A 4xx answer raises wire.ProtocolError with that status."""
+        d = self.exchange(
+            lambda: self.factory.buildProtocol(CLIENT), wire.request(wire.HEARTBEAT, node="n1")
+        )
+        self.assertEqual(self.failureResultOf(d, wire.ProtocolError).value.status, 404)
+
+    def test_moreItemsThanAnnounced(self):
+        """An item beyond the announced count is an error at once, without waiting for END."""
+        data = wire.status(200, count=1) + wire.item("PEER", node="a") + wire.item("PEER", node="b")
+        d = self.exchange(lambda: ScriptedServer(data), wire.request(wire.PEERS))
+        self.failureResultOf(d, wire.ProtocolError)
+
+    def test_endMiscounted(self):
+        """An END whose count differs from the status count is an error."""
+        data = wire.status(200, count=1) + wire.item("PEER", node="a") + wire.end(2)
+        d = self.exchange(lambda: ScriptedServer(data), wire.request(wire.PEERS))
+        self.failureResultOf(d, wire.ProtocolError)
+
+    def test_noStatusLine(self):
+        """An answer that does not start with a status is an error."""
+        d = self.exchange(lambda: ScriptedServer(wire.end(0)), wire.request(wire.PEERS))
+        self.failureResultOf(d, wire.ProtocolError)
+
+    def test_garbage(self):
+        """An answer that is not the protocol at all is a ProtocolError."""
+        d = self.exchange(lambda: ScriptedServer(b"HTTP/1.1 200 OK\r\n\r\n"), wire.request(wire.PEERS))
+        self.failureResultOf(d, wire.ProtocolError)
+
+    def test_timeout(self):
+        """A relay that never answers gives TimeoutError after the timeout."""
+        d = self.exchange(Protocol, wire.request(wire.PEERS))
+        self.assertNoResult(d)
+        self.clock.advance(15.0)
+        self.failureResultOf(d, TimeoutError)
+
+
+class _Endpoint:
+    def __init__(self, result) -> None:
+        self.result = result
+
+    def connect(self, factory):
+        if isinstance(self.result, Exception):
+            return fail(self.result)
+        proto = factory.buildProtocol(CLIENT)
+        transport = StringTransport(peerAddress=CLIENT)
+        proto.makeConnection(transport)
+        self.result.append((proto, transport))
+        return succeed(proto)
+
+
+class QueryFunctionTests(SynchronousTestCase):
+    def test_sendsPayloadAndReturnsReply(self):
+        """query() connects, sends the payload and returns the parsed reply."""
+        clock = Clock()
+        connections: list = []
+        d = ensureDeferred(query(_Endpoint(connections), wire.request(wire.PEERS), clock))
+        [(proto, transport)] = connections
+        self.assertEqual(transport.value(), wire.request(wire.PEERS))
+        proto.dataReceived(wire.status(200, count=0) + wire.end(0))
+        self.assertEqual(self.successResultOf(d).status.status, 200)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connectionRefused(self):
+        """A refused connection surfaces as ConnectionRefusedError."""
+        d = ensureDeferred(query(_Endpoint(ConnectionRefusedError()), b"", Clock()))
+        self.failureResultOf(d, ConnectionRefusedError)
