@@ -119,6 +119,7 @@ class FileServerProtocol(NegotiationProtocol):
         self.factory = factory
         self._producer: FileBodyProducer | None = None
         self._requested = False
+        self._lost = False
 
     def lineReceived(self, line: bytes) -> None:
         if self._requested or self.finished:
@@ -134,10 +135,13 @@ class FileServerProtocol(NegotiationProtocol):
             if message.word != wire.GET:
                 raise wire.ProtocolError(wire.BAD_REQUEST, f"a peer node answers GET, not {message.word}")
             name = message.name()
+            # Hashing a changed file is the server's wait, not client idleness.
+            self.setTimeout(None)
             f, entry = await self.factory.share.open(name)
-            if self.finished:  # refused (timed out) while the file was hashed
+            if self.finished or self._lost:  # refused or gone meanwhile
                 f.close()
                 return
+            self.setTimeout(self.idleTimeout)
         except wire.ProtocolError as e:
             self.log.info(
                 "refused {peer}: {error}", peer=self.transport.getPeer(), error=str(e)
@@ -200,6 +204,7 @@ class FileServerProtocol(NegotiationProtocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         super().connectionLost(reason)
+        self._lost = True
         if self._producer is not None:
             self._producer.stopProducing()
 

@@ -28,6 +28,7 @@ from . import wire
 HASH_CHUNK = 1024 * 1024
 
 RunInThread = Callable[..., "Deferred[Any]"]
+_open = open  # the one place shared files are opened (tests replace it)
 
 
 @attrs.frozen
@@ -63,6 +64,10 @@ def _hashIfStable(path: Path, size: int, mtime_ns: int) -> str | None:
     if after.st_size != size or after.st_mtime_ns != mtime_ns:
         return None
     return digest
+
+
+def _announced(entries: Dict[str, "FileEntry"]) -> Dict[str, tuple[int, str]]:
+    return {name: (e.size, e.sha256) for name, e in entries.items()}
 
 
 def _within(root: str, path: str) -> bool:
@@ -143,7 +148,9 @@ class SharedDirectory:
                 self.log.info("{name} changed while hashing; retrying later", name=name)
                 continue
             fresh[name] = FileEntry(name, st.st_size, digest, st.st_mtime_ns)
-        changed = fresh != self.entries
+        # Only what the relay is told counts: a touched but unchanged file
+        # is no reason to register again.
+        changed = _announced(fresh) != _announced(self.entries)
         self.entries = fresh
         return changed
 
@@ -159,7 +166,13 @@ class SharedDirectory:
         otherwise it is computed now (off the reactor thread).
         """
         path = self.resolve(name)
-        f = open(path, "rb")
+        try:
+            f = _open(path, "rb")
+        except OSError as e:
+            self.log.warn("cannot read {name}: {error}", name=name, error=e)
+            raise wire.ProtocolError(
+                wire.SERVER_ERROR, f"cannot read {name}: {e.strerror or e}"
+            ) from None
         try:
             st = os.fstat(f.fileno())
             entry = self.entries.get(name)

@@ -300,8 +300,12 @@ class RefusalTests(ServerTestCase):
         self.assertEqual(message.status, wire.TIMEOUT)
         self.assertTrue(transport.disconnecting)
 
-    def test_idleWhileHashing(self):
-        """A request refused with 408 while its file was hashed gets nothing more afterwards."""
+    def test_hashingIsNotIdleness(self):
+        """
+        A request whose file takes longer than the idle timeout to hash is
+        not answered 408 (the wait is the server's, not the client's); the
+        body follows once the hash is known.
+        """
         self.write("a", b"data")
         pending: list[Deferred] = []
 
@@ -313,13 +317,47 @@ class RefusalTests(ServerTestCase):
 
         self.factory.share = SharedDirectory(self.root, runInThread=slowThread)
         transport = self.get(wire.request(wire.GET, name="a"))
-        self.clock.advance(IDLE_TIMEOUT)
-        refused = transport.value()
-        self.assertEqual(splitResponse(refused)[0].status, wire.TIMEOUT)
+        self.clock.advance(IDLE_TIMEOUT * 3)
+        self.assertEqual(transport.value(), b"")
+        pending[0].callback(None)
+        for _ in range(5):
+            self.clock.advance(0)
+        message, body = splitResponse(transport.value())
+        self.assertEqual((message.status, body), (wire.OK, b"data"))
+
+    def test_closedWhileHashing(self):
+        """A client gone while its file was hashed gets no body, and the file is closed."""
+        self.write("a", b"data")
+        pending: list[Deferred] = []
+
+        def slowThread(f, *args):
+            d = Deferred()
+            pending.append(d)
+            d.addCallback(lambda _: f(*args))
+            return d
+
+        self.factory.share = SharedDirectory(self.root, runInThread=slowThread)
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.GET, name="a"))
+        proto.connectionLost(Failure(ConnectionLost()))
         pending[0].callback(None)
         self.clock.advance(0)
-        self.assertEqual(transport.value(), refused)
+        self.assertEqual(transport.value(), b"")
         self.assertIsNone(transport.producer)
+
+    def test_unreadableFile(self):
+        """A shared file that cannot be opened is answered 500, not dropped as a bug."""
+        self.write("locked", b"data")
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        self.patch(share_module, "_open", denied)
+        transport = self.get(wire.request(wire.GET, name="locked"))
+        message, body = splitResponse(transport.value())
+        self.assertEqual(message.status, wire.SERVER_ERROR)
+        self.assertIn("cannot read", message.text)
+        self.assertTrue(transport.disconnecting)
 
 
 class ProducerTests(ServerTestCase):
@@ -416,6 +454,15 @@ class ScanTests(SynchronousTestCase):
 
     def hashes(self) -> int:
         return self.calls.count(share_module._hashIfStable)
+
+    def test_touchedFileIsNoChange(self):
+        """A file whose modification time moved but whose bytes did not is no change to announce."""
+        path = self.write("a.txt", b"same")
+        self.assertTrue(self.scan())
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+        self.assertFalse(self.scan())
+        self.assertEqual(self.share.entries["a.txt"].mtime_ns, st.st_mtime_ns + 5_000_000_000)
 
     def test_findsNestedFiles(self):
         """A scan finds files in nested folders, named as POSIX paths with size and digest."""
