@@ -28,7 +28,7 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
     """
 
     delimiter = b"\n"
-    MAX_LENGTH = wire.MAX_LINE
+    MAX_LENGTH = wire.MAX_LINE + 1  # the limit excludes a CR before the LF
     log = Logger()
 
     def __init__(self, clock: IReactorTime, timeout: float = IDLE_TIMEOUT) -> None:

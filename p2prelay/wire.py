@@ -209,9 +209,10 @@ def parseLine(line: bytes) -> Message:
 
     Raises :class:`ProtocolError` with the status to answer with.
     """
+    if line.endswith(b"\r"):
+        line = line[:-1]
     if len(line) > MAX_LINE:
         raise ProtocolError(LINE_TOO_LONG, f"lines are limited to {MAX_LINE} bytes")
-    line = line.rstrip(b"\r")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:

@@ -373,6 +373,14 @@ class FramingTests(RelayTestCase):
         """A complete but over-long line is answered 414."""
         self.assertRefused(b"P2P/1 SEARCH pattern=" + b"a" * wire.MAX_LINE + b"\r\n", wire.LINE_TOO_LONG)
 
+    def test_longestLineWithCRLF(self):
+        """A line of exactly MAX_LINE bytes is accepted with CRLF as with a bare LF."""
+        head = b"P2P/1 PEERS pad="
+        line = head + b"a" * (wire.MAX_LINE - len(head))
+        for ending in (b"\r\n", b"\n"):
+            [status, end] = self.answer(line + ending)
+            self.assertEqual(status.status, wire.OK, ending)
+
     def test_oneRequestPerConnection(self):
         """After answering, further lines on the connection are ignored."""
         self.register("n1", "10.0.0.1", 5000, [])
