@@ -387,7 +387,15 @@ class Fetcher:
 
         winner = await tryAll(holders)
         if winner is None:
-            others = [p for p in await self.peers() if (p.host, p.port) not in tried]
+            try:
+                everyone = await self.peers()
+            except RelayUnreachable as e:
+                if not attempts:
+                    raise
+                raise NotFetched(
+                    name, attempts, f"every holder failed and the relay went away ({e})"
+                ) from None
+            others = [p for p in everyone if (p.host, p.port) not in tried]
             if others and holders:
                 self.verbose(f"trying the {len(others)} other active peer(s)")
             winner = await tryAll(others)

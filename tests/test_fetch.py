@@ -417,6 +417,26 @@ class FetcherTests(FetchTestCase):
         self.assertIn("no", e.why)
         self.assertEqual(self.network.connections, ["relay", "relay"], "WHOHAS, then PEERS")
 
+    def test_attemptsKeptWhenRelayGoesAway(self):
+        """
+        If every holder failed and the relay then cannot be asked for the
+        other peers, the failed attempts are still reported.
+        """
+        holder = self.missing()
+        relay = self.relay
+
+        class GoneAfterFirst(FakeEndpoint):
+            def connect(inner, clientFactory):
+                if inner.network.connections.count("relay") >= 1:
+                    inner.error = ConnectionRefusedError("relay went away")
+                return FakeEndpoint.connect(inner, clientFactory)
+
+        flaky = GoneAfterFirst(self.network, "relay", relay.factory)
+        d = self.drive(self.fetcher(flaky).fetch("a.txt", self.sink()))
+        e = self.failureResultOf(d, NotFetched).value
+        self.assertEqual(e.attempts, [Attempt(holder, "404 no such file in this share")])
+        self.assertIn("relay", e.why)
+
     def test_relayRefuses(self):
         """A relay refusing connections is RelayUnreachable."""
         relay = FakeEndpoint(self.network, "relay", error=ConnectionRefusedError())
