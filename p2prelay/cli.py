@@ -267,7 +267,7 @@ class Client:
             try:
                 if len(names) > 1:
                     err(f"==> {result.name} <==")
-                await self.console.send(sink.open(), result.size)
+                await self.console.send(sink.open())
             finally:
                 sink.discard()
 

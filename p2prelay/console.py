@@ -18,12 +18,20 @@ from typing import IO, Optional
 from twisted.internet import stdio
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.protocols.basic import LineReceiver
+from twisted.protocols.basic import FileSender, LineReceiver
 from zope.interface import implementer
 
-from .node import FileBodyProducer
-
 EOF = object()
+
+
+class _StdoutSender(FileSender):
+    """
+    A pull producer: stdout asks for each chunk once the previous one is
+    written, so the transfer's Deferred fires only when the last byte has
+    left the buffer -- and a prompt on stderr can never overtake it.
+    """
+
+    CHUNK_SIZE = 256 * 1024
 
 
 def err(text: str) -> None:
@@ -106,13 +114,24 @@ class Console:
             # Never read (or wait on) the user's stdin when not asked to.
             self._devnull = stdin = os.open(os.devnull, os.O_RDONLY)
         self.stdio = stdio.StandardIO(self.terminal, stdin=stdin, reactor=reactor)
+        self.stdoutClosed = False
 
     async def readLine(self) -> object:
         return await self.terminal.lines.get()
 
-    async def send(self, f: IO[bytes], size: int) -> None:
-        """Stream an open file to stdout; closes it."""
-        await FileBodyProducer(f, 0, size).start(self.stdio)
+    async def send(self, f: IO[bytes]) -> None:
+        """Stream an open file to stdout; returns once it is all written. Closes f."""
+        if self.stdoutClosed:
+            f.close()
+            return
+        try:
+            await _StdoutSender().beginFileTransfer(f, self.stdio)
+        except Exception:
+            # FileSender's only failure: stdout stopped it because it was
+            # closed ('| head').  The reader has what it wanted.
+            self.stdoutClosed = True
+        finally:
+            f.close()
 
     async def close(self) -> None:
         """Flush stdout and release it; returns once every byte is out."""

@@ -236,3 +236,23 @@ class UDPTests(SynchronousTestCase):
         result = self.net.fetch("--udp", "nope.bin")
         self.assertEqual(result.returncode, 1)
         self.assertIn(b"404", result.stderr)
+
+
+class PipeTests(SynchronousTestCase):
+    def test_stdoutClosedEarly(self) -> None:
+        """'p2p-fetch big | head -c 10': the reader gets its bytes, no traceback, exit 0."""
+        net = Network(self)
+        net.node(net.folder("a", {"big.bin": os.urandom(8 * 1024 * 1024)}))
+        env = dict(os.environ, P2PRELAY_RELAY=net.address)
+        fetch = subprocess.Popen(
+            script("p2p-fetch") + ["big.bin"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.assertEqual(len(fetch.stdout.read(10)), 10)
+        fetch.stdout.close()
+        stderr = fetch.stderr.read()
+        self.assertEqual(fetch.wait(30), 0, stderr)
+        self.assertNotIn(b"Traceback", stderr)
