@@ -85,26 +85,21 @@ class FileBodyProducer:
         self._file.close()
         self._consumer.unregisterProducer()
 
-    def pauseProducing(self) -> None:
+    def _control(self, action: str) -> None:
         if self._task is not None:
             try:
-                self._task.pause()
+                getattr(self._task, action)()
             except task.TaskFinished:  # done, stopped or failed already
                 pass
+
+    def pauseProducing(self) -> None:
+        self._control("pause")
 
     def resumeProducing(self) -> None:
-        if self._task is not None:
-            try:
-                self._task.resume()
-            except task.TaskFinished:  # done, stopped or failed already
-                pass
+        self._control("resume")
 
     def stopProducing(self) -> None:
-        if self._task is not None:
-            try:
-                self._task.stop()
-            except task.TaskFinished:  # done, stopped or failed already
-                pass
+        self._control("stop")
 
 
 class FileServerProtocol(NegotiationProtocol):

@@ -33,6 +33,32 @@ def syncThread(f, *args):
     return maybeDeferred(f, *args)
 
 
+class SlowThreads:
+    """A runInThread whose work waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+
+    def __call__(self, f, *args) -> Deferred:
+        d = Deferred()
+        self.pending.append(d)
+        d.addCallback(lambda _: f(*args))
+        return d
+
+
+def growWhileHashing(case: SynchronousTestCase, path: Path) -> None:
+    """Make the next hashes see the file grow as they read it."""
+    real = share_module.sha256File
+
+    def growing(p):
+        digest = real(p)
+        with open(path, "ab") as f:
+            f.write(b" more")
+        return digest
+
+    case.patch(share_module, "sha256File", growing)
+
+
 class SlowClientTransport(StringTransport):
     """
     A transport whose send buffer fills with every body write, like one to a
@@ -169,16 +195,7 @@ class GetTests(ServerTestCase):
 
     def test_changingFileIsBusy(self):
         """A file that changes while it is hashed for serving is answered 503."""
-        path = self.write("a", b"growing")
-        real = share_module.sha256File
-
-        def growing(p):
-            digest = real(p)
-            with open(path, "ab") as f:
-                f.write(b" more")
-            return digest
-
-        self.patch(share_module, "sha256File", growing)
+        growWhileHashing(self, self.write("a", b"growing"))
         self.assertRefused(wire.request(wire.GET, name="a"), wire.BUSY)
 
 
@@ -307,19 +324,12 @@ class RefusalTests(ServerTestCase):
         body follows once the hash is known.
         """
         self.write("a", b"data")
-        pending: list[Deferred] = []
-
-        def slowThread(f, *args):
-            d = Deferred()
-            pending.append(d)
-            d.addCallback(lambda _: f(*args))
-            return d
-
-        self.factory.share = SharedDirectory(self.root, runInThread=slowThread)
+        threads = SlowThreads()
+        self.factory.share = SharedDirectory(self.root, runInThread=threads)
         transport = self.get(wire.request(wire.GET, name="a"))
         self.clock.advance(IDLE_TIMEOUT * 3)
         self.assertEqual(transport.value(), b"")
-        pending[0].callback(None)
+        threads.pending[0].callback(None)
         for _ in range(5):
             self.clock.advance(0)
         message, body = splitResponse(transport.value())
@@ -328,19 +338,12 @@ class RefusalTests(ServerTestCase):
     def test_closedWhileHashing(self):
         """A client gone while its file was hashed gets no body, and the file is closed."""
         self.write("a", b"data")
-        pending: list[Deferred] = []
-
-        def slowThread(f, *args):
-            d = Deferred()
-            pending.append(d)
-            d.addCallback(lambda _: f(*args))
-            return d
-
-        self.factory.share = SharedDirectory(self.root, runInThread=slowThread)
+        threads = SlowThreads()
+        self.factory.share = SharedDirectory(self.root, runInThread=threads)
         proto, transport = self.connect()
         proto.dataReceived(wire.request(wire.GET, name="a"))
         proto.connectionLost(Failure(ConnectionLost()))
-        pending[0].callback(None)
+        threads.pending[0].callback(None)
         self.clock.advance(0)
         self.assertEqual(transport.value(), b"")
         self.assertIsNone(transport.producer)
@@ -554,16 +557,8 @@ class ScanTests(SynchronousTestCase):
 
     def test_changingFileNotAnnounced(self):
         """A file that changes while it is hashed is left out until it is stable."""
-        path = self.write("growing.log", b"first")
         real = share_module.sha256File
-
-        def growing(p):
-            digest = real(p)
-            with open(path, "ab") as f:
-                f.write(b" more")
-            return digest
-
-        self.patch(share_module, "sha256File", growing)
+        growWhileHashing(self, self.write("growing.log", b"first"))
         self.scan()
         self.assertNotIn("growing.log", self.share.entries)
         self.patch(share_module, "sha256File", real)
