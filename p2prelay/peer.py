@@ -208,7 +208,7 @@ async def run(reactor, args: argparse.Namespace) -> int:
     try:
         port = await node.listener.whenListening
     except Exception as e:
-        console.stdio.write(f"p2p-peer: cannot listen on {args.port}: {e}\n".encode())
+        sys.stderr.write(f"p2p-peer: cannot listen on {args.port}: {e}\n")
         await console.close()
         return 1
     await node.ready

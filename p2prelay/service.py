@@ -41,6 +41,8 @@ class ListeningService(Service):
     """
     Listen on a server endpoint description; ``whenListening`` fires with
     the bound port, so an OS-chosen port (``tcp:0``) can be read back.
+    Under twistd a port that cannot be had ends the process (exit 1);
+    a program that starts the service itself sees ``whenListening`` fail.
     """
 
     log = Logger()
@@ -52,12 +54,29 @@ class ListeningService(Service):
         self.what = what
         self.port: Optional[IListeningPort] = None
         self.whenListening: Deferred[IListeningPort] = Deferred()
+        self._started = False
+
+    def privilegedStartService(self) -> None:
+        # twistd binds here, before the reactor runs (and before dropping
+        # privileges): a port that cannot be had ends the daemon at once.
+        super().privilegedStartService()
+        self._listen(exitOnFailure=True)
 
     def startService(self) -> None:
         super().startService()
+        if not self._started:
+            self._listen(exitOnFailure=False)
+
+    def _listen(self, exitOnFailure: bool) -> None:
+        self._started = True
         d = serverFromString(self.reactor, self.description).listen(self.factory)
         d.addCallback(self._listening)
-        d.addErrback(self._failed)
+        failures: list = []
+        d.addErrback(failures.append)
+        if failures:
+            self._failed(failures[0], exitOnFailure)
+        else:
+            d.addErrback(self._failed, False)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -67,11 +86,16 @@ class ListeningService(Service):
         self.whenListening.callback(port)
         return port
 
-    def _failed(self, failure) -> None:
-        self.log.failure("cannot listen on {desc}", failure, desc=self.description)
+    def _failed(self, failure, exitOnFailure: bool) -> None:
+        self.log.critical(
+            "{what} cannot listen on {desc}: {error}",
+            what=self.what,
+            desc=self.description,
+            error=failure.getErrorMessage(),
+        )
+        if exitOnFailure:
+            raise SystemExit(1)
         self.whenListening.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
 
     def stopService(self):
         super().stopService()
@@ -191,7 +215,13 @@ class NodeService(MultiService):
         )
 
     async def _start(self) -> None:
-        port = await self.listener.whenListening
+        try:
+            port = await self.listener.whenListening
+        except Exception as e:
+            # The listener has logged it; whoever started us decides.
+            self.ready.errback(e)
+            self.ready.addErrback(lambda _: None)
+            return
         udpNumber = None
         if self.udp is not None:
             number, interface = self.udp

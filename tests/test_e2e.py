@@ -256,3 +256,21 @@ class PipeTests(SynchronousTestCase):
         stderr = fetch.stderr.read()
         self.assertEqual(fetch.wait(30), 0, stderr)
         self.assertNotIn(b"Traceback", stderr)
+
+
+class StartupTests(SynchronousTestCase):
+    def test_portTaken(self) -> None:
+        """A relay whose port is taken exits 1 at once with one clear line, no traceback."""
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            result = subprocess.run(
+                script("twistd") + ["-n", "--pidfile=", "relay", "--port", f"tcp:{port}:interface=127.0.0.1"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("relay cannot listen on", result.stdout)
+        self.assertIn("Address already in use", result.stdout)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
