@@ -124,7 +124,7 @@ class GetProtocol(NegotiationProtocol):
         self.offset = offset
         self.length = length
         self.remaining = 0
-        self.deferred: Deferred[None] = Deferred()
+        self.deferred: Deferred[None] = Deferred(self._cancel)
         self._done = False
 
     def connectionMade(self) -> None:
@@ -182,6 +182,12 @@ class GetProtocol(NegotiationProtocol):
         self.sink.write(chunk)
         if self.remaining == 0:
             self._succeed()
+
+    def _cancel(self, d: Deferred) -> None:
+        self._done = self.finished = True
+        self.setTimeout(None)
+        self.sink.unregisterProducer()
+        self.transport.abortConnection()
 
     def _succeed(self) -> None:
         self._done = self.finished = True

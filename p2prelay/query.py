@@ -40,7 +40,7 @@ class QueryProtocol(NegotiationProtocol):
     def __init__(self, clock: IReactorTime, payload: bytes, timeout: float) -> None:
         super().__init__(clock, timeout)
         self.payload = payload
-        self.deferred: Deferred[Reply] = Deferred()
+        self.deferred: Deferred[Reply] = Deferred(self._cancel)
         self._status: wire.Message | None = None
         self._items: List[wire.Message] = []
         self._count = 0
@@ -80,6 +80,13 @@ class QueryProtocol(NegotiationProtocol):
         if len(self._items) >= self._count:
             raise wire.ProtocolError(wire.BAD_REQUEST, "more items than announced")
         self._items.append(message)
+
+    def _cancel(self, d: Deferred) -> None:
+        # The caller gave up: drop the connection now, and let nothing that
+        # happens on it later touch the (already failed) Deferred.
+        self.finished = True
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     def _succeed(self, reply: Reply) -> None:
         self.finished = True

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -613,3 +614,20 @@ class DestinationTests(SynchronousTestCase):
         outside.mkdir()
         os.symlink(outside / "victim", self.directory / "x.txt")
         self.assertRaises(DestinationError, destination, self.directory, "x.txt")
+
+
+class GetCancelTests(FetchTestCase):
+    def test_cancelAbortsAndStaysQuiet(self):
+        """A cancelled GET aborts its connection; a later timeout or close does nothing."""
+        from twisted.internet.defer import CancelledError
+
+        from p2prelay.fetch import GetProtocol
+
+        proto = GetProtocol(self.clock, "a.txt", self.sink(), timeout=5)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.deferred.cancel()
+        self.failureResultOf(proto.deferred, CancelledError)
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(10)
+        proto.connectionLost(None)

@@ -587,3 +587,21 @@ class QueryFunctionTests(SynchronousTestCase):
         """A refused connection surfaces as ConnectionRefusedError."""
         d = ensureDeferred(query(_Endpoint(ConnectionRefusedError()), b"", Clock()))
         self.failureResultOf(d, ConnectionRefusedError)
+
+
+class QueryCancelTests(SynchronousTestCase):
+    def test_cancelAbortsAndStaysQuiet(self):
+        """A cancelled query aborts its connection; its timeout later does nothing."""
+        from twisted.internet.defer import CancelledError
+
+        from p2prelay.query import QueryProtocol
+
+        clock = Clock()
+        proto = QueryProtocol(clock, wire.request(wire.PEERS), timeout=5)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.deferred.cancel()
+        self.failureResultOf(proto.deferred, CancelledError)
+        self.assertTrue(transport.disconnecting)
+        clock.advance(10)  # the idle timeout must not fire the Deferred again
+        proto.connectionLost(None)
