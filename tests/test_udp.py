@@ -8,9 +8,12 @@ so every run is the same and none of them waits for real time.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import socket
+import sys
 import random
 import struct
 from typing import Callable, Dict, List, Optional, Tuple
@@ -88,8 +91,8 @@ class FakeNetwork:
         self.log: List[Tuple[Address, Address, bytes]] = []
         self._nextPort = 40000
 
-    def bind(self, protocol: DatagramProtocol, addr: Address) -> FakePort:
-        port = FakePort(self, protocol, addr)
+    def bind(self, protocol: DatagramProtocol, addr: Address, portClass=None) -> FakePort:
+        port = (portClass or FakePort)(self, protocol, addr)
         self.ports[addr] = port
         protocol.makeConnection(port)
         return port
@@ -114,6 +117,98 @@ class FakeNetwork:
         port = self.ports.get(dst)
         if port is not None and port.listening:
             port.protocol.datagramReceived(datagram, src)
+
+    def sendRun(self, src: Address, dst: Address, run: bytes, size: int) -> None:
+        """
+        A GSO send: the datagrams are lost (or dropped) one by one, as on a
+        wire; at a protocol that takes runs, each stretch of consecutive
+        survivors arrives as one buffer, as GRO coalesces them.  Anything
+        else gets the datagrams one by one, as the kernel would cut them.
+        """
+        datagrams = [run[at : at + size] for at in range(0, len(run), size)]
+        receiver = self.ports.get(dst)
+        if not hasattr(getattr(receiver, "protocol", None), "segmentsReceived"):
+            for datagram in datagrams:
+                self.send(src, dst, datagram)
+            return
+        stretch: List[bytes] = []
+        for datagram in datagrams + [b""]:
+            if datagram:
+                self.sent[src, dst] = self.sent.get((src, dst), 0) + len(datagram)
+                self.log.append((src, dst, datagram))
+                lost = (self.drop is not None and self.drop(src, dst, datagram)) or (
+                    self.random.random() < self.loss
+                )
+                if not lost:
+                    stretch.append(datagram)
+                    continue
+            if stretch:
+                delay = DELAY + self.random.random() * self.jitter
+                self.clock.callLater(delay, self._arriveRun, src, dst, b"".join(stretch), size)
+                stretch = []
+
+    def _arriveRun(self, src: Address, dst: Address, run: bytes, size: int) -> None:
+        port = self.ports.get(dst)
+        if port is not None and port.listening:
+            if len(run) > size:
+                port.protocol.segmentsReceived(run, size, src)
+            else:
+                port.protocol.datagramReceived(run, src)
+
+
+class FakeSocket:
+    """
+    The socket behind a SegmentingPort: answers the UDP_SEGMENT probe and
+    does what Linux does with a sendmsg carrying a UDP_SEGMENT message,
+    checking the kernel's rules for it.  ``fail`` is an errno every such
+    send raises, or a function deciding one per call.
+    """
+
+    def __init__(self, port: "SegmentingPort") -> None:
+        self.port = port
+        self.runs: List[Tuple[int, int]] = []  # (datagrams, segment size) per sendmsg
+        self.fail: Optional[Callable[[], Optional[int]]] = None
+        self.probe: Optional[int] = port.probe  # errno for the getsockopt probe
+
+    def getsockopt(self, level, option):
+        assert (level, option) == (socket.SOL_UDP, udp.UDP_SEGMENT)
+        if self.probe is not None:
+            raise OSError(self.probe, os.strerror(self.probe))
+        return 0
+
+    def setsockopt(self, *args):
+        pass
+
+    def sendto(self, datagram, addr):
+        self.port.write(bytes(datagram), addr)
+
+    def sendmsg(self, buffers, ancillary, flags, addr):
+        failure = self.fail() if self.fail is not None else None
+        if failure is not None:
+            raise OSError(failure, os.strerror(failure))
+        [(level, kind, value)] = ancillary
+        assert (level, kind, flags) == (socket.SOL_UDP, udp.UDP_SEGMENT, 0)
+        (size,) = struct.unpack("=H", value)
+        sizes = [len(buffers[i]) + len(buffers[i + 1]) for i in range(0, len(buffers), 2)]
+        assert sizes[0] == size and set(sizes[:-1]) <= {size} and sizes[-1] <= size, sizes
+        run = b"".join(bytes(b) for b in buffers)
+        count = -(-len(run) // size)
+        assert count <= udp.GSO_SEGMENTS and len(run) <= 65507, (count, len(run))
+        self.runs.append((count, size))
+        self.port.network.sendRun(self.port.addr, addr, run, size)
+
+
+class SegmentingPort(FakePort):
+    """A fake port whose socket can send with UDP GSO."""
+
+    probe: Optional[int] = None
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.socket = FakeSocket(self)
+
+    def getHandle(self):
+        return self.socket
 
 
 class FakeReactor(task.Clock):
@@ -967,6 +1062,222 @@ class ClientFailureTests(UDPTestCase):
         self.assertEqual(sink.value(), self.files["many.bin"])
 
 
+class SegmentationTests(UDPTestCase):
+    """
+    The server sends runs of DATA with UDP GSO when its socket can, and
+    the client takes coalesced runs (GRO) as the datagrams they hold.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.network.ports[SERVER].stopListening()
+        self.addFile("big.bin", random.Random(7).randbytes(700 * BLOCK + 5))
+
+    def segmentingServer(self, portClass=SegmentingPort, **kw) -> FakeSocket:
+        kw.setdefault("blockSize", BLOCK)
+        self.server = udp.UDPFileServer(self.share, self.reactor, **kw)
+        return self.network.bind(self.server, SERVER, portClass).socket
+
+    def dataSent(self) -> List[int]:
+        log = self.network.log
+        return [dataBlock(d) for src, _, d in log if src == SERVER and kind(d) == udp.DATA]
+
+    def test_runsOfDatagrams(self) -> None:
+        """DATA leaves in runs of equal-size datagrams, one sendmsg each."""
+        sock = self.segmentingServer()
+        self.assertFetched("big.bin")
+        perSend = udp.GSO_BYTES // (BLOCK + udp.DATA_HEADER_SIZE)
+        self.assertEqual({size for _, size in sock.runs}, {BLOCK + udp.DATA_HEADER_SIZE})
+        self.assertLessEqual(max(count for count, _ in sock.runs), min(udp.GSO_SEGMENTS, perSend))
+        self.assertGreater(sum(count for count, _ in sock.runs), 600)
+        self.assertLess(len(sock.runs), 701 / 4)
+        self.assertEqual(sorted(self.dataSent()), list(range(701)))
+        self.assertServerIdle()
+
+    def test_shortLastBlockEndsARun(self) -> None:
+        """The short last block is always the last datagram of its run."""
+        sock = self.segmentingServer()
+        self.assertFetched("big.bin")
+        sizes = [len(d) for src, _, d in self.network.log if src == SERVER and kind(d) == udp.DATA]
+        self.assertIn(5 + udp.DATA_HEADER_SIZE, sizes)
+        self.assertTrue(sock.runs)
+
+    def test_runsUnderLoss(self) -> None:
+        """Whole runs lost, duplicated and reordered still deliver the file."""
+        self.segmentingServer()
+        for seed in range(3):
+            self.network.random.seed(200 + seed)
+            self.network.loss = 0.1
+            self.network.duplicate = 0.1
+            self.network.jitter = 0.01
+            self.assertFetched("big.bin")
+        self.assertServerIdle()
+
+    def test_fallbackWhenTheRouteCannotSegment(self) -> None:
+        """EIO from a segmented send turns GSO off for the transfer; nothing is lost."""
+        sock = self.segmentingServer()
+        sock.fail = lambda: errno.EIO
+        self.assertFetched("big.bin")
+        self.assertEqual(sorted(self.dataSent()), list(range(701)))
+        self.assertEqual(sock.runs, [])
+        self.assertServerIdle()
+
+    def test_fullBufferRetriesTheRun(self) -> None:
+        """A run the kernel had no room for (EAGAIN) is sent again shortly."""
+        sock = self.segmentingServer()
+        calls = []
+
+        def sometimes():
+            calls.append(None)
+            return errno.EAGAIN if len(calls) % 3 == 0 else None
+
+        sock.fail = sometimes
+        self.assertFetched("big.bin")
+        self.assertEqual(sorted(self.dataSent()), list(range(701)))
+        self.assertServerIdle()
+
+    def test_refusedRetransmissionsKept(self) -> None:
+        """Retransmissions in a refused run go out again without waiting for the timer."""
+        sock = self.segmentingServer()
+        sent: set = set()
+        refused: List[set] = []
+        send = sock.sendmsg
+
+        def sendmsg(buffers, *rest):
+            blocks = {dataBlock(bytes(header)) for header in buffers[::2]}
+            if blocks & sent and not refused:
+                refused.append(blocks)
+                raise OSError(errno.EAGAIN, "full")
+            sent.update(blocks)
+            send(buffers, *rest)
+
+        sock.sendmsg = sendmsg
+        dropped: List[bytes] = []
+
+        def dropOnce(src, dst, datagram):
+            if dataBlock(datagram) in range(300, 310) and len(dropped) < 10:
+                dropped.append(datagram)
+                return True
+            return False
+
+        self.network.drop = dropOnce
+        expired: list = []
+        self.patch(udp._RoundTrip, "expired", lambda rtt: expired.append(rtt))
+        self.assertFetched("big.bin")
+        self.assertEqual(len(refused), 1)
+        self.assertEqual(expired, [])
+
+    def test_shortBlockEndsItsRun(self) -> None:
+        """A short last block queued before others is sent alone, never inside a run."""
+        sock = self.segmentingServer()
+        self.addFile("ten.bin", os.urandom(10 * BLOCK + 5))
+        self.network.drop = lambda s, d, g: kind(g) == udp.DATA
+        d, _ = self.fetch("ten.bin")
+        self.advance(0.1)
+        [transfer] = self.server.transfers.values()
+        self.assertEqual(sock.runs, [(11, BLOCK + udp.DATA_HEADER_SIZE)])
+        transfer._inflight.clear()
+        transfer._lost.extend([10, 3, 4])
+        transfer._lostSet.update([10, 3, 4])
+        before = len(self.network.log)
+        transfer._pump()
+        self.assertEqual([dataBlock(g) for _, _, g in self.network.log[before:]], [10, 3, 4])
+        self.assertEqual(sock.runs[1:], [(2, BLOCK + udp.DATA_HEADER_SIZE)])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+
+    def test_probedOncePerSocket(self) -> None:
+        """A socket refusing the UDP_SEGMENT probe is never sent runs."""
+
+        class Refusing(SegmentingPort):
+            probe = errno.ENOPROTOOPT
+
+        sock = self.segmentingServer(Refusing)
+        sock.fail = lambda: self.fail("sendmsg on a socket without GSO")
+        self.assertFetched("big.bin")
+        self.assertEqual(sock.runs, [])
+
+    def test_segmentationOff(self) -> None:
+        """segmentation=False sends datagram by datagram on a capable socket."""
+        sock = self.segmentingServer(segmentation=False)
+        self.assertFetched("big.bin")
+        self.assertEqual(sock.runs, [])
+
+    def test_largeBlocksNotSegmented(self) -> None:
+        """Blocks too big for two in one run go out one by one."""
+        sock = self.segmentingServer(blockSize=udp.MAX_BLOCK)
+        self.addFile("huge.bin", os.urandom(3 * udp.MAX_BLOCK))
+        self.assertFetched("huge.bin", blockSize=udp.MAX_BLOCK)
+        self.assertEqual(sock.runs, [])
+
+    def test_oneAckPerRun(self) -> None:
+        """A coalesced run is acknowledged once, not every ACK_EVERY blocks."""
+        sock = self.segmentingServer()
+        self.assertFetched("big.bin")
+        acks = [d for src, _, d in self.network.log if src != SERVER and kind(d) == udp.ACK]
+        self.assertLessEqual(len(acks), len(sock.runs) + 4)
+        self.assertLess(len(acks), 701 / udp.ACK_EVERY)
+
+    def test_gapInsideARun(self) -> None:
+        """A run with a block missing is buffered around the gap and acknowledged with SACK."""
+        client = udp._UDPClient(self.reactor, SERVER, "x", Sink(), 0, None, 10.0, BLOCK)
+        client.transport = FakePort(self.network, client, (CLIENT_HOST, 1))
+        self.addCleanup(client._finish, None)
+        client.phase = udp._ClientPhase.RECEIVING
+        client.nblocks, client.blockSize, client.lastBlockSize = 10, 4, 4
+        client.size = client.length = 40
+        client.offset, client.sha256 = 0, ""
+        run = b"".join(
+            struct.pack("!2sBBII", udp.MAGIC, udp.VERSION, udp.DATA, client.tid, n) + bytes([n]) * 4
+            for n in (0, 1, 3, 4)
+        )
+        client.segmentsReceived(run, udp.DATA_HEADER_SIZE + 4, SERVER)
+        self.assertEqual(client.expected, 2)
+        self.assertEqual((client._starts, client._ends), ([3], [5]))
+        acks = [g for src, _, g in self.network.log if src == (CLIENT_HOST, 1)]
+        self.assertEqual(len(acks), 1)
+        self.assertEqual(struct.unpack_from("!IBII", acks[0], udp.HEADER_SIZE), (2, 1, 3, 5))
+
+    def test_segments(self) -> None:
+        """A coalesced buffer splits into datagrams of the segment size, the last shorter."""
+        parts = udp._segments(b"a" * 10 + b"b" * 10 + b"c" * 3, 10)
+        self.assertEqual([bytes(p) for p in parts], [b"a" * 10, b"b" * 10, b"c" * 3])
+        self.assertEqual([bytes(p) for p in udp._segments(b"x" * 20, 10)], [b"x" * 10] * 2)
+
+    def test_groSize(self) -> None:
+        """The UDP_GRO control message gives the segment size; without one, 0."""
+        message = (socket.SOL_UDP, udp.UDP_GRO, (1412).to_bytes(4, sys.byteorder))
+        self.assertEqual(udp._groSize([message]), 1412)
+        self.assertEqual(udp._groSize([]), 0)
+        self.assertEqual(udp._groSize([(socket.SOL_SOCKET, 1, b"\0" * 4)]), 0)
+
+
+class SinkWriteTests(UDPTestCase):
+    """In-order data reaches the sink in large writes."""
+
+    def test_writesAreBatched(self) -> None:
+        """Every write but the last carries at least WRITE_BATCH bytes."""
+        content = os.urandom(3 * udp.WRITE_BATCH + 1000)
+        self.addFile("big.bin", content)
+        d, sink = self.fetch("big.bin", blockSize=1024)
+        self.server.blockSize = 1024
+        self.runUntil(d)
+        self.successResultOf(d)
+        self.assertEqual(sink.value(), content)
+        sizes = [len(c) for c in sink.chunks]
+        self.assertEqual(len(sizes), 4)
+        self.assertTrue(all(size >= udp.WRITE_BATCH for size in sizes[:-1]), sizes)
+
+    def test_pausedDataIsWritten(self) -> None:
+        """When data stops arriving, what has arrived is written out."""
+        self.network.drop = stall
+        d, sink = self.fetch("many.bin")
+        self.advance(1)
+        self.assertEqual(sink.value(), self.files["many.bin"][: 21 * BLOCK])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+
+
 class FakeStruct:
     """A struct.Struct stand-in whose pack lies, to forge server answers."""
 
@@ -1006,3 +1317,61 @@ class RealReactorTests(unittest.TestCase):
             self.assertEqual(result.length, len(content))
 
         return defer.ensureDeferred(go())
+
+    def test_loopbackDefaultBlocks(self) -> defer.Deferred:
+        """The default 1400-byte blocks (sent in GSO runs where Linux can) arrive intact."""
+        from twisted.internet import reactor
+
+        root = self.mktemp()
+        os.makedirs(root)
+        content = os.urandom(2 * 1024 * 1024 + 17)
+        with open(os.path.join(root, "big.bin"), "wb") as f:
+            f.write(content)
+        server = udp.UDPFileServer(SharedDirectory(root, runInThread=syncThread), reactor)
+        port = reactor.listenUDP(0, server, interface="127.0.0.1", maxPacketSize=udp.MAX_DATAGRAM)
+        self.addCleanup(port.stopListening)
+        sink = io.BytesIO()
+
+        async def go():
+            await udp.fetchUDP(reactor, "127.0.0.1", port.getHost().port, "big.bin", sink)
+            self.assertEqual(sink.getvalue(), content)
+
+        return defer.ensureDeferred(go())
+
+    def test_coalescedRunsReceived(self) -> defer.Deferred:
+        """A GSO run sent over loopback reaches segmentsReceived whole, with its segment size."""
+        from twisted.internet import reactor
+
+        received: List[Tuple[str, bytes, int]] = []
+        arrived: defer.Deferred = defer.Deferred()
+
+        class Taker(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                received.append(("one", data, 0))
+                arrived.callback(None)
+
+            def segmentsReceived(self, data, size, addr):
+                received.append(("run", data, size))
+                arrived.callback(None)
+
+        port = udp._listen(reactor, Taker(), "127.0.0.1")
+        self.addCleanup(port.stopListening)
+        if not port.gro:
+            raise unittest.SkipTest("this kernel has no UDP_GRO")
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        run = b"a" * 100 + b"b" * 100 + b"c" * 40
+        try:
+            sender.sendmsg(
+                [run],
+                [(socket.SOL_UDP, udp.UDP_SEGMENT, struct.pack("=H", 100))],
+                0,
+                ("127.0.0.1", port.getHost().port),
+            )
+        except OSError as e:
+            raise unittest.SkipTest(f"this kernel has no UDP_SEGMENT: {e}")
+
+        def check(_):
+            self.assertEqual(received, [("run", run, 100)])
+
+        return arrived.addCallback(check)
