@@ -599,8 +599,11 @@ class _Transfer:
         acked = 0
         inflight = self._inflight
         lostSet = self._lostSet
-        if cumulative > self.cumAck:
-            for block in range(self.cumAck, cumulative):
+
+        def take(first: int, last: int) -> None:
+            """Mark blocks first..last-1 delivered (called once per range)."""
+            nonlocal acked, newest
+            for block in range(first, last):
                 record = inflight.pop(block, None)
                 if record is not None:
                     acked += 1
@@ -609,6 +612,9 @@ class _Transfer:
                 elif block in lostSet:
                     lostSet.discard(block)
                     acked += 1
+
+        if cumulative > self.cumAck:
+            take(self.cumAck, cumulative)
             self.cumAck = cumulative
             cut = bisect_right(self._sackEnds, cumulative)
             del self._sackStarts[:cut], self._sackEnds[:cut]
@@ -620,15 +626,7 @@ class _Transfer:
             if start >= end:
                 continue
             for first, last in self._addSack(start, end):
-                for block in range(first, last):
-                    record = inflight.pop(block, None)
-                    if record is not None:
-                        acked += 1
-                        if newest is None or record[0] > newest[0]:
-                            newest = record
-                    elif block in lostSet:
-                        lostSet.discard(block)
-                        acked += 1
+                take(first, last)
         if newest is not None:
             if newest[0] > self._highestAckedSeq:
                 self._highestAckedSeq = newest[0]
