@@ -35,6 +35,8 @@ from p2prelay.registry import Registry
 from p2prelay.relay import RelayFactory
 from p2prelay.share import FileEntry, SharedDirectory
 
+from .memory import flushPumps
+
 TIMEOUT = 10.0
 DATA = b"the quick brown fox jumps over the lazy dog\n" * 20
 CLIENT = IPv4Address("TCP", "127.0.0.1", 45678)
@@ -117,11 +119,7 @@ class FakeNetwork:
         self.connections: list[str] = []
 
     def flush(self) -> None:
-        moved = True
-        while moved:
-            moved = False
-            for pump in list(self.pumps):
-                moved = pump.flush() or moved
+        flushPumps(self.pumps)
 
 
 class FetchTestCase(SynchronousTestCase):

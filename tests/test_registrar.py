@@ -19,6 +19,8 @@ from p2prelay.registry import Registry
 from p2prelay.relay import RelayFactory
 from p2prelay.share import FileEntry, SharedDirectory
 
+from .memory import flushPumps
+
 TTL = 90.0
 NODE = IPv4Address("TCP", "127.0.0.1", 40001)
 
@@ -75,11 +77,7 @@ class FakeRelay:
         return succeed(client)
 
     def flush(self) -> None:
-        moved = True
-        while moved:
-            moved = False
-            for pump in list(self.pumps):
-                moved = pump.flush() or moved
+        flushPumps(self.pumps)
 
     def verbs(self) -> list[str]:
         return [verb for _, verb in self.requests]
