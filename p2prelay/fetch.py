@@ -11,7 +11,6 @@ client does not wait on it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Awaitable, Callable, List, Optional, Sequence
 
 import attrs
