@@ -45,10 +45,11 @@ import attrs
 from twisted.internet import error
 from twisted.internet import udp as twistedUDP
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorFDSet, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import wire
 from .share import FileEntry, SharedDirectory
@@ -132,6 +133,8 @@ PUMP_RETRY = 0.002  # after the kernel refused a send (EAGAIN/ENOBUFS)
 COOKIE_PERIOD = 30.0  # a cookie is valid for one to two periods
 FINAL_ACKS = 3  # copies of the last ACK, since nothing acknowledges it
 REMEMBER_FINISHED = 1024  # finished transfers remembered against replays
+KEEPALIVE = 5.0  # while the sink has us paused: an ACK this often keeps the server's transfer
+PAUSE_LIMIT = 6  # timeouts one pause may last before the download fails
 
 _TRANSIENT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
 
@@ -987,10 +990,18 @@ class _ClientPhase(enum.Enum):
     DONE = "done"
 
 
+@implementer(IPushProducer)
 class _UDPClient(DatagramProtocol):
     """
     The receiving half: asks for a range, writes blocks to the sink in
     order, buffers at most a window of out-of-order blocks, acknowledges.
+
+    It is also the sink's push producer.  While paused it writes nothing:
+    blocks that arrive are held like out-of-order ones (acknowledged
+    selectively, at most a window of them), and the cumulative ACK, whose
+    value plus the window is as far as the server may send, stays put.
+    Resuming writes what is held and moves the cumulative ACK on, which
+    opens the server's window again at once.
     """
 
     log = Logger()
@@ -1030,6 +1041,11 @@ class _UDPClient(DatagramProtocol):
         self._ackNow = False  # a gap, a filled gap or a duplicate arrived
         self._pending: List[Any] = []  # in-order payloads not yet written
         self._pendingBytes = 0
+        self._paused = False  # by the sink: write nothing, hold what arrives
+        self._room = self.window  # blocks accepted beyond `expected`; fewer while paused
+        self._pausedAt = 0.0
+        self._pauseCall: Any = None
+        self._writing = False  # inside sink.write
 
     # Life cycle
 
@@ -1038,15 +1054,19 @@ class _UDPClient(DatagramProtocol):
         self._sendRequest()
         self._progressCall = self.clock.callLater(self.timeout, self._progressCheck)
 
+    def _stopTimers(self) -> None:
+        for call in (self._handshakeCall, self._ackCall, self._progressCall, self._pauseCall):
+            if call is not None and call.active():
+                call.cancel()
+
     def _finish(self, result: Any) -> None:
         """Stop every timer and fire the Deferred once."""
         if self.phase is _ClientPhase.DONE:
             return
         self.phase = _ClientPhase.DONE
-        for call in (self._handshakeCall, self._ackCall, self._progressCall):
-            if call is not None and call.active():
-                call.cancel()
+        self._stopTimers()
         self._buffer.clear()
+        del self._starts[:], self._ends[:]
         self._pending.clear()
         self.deferred.callback(result)
 
@@ -1059,9 +1079,7 @@ class _UDPClient(DatagramProtocol):
         if self.phase is not _ClientPhase.DONE:
             self._write(_header(CLOSE, self.tid))
             self.phase = _ClientPhase.DONE
-            for call in (self._handshakeCall, self._ackCall, self._progressCall):
-                if call is not None and call.active():
-                    call.cancel()
+            self._stopTimers()
 
     def _write(self, datagram: bytes) -> None:
         try:
@@ -1087,6 +1105,11 @@ class _UDPClient(DatagramProtocol):
         self._progressCall = None
         if self.phase is _ClientPhase.DONE:
             return
+        if self._paused:
+            # Not the peer's fault: the clock restarts on resuming, and
+            # _pauseCheck bounds the pause itself.
+            self._progressCall = self.clock.callLater(self.timeout, self._progressCheck)
+            return
         waited = self.clock.seconds() - self._lastProgress
         if waited < self.timeout:
             self._progressCall = self.clock.callLater(self.timeout - waited, self._progressCheck)
@@ -1096,6 +1119,62 @@ class _UDPClient(DatagramProtocol):
                 f"no progress from {self.peer[0]}:{self.peer[1]} in {self.timeout:g} seconds"
             )
         )
+
+    # IPushProducer, for the sink
+
+    def pauseProducing(self) -> None:
+        """
+        The sink is full: write nothing more, hold what arrives (at most a
+        window in all), keep the server's transfer alive with an ACK every
+        KEEPALIVE seconds, and give up after PAUSE_LIMIT timeouts.
+        """
+        if self._paused or self.phase is _ClientPhase.DONE:
+            return
+        self._paused = True
+        self._pausedAt = self.clock.seconds()
+        if self._pendingBytes:  # gathered before the pause: counts against the window
+            self._room = self.window - -(-self._pendingBytes // self.blockSize)
+        self._pauseCall = self.clock.callLater(
+            min(KEEPALIVE, PAUSE_LIMIT * self.timeout), self._pauseCheck
+        )
+
+    def resumeProducing(self) -> None:
+        """Write what was held, then move the cumulative ACK on."""
+        if not self._paused or self.phase is _ClientPhase.DONE:
+            return
+        self._paused = False
+        self._room = self.window
+        if self._pauseCall is not None and self._pauseCall.active():
+            self._pauseCall.cancel()
+        self._pauseCall = None
+        self._lastProgress = self.clock.seconds()
+        if self.phase is not _ClientPhase.RECEIVING or self._writing:
+            return  # (resumed from inside sink.write: the writer carries on)
+        if self._starts and self._starts[0] == self.expected:
+            try:
+                self._drain()  # stops early if the sink pauses us again
+            except Exception as e:
+                self._fail(UDPTransferError(f"cannot write the data: {e}"))
+                return
+        self._ackNow = True
+        self._acknowledge()
+
+    def stopProducing(self) -> None:
+        """The sink wants no more: end the download as cancelling does."""
+        self._fail(UDPTransferError("the download was stopped by its sink"))
+
+    def _pauseCheck(self) -> None:
+        self._pauseCall = None
+        if not self._paused or self.phase is _ClientPhase.DONE:
+            return
+        paused = self.clock.seconds() - self._pausedAt
+        limit = PAUSE_LIMIT * self.timeout
+        if paused >= limit:
+            self._fail(UDPTransferError(f"the sink paused the download for {paused:g} seconds"))
+            return
+        if self.phase is _ClientPhase.RECEIVING:
+            self._sendAck()  # the server drops a transfer that goes unacknowledged
+        self._pauseCall = self.clock.callLater(min(KEEPALIVE, limit - paused), self._pauseCheck)
 
     # Datagrams
 
@@ -1207,7 +1286,7 @@ class _UDPClient(DatagramProtocol):
         """
         (block,) = _BLOCK_NUMBER.unpack_from(data, HEADER_SIZE)
         expected = self.expected
-        if block < expected or block >= expected + self.window or block in self._buffer:
+        if block < expected or block >= expected + self._room or block in self._buffer:
             self._ackNow = True  # a duplicate: our ACK may have been lost
             return
         if block >= self.nblocks:
@@ -1220,7 +1299,7 @@ class _UDPClient(DatagramProtocol):
             return
         self._lastProgress = self.clock.seconds()
         try:
-            if block == expected:
+            if block == expected and not self._paused:
                 self._deliver(payload)
                 self.expected = expected = expected + 1
                 if self._starts and self._starts[0] == expected:
@@ -1232,7 +1311,10 @@ class _UDPClient(DatagramProtocol):
                 self._buffer[block] = bytes(payload)  # not a view pinning a whole GRO buffer
                 self._insert(block)
                 self._latest = block
-                self._ackNow = True  # a gap: tell the sender now
+                if self._paused and self._starts[0] == expected and self._ends[0] == block + 1:
+                    self._unacked += 1  # held in order: acknowledged as in-order data is
+                else:
+                    self._ackNow = True  # a gap: tell the sender now
         except Exception as e:
             self._fail(UDPTransferError(f"cannot write the data: {e}"))
 
@@ -1265,11 +1347,15 @@ class _UDPClient(DatagramProtocol):
             self._writePending()
 
     def _writePending(self) -> None:
-        if self._pending:
+        if self._pending and not self._paused:
             data = b"".join(self._pending)
             self._pending.clear()
             self._pendingBytes = 0
-            self.sink.write(data)
+            self._writing = True
+            try:
+                self.sink.write(data)  # which may pause, resume or stop us
+            finally:
+                self._writing = False
 
     def _flush(self) -> bool:
         """Write what is gathered; False (and the download failed) if the sink raised."""
@@ -1281,13 +1367,24 @@ class _UDPClient(DatagramProtocol):
         return True
 
     def _drain(self) -> None:
-        """A gap was filled: hand the buffered run after it to the sink."""
-        first, end = self._starts.pop(0), self._ends.pop(0)
+        """
+        A gap was filled, or the sink resumed us: hand the buffered run at
+        ``expected`` to the sink, until the sink pauses us (again).
+        """
+        starts, ends = self._starts, self._ends
+        block, end = starts[0], ends[0]
         buffer = self._buffer
         deliver = self._deliver
-        for block in range(first, end):
+        while block < end and not self._paused and self.phase is _ClientPhase.RECEIVING:
             deliver(buffer.pop(block))
-        self.expected = end
+            block += 1
+        if self.phase is not _ClientPhase.RECEIVING:
+            return  # the sink stopped us
+        self.expected = block
+        if block == end:
+            del starts[0], ends[0]
+        else:
+            starts[0] = block
 
     def _insert(self, block: int) -> None:
         starts, ends = self._starts, self._ends
@@ -1336,7 +1433,11 @@ class _UDPClient(DatagramProtocol):
         )
 
     def _checkDone(self) -> None:
-        if self.phase is _ClientPhase.RECEIVING and self.expected == self.nblocks:
+        if (
+            self.phase is _ClientPhase.RECEIVING
+            and self.expected == self.nblocks
+            and not self._pending
+        ):
             final = _header(ACK, self.tid) + _ACK.pack(self.expected, 0)
             for _ in range(FINAL_ACKS - 1):
                 self._write(final)
@@ -1431,6 +1532,9 @@ async def fetchUDP(
 
     Checking the whole-file ``sha256`` in the result is the caller's job,
     since only the caller holds the whole file when this was a range.
+    A sink with ``registerProducer`` (an ``IConsumer`` such as
+    ``Download``) gets the download as its streaming producer until it
+    ends, so it can pause the download while it catches up.
     Raises :class:`wire.ProtocolError` for the server's error answers,
     ``TimeoutError`` after ``timeout`` seconds without progress, and
     :class:`UDPTransferError` for anything else.
@@ -1442,12 +1546,22 @@ async def fetchUDP(
         raise ValueError(f"blockSize must be {MIN_BLOCK}..{MAX_BLOCK}")
     client = _UDPClient(reactor, (host, port), name, sink, offset, length, timeout, blockSize)
     interface = "::" if ":" in host else ""
-    listening = _listen(reactor, client, interface)
+    consumer = hasattr(sink, "registerProducer")
+    if consumer:
+        sink.registerProducer(client, True)
+    try:
+        listening = _listen(reactor, client, interface)
+    except BaseException:
+        if consumer:
+            sink.unregisterProducer()
+        raise
     try:
         return await client.deferred
     finally:
         if client.phase is not _ClientPhase.DONE:
             client._cancel(client.deferred)
+        if consumer:
+            sink.unregisterProducer()
         stopped = listening.stopListening()
         if stopped is not None:
             await stopped

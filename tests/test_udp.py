@@ -16,13 +16,14 @@ import socket
 import sys
 import random
 import struct
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, error, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
-from p2prelay import udp, wire
+from p2prelay import download, udp, wire
 from p2prelay.share import SharedDirectory
 
 SERVER = ("10.0.0.1", 9999)
@@ -1278,6 +1279,223 @@ class SinkWriteTests(UDPTestCase):
         self.failureResultOf(d, defer.CancelledError)
 
 
+class Consumer(Sink):
+    """
+    A sink that is an IConsumer, as ``Download`` is: it records its
+    producer's comings and goings, pauses it once ``pauseAfter`` bytes
+    have been written (as ``Download`` does inside ``write``), and calls
+    ``stopProducing`` instead when ``stopAfter`` bytes have.
+    """
+
+    def __init__(self, pauseAfter: Optional[int] = None, stopAfter: Optional[int] = None) -> None:
+        super().__init__()
+        self.pauseAfter = pauseAfter
+        self.stopAfter = stopAfter
+        self.producer = None
+        self.events: List[str] = []
+        self.paused = False
+        self.received = 0
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+        self.events.append("streaming" if streaming else "pull")
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.events.append("unregistered")
+
+    def write(self, data: bytes) -> None:
+        assert not self.paused, "written to while paused"
+        super().write(data)
+        self.received += len(data)
+        if self.stopAfter is not None and self.received >= self.stopAfter:
+            self.stopAfter = None
+            self.producer.stopProducing()
+        elif self.pauseAfter is not None and self.received >= self.pauseAfter:
+            self.pauseAfter = None
+            self.pause()
+
+    def pause(self) -> None:
+        self.paused = True
+        self.producer.pauseProducing()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.producer.resumeProducing()
+
+
+def held(client: udp._UDPClient) -> int:
+    """Bytes the client has received and not yet handed to its sink."""
+    return client._pendingBytes + sum(len(b) for b in client._buffer.values())
+
+
+class BackpressureTests(UDPTestCase):
+    """A sink that falls behind pauses the download; memory does not absorb it."""
+
+    BIG = 16384  # blocks: the 4 MiB window is 256 of them
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.blockSize = self.BIG
+        self.content = os.urandom(3 * udp.RECEIVE_WINDOW_BYTES + 1000)
+        self.addFile("big.bin", self.content)
+
+    def pausedFor(self, seconds: float, sink: Consumer) -> Tuple[int, int]:
+        """
+        Hold the download paused for ``seconds``: the sink gets nothing.
+        Returns the most the client held meanwhile, and the highest block
+        the server sent beyond the cumulative ACK frozen by the pause.
+        """
+        client = sink.producer
+        self.assertTrue(sink.paused)
+        written = sink.received
+        start = len(self.network.log)
+        frozen = client.expected
+        most = 0
+        end = self.reactor.seconds() + seconds
+        while self.reactor.seconds() < end:
+            self.advance(0.001)
+            most = max(most, held(client))
+        self.assertEqual(sink.received, written)
+        sent = [dataBlock(g) for _, _, g in self.network.log[start:] if dataBlock(g) is not None]
+        return most, max(sent, default=frozen) - frozen
+
+    def assertComplete(self, d: defer.Deferred, sink: Consumer) -> None:
+        self.runUntil(d)
+        result = self.successResultOf(d)
+        self.assertEqual(sink.value(), self.content)
+        self.assertEqual(result.sha256, hashlib.sha256(self.content).hexdigest())
+        self.assertEqual(sink.events, ["streaming", "unregistered"])
+        self.assertServerIdle()
+
+    def test_pausedInsideWrite(self) -> None:
+        """
+        Paused from inside ``write`` (as ``Download`` does), the client writes
+        nothing, holds at most its window, and the server sends no block
+        beyond the window; resumed, the file completes intact.
+        """
+        sink = Consumer(pauseAfter=udp.RECEIVE_WINDOW_BYTES // 2)
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG)
+        while not sink.paused:
+            self.advance(0.001)
+        most, beyond = self.pausedFor(3.0, sink)
+        self.assertLessEqual(most, udp.RECEIVE_WINDOW_BYTES)
+        self.assertGreater(most, udp.RECEIVE_WINDOW_BYTES // 2)  # it did fill up
+        self.assertLess(beyond, sink.producer.window)
+        sink.resume()
+        self.assertComplete(d, sink)
+
+    def test_pausedBetweenWrites(self) -> None:
+        """
+        Paused while in-order data is gathered for the next write, the client
+        still holds no more than its window in all.
+        """
+        self.network.jitter = 0.002  # datagrams arrive spread out, and reordered
+        sink = Consumer()
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG)
+        while sink.received < udp.RECEIVE_WINDOW_BYTES // 2:
+            self.advance(0.0001)
+        while not sink.producer._pendingBytes:
+            self.advance(0.0001)
+        sink.pause()
+        most, _ = self.pausedFor(3.0, sink)
+        self.assertLessEqual(most, udp.RECEIVE_WINDOW_BYTES)
+        sink.resume()
+        self.assertComplete(d, sink)
+
+    def test_pausedAgainWhileFlushing(self) -> None:
+        """
+        A sink that pauses on every write, so also while held data is being
+        written on resuming, gets the whole file with no more than a window held.
+        """
+
+        class Stingy(Consumer):
+            def write(self, data):
+                super().write(data)
+                self.pause()
+                self.reactor.callLater(0.05, self.resumeIfRegistered)
+
+            def resumeIfRegistered(self):
+                if self.producer is not None:
+                    self.resume()
+
+        sink = Stingy()
+        sink.reactor = self.reactor
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG)
+        most = 0
+        while not d.called:
+            self.advance(0.001)
+            if sink.producer is not None:
+                most = max(most, held(sink.producer))
+        self.assertLessEqual(most, udp.RECEIVE_WINDOW_BYTES)
+        self.assertComplete(d, sink)
+        self.assertGreater(len(sink.chunks), 3)
+
+    def test_pausedBeforeAnyData(self) -> None:
+        """A download paused before its handshake completes resumes from the start."""
+        sink = Consumer()
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG)
+        sink.pause()
+        most, _ = self.pausedFor(2.0, sink)
+        self.assertLessEqual(most, udp.RECEIVE_WINDOW_BYTES)
+        sink.resume()
+        self.assertComplete(d, sink)
+
+    def test_pauseIsNotATimeout(self) -> None:
+        """
+        A pause longer than the no-progress timeout is not a dead peer, and
+        the client keeps the server's transfer from idling out meanwhile.
+        """
+        self.server.idleTimeout = 2 * udp.KEEPALIVE
+        sink = Consumer(pauseAfter=1)
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG, timeout=2.0)
+        while not sink.paused:
+            self.advance(0.001)
+        self.pausedFor(udp.PAUSE_LIMIT * 2.0 - 0.1, sink)
+        self.assertFalse(d.called)
+        self.assertEqual(len(self.server.transfers), 1)
+        sink.resume()
+        self.assertComplete(d, sink)
+
+    def test_pausedForeverEnds(self) -> None:
+        """A download paused for PAUSE_LIMIT timeouts fails, and frees the server."""
+        sink = Consumer(pauseAfter=1)
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG, timeout=2.0)
+        while not sink.paused:
+            self.advance(0.001)
+        paused = self.reactor.seconds()
+        self.runUntil(d, limit=udp.PAUSE_LIMIT * 2.0 + 1)
+        failure = self.failureResultOf(d, udp.UDPTransferError)
+        self.assertIn("paused", str(failure.value))
+        self.assertAlmostEqual(self.reactor.seconds() - paused, udp.PAUSE_LIMIT * 2.0, delta=0.01)
+        self.assertEqual(sink.events, ["streaming", "unregistered"])
+        self.assertClientClosed()
+        self.advance(0.1)
+        self.assertEqual(self.server.transfers, {})
+        self.assertNoTimers()
+
+    def test_stopProducing(self) -> None:
+        """stopProducing ends the download at once and frees the server."""
+        sink = Consumer(stopAfter=1)
+        d, _ = self.fetch("big.bin", sink=sink, blockSize=self.BIG)
+        self.advance(0.5)
+        self.failureResultOf(d, udp.UDPTransferError)
+        self.assertEqual(sink.events, ["streaming", "unregistered"])
+        self.assertLess(sink.received, len(self.content))
+        self.assertClientClosed()
+        self.advance(0.1)
+        self.assertEqual(self.server.transfers, {})
+        self.assertNoTimers()
+
+    def test_unregisteredOnFailure(self) -> None:
+        """The sink's producer is unregistered when the download fails, too."""
+        sink = Consumer()
+        d, _ = self.fetch("missing.bin", sink=sink)
+        self.runUntil(d)
+        self.failureResultOf(d, wire.ProtocolError)
+        self.assertEqual(sink.events, ["streaming", "unregistered"])
+
+
 class FakeStruct:
     """A struct.Struct stand-in whose pack lies, to forge server answers."""
 
@@ -1315,6 +1533,53 @@ class RealReactorTests(unittest.TestCase):
             self.assertEqual(sink.getvalue(), content)
             self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
             self.assertEqual(result.length, len(content))
+
+        return defer.ensureDeferred(go())
+
+    def test_loopbackDownloadSink(self) -> defer.Deferred:
+        """
+        A threaded ``Download`` that falls behind pauses the transfer, and
+        the file still arrives intact.
+        """
+        from twisted.internet import reactor
+
+        self.patch(download, "HIGH_WATER", 0)  # pause after every write ...
+        self.patch(download, "LOW_WATER", 1)  # ... until the thread has stored it
+        root = self.mktemp()
+        os.makedirs(root)
+        content = os.urandom(8 * 1024 * 1024 + 17)
+        with open(os.path.join(root, "big.bin"), "wb") as f:
+            f.write(content)
+        server = udp.UDPFileServer(SharedDirectory(root, runInThread=syncThread), reactor)
+        port = reactor.listenUDP(0, server, interface="127.0.0.1", maxPacketSize=udp.MAX_DATAGRAM)
+        self.addCleanup(port.stopListening)
+        sink = download.Download(Path(self.mktemp()), reactor)
+        self.addCleanup(sink.discard)
+        pauses = []
+
+        class Counting:
+            def __init__(self, producer):
+                self.producer = producer
+
+            def pauseProducing(self):
+                pauses.append(True)
+                self.producer.pauseProducing()
+
+            def resumeProducing(self):
+                self.producer.resumeProducing()
+
+        register = sink.registerProducer
+        sink.registerProducer = lambda producer, streaming: register(Counting(producer), streaming)
+
+        async def go():
+            result = await udp.fetchUDP(
+                reactor, "127.0.0.1", port.getHost().port, "big.bin", sink, blockSize=16384
+            )
+            await sink.flushed()
+            sink.expect(result.size, result.sha256)
+            self.assertEqual(sink.verify(), hashlib.sha256(content).hexdigest())
+            self.assertIsNone(sink.producer)
+            self.assertGreater(len(pauses), 2)
 
         return defer.ensureDeferred(go())
 
