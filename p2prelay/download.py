@@ -101,6 +101,9 @@ class Download:
 
     def registerProducer(self, producer, streaming: bool) -> None:
         self.producer = producer
+        if self._paused:
+            # Still behind from an earlier attempt: the next source waits too.
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
         self.producer = None

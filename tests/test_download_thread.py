@@ -51,6 +51,7 @@ class ThreadedDownloadTests(TestCase):
     async def test_slowWriterPausesProducer(self) -> None:
         """Past HIGH_WATER queued bytes the producer is paused, and resumed once drained."""
         gate = threading.Event()
+        self.addCleanup(gate.set)
         store = self.sink._store
 
         def slowStore(data: bytes) -> None:
@@ -78,3 +79,21 @@ class ThreadedDownloadTests(TestCase):
         await self.sink.flushed()
         self.sink.verify()
         self.assertEqual(self.sink.path.read_bytes(), b"good")
+
+    async def test_newProducerPausedWhileBehind(self) -> None:
+        """A producer registered while the writer is still behind starts paused."""
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        store = self.sink._store
+        self.sink._store = lambda data: (gate.wait(10), store(data))
+        first = FakeProducer()
+        self.sink.registerProducer(first, True)
+        for _ in range(download.HIGH_WATER // (1024 * 1024) + 1):
+            self.sink.write(b"x" * 1024 * 1024)
+        self.sink.unregisterProducer()
+        second = FakeProducer()
+        self.sink.registerProducer(second, True)
+        self.assertEqual(second.paused, 1)
+        gate.set()
+        await self.sink.flushed()
+        self.assertEqual((second.paused, second.resumed), (1, 1))

@@ -629,3 +629,25 @@ class GetCancelTests(FetchTestCase):
         self.assertTrue(transport.disconnecting)
         self.clock.advance(10)
         proto.connectionLost(None)
+
+
+class GetBackpressureTests(FetchTestCase):
+    def test_pausedBySinkIsNotIdle(self):
+        """
+        While the sink has paused the download (a slow disk), the idle
+        timeout does not run: the wait is ours, not the peer's.
+        """
+        from p2prelay.fetch import GetProtocol
+
+        sink = self.sink()
+        proto = GetProtocol(self.clock, "a.txt", sink, timeout=5)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        sink.producer.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(60)
+        self.assertNoResult(proto.deferred)
+        sink.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.clock.advance(5)
+        self.failureResultOf(proto.deferred, TimeoutError)
