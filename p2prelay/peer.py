@@ -208,6 +208,7 @@ async def run(reactor, args: argparse.Namespace) -> int:
     try:
         port = await node.listener.whenListening
     except Exception as e:
+        node.ready.addErrback(lambda _: None)  # the same failure, reported here
         sys.stderr.write(f"p2p-peer: cannot listen on {args.port}: {e}\n")
         await console.close()
         return 1

@@ -70,13 +70,12 @@ class ListeningService(Service):
     def _listen(self, exitOnFailure: bool) -> None:
         self._started = True
         d = serverFromString(self.reactor, self.description).listen(self.factory)
-        d.addCallback(self._listening)
-        failures: list = []
-        d.addErrback(failures.append)
-        if failures:
-            self._failed(failures[0], exitOnFailure)
-        else:
-            d.addErrback(self._failed, False)
+        d.addCallbacks(self._listening, self._failed)
+        if exitOnFailure and self.port is None and self.whenListening.called:
+            # Failed at once under twistd: logged above, and nobody else
+            # will use the failure, so end the process quietly.
+            self.whenListening.addErrback(lambda _: None)
+            raise SystemExit(1)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -86,15 +85,13 @@ class ListeningService(Service):
         self.whenListening.callback(port)
         return port
 
-    def _failed(self, failure, exitOnFailure: bool) -> None:
+    def _failed(self, failure) -> None:
         self.log.critical(
             "{what} cannot listen on {desc}: {error}",
             what=self.what,
             desc=self.description,
             error=failure.getErrorMessage(),
         )
-        if exitOnFailure:
-            raise SystemExit(1)
         self.whenListening.errback(failure)
 
     def stopService(self):
@@ -220,7 +217,6 @@ class NodeService(MultiService):
         except Exception as e:
             # The listener has logged it; whoever started us decides.
             self.ready.errback(e)
-            self.ready.addErrback(lambda _: None)
             return
         udpNumber = None
         if self.udp is not None:

@@ -41,3 +41,34 @@ class ListeningServiceTests(SynchronousTestCase):
         service = ListeningService(BusyReactor(), "tcp:8000", Factory(), "peernode")
         service.startService()
         self.failureResultOf(service.whenListening, CannotListenError)
+
+    def test_lateFailureReported(self) -> None:
+        """A listen that fails after startService returns still fails whenListening."""
+        from twisted.internet.defer import Deferred
+
+        from p2prelay import service as service_module
+
+        pending: Deferred = Deferred()
+
+        class LateEndpoint:
+            def listen(self, factory):
+                return pending
+
+        self.patch(service_module, "serverFromString", lambda reactor, desc: LateEndpoint())
+        service = ListeningService(MemoryReactorClock(), "tcp:8000", Factory(), "peernode")
+        service.startService()
+        self.assertNoResult(service.whenListening)
+        pending.errback(CannotListenError("", 8000, OSError(98, "Address already in use")))
+        self.failureResultOf(service.whenListening, CannotListenError)
+
+
+class NodeServiceTests(SynchronousTestCase):
+    def test_readyFailsWhenListeningFails(self) -> None:
+        """A node that cannot listen reports it on ready, not as success."""
+        from p2prelay.service import NodeService
+
+        node = NodeService(
+            BusyReactor(), relay=None, directory=self.mktemp(), description="tcp:8000", udp=None
+        )
+        node.startService()
+        self.failureResultOf(node.ready, CannotListenError)
