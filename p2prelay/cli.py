@@ -207,26 +207,23 @@ class Client:
                 self._failure(name, f"relay answered {e}")
             return None
 
-    async def _fetchOne(self, name: str) -> tuple[Fetched, Download]:
-        if self.args.output:
-            final = destination(Path(self.args.output), name)
-            if final.exists() and not self.args.force:
-                raise DestinationError(f"{final} exists (use --force to replace it)")
-            sink = Download(final.parent, self.reactor)
-        else:
-            final = None
+    async def _fetchOne(self, name: str) -> tuple[Fetched, Optional[Download]]:
+        """Save into -o DIR, or fetch into a temporary file kept for printing."""
+        if not self.args.output:
             sink = Download(Path(tempfile.gettempdir()), self.reactor)
-        try:
-            result = await self.fetcher.fetch(name, sink)
-            if final is not None:
-                sink.commit(final, force=self.args.force)
-                err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
-                if self.args.json:
-                    self.out(json.dumps(self._record(result, path=str(final))))
-            return result, sink
-        except BaseException:
-            sink.discard()
-            raise
+            try:
+                return await self.fetcher.fetch(name, sink), sink
+            except BaseException:
+                sink.discard()
+                raise
+        final = destination(Path(self.args.output), name)
+        if final.exists() and not self.args.force:
+            raise DestinationError(f"{final} exists (use --force to replace it)")
+        result = await self.fetcher.save(name, final, force=self.args.force)
+        err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
+        if self.args.json:
+            self.out(json.dumps(self._record(result, path=str(final))))
+        return result, None
 
     def _record(self, result: Fetched, **extra: object) -> dict:
         return {

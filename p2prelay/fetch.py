@@ -11,6 +11,7 @@ client does not wait on it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, List, Optional, Sequence
 
 import attrs
@@ -365,6 +366,30 @@ class Fetcher:
         except udp.UDPTransferError as e:
             raise NoUDP(f"UDP transfer failed: {e}") from None
         sink.expect(result.size, result.sha256)
+
+    async def save(
+        self,
+        name: str,
+        final: Path,
+        *,
+        force: bool = False,
+        onStart: Callable[[Download], None] = lambda sink: None,
+    ) -> Fetched:
+        """
+        Fetch ``name`` to ``final``: into a temporary file beside it, renamed
+        into place only once verified (never over an existing file unless
+        ``force``).  Nothing is left behind when it fails.  ``onStart``
+        sees the download, e.g. to show its progress.
+        """
+        sink = Download(final.parent, self.reactor)
+        onStart(sink)
+        try:
+            result = await self.fetch(name, sink)
+            sink.commit(final, force=force)
+        except BaseException:
+            sink.discard()
+            raise
+        return result
 
     async def fetch(self, name: str, sink: Download) -> Fetched:
         """

@@ -157,20 +157,15 @@ class PeerConsole:
         except (wire.ProtocolError, DestinationError) as e:
             self.out(f"{name}: {getattr(e, 'message', e)}")
             return
-        sink = Download(final.parent, self.reactor)
-        self.transfers[name] = sink
         self.out(f"{name}: downloading in the background")
         try:
-            result = await self.fetcher.fetch(name, sink)
-            sink.commit(final)
+            result = await self.fetcher.save(
+                name, final, onStart=lambda sink: self.transfers.__setitem__(name, sink)
+            )
         except (NotFetched, RelayUnreachable, DestinationError, OSError) as e:
-            sink.discard()
             why = e.why if isinstance(e, NotFetched) else str(e)
             self.out(f"{name}: not fetched: {why}")
             return
-        except BaseException:
-            sink.discard()
-            raise
         finally:
             self.transfers.pop(name, None)
         st = final.stat()
