@@ -127,7 +127,6 @@ class GetProtocol(NegotiationProtocol):
         self.length = length
         self.remaining = 0
         self.deferred: Deferred[None] = Deferred(self._cancel)
-        self._done = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -145,7 +144,7 @@ class GetProtocol(NegotiationProtocol):
         )
 
     def lineReceived(self, line: bytes) -> None:
-        if self._done:
+        if self.finished:
             return
         try:
             message = wire.parseLine(line)
@@ -177,9 +176,8 @@ class GetProtocol(NegotiationProtocol):
         self.setRawMode()
 
     # IPushProducer, as the sink sees us: pausing for a slow sink pauses the
-    # transport and the idle timeout with it (a paused peer is not a dead one).
-
-    # LineReceiver's own versions also hold back bytes already received.
+    # transport and the idle timeout with it (a paused peer is not a dead
+    # one).  LineReceiver's own versions also hold back bytes already read.
 
     def pauseProducing(self) -> None:
         self.setTimeout(None)
@@ -187,11 +185,11 @@ class GetProtocol(NegotiationProtocol):
 
     def resumeProducing(self) -> None:
         super().resumeProducing()
-        if not self._done:
+        if not self.finished:
             self.setTimeout(self.idleTimeout)
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._done:
+        if self.finished:
             return
         chunk = data[: self.remaining]
         self.remaining -= len(chunk)
@@ -199,25 +197,23 @@ class GetProtocol(NegotiationProtocol):
         if self.remaining == 0:
             self._succeed()
 
-    def _cancel(self, d: Deferred) -> None:
-        self._done = self.finished = True
-        self.setTimeout(None)
+    def conclude(self) -> None:
+        super().conclude()
         self.sink.unregisterProducer()
+
+    def _cancel(self, d: Deferred) -> None:
+        self.conclude()
         self.transport.abortConnection()
 
     def _succeed(self) -> None:
-        self._done = self.finished = True
-        self.setTimeout(None)
-        self.sink.unregisterProducer()
+        self.conclude()
         self.transport.loseConnection()
         self.deferred.callback(None)
 
     def _fail(self, reason: Exception) -> None:
-        if self._done:
+        if self.finished:
             return
-        self._done = self.finished = True
-        self.setTimeout(None)
-        self.sink.unregisterProducer()
+        self.conclude()
         self.transport.loseConnection()
         self.deferred.errback(Failure(reason))
 
@@ -230,7 +226,7 @@ class GetProtocol(NegotiationProtocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         super().connectionLost(reason)
-        if not self._done:
+        if not self.finished:
             if self.remaining:
                 got = self.sink.received
                 self._fail(IncompleteBody(f"connection lost after {got} bytes"))

@@ -62,9 +62,13 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
         self.transport.write(wire.status(error.status, error.message))
         self.transport.loseConnection()
 
-    def finish(self, data: bytes) -> None:
-        """Send the last bytes of a negotiation and close gracefully."""
+    def conclude(self) -> None:
+        """Mark the negotiation over: nothing more is handled or timed out."""
         self.finished = True
         self.setTimeout(None)
+
+    def finish(self, data: bytes) -> None:
+        """Send the last bytes of a negotiation and close gracefully."""
+        self.conclude()
         self.transport.write(data)
         self.transport.loseConnection()

@@ -84,21 +84,18 @@ class QueryProtocol(NegotiationProtocol):
     def _cancel(self, d: Deferred) -> None:
         # The caller gave up: drop the connection now, and let nothing that
         # happens on it later touch the (already failed) Deferred.
-        self.finished = True
-        self.setTimeout(None)
+        self.conclude()
         self.transport.abortConnection()
 
     def _succeed(self, reply: Reply) -> None:
-        self.finished = True
-        self.setTimeout(None)
+        self.conclude()
         self.transport.loseConnection()
         self.deferred.callback(reply)
 
     def _fail(self, failure: Failure) -> None:
         if self.finished:
             return
-        self.finished = True
-        self.setTimeout(None)
+        self.conclude()
         self.transport.loseConnection()
         self.deferred.errback(failure)
 
