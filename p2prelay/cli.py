@@ -28,7 +28,7 @@ from .fetch import PEER_TIMEOUT, Fetched, Fetcher, NotFetched, RelayUnreachable
 
 EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # argparse exits with this status on usage errors
 EXIT_RELAY = 3
 
 DEFAULT_RELAY = "localhost:8000"
@@ -297,12 +297,7 @@ class Client:
 async def run(reactor, args: argparse.Namespace) -> int:
     interactive = not (args.names or args.peers or args.list is not None)
     console = Console(reactor, interactive)
-    try:
-        client = Client(reactor, args, console)
-    except AddressError as e:
-        err(f"p2p-fetch: {e}")
-        await console.close()
-        return EXIT_USAGE
+    client = Client(reactor, args, console)  # parseArgs has checked --relay
     try:
         if args.peers:
             await client.listPeers()
