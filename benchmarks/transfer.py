@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2prelay.demo import REGISTERED, Daemon, script  # noqa: E402
+from p2prelay.cli.demo import REGISTERED, Daemon, script  # noqa: E402
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 MiB = 1024 * 1024

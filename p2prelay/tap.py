@@ -19,9 +19,10 @@ from .addresses import (
     serverDescription,
     udpPort,
 )
-from .registrar import DEFAULT_RESCAN
-from .registry import DEFAULT_TTL
-from .service import NodeService, RelayService
+from .node.service import NodeService
+from .node.upkeep import DEFAULT_RESCAN
+from .relay.registry import DEFAULT_TTL
+from .relay.service import RelayService
 
 
 def _positive(value: str) -> float:

@@ -26,7 +26,6 @@ from urllib.parse import quote, unquote
 import attrs
 
 PROTOCOL = "P2P/1"
-VERSION = 1
 
 # Limits.  A peer that exceeds one is answered with the 4xx status named
 # next to it and disconnected; none of them is reachable by honest use.
@@ -37,7 +36,6 @@ MAX_FIELDS = 16  # key=value pairs on one line (400)
 MAX_FILES = 20_000  # FILE lines in one registration (413)
 MAX_LIST = 100_000  # items a client accepts in any list response
 MAX_TEXT = 512  # characters of human text we emit
-SHA256_HEX = 64
 
 # Status codes: 2xx success, 4xx the requester's fault, 5xx the server's.
 OK = 200
@@ -100,6 +98,16 @@ class ProtocolError(Exception):
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
+
+
+@attrs.frozen
+class FileEntry:
+    """One shared file as announced to the relay (and listed by it)."""
+
+    name: str
+    size: int
+    sha256: str
+    mtime_ns: int = 0
 
 
 @attrs.frozen
@@ -265,23 +273,3 @@ def checkName(name: str) -> str:
     if any(part in ("", ".", "..") for part in parts):
         raise ProtocolError(BAD_REQUEST, "file name has an empty, '.' or '..' component")
     return name
-
-
-def splitNames(words: Iterable[str], *, allowVerb: bool = False) -> list[str]:
-    """
-    Split command-line or prompt input into file names.
-
-    Accepts separate words and comma lists (``"a.txt, b.txt"``, the seeds'
-    ``Send FILE1, FILE2`` form) and drops duplicates, keeping the order.
-    With ``allowVerb`` (typed input) a leading ``Send``/``get`` is dropped.
-    """
-    pieces = [piece.strip() for word in words for piece in word.split(",")]
-    pieces = [piece for piece in pieces if piece]
-    if allowVerb and pieces and pieces[0].split(" ", 1)[0].lower() in ("send", "get"):
-        first = pieces[0].split(" ", 1)
-        pieces[0:1] = [first[1].strip()] if len(first) > 1 and first[1].strip() else []
-    names: list[str] = []
-    for piece in pieces:
-        if piece not in names:
-            names.append(piece)
-    return names

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.console import Console, Terminal
+from p2prelay.cli.console import Console, Terminal, splitNames
 
 
 class PullingStdout(StringTransport):
@@ -70,3 +70,61 @@ class SendTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertTrue(c.stdoutClosed)
         self.successResultOf(Deferred.fromCoroutine(c.send(io.BytesIO(b"more"))))
+
+
+class SplitNamesTests(SynchronousTestCase):
+    """
+    What users type becomes a list of file names.
+    """
+
+    def test_words(self):
+        """Separate words are separate names."""
+        self.assertEqual(splitNames(["a.txt", "b.txt"]), ["a.txt", "b.txt"])
+
+    def test_commaList(self):
+        """A comma list is split and trimmed."""
+        self.assertEqual(splitNames(["a.txt, b.txt,c.txt"]), ["a.txt", "b.txt", "c.txt"])
+
+    def test_commaWords(self):
+        """Commas attached to shell words ("a.txt," "b.txt") are dropped."""
+        self.assertEqual(splitNames(["a.txt,", "b.txt"]), ["a.txt", "b.txt"])
+
+    def test_spacesInsideNamesKept(self):
+        """A name with inner spaces stays one name."""
+        self.assertEqual(splitNames(["my file.txt, b"]), ["my file.txt", "b"])
+
+    def test_emptyPiecesDropped(self):
+        """Empty pieces between commas are ignored."""
+        self.assertEqual(splitNames([", a,, ,b,"]), ["a", "b"])
+
+    def test_duplicates(self):
+        """Duplicates are dropped, keeping the first position."""
+        self.assertEqual(splitNames(["b, a", "b", "a, c"]), ["b", "a", "c"])
+
+    def test_sendVerb(self):
+        """With allowVerb, "Send a, b" asks for a and b."""
+        self.assertEqual(splitNames(["Send a.txt, b.txt"], allowVerb=True), ["a.txt", "b.txt"])
+
+    def test_getVerbAnyCase(self):
+        """With allowVerb, a leading get/GET/send is dropped whatever its case."""
+        self.assertEqual(splitNames(["GET a.txt"], allowVerb=True), ["a.txt"])
+        self.assertEqual(splitNames(["send", "a.txt"], allowVerb=True), ["a.txt"])
+
+    def test_verbKeptWithoutAllowVerb(self):
+        """Without allowVerb, "Send a" is a file name like any other."""
+        self.assertEqual(splitNames(["Send a.txt, b.txt"]), ["Send a.txt", "b.txt"])
+
+    def test_verbOnlyFirst(self):
+        """Only a leading verb is dropped; a later "send x" is a name."""
+        self.assertEqual(
+            splitNames(["get a.txt, send b.txt"], allowVerb=True), ["a.txt", "send b.txt"]
+        )
+
+    def test_verbDuplicates(self):
+        """Dropping the verb does not let a duplicate through."""
+        self.assertEqual(splitNames(["Send a.txt, a.txt"], allowVerb=True), ["a.txt"])
+
+    def test_nothing(self):
+        """No input, or the verb alone, is no names."""
+        self.assertEqual(splitNames([]), [])
+        self.assertEqual(splitNames(["Send"], allowVerb=True), [])

@@ -12,8 +12,8 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from p2prelay import download
-from p2prelay.download import Download
+from p2prelay.client import download
+from p2prelay.client.download import Download
 
 
 class FakeProducer:

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.demo import REGISTERED, Daemon, script
+from p2prelay.cli.demo import REGISTERED, Daemon, script
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 

@@ -21,7 +21,7 @@ from typing import Callable
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import wire
-from p2prelay.demo import script
+from p2prelay.cli.demo import script
 
 from .test_e2e import LOOPBACK, Network
 

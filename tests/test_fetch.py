@@ -20,8 +20,8 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import wire
-from p2prelay.download import DestinationError, Download, VerificationError, destination
-from p2prelay.fetch import (
+from p2prelay.client.download import DestinationError, Download, VerificationError, destination
+from p2prelay.client.fetcher import (
     Attempt,
     Fetcher,
     GetProtocol,
@@ -30,10 +30,11 @@ from p2prelay.fetch import (
     PeerAddress,
     RelayUnreachable,
 )
-from p2prelay.node import FileServerFactory
-from p2prelay.registry import Registry
-from p2prelay.relay import RelayFactory
-from p2prelay.share import FileEntry, SharedDirectory
+from p2prelay.node.server import FileServerFactory
+from p2prelay.relay.registry import Registry
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.node.share import SharedDirectory
+from p2prelay.wire import FileEntry
 
 from .memory import flushPumps
 
@@ -619,7 +620,7 @@ class GetCancelTests(FetchTestCase):
         """A cancelled GET aborts its connection; a later timeout or close does nothing."""
         from twisted.internet.defer import CancelledError
 
-        from p2prelay.fetch import GetProtocol
+        from p2prelay.client.get import GetProtocol
 
         proto = GetProtocol(self.clock, "a.txt", self.sink(), timeout=5)
         transport = StringTransport()
@@ -637,7 +638,7 @@ class GetBackpressureTests(FetchTestCase):
         While the sink has paused the download (a slow disk), the idle
         timeout does not run: the wait is ours, not the peer's.
         """
-        from p2prelay.fetch import GetProtocol
+        from p2prelay.client.get import GetProtocol
 
         sink = self.sink()
         proto = GetProtocol(self.clock, "a.txt", sink, timeout=5)

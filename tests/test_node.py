@@ -15,11 +15,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay import share as share_module
+from p2prelay.node import share as share_module
 from p2prelay import wire
-from p2prelay.lines import IDLE_TIMEOUT
-from p2prelay.node import CHUNK, FileServerFactory
-from p2prelay.share import FileEntry, SharedDirectory
+from p2prelay.negotiation import IDLE_TIMEOUT
+from p2prelay.node.server import CHUNK, FileServerFactory
+from p2prelay.node.share import SharedDirectory
+from p2prelay.wire import FileEntry
 
 SECRET = b"TOP SECRET: the outside file"
 

@@ -14,10 +14,11 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.registrar import Registrar
-from p2prelay.registry import Registry
-from p2prelay.relay import RelayFactory
-from p2prelay.share import FileEntry, SharedDirectory
+from p2prelay.node.upkeep import Registrar
+from p2prelay.relay.registry import Registry
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.node.share import SharedDirectory
+from p2prelay.wire import FileEntry
 
 from .memory import flushPumps
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.registry import Registry, SearchHit
-from p2prelay.share import FileEntry
+from p2prelay.relay.registry import Registry, SearchHit
+from p2prelay.wire import FileEntry
 
 TTL = 90.0
 

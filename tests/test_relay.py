@@ -17,11 +17,11 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import wire
-from p2prelay.lines import IDLE_TIMEOUT
-from p2prelay.query import IncompleteReply, QueryProtocol, Reply, query
-from p2prelay.registry import Registry
-from p2prelay.relay import RelayFactory
-from p2prelay.share import FileEntry
+from p2prelay.negotiation import IDLE_TIMEOUT
+from p2prelay.client.relay import IncompleteReply, QueryProtocol, Reply, query
+from p2prelay.relay.registry import Registry
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.wire import FileEntry
 
 TTL = 90.0
 SHA_A = "a" * 64
@@ -594,7 +594,7 @@ class QueryCancelTests(SynchronousTestCase):
         """A cancelled query aborts its connection; its timeout later does nothing."""
         from twisted.internet.defer import CancelledError
 
-        from p2prelay.query import QueryProtocol
+        from p2prelay.client.relay import QueryProtocol
 
         clock = Clock()
         proto = QueryProtocol(clock, wire.request(wire.PEERS), timeout=5)

@@ -10,7 +10,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.service import ListeningService
+from p2prelay.listening import ListeningService
 
 
 class BusyReactor(MemoryReactorClock):
@@ -46,7 +46,7 @@ class ListeningServiceTests(SynchronousTestCase):
         """A listen that fails after startService returns still fails whenListening."""
         from twisted.internet.defer import Deferred
 
-        from p2prelay import service as service_module
+        from p2prelay import listening as service_module
 
         pending: Deferred = Deferred()
 
@@ -65,7 +65,7 @@ class ListeningServiceTests(SynchronousTestCase):
 class NodeServiceTests(SynchronousTestCase):
     def test_readyFailsWhenListeningFails(self) -> None:
         """A node that cannot listen reports it on ready, not as success."""
-        from p2prelay.service import NodeService
+        from p2prelay.node.service import NodeService
 
         node = NodeService(
             BusyReactor(), relay=None, directory=self.mktemp(), description="tcp:8000", udp=None

@@ -23,8 +23,9 @@ from twisted.internet import defer, error, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
-from p2prelay import download, udp, wire
-from p2prelay.share import SharedDirectory
+from p2prelay import udp, wire
+from p2prelay.client import download
+from p2prelay.node.share import SharedDirectory
 
 SERVER = ("10.0.0.1", 9999)
 CLIENT_HOST = "10.0.0.2"

@@ -51,8 +51,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import wire
-from .share import FileEntry, SharedDirectory
+from .. import wire
+from ..node.share import SharedDirectory
+from ..wire import FileEntry
 
 Address = Tuple[str, int]
 

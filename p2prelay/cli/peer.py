@@ -26,15 +26,16 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from . import __version__, wire
-from .addresses import AddressError, checkClientAddress, clientEndpoint, serverDescription
-from .cli import DEFAULT_RELAY, RELAY_ENV
-from .console import EOF, Console
-from .download import DestinationError, Download, destination
-from .fetch import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
-from .registrar import DEFAULT_RESCAN
-from .service import NodeService, describeAddress
-from .share import FileEntry
+from .. import __version__, wire
+from ..addresses import AddressError, checkClientAddress, clientEndpoint, serverDescription
+from ..client.download import DestinationError, Download, destination
+from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
+from ..listening import describeAddress
+from ..node.service import NodeService
+from ..node.upkeep import DEFAULT_RESCAN
+from ..wire import FileEntry
+from .console import EOF, Console, splitNames
+from .fetch import DEFAULT_RELAY, RELAY_ENV
 
 MENU = """\
   1) list the network's files     4) list my files
@@ -106,7 +107,7 @@ class PeerConsole:
         elif choice == "3":
             line = await self.ask("file name(s), comma separated> ")
             if line:
-                self.download(wire.splitNames([line], allowVerb=True))
+                self.download(splitNames([line], allowVerb=True))
         elif choice == "4":
             self.listMine()
         elif choice == "5":

@@ -47,7 +47,7 @@ def script(name: str) -> List[str]:
         return [found]
     if name == "twistd":
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-    return [sys.executable, "-c", "from p2prelay.cli import main; main()"]
+    return [sys.executable, "-c", "from p2prelay.cli.fetch import main; main()"]
 
 
 class Daemon:

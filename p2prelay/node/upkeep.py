@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from . import wire
-from .query import Reply, query
+from .. import wire
+from ..client.relay import Reply, query
 from .share import SharedDirectory
 
 DEFAULT_RESCAN = 10.0

@@ -18,27 +18,17 @@ import stat
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator
 
-import attrs
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from . import wire
+from .. import wire
+from ..wire import FileEntry
 
 HASH_CHUNK = 1024 * 1024
 
 RunInThread = Callable[..., "Deferred[Any]"]
 _open = open  # the one place shared files are opened (tests replace it)
-
-
-@attrs.frozen
-class FileEntry:
-    """One shared file as announced to the relay."""
-
-    name: str
-    size: int
-    sha256: str
-    mtime_ns: int = 0
 
 
 def sha256File(path: Path) -> str:

@@ -17,8 +17,8 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from . import wire
-from .lines import NegotiationProtocol
+from .. import wire
+from ..negotiation import NegotiationProtocol
 
 QUERY_TIMEOUT = 15.0
 

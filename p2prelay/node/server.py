@@ -19,8 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import wire
-from .lines import NegotiationProtocol
+from .. import wire
+from ..negotiation import NegotiationProtocol
 from .share import SharedDirectory
 
 CHUNK = 256 * 1024  # measured: 256 KiB writes cost far less CPU than 16 KiB ones

@@ -13,7 +13,7 @@ import errno
 import os
 import select
 import sys
-from typing import IO, Optional
+from typing import IO, Iterable, Optional
 
 from twisted.internet import stdio
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -143,3 +143,23 @@ class Console:
             except OSError:
                 pass
             self._devnull = None
+
+
+def splitNames(words: Iterable[str], *, allowVerb: bool = False) -> list[str]:
+    """
+    Split command-line or prompt input into file names.
+
+    Accepts separate words and comma lists (``"a.txt, b.txt"``, the seeds'
+    ``Send FILE1, FILE2`` form) and drops duplicates, keeping the order.
+    With ``allowVerb`` (typed input) a leading ``Send``/``get`` is dropped.
+    """
+    pieces = [piece.strip() for word in words for piece in word.split(",")]
+    pieces = [piece for piece in pieces if piece]
+    if allowVerb and pieces and pieces[0].split(" ", 1)[0].lower() in ("send", "get"):
+        first = pieces[0].split(" ", 1)
+        pieces[0:1] = [first[1].strip()] if len(first) > 1 and first[1].strip() else []
+    names: list[str] = []
+    for piece in pieces:
+        if piece not in names:
+            names.append(piece)
+    return names

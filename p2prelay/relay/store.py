@@ -19,8 +19,8 @@ from typing import Iterable, List
 
 from twisted.logger import Logger
 
+from ..wire import FileEntry
 from .registry import Peer
-from .share import FileEntry
 
 SCHEMA_VERSION = 1
 

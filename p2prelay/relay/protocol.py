@@ -14,10 +14,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from . import wire
-from .lines import NegotiationProtocol
+from .. import wire
+from ..negotiation import NegotiationProtocol
+from ..wire import FileEntry
 from .registry import Peer, Registry
-from .share import FileEntry
 
 MAX_SEARCH_RESULTS = 1000
 NODE_ID_MAX = 64

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 from twisted.internet.defer import Deferred, succeed
-
-from zope.interface import implementer
 from twisted.internet.interfaces import IConsumer
+from zope.interface import implementer
 
-from . import wire
+from .. import wire
 
 TEMP_PREFIX = ".p2prelay-"
 # Bytes queued for the writer thread before the transfer is paused, and

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Tuple
 
 import attrs
 
-from .share import FileEntry
+from ..wire import FileEntry
 
 DEFAULT_TTL = 90.0
 

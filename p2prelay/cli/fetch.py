@@ -20,11 +20,11 @@ from typing import List, Optional, Sequence
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 
-from . import __version__, udp, wire
-from .addresses import AddressError, checkClientAddress, clientEndpoint
-from .console import EOF, Console, err, prompt
-from .download import DestinationError, Download, destination
-from .fetch import PEER_TIMEOUT, Fetched, Fetcher, NotFetched, RelayUnreachable
+from .. import __version__, udp, wire
+from ..addresses import AddressError, checkClientAddress, clientEndpoint
+from ..client.download import DestinationError, Download, destination
+from ..client.fetcher import PEER_TIMEOUT, Fetched, Fetcher, NotFetched, RelayUnreachable
+from .console import EOF, Console, err, prompt, splitNames
 
 EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
 def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
-    args.names = wire.splitNames(args.names)
+    args.names = splitNames(args.names)
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
     if args.timeout <= 0:
@@ -278,7 +278,7 @@ class Client:
             assert isinstance(line, str)
             if line.strip().lower() in ("quit", "exit", "q"):
                 return
-            names = wire.splitNames([line], allowVerb=True)
+            names = splitNames([line], allowVerb=True)
             good = []
             for name in names:
                 try:

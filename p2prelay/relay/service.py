@@ -1,0 +1,87 @@
+"""
+The relay as a Twisted service: registry, expiry sweep, port and state file.
+
+Assembled by ``tap.py``; twistd (or a ``.tac``) starts and stops it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import task
+from twisted.logger import Logger
+
+from ..listening import ListeningService
+from .protocol import RelayFactory
+from .registry import Registry
+from .store import StateStore
+
+SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
+SAVE_DELAY = 0.5  # coalesce bursts of registrations into one write
+
+
+class RelayService(MultiService):
+    """
+    The relay: a registry, its expiry sweep, the listening port and,
+    with ``state``, the file that carries the registry across restarts.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor, description: str, ttl: float, state: Optional[str] = None
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.registry = Registry(reactor.seconds, ttl)
+        self.store = StateStore(state) if state else None
+        self.factory = RelayFactory(self.registry, reactor, onChange=self._changed)
+        self.listener = ListeningService(reactor, description, self.factory, "relay")
+        self.listener.setServiceParent(self)
+        self._sweep = task.LoopingCall(self._expire)
+        self._sweep.clock = reactor
+        self._saveCall = None
+
+    def startService(self) -> None:
+        if self.store is not None:
+            peers = self.store.load()
+            for peer in peers:
+                self.registry.restore(peer)
+            self.log.info(
+                "restored {count} live peers from {path}",
+                count=len(self.registry.all()),
+                path=str(self.store.path),
+            )
+        super().startService()
+        self._sweep.start(max(self.registry.ttl / SWEEP_FRACTION, 0.25), now=False)
+
+    def stopService(self):
+        if self._sweep.running:
+            self._sweep.stop()
+        if self._saveCall is not None and self._saveCall.active():
+            self._saveCall.cancel()
+        self._save()
+        return super().stopService()
+
+    def _changed(self) -> None:
+        if self.store is not None and (self._saveCall is None or not self._saveCall.active()):
+            self._saveCall = self.reactor.callLater(SAVE_DELAY, self._save)
+
+    def _save(self) -> None:
+        self._saveCall = None
+        if self.store is None:
+            return
+        try:
+            self.store.save(self.registry.all())
+        except Exception as e:
+            self.log.warn("cannot save state to {path}: {error}", path=str(self.store.path), error=e)
+
+    def _expire(self) -> None:
+        gone = self.registry.expire()
+        for peer in gone:
+            self.log.info(
+                "expired {node} at {host}:{port}", node=peer.node, host=peer.host, port=peer.port
+            )
+        if gone:
+            self._changed()
