@@ -24,12 +24,12 @@ from p2prelay.client.download import DestinationError, Download, VerificationErr
 from p2prelay.client.fetcher import (
     Attempt,
     Fetcher,
-    GetProtocol,
-    IncompleteBody,
     NotFetched,
     PeerAddress,
     RelayUnreachable,
 )
+from p2prelay.client.get import GetProtocol, IncompleteBody
+from p2prelay.negotiation import negotiate
 from p2prelay.node.server import FileServerFactory
 from p2prelay.relay.registry import Registry
 from p2prelay.relay.protocol import RelayFactory
@@ -156,10 +156,9 @@ class GetProtocolTests(FetchTestCase):
     def get(self, factory, name="a.txt", **kw):
         sink = self.sink()
         endpoint = FakeEndpoint(self.network, "peer", factory)
-        proto = GetProtocol(self.clock, name, sink, TIMEOUT, **kw)
-        self.successResultOf(endpoint.connect(Factory.forProtocol(lambda: proto)))
+        d = ensureDeferred(negotiate(endpoint, GetProtocol(self.clock, name, sink, TIMEOUT, **kw)))
         self.network.flush()
-        return proto.deferred, sink
+        return d, sink
 
     def test_whole(self):
         """A whole file arrives into the download and verifies against the announced digest."""

@@ -18,12 +18,12 @@ import attrs
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .. import udp, wire
+from ..negotiation import IncompleteAnswer, negotiate
 from .download import Download, VerificationError
-from .get import GetProtocol, IncompleteBody
+from .get import GetProtocol
 from .relay import IncompleteReply, query
 
 PEER_TIMEOUT = 10.0
@@ -103,7 +103,7 @@ def describe(e: BaseException) -> str:
         return "timed out"
     if isinstance(e, error.DNSLookupError):
         return "unknown host"
-    if isinstance(e, (IncompleteBody, IncompleteReply, VerificationError, NoUDP)):
+    if isinstance(e, (IncompleteAnswer, VerificationError, NoUDP)):
         return str(e)
     if isinstance(e, error.ConnectError):
         return (e.osError and str(e.osError)) or e.__class__.__name__
@@ -190,15 +190,7 @@ class Fetcher:
             self.log.debug("could not report {peer}: {error}", peer=str(peer), error=e)
 
     async def transferTCP(self, peer: PeerAddress, name: str, sink: Download) -> None:
-        protocols: List[GetProtocol] = []
-
-        def build() -> GetProtocol:
-            proto = GetProtocol(self.reactor, name, sink, self.timeout)
-            protocols.append(proto)
-            return proto
-
-        await self.peerEndpoint(peer).connect(Factory.forProtocol(build))
-        await protocols[0].deferred
+        await negotiate(self.peerEndpoint(peer), GetProtocol(self.reactor, name, sink, self.timeout))
 
     async def transferUDP(
         self, peer: PeerAddress, name: str, sink: Download, blockSize: int = udp.DEFAULT_BLOCK

@@ -7,32 +7,30 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet import error
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import wire
-from ..negotiation import NegotiationProtocol
+from ..negotiation import IncompleteAnswer, OneShotClient
 from .download import Download
 
 RECEIVE_SIZE = 256 * 1024  # bytes per recv(); Twisted's default is 64 KiB
 
 
-class IncompleteBody(Exception):
+class IncompleteBody(IncompleteAnswer):
     """The peer closed the connection before the whole body arrived."""
 
 
-
 @implementer(IPushProducer)
-class GetProtocol(NegotiationProtocol):
+class GetProtocol(OneShotClient[None]):
     """
     Ask one peer for one file; write the body into a :class:`Download`.
 
     While the download's consumer side has paused us (a slow sink), the
     transport is paused too, so bytes wait in the kernel, not in memory.
     """
+
+    role = "peer"
 
     def __init__(
         self,
@@ -49,7 +47,6 @@ class GetProtocol(NegotiationProtocol):
         self.offset = offset
         self.length = length
         self.remaining = 0
-        self.deferred: Deferred[None] = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -66,35 +63,27 @@ class GetProtocol(NegotiationProtocol):
             )
         )
 
-    def lineReceived(self, line: bytes) -> None:
-        if self.finished:
+    def messageReceived(self, message: wire.Message) -> None:
+        code = message.status
+        if code is None:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "peer sent no status line")
+        if code != wire.OK:
+            self.fail(wire.ProtocolError(code, message.text or wire.REASONS.get(code, "")))
             return
-        try:
-            message = wire.parseLine(line)
-            code = message.status
-            if code is None:
-                raise wire.ProtocolError(wire.BAD_REQUEST, "peer sent no status line")
-            if code != wire.OK:
-                self._fail(wire.ProtocolError(code, message.text or wire.REASONS.get(code, "")))
-                return
-            size = message.integer("size")
-            digest = message.sha256()
-            offset = message.integer("offset", 0)
-            length = message.integer("length", size - offset)
-            if offset != self.offset or (self.length is not None and length != self.length):
-                raise wire.ProtocolError(wire.BAD_REQUEST, "peer answered another range")
-            if offset + length > size:
-                raise wire.ProtocolError(wire.BAD_REQUEST, "peer announced an impossible range")
-        except wire.ProtocolError as e:
-            self._fail(wire.ProtocolError(e.status, f"bad answer: {e.message}"))
-            return
+        size = message.integer("size")
+        digest = message.sha256()
+        offset = message.integer("offset", 0)
+        length = message.integer("length", size - offset)
+        if offset != self.offset or (self.length is not None and length != self.length):
+            raise wire.ProtocolError(wire.BAD_REQUEST, "peer answered another range")
+        if offset + length > size:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "peer announced an impossible range")
         # A whole file is checked against its hash; a range only by length.
         whole = (offset, length) == (0, size)
         self.sink.expect(length, digest if whole else None)
-        self.announcedSize = size
         self.remaining = length
         if length == 0:
-            self._succeed()
+            self.succeed(None)
             return
         self.setRawMode()
 
@@ -118,40 +107,13 @@ class GetProtocol(NegotiationProtocol):
         self.remaining -= len(chunk)
         self.sink.write(chunk)
         if self.remaining == 0:
-            self._succeed()
+            self.succeed(None)
 
     def conclude(self) -> None:
         super().conclude()
         self.sink.unregisterProducer()
 
-    def _cancel(self, d: Deferred) -> None:
-        self.conclude()
-        self.transport.abortConnection()
-
-    def _succeed(self) -> None:
-        self.conclude()
-        self.transport.loseConnection()
-        self.deferred.callback(None)
-
-    def _fail(self, reason: Exception) -> None:
-        if self.finished:
-            return
-        self.conclude()
-        self.transport.loseConnection()
-        self.deferred.errback(Failure(reason))
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail(wire.ProtocolError(wire.LINE_TOO_LONG, "peer sent an over-long line"))
-
-    def timeoutConnection(self) -> None:
-        self._fail(error.TimeoutError("peer stopped sending"))
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        super().connectionLost(reason)
-        if not self.finished:
-            if self.remaining:
-                got = self.sink.received
-                self._fail(IncompleteBody(f"connection lost after {got} bytes"))
-            else:
-                self._fail(IncompleteBody("peer closed the connection without answering"))
+    def incomplete(self, reason: object) -> IncompleteBody:
+        if self.remaining:
+            return IncompleteBody(f"connection lost after {self.sink.received} bytes")
+        return IncompleteBody("peer closed the connection without answering")
