@@ -81,6 +81,19 @@ def parseHostPort(value: str) -> tuple[str, int] | None:
     return host, port
 
 
+def describePeer(address: object) -> str:
+    """
+    A connection's address as users write it: ``host:port``, ``[v6]:port``,
+    rather than a ``IPv4Address(type='TCP', ...)`` repr.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        name = getattr(address, "name", None)  # UNIX sockets
+        return str(name if name is not None else address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def checkClientAddress(value: str) -> None:
     """Raise AddressError unless value names a client endpoint; connects nowhere."""
     if parseHostPort(value) is None:
