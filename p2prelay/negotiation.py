@@ -26,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from . import wire
+from .addresses import describePeer
 
 IDLE_TIMEOUT = 30.0  # seconds a connection may sit without traffic
 
@@ -50,6 +51,10 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
 
+    def peerName(self) -> str:
+        """The other end as ``host:port``, for log lines."""
+        return describePeer(self.transport.getPeer())
+
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
@@ -61,7 +66,7 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
         self.refuse(wire.ProtocolError(wire.LINE_TOO_LONG, "line too long"))
 
     def timeoutConnection(self) -> None:
-        self.log.info("closing idle connection from {peer}", peer=self.transport.getPeer())
+        self.log.info("closing idle connection from {peer}", peer=self.peerName())
         self.refuse(wire.ProtocolError(wire.TIMEOUT, "idle too long"))
 
     def refuse(self, error: wire.ProtocolError) -> None:

@@ -6,7 +6,7 @@ fires exactly once, however the negotiation ends) and ``negotiate``.
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
@@ -19,10 +19,36 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2prelay import wire
 from p2prelay.client.relay import query
-from p2prelay.negotiation import IncompleteAnswer, OneShotClient, negotiate
+from p2prelay.negotiation import (
+    IncompleteAnswer,
+    NegotiationProtocol,
+    OneShotClient,
+    negotiate,
+)
 
 TIMEOUT = 5.0
 SERVER = IPv4Address("TCP", "10.9.8.7", 4321)
+
+
+class LogTests(SynchronousTestCase):
+    def idleLog(self, peer) -> list[str]:
+        clock = Clock()
+        proto = NegotiationProtocol(clock, TIMEOUT)
+        proto.makeConnection(StringTransport(peerAddress=peer))
+        with capturedLogs() as events:
+            clock.advance(TIMEOUT)
+        return [formatEvent(e) for e in events]
+
+    def test_idlePeerAsHostPort(self):
+        """Closing an idle connection logs the peer as host:port, not an address repr."""
+        [line] = self.idleLog(SERVER)
+        self.assertIn("from 10.9.8.7:4321", line)
+        self.assertNotIn("IPv4Address", line)
+
+    def test_idleIPv6PeerBracketed(self):
+        """An IPv6 peer is logged as [host]:port."""
+        [line] = self.idleLog(IPv6Address("TCP", "::1", 4321))
+        self.assertIn("from [::1]:4321", line)
 
 
 class Lost(IncompleteAnswer):

@@ -13,6 +13,7 @@ from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -421,6 +422,23 @@ class FramingTests(RelayTestCase):
         self.assertNotIn(b"\r", data)
         [reply] = self.answer(data)
         self.assertEqual(reply.status, wire.OK)
+
+
+class LogTests(RelayTestCase):
+    def test_refusalNamesPeerAsHostPort(self):
+        """A refused request is logged with the peer as host:port, not an address repr."""
+        with capturedLogs() as events:
+            self.ask(b"P2P/1 FROB\r\n")
+        [line] = [formatEvent(e) for e in events]
+        self.assertIn("refusing 10.1.2.3:40000:", line)
+        self.assertNotIn("IPv4Address", line)
+
+    def test_factoryQuiet(self):
+        """The relay's factory logs no "Starting factory" when a port starts or stops it."""
+        with capturedLogs() as events:
+            self.factory.doStart()
+            self.factory.doStop()
+        self.assertEqual(list(events), [])
 
 
 class TimeoutTests(RelayTestCase):

@@ -12,7 +12,6 @@ from typing import Callable, List
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 
 from .. import wire
 from ..negotiation import NegotiationProtocol
@@ -30,10 +29,8 @@ def peerFields(peer: Peer) -> dict[str, object]:
 class RelayProtocol(NegotiationProtocol):
     """
     One request from a node or a client: REGISTER (with its file list),
-    UNREGISTER, PEERS, WHOHAS, SEARCH or DEAD.
+    UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH or DEAD.
     """
-
-    log = Logger()
 
     def __init__(self, factory: "RelayFactory") -> None:
         super().__init__(factory.clock)
@@ -52,9 +49,7 @@ class RelayProtocol(NegotiationProtocol):
             else:
                 self._fileLine(message)
         except wire.ProtocolError as e:
-            self.log.info(
-                "refusing {peer}: {error}", peer=self.transport.getPeer(), error=str(e)
-            )
+            self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
             self.refuse(e)
 
     def _dispatch(self, message: wire.Message) -> None:
@@ -238,6 +233,7 @@ class RelayFactory(Factory):
     """
 
     protocol = RelayProtocol
+    noisy = False  # no "Starting factory <RelayFactory ...>": the service logs its port
 
     def __init__(
         self,
@@ -254,6 +250,4 @@ class RelayFactory(Factory):
         self._onChange()
 
     def buildProtocol(self, addr: object) -> RelayProtocol:
-        proto = RelayProtocol(self)
-        proto.factory = self
-        return proto
+        return RelayProtocol(self)
