@@ -1,13 +1,20 @@
 """
-The relay's registry: who is alive, what each peer holds, and search.
+The relay's registry: who is alive, what each peer holds, and search; and
+the state store that keeps it across restarts.
 """
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.relay.registry import Registry, SearchHit
+from p2prelay.relay.registry import Peer, Registry, SearchHit
+from p2prelay.relay.store import SCHEMA_VERSION, NewerSchema, StateStore
 from p2prelay.wire import FileEntry
 
 TTL = 90.0
@@ -281,3 +288,77 @@ class SearchTests(RegistryTestCase):
     def test_noMatch(self):
         """No match is an empty, untruncated answer."""
         self.assertEqual(self.registry.search("zzz", 10), ([], False))
+
+
+class StateStoreTests(SynchronousTestCase):
+    """The registry on disk: what a restarted relay loads back."""
+
+    def setUp(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        self.path = directory / "state.sqlite"
+        self.store = StateStore(self.path)
+
+    def peer(self, node: str = "n1", udp: int | None = None) -> Peer:
+        files = {e.name: e for e in [entry("a b.txt", 3), entry("dir/c", 7, "b")]}
+        return Peer(node, "10.0.0.1", 5000, files, expires=1234.5, udp=udp)
+
+    def asides(self) -> list[str]:
+        return sorted(p.name for p in self.path.parent.iterdir() if p != self.path)
+
+    def test_roundTrip(self):
+        """Saved peers load back equal, files and UDP port included."""
+        peers = [self.peer("n1"), self.peer("n2", udp=5001)]
+        self.store.save(peers)
+        self.assertEqual(sorted(StateStore(self.path).load(), key=lambda p: p.node), peers)
+
+    def test_saveReplaces(self):
+        """Each save is the whole snapshot: peers not saved again are gone."""
+        self.store.save([self.peer("n1")])
+        self.store.save([self.peer("n2")])
+        self.assertEqual([p.node for p in self.store.load()], ["n2"])
+
+    def test_missing(self):
+        """No file yet is an empty registry, and nothing is created by loading."""
+        self.assertEqual(self.store.load(), [])
+        self.assertFalse(self.path.exists())
+
+    def test_savedVersion(self):
+        """A saved file is marked with this code's schema version."""
+        self.store.save([])
+        with closing(sqlite3.connect(self.path)) as db:
+            [(version,)] = db.execute("PRAGMA user_version").fetchall()
+        self.assertEqual(version, SCHEMA_VERSION)
+
+    def test_corrupt(self):
+        """A file that is not SQLite is moved aside with a warning; the relay starts empty."""
+        self.path.write_bytes(b"this is not sqlite" * 100)
+        with capturedLogs() as events:
+            self.assertEqual(self.store.load(), [])
+        [aside] = self.asides()
+        self.assertTrue(aside.startswith("state.sqlite.corrupt-"), aside)
+        self.assertFalse(self.path.exists())
+        self.assertIn("moved to", formatEvent(events[-1]))
+
+    def test_newerSchema(self):
+        """
+        A file a newer relay wrote is moved aside untouched, not read under
+        an older schema (nor re-marked as this version).
+        """
+        self.store.save([self.peer("n1")])
+        with closing(sqlite3.connect(self.path)) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        with capturedLogs() as events:
+            self.assertEqual(self.store.load(), [])
+        [aside] = self.asides()
+        self.assertTrue(aside.startswith("state.sqlite.newer-"), aside)
+        with closing(sqlite3.connect(self.path.parent / aside)) as db:
+            [(version,)] = db.execute("PRAGMA user_version").fetchall()
+        self.assertEqual(version, SCHEMA_VERSION + 1)
+        self.assertIn("newer", formatEvent(events[-1]))
+
+    def test_neverSavesOverNewerSchema(self):
+        """Saving refuses to overwrite a file a newer relay wrote."""
+        with closing(sqlite3.connect(self.path)) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        self.assertRaises(NewerSchema, self.store.save, [self.peer()])

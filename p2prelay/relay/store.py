@@ -3,9 +3,10 @@ The relay's registry on disk (``--state PATH``), so a restart loses nothing.
 
 SQLite, the embedded default: one file, atomic transactions, nothing to
 run.  Every save rewrites the table in one transaction, so the file always
-holds one consistent snapshot.  A file that cannot be read is moved aside
-with a warning and the relay starts empty -- it never refuses to start over
-its own cache.
+holds one consistent snapshot.  A file that cannot be read, or that a relay
+with a newer schema (``PRAGMA user_version``) wrote, is moved aside with a
+warning and the relay starts empty -- it never refuses to start over its own
+cache, and never rewrites a newer relay's file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from twisted.logger import Logger
 from ..wire import FileEntry
 from .registry import Peer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # PRAGMA user_version of the files this code writes
+
+
+class NewerSchema(Exception):
+    """The state file was written by a relay with a newer schema."""
 
 
 class StateStore:
@@ -33,6 +38,12 @@ class StateStore:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            db.close()
+            raise NewerSchema(
+                f"schema version {version}, newer than this relay's {SCHEMA_VERSION}"
+            )
         db.execute(
             "CREATE TABLE IF NOT EXISTS peers ("
             " node TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,"
@@ -42,29 +53,39 @@ class StateStore:
         return db
 
     def load(self) -> List[Peer]:
-        """Every stored peer; a broken file is moved aside and yields none."""
+        """
+        Every stored peer.  A file that cannot be read, or that a newer
+        relay wrote, is moved aside (never rewritten) and yields none.
+        """
         if not self.path.exists():
             return []
         try:
-            with self._connect() as db:
+            db = self._connect()
+            try:
                 rows = db.execute(
                     "SELECT node, host, port, udp, expires, files FROM peers"
                 ).fetchall()
-            db.close()
+            finally:
+                db.close()
             return [self._peer(*row) for row in rows]
+        except NewerSchema as e:
+            self._moveAside("newer", str(e))
         except (sqlite3.Error, ValueError, TypeError, KeyError) as e:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            try:
-                os.replace(self.path, aside)
-            except OSError:
-                aside = None
-            self.log.warn(
-                "state file {path} is unreadable ({error}); moved to {aside}, starting empty",
-                path=str(self.path),
-                error=str(e),
-                aside=str(aside),
-            )
-            return []
+            self._moveAside("corrupt", str(e))
+        return []
+
+    def _moveAside(self, why: str, error: str) -> None:
+        aside: Path | None = self.path.with_name(f"{self.path.name}.{why}-{int(time.time())}")
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            aside = None
+        self.log.warn(
+            "state file {path} is unusable ({error}); moved to {aside}, starting empty",
+            path=str(self.path),
+            error=error,
+            aside=str(aside),
+        )
 
     @staticmethod
     def _peer(node, host, port, udp, expires, files) -> Peer:
