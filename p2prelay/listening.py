@@ -1,9 +1,11 @@
 """
-A service that listens on a server endpoint description, for every daemon.
+Services that bind a daemon's ports: TCP (any server endpoint description)
+and UDP, the same way for relay and node.
 
-Relay and node both bind ports the same way: under twistd a port that
-cannot be had ends the process at once (exit 1); a program that starts
-the service itself sees ``whenListening`` fail and decides.
+Under twistd a port is bound in ``privilegedStartService``, before the
+reactor runs, and one that cannot be had ends the process at once (exit 1)
+after one critical log line; a program that starts the service itself sees
+``whenListening`` fail and decides.
 """
 
 from __future__ import annotations
@@ -11,38 +13,49 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .addresses import describePeer
 
 
 def describeAddress(port: IListeningPort) -> str:
-    address = port.getHost()
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    return f"{host}:{address.port}"
+    """A bound port as ``host:port``."""
+    return describePeer(port.getHost())
 
 
-class ListeningService(Service):
+class ListenFailed(Exception):
+    """A port a daemon could not have: which one, and why."""
+
+    def __init__(self, description: str, reason: str) -> None:
+        super().__init__(description, reason)
+        self.description = description
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.description}: {self.reason}"
+
+
+class _Listening(Service):
     """
-    Listen on a server endpoint description; ``whenListening`` fires with
-    the bound port, so an OS-chosen port (``tcp:0``) can be read back.
-    Under twistd a port that cannot be had ends the process (exit 1);
-    a program that starts the service itself sees ``whenListening`` fail.
+    Bind once, in whichever of the two start methods runs first;
+    ``whenListening`` fires with the bound port or fails.
     """
 
     log = Logger()
+    description: str
+    what: str
 
-    def __init__(self, reactor, description: str, factory, what: str) -> None:
-        self.reactor = reactor
-        self.description = description
-        self.factory = factory
-        self.what = what
+    def __init__(self) -> None:
         self.port: Optional[IListeningPort] = None
         self.whenListening: Deferred[IListeningPort] = Deferred()
         self._started = False
+
+    def _bind(self) -> Deferred[IListeningPort]:
+        raise NotImplementedError
 
     def privilegedStartService(self) -> None:
         # twistd binds here, before the reactor runs (and before dropping
@@ -57,7 +70,7 @@ class ListeningService(Service):
 
     def _listen(self, exitOnFailure: bool) -> None:
         self._started = True
-        d = serverFromString(self.reactor, self.description).listen(self.factory)
+        d = maybeDeferred(self._bind)
         d.addCallbacks(self._listening, self._failed)
         if exitOnFailure and self.port is None and self.whenListening.called:
             # Failed at once under twistd: logged above, and nobody else
@@ -73,7 +86,7 @@ class ListeningService(Service):
         self.whenListening.callback(port)
         return port
 
-    def _failed(self, failure) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.log.critical(
             "{what} cannot listen on {desc}: {error}",
             what=self.what,
@@ -90,3 +103,50 @@ class ListeningService(Service):
         return None
 
 
+class ListeningService(_Listening):
+    """
+    Listen on a server endpoint description; ``whenListening`` fires with
+    the bound port, so an OS-chosen port (``tcp:0``) can be read back.
+    """
+
+    def __init__(self, reactor, description: str, factory, what: str) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+
+    def _bind(self) -> Deferred[IListeningPort]:
+        return serverFromString(self.reactor, self.description).listen(self.factory)
+
+
+class DatagramListeningService(_Listening):
+    """
+    Listen for datagrams on ``port`` (0: OS-chosen) at ``interface``
+    ('': every interface).  Twisted has no UDP endpoint descriptions, so
+    ``description`` is written ``udp:PORT[:interface=ADDR]``, as users type it.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        port: int,
+        interface: str,
+        protocol,
+        what: str,
+        *,
+        maxPacketSize: int = 8192,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.number = port
+        self.interface = interface
+        self.protocol = protocol
+        self.what = what
+        self.maxPacketSize = maxPacketSize
+        self.description = f"udp:{port}" + (f":interface={interface}" if interface else "")
+
+    def _bind(self) -> IListeningPort:
+        return self.reactor.listenUDP(
+            self.number, self.protocol, interface=self.interface, maxPacketSize=self.maxPacketSize
+        )

@@ -30,7 +30,7 @@ from .. import __version__, wire
 from ..addresses import AddressError, checkClientAddress, clientEndpoint, serverDescription
 from ..client.download import DestinationError, Download, destination
 from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
-from ..listening import describeAddress
+from ..listening import ListenFailed, describeAddress
 from ..node.service import NodeService
 from ..node.upkeep import DEFAULT_RESCAN
 from ..wire import FileEntry
@@ -202,13 +202,13 @@ async def run(reactor, args: argparse.Namespace) -> int:
     # Ctrl-C or SIGTERM stop the reactor; unregister on the way out.
     reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
     try:
-        port = await node.listener.whenListening
-    except Exception as e:
-        node.ready.addErrback(lambda _: None)  # the same failure, reported here
-        sys.stderr.write(f"p2p-peer: cannot listen on {args.port}: {e}\n")
+        await node.ready
+    except ListenFailed as e:
+        sys.stderr.write(f"p2p-peer: {e}\n")
+        await node.stopService()
         await console.close()
         return 1
-    await node.ready
+    port = node.listener.port
     ui = PeerConsole(
         reactor,
         node,

@@ -1,8 +1,12 @@
 """
-A peer node as a Twisted service: scan the folder, serve it, keep it registered.
+A peer node as a Twisted service: bind its ports, scan the folder, serve
+it, keep it registered.
 
-Stopping a node unregisters it first, so clients stop being sent to a
-node that is going away.
+Both ports are child services that bind the same way (under twistd, before
+the reactor runs; a port that cannot be had ends the daemon with status 1).
+``ready`` fires once everything is up, or fails with the reason the node
+could not start, so a node never runs half-started.  Stopping a node
+unregisters it first, so clients stop being sent to a node going away.
 """
 
 from __future__ import annotations
@@ -11,19 +15,23 @@ import uuid
 from typing import Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from ..listening import ListeningService
+from ..listening import DatagramListeningService, ListenFailed, ListeningService
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
 from .server import FileServerFactory
-from .share import SharedDirectory
+from .share import RunInThread, SharedDirectory
 from .upkeep import Registrar
 
 
 class NodeService(MultiService):
     """
-    A peer node: scan the folder, serve it, and keep it registered.
+    A peer node: listen on TCP (and UDP unless ``udp`` is None), scan the
+    folder, serve it, and keep it registered.
+
+    ``udp`` is ``(port, interface)``; port 0 lets the OS choose.
     """
 
     log = Logger()
@@ -40,11 +48,12 @@ class NodeService(MultiService):
         rescan: Optional[float] = None,
         node: Optional[str] = None,
         udp: Optional[tuple[int, str]] = (0, ""),
+        runInThread: RunInThread = deferToThread,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.relay = relay
-        self.share = SharedDirectory(directory)
+        self.share = SharedDirectory(directory, runInThread=runInThread)
         self.node = node or uuid.uuid4().hex[:16]
         self.advertise = advertise
         self.heartbeat = heartbeat
@@ -52,42 +61,39 @@ class NodeService(MultiService):
         self.files = FileServerFactory(self.share, reactor)
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)
+        self.udpListener: Optional[DatagramListeningService] = None
+        if udp is not None:
+            # Serve blocks as large as a client asks for (up to 60 KiB on
+            # loopback); clients default to blocks that fit Ethernet.
+            server = UDPFileServer(self.share, reactor, blockSize=MAX_BLOCK)
+            server.noisy = False
+            self.udpListener = DatagramListeningService(
+                reactor, udp[0], udp[1], server, "peernode", maxPacketSize=MAX_DATAGRAM
+            )
+            self.udpListener.setServiceParent(self)
         self.registrar: Optional[Registrar] = None
-        self.udp = udp
-        self.udpPort = None
         self.ready: Deferred[None] = Deferred()
         self._stopping: Optional[Deferred[None]] = None
 
     def startService(self) -> None:
         super().startService()
-        ensureDeferred(self._start()).addErrback(
-            lambda f: self.log.failure("peer node failed to start", f)
-        )
+        ensureDeferred(self._start()).addErrback(self._notStarted)
+
+    def _notStarted(self, failure) -> None:
+        if not failure.check(ListenFailed):  # a listener has logged those
+            self.log.failure("peer node failed to start", failure)
+        self.ready.errback(failure)
 
     async def _start(self) -> None:
-        try:
-            port = await self.listener.whenListening
-        except Exception as e:
-            # The listener has logged it; whoever started us decides.
-            self.ready.errback(e)
-            return
-        udpNumber = None
-        if self.udp is not None:
-            number, interface = self.udp
-            # Serve blocks as large as a client asks for (up to 60 KiB on
-            # loopback); clients default to blocks that fit Ethernet.
-            self.udpPort = self.reactor.listenUDP(
-                number,
-                UDPFileServer(self.share, self.reactor, blockSize=MAX_BLOCK),
-                interface=interface,
-                maxPacketSize=MAX_DATAGRAM,
-            )
-            udpNumber = self.udpPort.getHost().port
-            self.log.info(
-                "peernode listening on udp {host}:{port}",
-                host=self.udpPort.getHost().host,
-                port=udpNumber,
-            )
+        listeners = [self.listener] + ([self.udpListener] if self.udpListener else [])
+        # Wait for every listener, so no failure is left unobserved.
+        outcomes = await DeferredList(
+            [listener.whenListening for listener in listeners], consumeErrors=True
+        )
+        for listener, (ok, result) in zip(listeners, outcomes):
+            if not ok:
+                raise ListenFailed(listener.description, result.getErrorMessage())
+        port, udpPort = [result for ok, result in outcomes] + [None] * (2 - len(outcomes))
         await self.share.scan()
         self.log.info(
             "sharing {count} files from {dir}", count=len(self.share.entries), dir=self.share.root
@@ -99,7 +105,7 @@ class NodeService(MultiService):
             self.node,
             port.getHost().port,
             advertise=self.advertise,
-            udp=udpNumber,
+            udp=None if udpPort is None else udpPort.getHost().port,
             heartbeat=self.heartbeat,
             rescan=self.rescan,
         )
@@ -115,8 +121,6 @@ class NodeService(MultiService):
                 if self.registrar is not None:
                     await self.registrar.stop()
                 await super(NodeService, self).stopService()
-                if self.udpPort is not None:
-                    await self.udpPort.stopListening()
 
             self._stopping = ensureDeferred(stop())
         return self._stopping
