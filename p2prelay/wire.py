@@ -87,8 +87,8 @@ class ProtocolError(Exception):
     """
     Input that breaks the protocol; ``status`` is what to answer with.
 
-    Raised by the parsers here, caught by the protocols, and turned into an
-    ``ERR``-style status line followed by a close.
+    Raised by the parsers here and caught by the protocols: a server answers
+    it as a status line and closes; a client fails its request with it.
     """
 
     def __init__(self, status: int, message: str) -> None:

@@ -151,6 +151,17 @@ class RegisterTests(RelayTestCase):
         """An advertised host with odd characters is refused."""
         self.assertRefused(registration(host="evil/host"), wire.BAD_REQUEST)
 
+    def test_hostForms(self):
+        """Host names, IPv4 and IPv6 addresses (with a zone) are accepted as host=."""
+        for host in ["node.example", "my_node-2", "192.0.2.7", "2001:db8::1", "fe80::1%eth0"]:
+            [reply] = self.answer(registration(host=host))
+            self.assertEqual(reply.get("host"), host)
+
+    def test_hostTooLong(self):
+        """A host= over 255 characters is refused, as is an empty one."""
+        self.assertRefused(registration(host="a" * 256), wire.BAD_REQUEST)
+        self.assertRefused(registration(host=""), wire.BAD_REQUEST)
+
     def test_missingPort(self):
         """REGISTER without port= is refused."""
         self.assertRefused(wire.request(wire.REGISTER, node="n1", files=0), wire.BAD_REQUEST)
@@ -279,6 +290,12 @@ class QueryTests(RelayTestCase):
         status, *items, end = self.answer(wire.request(wire.SEARCH, pattern="a", limit=2))
         self.assertEqual([m.get("name") for m in items], ["a1", "a2"])
         self.assertEqual((end.get("count"), end.get("truncated")), ("2", "1"))
+
+    def test_searchWithoutPattern(self):
+        """SEARCH without pattern= lists every file, sorted by name."""
+        self.register("n1", "10.0.0.1", 5000, ["b", "a"])
+        status, *items, end = self.answer(wire.request(wire.SEARCH))
+        self.assertEqual([m.get("name") for m in items], ["a", "b"])
 
     def test_searchBadLimit(self):
         """SEARCH limit=0 is refused."""
