@@ -233,6 +233,73 @@ class GetProtocolTests(FetchTestCase):
         self.failureResultOf(d, TimeoutError)
 
 
+class GetSplitTests(FetchTestCase):
+    """
+    A GET answer (status line, then raw body) parsed the same however TCP
+    cuts it, as the servers are tested with their requests.
+    """
+
+    BODY = bytes(range(48)) + b"\r\n\nP2P/1 200 not a status line\r\n"
+
+    def answer(self, body: bytes = BODY, **fields) -> bytes:
+        fields = {"size": len(body), "sha256": sha(body), "offset": 0, "length": len(body), **fields}
+        return wire.status(wire.OK, f"sending {len(body)} bytes", **fields) + body
+
+    def outcome(self, chunks, surplus: bytes = b"", **kw):
+        sink = self.sink()
+        proto = GetProtocol(self.clock, "a.txt", sink, TIMEOUT, **kw)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        results: list = []
+        proto.deferred.addBoth(results.append)
+        data = b"".join(chunks)
+        seen = 0
+        for chunk in chunks:
+            if seen < len(data) - len(surplus):
+                self.assertEqual(results, [], "no outcome before the body is complete")
+            proto.dataReceived(chunk)
+            seen += len(chunk)
+        [result] = results
+        digest = sink.verify()
+        with sink.open() as f:
+            return result, f.read(), digest, transport
+
+    def assertDelivered(self, chunks, body: bytes = BODY, **kw) -> None:
+        result, received, digest, transport = self.outcome(chunks, **kw)
+        self.assertIsNone(result)
+        self.assertEqual(received, body)
+        self.assertEqual(digest, sha(body))
+        self.assertTrue(transport.disconnecting)
+
+    def test_everySplitPoint(self):
+        """An answer cut in two at any byte delivers the same verified body."""
+        data = self.answer()
+        for cut in range(1, len(data)):
+            self.assertDelivered([data[:cut], data[cut:]])
+
+    def test_byteAtATime(self):
+        """An answer arriving one byte at a time delivers the same body."""
+        self.assertDelivered([bytes([b]) for b in self.answer()])
+
+    def test_surplusAtEverySplitPoint(self):
+        """Bytes after the body are never written, wherever the cut falls."""
+        data = self.answer() + b"surplus"
+        for cut in range(1, len(data)):
+            self.assertDelivered([data[:cut], data[cut:]], surplus=b"surplus")
+
+    def test_rangeAtEverySplitPoint(self):
+        """A range answer cut at any byte delivers exactly that slice."""
+        whole = self.BODY * 2
+        piece = whole[10:40]
+        data = (
+            wire.status(wire.OK, size=len(whole), sha256=sha(whole), offset=10, length=30)
+            + piece
+        )
+        for cut in range(1, len(data)):
+            result, received, _, _ = self.outcome([data[:cut], data[cut:]], offset=10, length=30)
+            self.assertEqual((result, received), (None, piece), cut)
+
+
 class FetcherTests(FetchTestCase):
     def setUp(self) -> None:
         super().setUp()

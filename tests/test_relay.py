@@ -592,6 +592,63 @@ class QueryProtocolTests(RelayTestCase):
         self.failureResultOf(d, TimeoutError)
 
 
+class QuerySplitTests(SynchronousTestCase):
+    """
+    The relay's reply parsed the same however TCP cuts it, as the servers
+    are tested with their requests.
+    """
+
+    REPLY = (
+        wire.status(wire.OK, "2 active peers", count=2, boot="b00t")
+        + wire.item(wire.PEER, node="n1", host="10.0.0.1", port=5000, files=1)
+        + wire.item(wire.PEER, node="n 2", host="::1", port=6000, udp=6001, files=0)
+        + wire.end(2)
+    )
+
+    def outcome(self, chunks) -> tuple[object, StringTransport]:
+        proto = QueryProtocol(Clock(), wire.request(wire.PEERS), timeout=15.0)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        results: list = []
+        proto.deferred.addBoth(results.append)
+        for chunk in chunks:
+            self.assertEqual(results, [], "no outcome before the reply is complete")
+            proto.dataReceived(chunk)
+        [result] = results
+        return result, transport
+
+    def test_whole(self):
+        """The whole reply in one segment is the status, both items and END."""
+        reply, transport = self.outcome([self.REPLY])
+        self.assertEqual([m.get("node") for m in reply.items], ["n1", "n 2"])
+        self.assertEqual((reply.status.get("boot"), reply.end.get("count")), ("b00t", "2"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_everySplitPoint(self):
+        """A reply cut in two at any byte gives the same Reply."""
+        expected, _ = self.outcome([self.REPLY])
+        for cut in range(1, len(self.REPLY)):
+            reply, _ = self.outcome([self.REPLY[:cut], self.REPLY[cut:]])
+            self.assertEqual(reply, expected, cut)
+
+    def test_byteAtATime(self):
+        """A reply arriving one byte at a time gives the same Reply."""
+        expected, _ = self.outcome([self.REPLY])
+        reply, _ = self.outcome([bytes([b]) for b in self.REPLY])
+        self.assertEqual(reply, expected)
+
+    def test_errorStatusSplit(self):
+        """An error status cut at any byte is the same ProtocolError."""
+        data = wire.status(wire.NOT_FOUND, "unknown node; register again", boot="b00t")
+        for cut in range(1, len(data)):
+            failure, _ = self.outcome([data[:cut], data[cut:]])
+            self.assertEqual(
+                (failure.value.status, failure.value.message),
+                (404, "unknown node; register again"),
+                cut,
+            )
+
+
 class _Endpoint:
     def __init__(self, result) -> None:
         self.result = result
