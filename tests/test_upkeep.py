@@ -1,5 +1,6 @@
 """
-The registrar: a node's registration kept true at the relay over time.
+The registrar (node/upkeep.py): a node's registration kept true at the
+relay over time, and taken back on stop from whatever state the loop is in.
 """
 
 from __future__ import annotations
@@ -8,13 +9,15 @@ import hashlib
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.node.upkeep import Registrar
+from p2prelay.client.relay import QUERY_TIMEOUT
+from p2prelay.node.upkeep import STOP_TIMEOUT, Registrar
 from p2prelay.relay.registry import Registry
 from p2prelay.relay.protocol import RelayFactory
 from p2prelay.node.share import SharedDirectory
@@ -111,6 +114,16 @@ class RegistrarTestCase(SynchronousTestCase):
         d = ensureDeferred(self.registrar.stop())
         self.relay.flush()
         return self.successResultOf(d)
+
+    def startInFlight(self, **kw) -> Registrar:
+        """Start, with the first REGISTER sent but not yet answered."""
+        self.registrar = Registrar(
+            self.clock, self.relay, self.share, "node1", 7000, rng=lambda: 0.5, rescan=None, **kw
+        )
+        self.registrar.start()
+        self.addCleanup(self.stop)
+        self.clock.advance(0)
+        return self.registrar
 
     def advance(self, seconds: float) -> None:
         """Let time pass, delivering traffic at every moment something is due."""
@@ -347,4 +360,201 @@ class StopTests(RegistrarTestCase):
         self.start()
         self.relay.down = True
         self.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SilentRelay(Protocol):
+    """A relay that accepts connections and never answers."""
+
+
+class StopInEveryStateTests(RegistrarTestCase):
+    """
+    stop() from each state of the loop: whatever the loop was doing, the
+    relay is left holding no entry for this node, no timer is left behind,
+    and nothing is sent afterwards.
+    """
+
+    def assertStoppedClean(self) -> None:
+        self.assertIsNone(self.registry.get("node1"))
+        self.assertFalse(self.registrar.registered)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        sent = len(self.relay.requests)
+        self.registrar.registerSoon()
+        self.advance(TTL * 2)
+        self.assertEqual(len(self.relay.requests), sent, self.relay.verbs())
+
+    def test_idle(self):
+        """stop() before start() contacts nobody and leaves nothing behind."""
+        self.registrar = Registrar(self.clock, self.relay, self.share, "node1", 7000, rescan=10)
+        self.stop()
+        self.assertEqual(self.relay.attempts, [])
+        self.assertStoppedClean()
+
+    def test_firstRegisterInFlight(self):
+        """stop() while the first REGISTER is unanswered unregisters after its answer: no ghost."""
+        self.startInFlight()
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_firstRegisterReceivedNotAnswered(self):
+        """stop() after the relay took the REGISTER but before its answer arrived leaves no ghost."""
+        self.startInFlight()
+        self.relay.pumps[-1].pump()  # the relay has it; its answer is on the way
+        self.assertIsNotNone(self.registry.get("node1"))
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_registerInFlightWaitIsBounded(self):
+        """A REGISTER the relay never answers holds stop() up for STOP_TIMEOUT at most, then stop unregisters anyway."""
+        self.relay.factory = Factory.forProtocol(SilentRelay)
+        self.startInFlight()
+        d = ensureDeferred(self.registrar.stop())
+        self.relay.flush()
+        self.advance(STOP_TIMEOUT)
+        self.assertNoResult(d)  # now sending the UNREGISTER, to a relay as silent
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.advance(STOP_TIMEOUT)
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_staleRegisterInFlight(self):
+        """stop() while a REGISTER is in flight and files changed since sends no second REGISTER."""
+        self.startInFlight()
+        self.share.add(FileEntry("late.txt", 1, "c" * 64))
+        self.registrar.registerSoon()
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_stopTwiceDuringRegister(self):
+        """A second stop() while the first waits for the REGISTER's answer finishes with it; one UNREGISTER."""
+        self.startInFlight()
+        first = ensureDeferred(self.registrar.stop())
+        second = ensureDeferred(self.registrar.stop())
+        self.assertNoResult(second)
+        self.relay.flush()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_waitingToHeartbeat(self):
+        """stop() between heartbeats cancels the next one and unregisters."""
+        self.start(rescan=10)
+        self.advance(15)
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_heartbeatInFlight(self):
+        """stop() while a HEARTBEAT is unanswered abandons it and unregisters."""
+        self.start()
+        self.advance(29)
+        self.clock.advance(1)  # the heartbeat is sent, not answered
+        self.stop()
+        self.assertEqual(self.relay.verbs()[-1], "UNREGISTER")
+        self.assertNotIn("REGISTER", self.relay.verbs()[1:])
+        self.assertStoppedClean()
+
+    def test_staleHeartbeatInFlight(self):
+        """stop() while a HEARTBEAT is in flight and files changed since sends no REGISTER."""
+        self.start()
+        self.advance(29)
+        self.clock.advance(1)
+        self.share.add(FileEntry("late.txt", 1, "c" * 64))
+        self.registrar.registerSoon()
+        self.stop()
+        self.assertNotIn("REGISTER", self.relay.verbs()[1:])
+        self.assertStoppedClean()
+
+    def test_backingOffAfterHeartbeatFailed(self):
+        """stop() while retrying a heartbeat the relay did not take unregisters (the relay may still list us)."""
+        self.start()
+        self.relay.down = True
+        self.advance(31)
+        self.relay.down = False
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_backingOffNeverRegistered(self):
+        """stop() while retrying a first REGISTER that never reached the relay contacts nobody."""
+        self.relay.down = True
+        self.start()
+        self.advance(5)
+        self.relay.down = False
+        attempts = len(self.relay.attempts)
+        self.stop()
+        self.assertEqual(len(self.relay.attempts), attempts)
+        self.assertStoppedClean()
+
+    def test_registerDueWhileRegistered(self):
+        """stop() while a re-registration waits out its jitter unregisters instead."""
+        self.start()
+        self.registrar.registerSoon(jitter=1.0)  # due in 0.5 s
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_registerDueAfterForgotten(self):
+        """stop() after the relay said it forgot us (404), before registering again, sends nothing."""
+        self.start()
+        self.registry.unregister("node1")
+        self.advance(30.25)  # HEARTBEAT answered 404; REGISTER due at 30.5
+        self.stop()
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "HEARTBEAT"])
+        self.assertStoppedClean()
+
+    def test_unregisterInFlight(self):
+        """A second stop() while the UNREGISTER is in flight waits for it; nothing more is sent."""
+        self.start()
+        first = ensureDeferred(self.registrar.stop())
+        second = ensureDeferred(self.registrar.stop())
+        self.assertNoResult(second)
+        self.relay.flush()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_stopped(self):
+        """stop() on a stopped registrar returns at once and sends nothing."""
+        self.start()
+        self.stop()
+        self.successResultOf(ensureDeferred(self.registrar.stop()))
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_rescanInFlight(self):
+        """A rescan that finishes after stop() finds changes but registers nothing."""
+        scans: list[Deferred] = []
+
+        def slowThread(f, *args):
+            d = Deferred()
+            d.addCallback(lambda _: f(*args))
+            scans.append(d)
+            return d
+
+        self.share = SharedDirectory(self.root, runInThread=slowThread)
+        self.share.entries = {}
+        self.start(rescan=10)
+        self.advance(10)
+        self.assertEqual(len(scans), 1)  # the rescan is walking the folder
+        self.stop()
+        while scans:
+            scans.pop(0).callback(None)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
+        self.assertStoppedClean()
+
+    def test_uncertainRegisterUnregistered(self):
+        """A REGISTER that timed out may have landed: a later stop() unregisters anyway."""
+        self.relay.factory = Factory.forProtocol(SilentRelay)
+        self.start()
+        self.advance(QUERY_TIMEOUT + 0.5)  # timed out at 15; the retry is due at 15.75
+        d = ensureDeferred(self.registrar.stop())
+        self.advance(STOP_TIMEOUT)
+        self.successResultOf(d)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -6,16 +6,40 @@ heartbeats inside the lifetime the relay granted, a full registration again
 when the relay forgot us (it restarted, or we expired) or our files changed,
 jittered exponential backoff while the relay is unreachable (the node keeps
 serving meanwhile), and an UNREGISTER on a clean stop.
+
+The loop is a state machine (automat); its transitions, in short::
+
+    idle ------------start------> registering
+    registering ---answered-----> waitingToHeartbeat    (after one interval)
+    registering ---failed-------> waitingToRegister     (after a backoff)
+    waitingToHeartbeat ---due---> heartbeating
+    heartbeating --answered-----> waitingToHeartbeat
+    heartbeating --failed-------> waitingToHeartbeat    (after a backoff)
+    heartbeating --forgotten----> waitingToRegister     (404 or new boot; jitter)
+    waitingToRegister ----due---> registering
+    changed: registering -> registeringStale, heartbeating -> heartbeatingStale
+             (each ends in waitingToRegister, due at once), waiting -> waitingToRegister
+    stop:  idle -> stopped;  a REGISTER in flight -> finishing (its answer, or
+           STOP_TIMEOUT) -> unregistering;  anything else -> unregistering
+           (a HEARTBEAT in flight is abandoned);  unregistering -> stopped
+
+``unregistering`` sends UNREGISTER only if the relay may hold our entry
+(``registered``), so a node that never got through contacts nobody on the
+way out, and one whose REGISTER was in flight leaves no ghost behind.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Protocol
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .. import wire
 from ..client.relay import Reply, query
@@ -26,7 +50,35 @@ ASSUMED_TTL = 90.0  # until the relay tells us its own
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
 RESTART_JITTER = 1.0  # spread re-registrations after a relay restart
-STOP_TIMEOUT = 3.0
+STOP_TIMEOUT = 3.0  # for the answer to a REGISTER in flight, and for the UNREGISTER
+
+
+class _Loop(Protocol):
+    """The inputs of the registration loop."""
+
+    def start(self) -> None:
+        "Begin: register at once."
+
+    def stop(self) -> None:
+        "Take the registration back, and halt."
+
+    def due(self) -> None:
+        "The timer for the next contact fired."
+
+    def answered(self) -> None:
+        "The relay accepted the REGISTER or HEARTBEAT in flight."
+
+    def forgotten(self) -> None:
+        "A heartbeat found a relay that no longer knows us (404, or a new boot)."
+
+    def failed(self, why: str) -> None:
+        "The contact in flight did not get through."
+
+    def changed(self, jitter: float) -> None:
+        "The shared files changed: register them again."
+
+    def unregistered(self) -> None:
+        "Taking the registration back is over, however it went."
 
 
 class Registrar:
@@ -35,6 +87,7 @@ class Registrar:
 
     ``port`` and ``udp`` are what the node serves on; ``advertise`` is the
     host put in the registry (None: the address the relay sees us from).
+    ``registered`` is true while the relay may hold our entry.
     """
 
     log = Logger()
@@ -66,88 +119,132 @@ class Registrar:
         self.ttl = ASSUMED_TTL
         self.boot: Optional[str] = None
         self.registered = False
-        self._needRegister = True
+        self.firstRegistration: Deferred[Reply] = Deferred()
         self._failures = 0
         self._timer: Optional[IDelayedCall] = None
-        self._rescanTimer: Optional[IDelayedCall] = None
-        self._busy: Optional[Deferred[None]] = None
-        self._running = False
-        self.firstRegistration: Deferred[Reply] = Deferred()
+        self._inflight: Optional[Deferred[Reply]] = None
+        self._rescans: Optional[LoopingCall] = None
+        self._stopWaiters: List[Deferred[None]] = []
+        self._loop: _Loop = _machine(self)
 
-    # Lifecycle.
+    # The public face.
 
     def start(self) -> None:
-        self._running = True
-        self._schedule(0)
-        if self.rescanInterval:
-            self._rescanTimer = self.clock.callLater(self.rescanInterval, self._rescan)
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop and unregister, so clients stop being sent here."""
-        self._running = False
-        for timer in (self._timer, self._rescanTimer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        if self._busy is not None:
-            self._busy.cancel()
-        if not self.registered:
-            return
-        try:
-            await query(
-                self.relay, wire.request(wire.UNREGISTER, node=self.node), self.clock, STOP_TIMEOUT
-            )
-            self.log.info("unregistered from the relay")
-        except Exception as e:
-            self.log.info("could not unregister: {error}", error=e)
-        self.registered = False
+        done: Deferred[None] = Deferred()
+        self._stopWaiters.append(done)
+        self._loop.stop()
+        await done
+
+    def registerSoon(self, jitter: float = 0.0) -> None:
+        """Send a full registration (files changed, relay restarted...)."""
+        self._loop.changed(jitter)
 
     @property
     def interval(self) -> float:
         """Seconds between heartbeats: as configured, else a third of the TTL."""
         return self.heartbeat if self.heartbeat else self.ttl / 3
 
-    def registerSoon(self, jitter: float = 0.0) -> None:
-        """Send a full registration (files changed, relay restarted...)."""
-        self._needRegister = True
-        if self._running and self._busy is None:
-            self._schedule(self._rng() * jitter)
+    # What the transitions do.
 
-    # The loop.
+    def _wait(self, delay: float) -> None:
+        """The next contact (whichever the state says) in ``delay`` seconds."""
+        self._cancelTimer()
+        self._timer = self.clock.callLater(delay, self._loop.due)
 
-    def _schedule(self, delay: float) -> None:
+    def _waitAtMost(self, delay: float) -> None:
+        if self._timer is None or self._timer.getTime() > self.clock.seconds() + delay:
+            self._wait(delay)
+
+    def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._timer = self.clock.callLater(delay, self._tick)
-
-    def _tick(self) -> None:
         self._timer = None
-        d = ensureDeferred(self._contact())
-        d.addErrback(lambda f: self.log.failure("registration loop bug", f))
-        if not d.called:
-            self._busy = d
-            d.addBoth(self._idle)
 
-    def _idle(self, _: object) -> None:
-        self._busy = None
+    def _backOff(self, why: str) -> None:
+        self._failures += 1
+        # Never back off past the heartbeat, so a relay that comes back
+        # hears from every node within about one interval.
+        cap = min(MAX_RETRY, self.interval * 1.5)
+        base = min(cap, FIRST_RETRY * 2 ** (self._failures - 1))
+        delay = base * (0.5 + self._rng() / 2)
+        self.log.warn(
+            "relay unreachable ({why}); retrying in {delay:.1f}s", why=why, delay=delay
+        )
+        self._wait(delay)
 
-    async def _contact(self) -> None:
-        wasHeartbeat = not self._needRegister
-        try:
-            if self._needRegister:
-                reply = await self._register()
+    def _startRescans(self) -> None:
+        if self.rescanInterval:
+            self._rescans = LoopingCall(self._rescan)
+            self._rescans.clock = self.clock
+            self._rescans.start(self.rescanInterval, now=False)
+
+    def _halt(self) -> None:
+        """No more timers and no more rescans (one in progress finishes unheard)."""
+        self._cancelTimer()
+        if self._rescans is not None and self._rescans.running:
+            self._rescans.stop()
+
+    def _send(self, verb: str) -> None:
+        """Send a REGISTER or a HEARTBEAT; its outcome becomes an input."""
+        count = 0
+        if verb == wire.REGISTER:
+            payload, count = self._registration()
+        else:
+            payload = wire.request(wire.HEARTBEAT, node=self.node)
+        d = Deferred.fromCoroutine(query(self.relay, payload, self.clock))
+        self._inflight = d
+        d.addCallbacks(
+            self._answered, self._failed, callbackArgs=(verb, count, d), errbackArgs=(verb, d)
+        )
+
+    def _abandon(self) -> None:
+        """Drop the contact in flight without hearing how it ends."""
+        d, self._inflight = self._inflight, None
+        if d is not None:
+            d.cancel()
+
+    def _giveUp(self) -> None:
+        """Stop waiting for the contact in flight; it ends as failed."""
+        self._timer = None
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    def _unregister(self) -> None:
+        self._cancelTimer()
+        if not self.registered:
+            self._loop.unregistered()
+            return
+        d = Deferred.fromCoroutine(
+            query(
+                self.relay, wire.request(wire.UNREGISTER, node=self.node), self.clock, STOP_TIMEOUT
+            )
+        )
+
+        def done(result: object) -> None:
+            if isinstance(result, Failure):
+                self.log.info("could not unregister: {error}", error=result.value)
             else:
-                reply = await self._heartbeat()
-        except wire.ProtocolError as e:
-            if e.status == wire.NOT_FOUND and wasHeartbeat:
-                self.log.info("the relay forgot this node; registering again")
-                self._needRegister = True
-                self._schedule(self._rng() * RESTART_JITTER)
-                return
-            self._retry(f"relay refused: {e}")
-            return
-        except Exception as e:
-            self._retry(str(e) or e.__class__.__name__)
-            return
+                self.log.info("unregistered from the relay")
+            self.registered = False
+            self._loop.unregistered()
+
+        d.addBoth(done)
+
+    def _notifyStopped(self) -> None:
+        waiters, self._stopWaiters = self._stopWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # Outcomes of contacts, turned into inputs.
+
+    def _answered(self, reply: Reply, verb: str, count: int, d: Deferred) -> None:
+        if d is not self._inflight:
+            return  # abandoned
+        self._inflight = None
         self._failures = 0
         ttl = reply.status.get("ttl")
         if ttl:
@@ -158,16 +255,46 @@ class Registrar:
         boot = reply.status.get("boot")
         restarted = self.boot is not None and boot != self.boot
         self.boot = boot
-        if restarted and wasHeartbeat:
-            self.log.info("the relay restarted; registering again")
-            self._needRegister = True
-            self._schedule(self._rng() * RESTART_JITTER)
+        if verb == wire.HEARTBEAT:
+            if restarted:
+                self.log.info("the relay restarted; registering again")
+                self._loop.forgotten()
+            else:
+                self._loop.answered()
             return
-        if self._running:
-            # Files may have changed while we were talking to the relay.
-            self._schedule(0 if self._needRegister else self.interval)
+        self.registered = True
+        self.log.info(
+            "registered {count} files with the relay as {host}:{port}",
+            count=count,
+            host=reply.status.get("host"),
+            port=self.port,
+        )
+        self._loop.answered()
+        if not self.firstRegistration.called:
+            self.firstRegistration.callback(reply)
 
-    async def _register(self) -> Reply:
+    def _failed(self, failure: Failure, verb: str, d: Deferred) -> None:
+        if d is not self._inflight:
+            return  # abandoned
+        self._inflight = None
+        error = failure.value
+        if isinstance(error, wire.ProtocolError):
+            if error.status == wire.NOT_FOUND and verb == wire.HEARTBEAT:
+                self.log.info("the relay forgot this node; registering again")
+                self.registered = False
+                self._failures = 0
+                self._loop.forgotten()
+                return
+            why = f"relay refused: {error}"
+        else:
+            neverSent = isinstance(error, ConnectError) and not isinstance(error, TimeoutError)
+            if verb == wire.REGISTER and not neverSent:
+                # It was sent, or may have been: the relay may hold it.
+                self.registered = True
+            why = str(error) or error.__class__.__name__
+        self._loop.failed(why)
+
+    def _registration(self) -> tuple[bytes, int]:
         entries = sorted(self.share.entries.values(), key=lambda e: e.name)
         payload = b"".join(
             [
@@ -186,43 +313,9 @@ class Registrar:
                 wire.end(len(entries)),
             ]
         )
-        self._needRegister = False
-        try:
-            reply = await query(self.relay, payload, self.clock)
-        except BaseException:
-            self._needRegister = True
-            raise
-        self.registered = True
-        self.log.info(
-            "registered {count} files with the relay as {host}:{port}",
-            count=len(entries),
-            host=reply.status.get("host"),
-            port=self.port,
-        )
-        if not self.firstRegistration.called:
-            self.firstRegistration.callback(reply)
-        return reply
+        return payload, len(entries)
 
-    async def _heartbeat(self) -> Reply:
-        return await query(
-            self.relay, wire.request(wire.HEARTBEAT, node=self.node), self.clock
-        )
-
-    def _retry(self, why: str) -> None:
-        self._failures += 1
-        # Never back off past the heartbeat, so a relay that comes back
-        # hears from every node within about one interval.
-        cap = min(MAX_RETRY, self.interval * 1.5)
-        base = min(cap, FIRST_RETRY * 2 ** (self._failures - 1))
-        delay = base * (0.5 + self._rng() / 2)
-        self.log.warn(
-            "relay unreachable ({why}); retrying in {delay:.1f}s", why=why, delay=delay
-        )
-        if self._running:
-            self._schedule(delay)
-
-    def _rescan(self) -> None:
-        self._rescanTimer = None
+    def _rescan(self) -> Deferred[None]:
         d = self.share.scan()
 
         def scanned(changed: bool) -> None:
@@ -232,8 +325,116 @@ class Registrar:
 
         d.addCallback(scanned)
         d.addErrback(lambda f: self.log.failure("rescan failed", f))
-        d.addBoth(self._nextRescan)
+        return d
 
-    def _nextRescan(self, _: object) -> None:
-        if self._running and self.rescanInterval:
-            self._rescanTimer = self.clock.callLater(self.rescanInterval, self._rescan)
+
+# The machine.  Each transition's body is what the registrar does on it.
+
+_builder = TypeMachineBuilder(_Loop, Registrar)
+idle = _builder.state("idle")
+registering = _builder.state("registering")
+registeringStale = _builder.state("registeringStale")  # files changed since it was sent
+waitingToHeartbeat = _builder.state("waitingToHeartbeat")
+heartbeating = _builder.state("heartbeating")
+heartbeatingStale = _builder.state("heartbeatingStale")
+waitingToRegister = _builder.state("waitingToRegister")
+finishing = _builder.state("finishing")  # stopping; waiting for the REGISTER in flight
+unregistering = _builder.state("unregistering")
+stopped = _builder.state("stopped")
+
+
+@idle.upon(_Loop.start).to(registering)
+def _begin(loop: _Loop, r: Registrar) -> None:
+    r._startRescans()
+    r._send(wire.REGISTER)
+
+
+@waitingToRegister.upon(_Loop.due).to(registering)
+def _register(loop: _Loop, r: Registrar) -> None:
+    r._send(wire.REGISTER)
+
+
+@waitingToHeartbeat.upon(_Loop.due).to(heartbeating)
+def _heartbeat(loop: _Loop, r: Registrar) -> None:
+    r._send(wire.HEARTBEAT)
+
+
+@registering.upon(_Loop.answered).to(waitingToHeartbeat)
+@heartbeating.upon(_Loop.answered).to(waitingToHeartbeat)
+def _keepAlive(loop: _Loop, r: Registrar) -> None:
+    r._wait(r.interval)
+
+
+@registeringStale.upon(_Loop.answered).to(waitingToRegister)
+@heartbeatingStale.upon(_Loop.answered).to(waitingToRegister)
+def _registerAgain(loop: _Loop, r: Registrar) -> None:
+    r._wait(0)
+
+
+@heartbeating.upon(_Loop.forgotten).to(waitingToRegister)
+@heartbeatingStale.upon(_Loop.forgotten).to(waitingToRegister)
+def _reintroduce(loop: _Loop, r: Registrar) -> None:
+    r._wait(r._rng() * RESTART_JITTER)
+
+
+@registering.upon(_Loop.failed).to(waitingToRegister)
+@registeringStale.upon(_Loop.failed).to(waitingToRegister)
+@heartbeatingStale.upon(_Loop.failed).to(waitingToRegister)
+@heartbeating.upon(_Loop.failed).to(waitingToHeartbeat)
+def _retry(loop: _Loop, r: Registrar, why: str) -> None:
+    r._backOff(why)
+
+
+@waitingToHeartbeat.upon(_Loop.changed).to(waitingToRegister)
+@waitingToRegister.upon(_Loop.changed).loop()
+def _registerSoon(loop: _Loop, r: Registrar, jitter: float) -> None:
+    r._waitAtMost(r._rng() * jitter)
+
+
+for _state in (idle, registeringStale, heartbeatingStale, finishing, unregistering, stopped):
+    # Nothing to do: the next REGISTER sends the files as they are then,
+    # or there will be no next REGISTER.
+    _state.upon(_Loop.changed).loop().returns(None)
+del _state
+registering.upon(_Loop.changed).to(registeringStale).returns(None)
+heartbeating.upon(_Loop.changed).to(heartbeatingStale).returns(None)
+
+
+@idle.upon(_Loop.stop).to(stopped)
+@unregistering.upon(_Loop.unregistered).to(stopped)
+@stopped.upon(_Loop.stop).loop()
+def _over(loop: _Loop, r: Registrar) -> None:
+    r._notifyStopped()
+
+
+@registering.upon(_Loop.stop).to(finishing)
+@registeringStale.upon(_Loop.stop).to(finishing)
+def _finish(loop: _Loop, r: Registrar) -> None:
+    # The REGISTER may be at the relay already: hear its answer (or give up
+    # after STOP_TIMEOUT), then take it back.  Cancelling it instead would
+    # leave the entry there for a whole TTL.
+    r._halt()
+    r._timer = r.clock.callLater(STOP_TIMEOUT, r._giveUp)
+
+
+@finishing.upon(_Loop.answered).to(unregistering)
+@finishing.upon(_Loop.failed).to(unregistering)
+def _finished(loop: _Loop, r: Registrar, *why: str) -> None:
+    r._unregister()
+
+
+@heartbeating.upon(_Loop.stop).to(unregistering)
+@heartbeatingStale.upon(_Loop.stop).to(unregistering)
+@waitingToHeartbeat.upon(_Loop.stop).to(unregistering)
+@waitingToRegister.upon(_Loop.stop).to(unregistering)
+def _leave(loop: _Loop, r: Registrar) -> None:
+    # A heartbeat in flight can go: it never creates an entry.
+    r._halt()
+    r._abandon()
+    r._unregister()
+
+
+finishing.upon(_Loop.stop).loop().returns(None)
+unregistering.upon(_Loop.stop).loop().returns(None)
+
+_machine = _builder.build()
