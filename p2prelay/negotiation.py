@@ -104,8 +104,9 @@ class OneShotClient(NegotiationProtocol, Generic[T]):
     :meth:`fail`'s reason -- a malformed or over-long line from the server
     (:class:`wire.ProtocolError`), the idle timeout (``TimeoutError``, and the
     connection is aborted), or a close before the answer was complete (an
-    :class:`IncompleteAnswer` that :meth:`incomplete` makes).  Cancelling it aborts the
-    connection.  Whatever happens on the connection afterwards is ignored.
+    :class:`IncompleteAnswer` that :meth:`incomplete` makes).  Cancelling it
+    aborts the connection.  Whatever happens on the connection afterwards is
+    ignored.
 
     Subclasses write their request in ``connectionMade`` and handle each
     parsed line in :meth:`messageReceived`.
