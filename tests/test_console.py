@@ -8,41 +8,22 @@ from __future__ import annotations
 import io
 
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.cli.console import Console, Terminal, splitNames
+from p2prelay.cli.console import EOF, Console, Terminal, splitNames
+
+from .support import FakeStdio, FakeTerminal
 
 
-class PullingStdout(StringTransport):
-    """
-    A stdout whose buffer drains only when the test says so.  Like a real
-    FileDescriptor, it asks a pull producer for a first chunk at once.
-    """
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        super().registerProducer(producer, streaming)
-        if not streaming:
-            producer.resumeProducing()
-
-    def drain(self) -> None:
-        if self.producer is not None and not self.streaming:
-            self.producer.resumeProducing()
-
-
-def console(stdout: StringTransport) -> Console:
-    c = Console.__new__(Console)  # no real stdio in unit tests
-    c.terminal = Terminal()
-    c.stdio = stdout
-    c.stdoutClosed = False
-    return c
+def console(**stdioOptions) -> Console:
+    return Console(None, False, stdio=lambda proto: FakeStdio(proto, **stdioOptions), stderr=lambda text: None)
 
 
 class SendTests(SynchronousTestCase):
     def test_firesOnlyAfterDrain(self) -> None:
         """send() completes only once stdout has taken every byte and drained."""
-        stdout = PullingStdout()
-        c = console(stdout)
+        c = console(autoDrain=False)
+        stdout = c.stdio
         d = Deferred.fromCoroutine(c.send(io.BytesIO(b"x" * 300_000)))
         self.assertNoResult(d)
         while not d.called:
@@ -53,8 +34,8 @@ class SendTests(SynchronousTestCase):
 
     def test_lastChunkNotYetDrained(self) -> None:
         """Having written the last chunk is not enough: it must have left the buffer."""
-        stdout = PullingStdout()
-        c = console(stdout)
+        c = console(autoDrain=False)
+        stdout = c.stdio
         d = Deferred.fromCoroutine(c.send(io.BytesIO(b"short")))
         self.assertEqual(stdout.value(), b"short")
         self.assertNoResult(d)
@@ -63,13 +44,84 @@ class SendTests(SynchronousTestCase):
 
     def test_closedStdout(self) -> None:
         """A stdout that stops the transfer (closed pipe) ends send() quietly."""
-        stdout = PullingStdout()
-        c = console(stdout)
+        c = console(autoDrain=False)
+        stdout = c.stdio
         d = Deferred.fromCoroutine(c.send(io.BytesIO(b"y" * 1_000_000)))
         stdout.producer.stopProducing()
         self.successResultOf(d)
         self.assertTrue(c.stdoutClosed)
         self.successResultOf(Deferred.fromCoroutine(c.send(io.BytesIO(b"more"))))
+
+    def test_readerGoneMidFile(self) -> None:
+        """A reader that goes away mid-file ('| head -c 10') gets its bytes; send() ends quietly."""
+        c = console(closeAfter=10)
+        self.successResultOf(Deferred.fromCoroutine(c.send(io.BytesIO(b"z" * 1_000_000))))
+        self.assertEqual(c.stdio.value(), b"z" * 10)
+        self.assertTrue(c.stdoutClosed)
+
+    def test_closeWaitsForStdout(self) -> None:
+        """close() releases stdout and returns once its write side is closed."""
+        c = console()
+        self.successResultOf(Deferred.fromCoroutine(c.close()))
+        self.assertTrue(c.stdio.writeClosed)
+
+
+class MessageTests(SynchronousTestCase):
+    """
+    Messages and prompts go to the console's stderr, never to stdout.
+    """
+
+    def test_errEndsTheLine(self) -> None:
+        """err() writes a line: a newline is added when missing, never doubled."""
+        t = FakeTerminal()
+        t.console.err("one")
+        t.console.err("two\n")
+        self.assertEqual((t.stderr, t.stdout), ("one\ntwo\n", b""))
+
+    def test_promptStaysOnTheLine(self) -> None:
+        """prompt() leaves the line open for the answer."""
+        t = FakeTerminal()
+        t.console.prompt("name> ")
+        self.assertEqual((t.stderr, t.stdout), ("name> ", b""))
+
+
+class TerminalTests(SynchronousTestCase):
+    """
+    Typed input becomes a queue of lines, ended by EOF.
+    """
+
+    def lines(self, t: FakeTerminal) -> list:
+        got = []
+        while t.console.terminal.lines.pending:
+            got.append(self.successResultOf(Deferred.fromCoroutine(t.console.readLine())))
+        return got
+
+    def test_linesInOrder(self) -> None:
+        """Each typed line is read once, in order, without its line ending (CRLF too)."""
+        t = FakeTerminal()
+        t.type("a.txt\r\nb.txt\n")
+        self.assertEqual(self.lines(t), ["a.txt", "b.txt"])
+
+    def test_lastLineWithoutNewline(self) -> None:
+        """A last line with no newline before EOF still counts, then EOF."""
+        t = FakeTerminal()
+        t.type("a.txt\nb.txt")
+        t.eof()
+        self.assertEqual(self.lines(t), ["a.txt", "b.txt", EOF])
+
+    def test_eofOnce(self) -> None:
+        """EOF is queued once, however the input ends."""
+        t = FakeTerminal()
+        t.eof()
+        t.console.terminal.connectionLost(None)
+        self.assertEqual(self.lines(t), [EOF])
+
+    def test_tooLongLine(self) -> None:
+        """A line over the limit is dropped with a message on stderr."""
+        t = FakeTerminal()
+        t.type("x" * (Terminal.MAX_LENGTH + 1) + "\n")
+        self.assertEqual(self.lines(t), [])
+        self.assertIn("input line too long; ignored", t.stderr)
 
 
 class SplitNamesTests(SynchronousTestCase):

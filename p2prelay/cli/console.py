@@ -9,15 +9,14 @@ written so that a non-blocking terminal never raises mid-message.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import sys
-from typing import IO, Iterable, Optional
+from typing import IO, Any, Callable, Iterable, Optional
 
-from twisted.internet import stdio
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.stdio import StandardIO
 from twisted.protocols.basic import FileSender, LineReceiver
 from zope.interface import implementer
 
@@ -34,9 +33,9 @@ class _StdoutSender(FileSender):
     CHUNK_SIZE = 256 * 1024
 
 
-def err(text: str) -> None:
-    """Write a line to stderr, waiting out EAGAIN on a non-blocking tty."""
-    data = (text if text.endswith("\n") else text + "\n").encode("utf-8", "replace")
+def writeStderr(text: str) -> None:
+    """Write text to stderr (fd 2), waiting out EAGAIN on a non-blocking tty."""
+    data = text.encode("utf-8", "replace")
     try:
         sys.stderr.flush()
     except (BlockingIOError, ValueError):
@@ -48,22 +47,19 @@ def err(text: str) -> None:
         except BlockingIOError:
             select.select([], [fd], [], 1.0)
             continue
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                continue
+        except OSError:
             return  # stderr is gone; nothing sensible left to do
         data = data[written:]
 
 
+def err(text: str) -> None:
+    """Write a line to stderr."""
+    writeStderr(text if text.endswith("\n") else text + "\n")
+
+
 def prompt(text: str) -> None:
-    data = text.encode("utf-8", "replace")
-    while data:
-        try:
-            data = data[os.write(2, data):]
-        except BlockingIOError:
-            select.select([], [2], [], 1.0)
-        except OSError:
-            return
+    """Write a prompt to stderr, without a line ending."""
+    writeStderr(text)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -75,7 +71,8 @@ class Terminal(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
 
-    def __init__(self) -> None:
+    def __init__(self, report: Callable[[str], None] = err) -> None:
+        self.report = report
         self.lines: DeferredQueue[object] = DeferredQueue()
         self.writeClosed: Deferred[None] = Deferred()
         self._readDone = False
@@ -84,7 +81,7 @@ class Terminal(LineReceiver):
         self.lines.put(line.rstrip(b"\r").decode("utf-8", "replace"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        err("input line too long; ignored")
+        self.report("input line too long; ignored")
 
     def readConnectionLost(self) -> None:
         if not self._readDone:
@@ -104,17 +101,43 @@ class Terminal(LineReceiver):
 
 
 class Console:
-    """Owns stdio for one run of a console program."""
+    """
+    Owns the terminal for one run of a console program: typed lines from
+    stdin, contents to stdout, messages and prompts to stderr.
 
-    def __init__(self, reactor, interactive: bool) -> None:
-        self.terminal = Terminal()
-        stdin = 0
+    ``stdio`` builds the transport for the :class:`Terminal` protocol the
+    way ``StandardIO(protocol)`` does (it is the default), and ``stderr``
+    writes text to the person at the terminal; tests pass fakes of both.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        interactive: bool,
+        *,
+        stdio: Optional[Callable[[Terminal], Any]] = None,
+        stderr: Callable[[str], None] = writeStderr,
+    ) -> None:
+        self.stderr = stderr
+        self.terminal = Terminal(report=self.err)
         self._devnull: Optional[int] = None
-        if not interactive:
-            # Never read (or wait on) the user's stdin when not asked to.
-            self._devnull = stdin = os.open(os.devnull, os.O_RDONLY)
-        self.stdio = stdio.StandardIO(self.terminal, stdin=stdin, reactor=reactor)
+        if stdio is None:
+            stdin = 0
+            if not interactive:
+                # Never read (or wait on) the user's stdin when not asked to.
+                self._devnull = stdin = os.open(os.devnull, os.O_RDONLY)
+            self.stdio = StandardIO(self.terminal, stdin=stdin, reactor=reactor)
+        else:
+            self.stdio = stdio(self.terminal)
         self.stdoutClosed = False
+
+    def err(self, text: str) -> None:
+        """A line for the person at the terminal, on stderr."""
+        self.stderr(text if text.endswith("\n") else text + "\n")
+
+    def prompt(self, text: str) -> None:
+        """A question on stderr, left open for the answer."""
+        self.stderr(text)
 
     async def readLine(self) -> object:
         return await self.terminal.lines.get()

@@ -15,16 +15,24 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.interfaces import IReactorThreads
 
 from .. import __version__, udp, wire
 from ..addresses import AddressError, checkClientAddress, clientEndpoint
 from ..client.download import DestinationError, Download, destination
-from ..client.fetcher import PEER_TIMEOUT, Fetched, Fetcher, NotFetched, RelayUnreachable
-from .console import EOF, Console, err, prompt, splitNames
+from ..client.fetcher import (
+    PEER_TIMEOUT,
+    Fetched,
+    Fetcher,
+    NotFetched,
+    PeerAddress,
+    RelayUnreachable,
+)
+from .console import EOF, Console, splitNames
 
 EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
@@ -135,27 +143,50 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-class Client:
-    """One run of p2p-fetch: a fetcher, the terminal, and the outcomes."""
+def buildFetcher(
+    reactor,
+    args: argparse.Namespace,
+    report: Callable[[str], None],
+    *,
+    relay=None,
+    peerEndpoint: Optional[Callable[[PeerAddress], object]] = None,
+) -> Fetcher:
+    """
+    The Fetcher the options ask for; failed attempts (and, with ``-v``,
+    every phase) are told to ``report``.  ``relay`` and ``peerEndpoint``
+    replace the endpoints made from ``--relay`` and the peers' addresses.
+    """
+    fetcher = Fetcher(
+        reactor,
+        relay if relay is not None else clientEndpoint(reactor, args.relay, timeout=args.timeout),
+        timeout=args.timeout,
+        report=report,
+        verbose=report if args.verbose else (lambda line: None),
+        peerEndpoint=peerEndpoint,
+    )
+    if args.udp:
+        fetcher.transfer = functools.partial(fetcher.transferUDP, blockSize=args.udp_block)
+    return fetcher
 
-    def __init__(self, reactor, args: argparse.Namespace, console: Console) -> None:
+
+class Client:
+    """
+    One run of p2p-fetch: a fetcher, the terminal, and the outcomes.
+
+    Without a ``fetcher``, the one :func:`buildFetcher` makes from the
+    options is used.
+    """
+
+    def __init__(
+        self, reactor, args: argparse.Namespace, console: Console, fetcher: Optional[Fetcher] = None
+    ) -> None:
         self.args = args
         self.reactor = reactor
         self.console = console
+        self.err = console.err
         self.relayUnreachable = False
         self.failed = 0
-        verbose = err if args.verbose else (lambda line: None)
-        self.fetcher = Fetcher(
-            reactor,
-            clientEndpoint(reactor, args.relay, timeout=args.timeout),
-            timeout=args.timeout,
-            report=err,
-            verbose=verbose,
-        )
-        if args.udp:
-            self.fetcher.transfer = functools.partial(
-                self.fetcher.transferUDP, blockSize=args.udp_block
-            )
+        self.fetcher = fetcher if fetcher is not None else buildFetcher(reactor, args, console.err)
         self.semaphore = DeferredSemaphore(args.parallel)
 
     def out(self, line: str) -> None:
@@ -172,7 +203,7 @@ class Client:
                 udp = f"  udp={p.udp}" if p.udp else ""
                 self.out(f"{p}  node={p.node}{udp}")
         if not self.args.json:
-            err(f"{len(peers)} active peer(s)")
+            self.err(f"{len(peers)} active peer(s)")
 
     async def listFiles(self, pattern: str) -> None:
         files, truncated = await self.fetcher.search(pattern)
@@ -187,7 +218,7 @@ class Client:
             for name, size, holders, sha in rows:
                 self.out(f"{name:<{width}}  {size:>{swidth}}  {holders:>7}  {sha}")
         if truncated:
-            err("(the list was truncated by the relay; narrow the pattern)")
+            self.err("(the list was truncated by the relay; narrow the pattern)")
 
     # Fetching.
 
@@ -210,7 +241,9 @@ class Client:
     async def _fetchOne(self, name: str) -> tuple[Fetched, Optional[Download]]:
         """Save into -o DIR, or fetch into a temporary file kept for printing."""
         if not self.args.output:
-            sink = Download(Path(tempfile.gettempdir()), self.reactor)
+            # Written on a thread of its own when the reactor can take calls from one.
+            threads = self.reactor if IReactorThreads.providedBy(self.reactor) else None
+            sink = Download(Path(tempfile.gettempdir()), threads)
             try:
                 return await self.fetcher.fetch(name, sink), sink
             except BaseException:
@@ -220,7 +253,7 @@ class Client:
         if final.exists() and not self.args.force:
             raise DestinationError(f"{final} exists (use --force to replace it)")
         result = await self.fetcher.save(name, final, force=self.args.force)
-        err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
+        self.err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
         if self.args.json:
             self.out(json.dumps(self._record(result, path=str(final))))
         return result, None
@@ -239,7 +272,7 @@ class Client:
 
     def _failure(self, name: str, why: str, attempts: Sequence = ()) -> None:
         self.failed += 1
-        err(f"p2p-fetch: {name}: not fetched: {why}")
+        self.err(f"p2p-fetch: {name}: not fetched: {why}")
         if self.args.json:
             self.out(
                 json.dumps(
@@ -263,17 +296,17 @@ class Client:
             result, sink = outcome
             try:
                 if len(names) > 1:
-                    err(f"==> {result.name} <==")
+                    self.err(f"==> {result.name} <==")
                 await self.console.send(sink.open())
             finally:
                 sink.discard()
 
     async def interact(self) -> None:
         while True:
-            prompt(PROMPT)
+            self.console.prompt(PROMPT)
             line = await self.console.readLine()
             if line is EOF:
-                err("")
+                self.err("")
                 return
             assert isinstance(line, str)
             if line.strip().lower() in ("quit", "exit", "q"):
@@ -294,10 +327,23 @@ class Client:
         return EXIT_NOT_FETCHED if self.failed else EXIT_OK
 
 
-async def run(reactor, args: argparse.Namespace) -> int:
-    interactive = not (args.names or args.peers or args.list is not None)
-    console = Console(reactor, interactive)
-    client = Client(reactor, args, console)  # parseArgs has checked --relay
+async def run(
+    reactor,
+    args: argparse.Namespace,
+    console: Optional[Console] = None,
+    fetcher: Optional[Fetcher] = None,
+) -> int:
+    """
+    One p2p-fetch run of parsed ``args``; returns the exit status.
+
+    ``console`` (the terminal) and ``fetcher`` (the network) default to the
+    real ones; tests pass fakes.
+    """
+    if console is None:
+        interactive = not (args.names or args.peers or args.list is not None)
+        console = Console(reactor, interactive)
+    client = Client(reactor, args, console, fetcher)  # parseArgs has checked --relay
+    err = console.err
     try:
         if args.peers:
             await client.listPeers()

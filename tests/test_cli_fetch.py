@@ -1,0 +1,789 @@
+"""
+``p2p-fetch`` in process: its options, exit statuses, what goes to stdout
+and what to stderr, ``-o``/``--force``, the listings and the interactive
+prompt -- ``run()`` driven with a fake terminal and a fake fetcher, or a
+real Fetcher talking in memory to a real relay and real file servers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, Cooperator
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2prelay import udp, wire
+from p2prelay.cli import fetch
+from p2prelay.cli.fetch import EXIT_NOT_FETCHED, EXIT_OK, EXIT_RELAY, EXIT_USAGE, buildFetcher, parseArgs, run
+from p2prelay.client.download import TEMP_PREFIX
+from p2prelay.client.fetcher import (
+    PEER_TIMEOUT,
+    Attempt,
+    Fetched,
+    Fetcher,
+    NotFetched,
+    PeerAddress,
+    RelayUnreachable,
+)
+from p2prelay.node.server import FileServerFactory
+from p2prelay.node.share import SharedDirectory
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.relay.registry import Registry
+from p2prelay.wire import FileEntry
+
+from .support import FakeTerminal, MemoryNetwork, drive, sha, syncThread
+
+RELAY = "127.0.0.1:8000"
+PEER = "127.0.0.1:5001"
+A = b"alpha\n"
+B = b"bravo bravo\n"
+
+
+def fileItem(name: str, size: int, holders: int = 1) -> wire.Message:
+    return wire.Message(
+        wire.FILE, {"name": name, "size": str(size), "holders": str(holders), "sha256": "a" * 64}
+    )
+
+
+class FakeFetcher:
+    """
+    The network side of p2p-fetch, scripted: the files it delivers, the
+    peers and files it lists, the exceptions it raises (by file name, or
+    ``"peers"`` / ``"search"``), and, with ``gate(name)``, when it delivers.
+    Its ``save`` is the real one, over this fetch.
+    """
+
+    reactor = None  # so the real save() writes its Download in this thread
+    save = Fetcher.save
+
+    def __init__(
+        self,
+        files: Optional[Dict[str, bytes]] = None,
+        peers: Sequence[PeerAddress] = (),
+        listing: Sequence[wire.Message] = (),
+        truncated: bool = False,
+        errors: Optional[Dict[str, Exception]] = None,
+    ) -> None:
+        self.files = dict(files or {})
+        self.peerList = list(peers)
+        self.listing = list(listing)
+        self.truncated = truncated
+        self.errors = dict(errors or {})
+        self.gates: Dict[str, Deferred] = {}
+        self.asked: List[tuple] = []
+        self.inFlight = 0
+        self.mostInFlight = 0
+
+    def gate(self, name: str) -> Deferred:
+        """Hold back ``name`` until the returned Deferred fires."""
+        self.gates[name] = Deferred()
+        return self.gates[name]
+
+    async def peers(self) -> List[PeerAddress]:
+        self.asked.append(("peers",))
+        if "peers" in self.errors:
+            raise self.errors["peers"]
+        return self.peerList
+
+    async def search(self, pattern: str, limit=None):
+        self.asked.append(("search", pattern))
+        if "search" in self.errors:
+            raise self.errors["search"]
+        return self.listing, self.truncated
+
+    async def fetch(self, name: str, sink) -> Fetched:
+        self.asked.append(("fetch", name))
+        self.inFlight += 1
+        self.mostInFlight = max(self.mostInFlight, self.inFlight)
+        try:
+            if name in self.gates:
+                await self.gates[name]
+            if name in self.errors:
+                raise self.errors[name]
+            if name not in self.files:
+                raise NotFetched(name, [Attempt(PEER, "404 no such file in this share")])
+            data = self.files[name]
+            sink.expect(len(data), sha(data))
+            sink.write(data)
+            sink.verify()
+            return Fetched(name, len(data), sha(data), PEER, [], 0.25)
+        finally:
+            self.inFlight -= 1
+
+
+class CommandTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.terminal = FakeTerminal()
+        self.scratch = Path(self.mktemp()).absolute()
+        self.scratch.mkdir()
+        # Contents printed to stdout wait in temporary files: keep them here.
+        self.temp = self.scratch / "tmp"
+        self.temp.mkdir()
+        self.patch(tempfile, "tempdir", str(self.temp))
+
+    def start(self, argv: Sequence[str], fetcher, reactor=None) -> Deferred:
+        args = parseArgs(["--relay", RELAY, *argv])
+        return Deferred.fromCoroutine(run(reactor or Clock(), args, self.terminal.console, fetcher))
+
+    def p2pFetch(self, argv: Sequence[str], fetcher) -> int:
+        """Run p2p-fetch ARGV to its end; its exit status."""
+        return self.successResultOf(self.start(argv, fetcher))
+
+    def assertQuiet(self) -> None:
+        self.assertEqual(self.terminal.stderr, "")
+
+    def leftovers(self) -> List[str]:
+        return [p.name for p in self.temp.iterdir()]
+
+
+class ParseArgsTests(SynchronousTestCase):
+    """
+    Options: what is accepted, and every usage error exits 2 with a message
+    naming the problem.
+    """
+
+    def usageError(self, argv: Sequence[str]) -> str:
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            e = self.assertRaises(SystemExit, parseArgs, argv)
+        self.assertEqual(e.code, EXIT_USAGE)
+        return stderr.getvalue()
+
+    def test_defaults(self) -> None:
+        """With no options: no names, four at a time, TCP, the default timeout and block."""
+        self.patch(os, "environ", {})
+        args = parseArgs([])
+        self.assertEqual(
+            (args.names, args.relay, args.parallel, args.timeout, args.udp, args.udp_block, args.output),
+            ([], fetch.DEFAULT_RELAY, 4, PEER_TIMEOUT, False, udp.DEFAULT_BLOCK, None),
+        )
+
+    def test_relayFromEnvironment(self) -> None:
+        """$P2PRELAY_RELAY is the default relay; --relay overrides it."""
+        self.patch(os, "environ", {fetch.RELAY_ENV: "relay.example:9000"})
+        self.assertEqual(parseArgs([]).relay, "relay.example:9000")
+        self.assertEqual(parseArgs(["--relay", "other:1"]).relay, "other:1")
+
+    def test_namesSplit(self) -> None:
+        """Names may be separate words and comma lists; duplicates go."""
+        args = parseArgs(["a.txt, b.txt", "c.txt", "a.txt"])
+        self.assertEqual(args.names, ["a.txt", "b.txt", "c.txt"])
+
+    def test_listPatternOptional(self) -> None:
+        """--list alone lists everything; --list PATTERN narrows it."""
+        self.assertEqual(parseArgs(["--list"]).list, "")
+        self.assertEqual(parseArgs(["--list", "*.txt"]).list, "*.txt")
+        self.assertIsNone(parseArgs([]).list)
+
+    def test_jsonWithOutput(self) -> None:
+        """--json with names is fine once -o takes the files off stdout."""
+        args = parseArgs(["--json", "-o", "out", "a.txt"])
+        self.assertEqual((args.json, args.output, args.names), (True, "out", ["a.txt"]))
+
+    def test_version(self) -> None:
+        """--version prints the version on stdout and exits 0."""
+        stdout = io.StringIO()
+        with redirect_stdout(stdout):
+            e = self.assertRaises(SystemExit, parseArgs, ["--version"])
+        self.assertEqual(e.code, 0)
+        self.assertRegex(stdout.getvalue(), r"^p2p-fetch \d+\.\d+")
+
+    def test_unknownOption(self) -> None:
+        """An unknown option is a usage error."""
+        self.assertIn("unrecognized arguments: --frobnicate", self.usageError(["--frobnicate"]))
+
+    def test_parallelAtLeastOne(self) -> None:
+        """--parallel 0 is a usage error."""
+        self.assertIn("--parallel must be at least 1", self.usageError(["--parallel", "0", "x"]))
+
+    def test_parallelNumber(self) -> None:
+        """--parallel takes a whole number."""
+        self.assertIn("--parallel", self.usageError(["--parallel", "many", "x"]))
+
+    def test_timeoutPositive(self) -> None:
+        """A zero or negative --timeout is a usage error."""
+        self.assertIn("--timeout must be positive", self.usageError(["--timeout", "0", "x"]))
+        self.assertIn("--timeout must be positive", self.usageError(["--timeout", "-5", "x"]))
+
+    def test_udpBlockRange(self) -> None:
+        """--udp-block outside the supported sizes is a usage error."""
+        for size in (udp.MIN_BLOCK - 1, udp.MAX_BLOCK + 1):
+            self.assertIn(
+                f"--udp-block must be {udp.MIN_BLOCK}..{udp.MAX_BLOCK}",
+                self.usageError(["--udp-block", str(size), "x"]),
+            )
+
+    def test_forceNeedsOutput(self) -> None:
+        """--force without -o is a usage error."""
+        self.assertIn("--force only makes sense with -o DIR", self.usageError(["--force", "x"]))
+
+    def test_jsonNamesNeedOutput(self) -> None:
+        """--json with file names and no -o is a usage error: stdout carries the JSON."""
+        self.assertIn("--json with file names needs -o DIR", self.usageError(["--json", "x"]))
+
+    def test_listingsTakeNoNames(self) -> None:
+        """--peers and --list refuse file names."""
+        self.assertIn("--peers and --list take no file names", self.usageError(["--peers", "x"]))
+        self.assertIn("--peers and --list take no file names", self.usageError(["--list", "*", "x"]))
+
+    def test_badRelay(self) -> None:
+        """A --relay that is no address is a usage error naming --relay."""
+        self.assertIn("--relay:", self.usageError(["--relay", "no-port-here", "x"]))
+
+    def test_badName(self) -> None:
+        """A name that could escape the share is refused before anything runs."""
+        self.assertIn("'../x'", self.usageError(["../x"]))
+
+    def test_mainExitsTwo(self) -> None:
+        """main() with a usage error exits 2 before starting a reactor."""
+        with redirect_stderr(io.StringIO()):
+            e = self.assertRaises(SystemExit, fetch.main, ["--parallel", "0", "x"])
+        self.assertEqual(e.code, EXIT_USAGE)
+
+
+class FetchToStdoutTests(CommandTestCase):
+    """
+    With names and no -o, verified bytes go to stdout and nothing else does.
+    """
+
+    def test_onePrinted(self) -> None:
+        """One name: its bytes exactly on stdout, nothing on stderr, exit 0."""
+        code = self.p2pFetch(["a.txt"], FakeFetcher({"a.txt": A}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_OK, A))
+        self.assertQuiet()
+
+    def test_binaryExact(self) -> None:
+        """Every byte value, over several stdout chunks, arrives unchanged."""
+        data = bytes(range(256)) * 3000
+        code = self.p2pFetch(["blob.bin"], FakeFetcher({"blob.bin": data}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_OK, data))
+
+    def test_severalInOrderAsked(self) -> None:
+        """Several names print in the order asked, whichever arrives first; a header each on stderr."""
+        fetcher = FakeFetcher({"a.txt": A, "b.txt": B})
+        gate = fetcher.gate("a.txt")
+        d = self.start(["a.txt", "b.txt"], fetcher)
+        self.assertEqual(self.terminal.stdout, b"")
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A + B)
+        self.assertEqual(self.terminal.stderr, "==> a.txt <==\n==> b.txt <==\n")
+
+    def test_parallelLimit(self) -> None:
+        """--parallel N keeps at most N fetches in flight."""
+        fetcher = FakeFetcher({n: A for n in "abcde"})
+        gates = [fetcher.gate(n) for n in "abcde"]
+        d = self.start(["--parallel", "2", *"abcde"], fetcher)
+        self.assertEqual(fetcher.asked, [("fetch", "a"), ("fetch", "b")])
+        for gate in gates:
+            gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(fetcher.mostInFlight, 2)
+        self.assertEqual(self.terminal.stdout, A * 5)
+
+    def test_notFetched(self) -> None:
+        """A file nobody delivers: exit 1, one line saying why, nothing on stdout."""
+        code = self.p2pFetch(["nope.txt"], FakeFetcher())
+        self.assertEqual((code, self.terminal.stdout), (EXIT_NOT_FETCHED, b""))
+        self.assertEqual(
+            self.terminal.stderr, "p2p-fetch: nope.txt: not fetched: not found on any of the 1 active peers\n"
+        )
+
+    def test_othersStillPrinted(self) -> None:
+        """One missing file among others: the others print, exit 1."""
+        code = self.p2pFetch(["a.txt", "nope.txt", "b.txt"], FakeFetcher({"a.txt": A, "b.txt": B}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_NOT_FETCHED, A + B))
+        self.assertIn("p2p-fetch: nope.txt: not fetched", self.terminal.stderr)
+
+    def test_relayUnreachable(self) -> None:
+        """A relay that cannot be reached: exit 3, one line naming the relay."""
+        code = self.p2pFetch(["a.txt"], FakeFetcher(errors={"a.txt": RelayUnreachable("connection refused")}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_RELAY, b""))
+        self.assertEqual(
+            self.terminal.stderr,
+            f"p2p-fetch: a.txt: not fetched: relay {RELAY} unreachable: connection refused\n",
+        )
+
+    def test_relayError(self) -> None:
+        """A relay answering an error status: exit 1, its status on the line."""
+        error = wire.ProtocolError(500, "internal error")
+        code = self.p2pFetch(["a.txt"], FakeFetcher(errors={"a.txt": error}))
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertEqual(self.terminal.stderr, "p2p-fetch: a.txt: not fetched: relay answered 500 internal error\n")
+
+    def test_noTemporaryLeft(self) -> None:
+        """The temporary copies behind printed files are gone afterwards, failed ones too."""
+        self.p2pFetch(["a.txt", "nope.txt"], FakeFetcher({"a.txt": A}))
+        self.assertEqual(self.leftovers(), [])
+
+    def test_readerGoesAway(self) -> None:
+        """A stdout closed early ('| head -c 10'): the reader gets its bytes, exit 0, no message."""
+        self.terminal = FakeTerminal(closeAfter=10)
+        code = self.p2pFetch(["a.bin", "b.bin"], FakeFetcher({"a.bin": b"x" * 100_000, "b.bin": B}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_OK, b"x" * 10))
+        self.assertEqual(self.terminal.stderr, "==> a.bin <==\n==> b.bin <==\n")
+        self.assertEqual(self.leftovers(), [])
+
+
+class OutputDirectoryTests(CommandTestCase):
+    """
+    -o DIR: files saved verified, never over an existing one unless --force.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.out = self.scratch / "out"
+
+    def test_saved(self) -> None:
+        """Each file lands in DIR; stdout stays empty; stderr says where each went."""
+        code = self.p2pFetch(["-o", str(self.out), "a.txt", "b.txt"], FakeFetcher({"a.txt": A, "b.txt": B}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_OK, b""))
+        self.assertEqual(((self.out / "a.txt").read_bytes(), (self.out / "b.txt").read_bytes()), (A, B))
+        self.assertIn(f"saved a.txt ({len(A)} bytes from {PEER}) to {self.out / 'a.txt'}\n", self.terminal.stderr)
+        self.assertIn(f"saved b.txt ({len(B)} bytes from {PEER}) to {self.out / 'b.txt'}\n", self.terminal.stderr)
+
+    def test_nestedUnusualName(self) -> None:
+        """A nested name with spaces, '=', ':' and non-ASCII is saved under its folders."""
+        name = "notes/my report = draft: \u00e9t\u00e9 \u2603.txt"
+        code = self.p2pFetch(["-o", str(self.out), name], FakeFetcher({name: b"snow"}))
+        self.assertEqual(code, EXIT_OK)
+        self.assertEqual((self.out / name).read_bytes(), b"snow")
+
+    def test_existingKept(self) -> None:
+        """An existing file is not replaced: exit 1, it is untouched, and nobody is asked for it."""
+        self.out.mkdir()
+        (self.out / "a.txt").write_bytes(b"mine")
+        fetcher = FakeFetcher({"a.txt": A})
+        code = self.p2pFetch(["-o", str(self.out), "a.txt"], fetcher)
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertEqual((self.out / "a.txt").read_bytes(), b"mine")
+        self.assertEqual(
+            self.terminal.stderr,
+            f"p2p-fetch: a.txt: not fetched: {self.out / 'a.txt'} exists (use --force to replace it)\n",
+        )
+        self.assertEqual(fetcher.asked, [])
+
+    def test_existingCreatedDuringFetch(self) -> None:
+        """A file that appears while the fetch runs is not replaced either."""
+        fetcher = FakeFetcher({"a.txt": A})
+        gate = fetcher.gate("a.txt")
+        d = self.start(["-o", str(self.out), "a.txt"], fetcher)
+        self.out.mkdir(exist_ok=True)
+        (self.out / "a.txt").write_bytes(b"mine")
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_NOT_FETCHED)
+        self.assertEqual((self.out / "a.txt").read_bytes(), b"mine")
+        self.assertEqual([p.name for p in self.out.iterdir()], ["a.txt"])
+
+    def test_forceReplaces(self) -> None:
+        """With --force an existing file is replaced by the verified one."""
+        self.out.mkdir()
+        (self.out / "a.txt").write_bytes(b"mine")
+        code = self.p2pFetch(["-o", str(self.out), "--force", "a.txt"], FakeFetcher({"a.txt": A}))
+        self.assertEqual(code, EXIT_OK)
+        self.assertEqual((self.out / "a.txt").read_bytes(), A)
+
+    def test_failedLeavesNothing(self) -> None:
+        """A file not fetched leaves nothing in DIR."""
+        code = self.p2pFetch(["-o", str(self.out), "nope.txt"], FakeFetcher())
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertEqual(list(self.out.iterdir()) if self.out.exists() else [], [])
+
+    def test_escapeRefused(self) -> None:
+        """A name leading out of DIR through a symlink is refused: exit 1."""
+        outside = self.scratch / "outside"
+        outside.mkdir()
+        self.out.mkdir()
+        os.symlink(outside, self.out / "link")
+        code = self.p2pFetch(["-o", str(self.out), "link/x.txt"], FakeFetcher({"link/x.txt": A}))
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertIn("would be saved outside", self.terminal.stderr)
+        self.assertEqual(list(outside.iterdir()), [])
+
+    def test_jsonRecords(self) -> None:
+        """--json -o: one JSON record per file on stdout, successes and failures alike."""
+        fetcher = FakeFetcher({"a.txt": A})
+        code = self.p2pFetch(["--json", "-o", str(self.out), "a.txt", "nope.txt"], fetcher)
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        records = sorted((json.loads(line) for line in self.terminal.stdout.splitlines()), key=lambda r: r["name"])
+        self.assertEqual(
+            records,
+            [
+                {
+                    "name": "a.txt", "ok": True, "size": len(A), "sha256": sha(A), "peer": PEER,
+                    "attempts": [], "seconds": 0.25, "path": str(self.out / "a.txt"),
+                },
+                {
+                    "name": "nope.txt", "ok": False, "error": "not found on any of the 1 active peers",
+                    "attempts": [{"peer": PEER, "error": "404 no such file in this share"}],
+                },
+            ],
+        )
+
+
+class ListingTests(CommandTestCase):
+    """
+    --peers and --list: rows on stdout, counts and notes on stderr.
+    """
+
+    peers = [PeerAddress("127.0.0.1", 5001, "n1", 6001), PeerAddress("::1", 5002, "n2")]
+
+    def test_peers(self) -> None:
+        """--peers prints one line per peer (host:port, node, udp port if any) and a count on stderr."""
+        fetcher = FakeFetcher(peers=self.peers)
+        self.assertEqual(self.p2pFetch(["--peers"], fetcher), EXIT_OK)
+        self.assertEqual(
+            self.terminal.stdout.decode(), "127.0.0.1:5001  node=n1  udp=6001\n[::1]:5002  node=n2\n"
+        )
+        self.assertEqual(self.terminal.stderr, "2 active peer(s)\n")
+
+    def test_noPeers(self) -> None:
+        """No peers: nothing on stdout, a zero count on stderr, exit 0."""
+        self.assertEqual(self.p2pFetch(["--peers"], FakeFetcher()), EXIT_OK)
+        self.assertEqual((self.terminal.stdout, self.terminal.stderr), (b"", "0 active peer(s)\n"))
+
+    def test_peersJson(self) -> None:
+        """--peers --json prints one JSON object per peer and nothing on stderr."""
+        self.assertEqual(self.p2pFetch(["--peers", "--json"], FakeFetcher(peers=self.peers)), EXIT_OK)
+        self.assertEqual(
+            [json.loads(line) for line in self.terminal.stdout.splitlines()],
+            [
+                {"host": "127.0.0.1", "port": 5001, "udp": 6001, "node": "n1"},
+                {"host": "::1", "port": 5002, "udp": None, "node": "n2"},
+            ],
+        )
+        self.assertQuiet()
+
+    def test_table(self) -> None:
+        """--list PATTERN asks the relay for PATTERN and prints an aligned table."""
+        fetcher = FakeFetcher(listing=[fileItem("a.txt", 5, 2), fileItem("longer-name.bin", 12345)])
+        self.assertEqual(self.p2pFetch(["--list", "*.txt"], fetcher), EXIT_OK)
+        self.assertEqual(fetcher.asked, [("search", "*.txt")])
+        sums = "a" * 64
+        self.assertEqual(
+            self.terminal.stdout.decode().splitlines(),
+            [
+                "NAME              SIZE  HOLDERS  SHA256",
+                f"a.txt                5        2  {sums}",
+                f"longer-name.bin  12345        1  {sums}",
+            ],
+        )
+        self.assertQuiet()
+
+    def test_listJson(self) -> None:
+        """--list --json prints one JSON record per file."""
+        fetcher = FakeFetcher(listing=[fileItem("a.txt", 5, 2)])
+        self.assertEqual(self.p2pFetch(["--list", "--json"], fetcher), EXIT_OK)
+        self.assertEqual(fetcher.asked, [("search", "")])
+        self.assertEqual(
+            json.loads(self.terminal.stdout),
+            {"name": "a.txt", "size": 5, "holders": 2, "sha256": "a" * 64},
+        )
+
+    def test_truncated(self) -> None:
+        """A list the relay cut short says so on stderr."""
+        fetcher = FakeFetcher(listing=[fileItem("a.txt", 5)], truncated=True)
+        self.assertEqual(self.p2pFetch(["--list"], fetcher), EXIT_OK)
+        self.assertEqual(self.terminal.stderr, "(the list was truncated by the relay; narrow the pattern)\n")
+
+    def test_relayUnreachable(self) -> None:
+        """A listing from an unreachable relay: exit 3, one line, nothing on stdout."""
+        for argv, key in ((["--peers"], "peers"), (["--list"], "search")):
+            self.terminal = FakeTerminal()
+            code = self.p2pFetch(argv, FakeFetcher(errors={key: RelayUnreachable("timed out")}))
+            self.assertEqual((code, self.terminal.stdout), (EXIT_RELAY, b""))
+            self.assertEqual(self.terminal.stderr, f"p2p-fetch: relay {RELAY} unreachable: timed out\n")
+
+    def test_relayError(self) -> None:
+        """A listing the relay refuses: exit 1 with its status."""
+        error = wire.ProtocolError(400, "bad pattern")
+        code = self.p2pFetch(["--list", "["], FakeFetcher(errors={"search": error}))
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertEqual(self.terminal.stderr, "p2p-fetch: relay answered 400 bad pattern\n")
+
+
+class InteractiveTests(CommandTestCase):
+    """
+    With no names: a prompt on stderr, names read from stdin until quit or EOF.
+    """
+
+    PROMPT = fetch.PROMPT
+
+    def test_promptFirst(self) -> None:
+        """The prompt is on stderr before anything is typed, and nothing is fetched yet."""
+        fetcher = FakeFetcher({"a.txt": A})
+        d = self.start([], fetcher)
+        self.assertNoResult(d)
+        self.assertEqual((self.terminal.stderr, self.terminal.stdout), (self.PROMPT, b""))
+        self.assertEqual(fetcher.asked, [])
+
+    def test_typedNameFetched(self) -> None:
+        """A typed name is printed, then the prompt comes back."""
+        d = self.start([], FakeFetcher({"a.txt": A}))
+        self.terminal.type("a.txt\n")
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertEqual(self.terminal.stderr, self.PROMPT * 2)
+        self.assertNoResult(d)
+
+    def test_seedsSendForm(self) -> None:
+        """The seeds' 'Send a.txt, b.txt' asks for both, printed in that order."""
+        d = self.start([], FakeFetcher({"a.txt": A, "b.txt": B}))
+        self.terminal.type("Send a.txt, b.txt\nquit\n")
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A + B)
+        self.assertIn("==> a.txt <==\n==> b.txt <==\n", self.terminal.stderr)
+
+    def test_quit(self) -> None:
+        """'quit' (any case, or exit, or q) ends the session at once: exit 0; later lines are not read."""
+        for word in ("quit", "QUIT", "exit", "q", " Quit "):
+            self.terminal = FakeTerminal()
+            fetcher = FakeFetcher({"a.txt": A})
+            d = self.start([], fetcher)
+            self.terminal.type(f"{word}\na.txt\n")
+            self.assertEqual(self.successResultOf(d), EXIT_OK, word)
+            self.assertEqual((fetcher.asked, self.terminal.stdout), ([], b""))
+            self.assertEqual(self.terminal.stderr, self.PROMPT)
+
+    def test_eof(self) -> None:
+        """EOF (Ctrl-D) ends the session: exit 0, the prompt's line ended on stderr."""
+        d = self.start([], FakeFetcher())
+        self.terminal.eof()
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stderr, self.PROMPT + "\n")
+
+    def test_blankLine(self) -> None:
+        """An empty line asks for nothing and prompts again."""
+        fetcher = FakeFetcher()
+        d = self.start([], fetcher)
+        self.terminal.type("  \n")
+        self.assertNoResult(d)
+        self.assertEqual((fetcher.asked, self.terminal.stderr), ([], self.PROMPT * 2))
+
+    def test_badNameTyped(self) -> None:
+        """A typed name that is not a valid name is reported; the session goes on and ends in exit 1."""
+        d = self.start([], FakeFetcher({"a.txt": A}))
+        self.terminal.type("../x, a.txt\n")
+        self.terminal.eof()
+        self.assertEqual(self.successResultOf(d), EXIT_NOT_FETCHED)
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertIn("p2p-fetch: ../x: not fetched:", self.terminal.stderr)
+
+    def test_failureThenSuccess(self) -> None:
+        """A name not fetched does not end the session; the exit status remembers it."""
+        d = self.start([], FakeFetcher({"a.txt": A}))
+        self.terminal.type("nope.txt\na.txt\nquit\n")
+        self.assertEqual(self.successResultOf(d), EXIT_NOT_FETCHED)
+        self.assertEqual(self.terminal.stdout, A)
+
+    def test_relayUnreachableRemembered(self) -> None:
+        """A relay unreachable for one name gives exit 3 at the end of the session."""
+        d = self.start([], FakeFetcher({"a.txt": A}, errors={"b.txt": RelayUnreachable("refused")}))
+        self.terminal.type("b.txt\na.txt\n")
+        self.terminal.eof()
+        self.assertEqual(self.successResultOf(d), EXIT_RELAY)
+        self.assertEqual(self.terminal.stdout, A)
+
+    def test_promptWaitsForContents(self) -> None:
+        """The next prompt appears only once the file's bytes have all left stdout."""
+        self.terminal = FakeTerminal(autoDrain=False)
+        self.start([], FakeFetcher({"a.bin": b"x" * 600_000}))
+        self.terminal.type("a.bin\n")
+        self.assertEqual(self.terminal.stderr, self.PROMPT)
+        while self.terminal.stdio.producer is not None:
+            self.terminal.stdio.drain()
+        self.assertEqual(self.terminal.stderr, self.PROMPT * 2)
+        self.assertEqual(self.terminal.transcript[-1], ("stderr", self.PROMPT.encode()))
+        self.assertEqual(self.terminal.stdout, b"x" * 600_000)
+
+
+class MemoryNetworkTests(CommandTestCase):
+    """
+    p2p-fetch with the real Fetcher, talking in memory to a real relay and
+    real file servers on a task.Clock.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        self.network = MemoryNetwork(self.clock)
+        self.cooperator = Cooperator(
+            scheduler=lambda f: self.clock.callLater(0, f),
+            terminationPredicateFactory=lambda: (lambda: True),
+        )
+        self.addCleanup(self.cooperator.stop)
+        self.registry = Registry(self.clock.seconds, 3600)
+        self.relay = self.network.endpoint("relay", RelayFactory(self.registry, self.clock))
+        self.endpoints: Dict[tuple, object] = {}
+        self.nextPort = 5001
+
+    def node(self, files: Dict[str, bytes], factory=None, error=None, udp=None) -> str:
+        """A registered peer serving ``files`` (or answering with ``factory``, or failing with ``error``)."""
+        port = self.nextPort
+        self.nextPort += 1
+        if factory is None and error is None:
+            root = self.scratch / f"node{port}"
+            for name, data in files.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(data)
+            root.mkdir(exist_ok=True)
+            factory = FileServerFactory(SharedDirectory(root, runInThread=syncThread), self.clock, self.cooperator)
+        entries = [FileEntry(name, len(data), sha(data)) for name, data in files.items()]
+        self.registry.register(f"node{port}", "127.0.0.1", port, entries, udp=udp)
+        label = f"127.0.0.1:{port}"
+        self.endpoints[("127.0.0.1", port)] = self.network.endpoint(label, factory, error)
+        return label
+
+    def p2pFetch(self, argv: Sequence[str], relay=None) -> int:
+        args = parseArgs(["--relay", RELAY, *argv])
+        fetcher = buildFetcher(
+            self.clock,
+            args,
+            self.terminal.console.err,
+            relay=relay or self.relay,
+            peerEndpoint=lambda peer: self.endpoints[(peer.host, peer.port)],
+        )
+        d = Deferred.fromCoroutine(run(self.clock, args, self.terminal.console, fetcher))
+        return self.successResultOf(drive(d, self.clock, self.network))
+
+    def test_fetched(self) -> None:
+        """A file a node shares is found through the relay and printed, verified."""
+        self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["a.txt"]), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertQuiet()
+
+    def test_unusualName(self) -> None:
+        """A name with spaces, '=', ':' and non-ASCII travels intact through relay and node."""
+        name = "notes/my report = draft: \u00e9t\u00e9 \u2603.txt"
+        self.node({name: b"snow"})
+        self.assertEqual(self.p2pFetch([name]), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, b"snow")
+
+    def test_failover(self) -> None:
+        """A holder refusing connections is reported on stderr; the next one delivers."""
+        dead = self.node({"a.txt": A}, error=ConnectionRefusedError())
+        self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["a.txt"]), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertEqual(self.terminal.stderr, f"peer {dead}: connection refused, trying next\n")
+        self.assertEqual(len(self.registry.active()), 1, "the dead peer was reported to the relay")
+
+    def test_missing(self) -> None:
+        """A file nobody has: exit 1 and one line."""
+        self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["nope.txt"]), EXIT_NOT_FETCHED)
+        self.assertIn("p2p-fetch: nope.txt: not fetched:", self.terminal.stderr)
+
+    def test_relayRefused(self) -> None:
+        """A relay refusing connections: exit 3, one line, nothing on stdout."""
+        relay = self.network.endpoint("relay", error=ConnectionRefusedError())
+        self.assertEqual(self.p2pFetch(["x.txt"], relay=relay), EXIT_RELAY)
+        self.assertEqual(self.terminal.stdout, b"")
+        self.assertEqual(
+            self.terminal.stderr, f"p2p-fetch: x.txt: not fetched: relay {RELAY} unreachable: connection refused\n"
+        )
+
+    def test_relaySilent(self) -> None:
+        """A relay that accepts and never answers times out after --timeout: exit 3."""
+        relay = self.network.endpoint("relay", Factory.forProtocol(Protocol))
+        d = Deferred.fromCoroutine(
+            run(
+                self.clock,
+                args := parseArgs(["--relay", RELAY, "--timeout", "3", "--peers"]),
+                self.terminal.console,
+                buildFetcher(self.clock, args, self.terminal.console.err, relay=relay),
+            )
+        )
+        self.network.flush()
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(d), EXIT_RELAY)
+        self.assertIn("unreachable: timed out", self.terminal.stderr)
+
+    def test_peerTimeout(self) -> None:
+        """--timeout bounds the wait on a silent peer; it is reported and the next one tried."""
+        silent = self.node({"a.txt": A}, factory=Factory.forProtocol(Protocol))
+        self.node({"a.txt": A})
+        d = Deferred.fromCoroutine(
+            run(
+                self.clock,
+                args := parseArgs(["--relay", RELAY, "--timeout", "3", "a.txt"]),
+                self.terminal.console,
+                buildFetcher(
+                    self.clock, args, self.terminal.console.err, relay=self.relay,
+                    peerEndpoint=lambda peer: self.endpoints[(peer.host, peer.port)],
+                ),
+            )
+        )
+        self.network.flush()
+        self.clock.advance(2.9)
+        self.network.flush()
+        self.assertNoResult(d)
+        self.assertEqual(self.successResultOf(drive(d, self.clock, self.network, step=0.1)), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertIn(f"peer {silent}: timed out, trying next", self.terminal.stderr)
+
+    def test_verbose(self) -> None:
+        """-v narrates each phase on stderr; stdout still carries only the file."""
+        peer = self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["-v", "a.txt"]), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertEqual(
+            self.terminal.stderr, f"relay: 1 peer(s) hold a.txt: {peer}\nfetching a.txt from {peer}\n"
+        )
+
+    def test_peersListed(self) -> None:
+        """--peers lists the relay's active peers with their node ids."""
+        self.node({"a.txt": A})
+        self.node({}, udp=6002)
+        self.assertEqual(self.p2pFetch(["--peers"]), EXIT_OK)
+        self.assertEqual(
+            self.terminal.stdout.decode(),
+            "127.0.0.1:5001  node=node5001\n127.0.0.1:5002  node=node5002  udp=6002\n",
+        )
+
+    def test_listFiltered(self) -> None:
+        """--list with a glob shows the matching files only; --json the same records."""
+        self.node({"x.txt": b"x", "y.bin": b"yy"})
+        self.assertEqual(self.p2pFetch(["--list", "*.txt"]), EXIT_OK)
+        table = self.terminal.stdout.decode()
+        self.assertIn("x.txt", table)
+        self.assertNotIn("y.bin", table)
+
+    def test_listJson(self) -> None:
+        """--list --json prints every file as a JSON record."""
+        self.node({"x.txt": b"x", "y.bin": b"yy"})
+        self.assertEqual(self.p2pFetch(["--list", "--json"]), EXIT_OK)
+        records = [json.loads(line) for line in self.terminal.stdout.splitlines()]
+        self.assertEqual(
+            sorted((r["name"], r["size"], r["holders"]) for r in records), [("x.txt", 1, 1), ("y.bin", 2, 1)]
+        )
+
+    def test_udpNeedsUDPPeer(self) -> None:
+        """--udp fetches over UDP: a peer registered without a UDP port is a failed attempt."""
+        peer = self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["--udp", "a.txt"]), EXIT_NOT_FETCHED)
+        self.assertIn(f"peer {peer}: peer serves no UDP, trying next", self.terminal.stderr)
+
+    def test_udpBlockSize(self) -> None:
+        """--udp-block sets the block size of every UDP attempt."""
+        args = parseArgs(["--udp", "--udp-block", "16384", "a.txt"])
+        fetcher = buildFetcher(self.clock, args, self.terminal.console.err, relay=self.relay)
+        self.assertEqual(fetcher.transfer.func, fetcher.transferUDP)
+        self.assertEqual(fetcher.transfer.keywords, {"blockSize": 16384})
+
+    def test_tcpByDefault(self) -> None:
+        """Without --udp, attempts go over TCP."""
+        fetcher = buildFetcher(self.clock, parseArgs(["a.txt"]), self.terminal.console.err, relay=self.relay)
+        self.assertEqual(fetcher.transfer, fetcher.transferTCP)
+        self.assertEqual(fetcher.timeout, PEER_TIMEOUT)
