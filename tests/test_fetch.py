@@ -36,7 +36,7 @@ from p2prelay.relay.protocol import RelayFactory
 from p2prelay.node.share import SharedDirectory
 from p2prelay.wire import FileEntry
 
-from .memory import flushPumps
+from .support import flushPumps
 
 TIMEOUT = 10.0
 DATA = b"the quick brown fox jumps over the lazy dog\n" * 20
