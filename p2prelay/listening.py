@@ -5,7 +5,8 @@ and UDP, the same way for relay and node.
 Under twistd a port is bound in ``privilegedStartService``, before the
 reactor runs, and one that cannot be had ends the process at once (exit 1)
 after one critical log line; a program that starts the service itself sees
-``whenListening`` fail and decides.
+``whenListening`` fail and decides (and reports: the service logs it only
+at info level then, so the user reads it once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from .addresses import describePeer
@@ -71,7 +72,12 @@ class _Listening(Service):
     def _listen(self, exitOnFailure: bool) -> None:
         self._started = True
         d = maybeDeferred(self._bind)
-        d.addCallbacks(self._listening, self._failed)
+        # Under twistd nobody else will report it; a program reports it itself.
+        d.addCallbacks(
+            self._listening,
+            self._failed,
+            errbackArgs=(LogLevel.critical if exitOnFailure else LogLevel.info,),
+        )
         if exitOnFailure and self.port is None and self.whenListening.called:
             # Failed at once under twistd: logged above, and nobody else
             # will use the failure, so end the process quietly.
@@ -86,8 +92,9 @@ class _Listening(Service):
         self.whenListening.callback(port)
         return port
 
-    def _failed(self, failure: Failure) -> None:
-        self.log.critical(
+    def _failed(self, failure: Failure, level: LogLevel) -> None:
+        self.log.emit(
+            level,
             "{what} cannot listen on {desc}: {error}",
             what=self.what,
             desc=self.description,

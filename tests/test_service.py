@@ -123,12 +123,12 @@ class ListeningServiceTests(SynchronousTestCase):
         self.failureResultOf(service.whenListening, CannotListenError)
 
     def test_badDescriptionIsAFailedListen(self) -> None:
-        """A description no endpoint parser accepts fails whenListening, logged once, not raised."""
+        """A description no endpoint parser accepts is a failed listen, not a raise: under twistd, exit 1."""
         service = ListeningService(MemoryReactorClock(), "nosuch:8000", Factory(), "relay")
-        with capturedLogs() as events:
-            service.startService()
-        self.failureResultOf(service.whenListening)
-        self.assertEqual(len(critical(events)), 1)
+        with capturedLogs() as events, self.assertRaises(SystemExit):
+            service.privilegedStartService()
+        [line] = critical(events)
+        self.assertIn("relay cannot listen on nosuch:8000", line)
 
 
 class DatagramListeningServiceTests(SynchronousTestCase):
@@ -165,12 +165,12 @@ class DatagramListeningServiceTests(SynchronousTestCase):
         self.assertIn("Address already in use", line)
 
     def test_programSeesFailure(self) -> None:
-        """Started directly, a taken UDP port fails whenListening, logged once."""
+        """Started directly, a taken UDP port fails whenListening, for the program to report."""
         service = self.service(BusyUDPReactor(), 5555, "")
         with capturedLogs() as events:
             service.startService()
         self.failureResultOf(service.whenListening, CannotListenError)
-        self.assertEqual(len(critical(events)), 1)
+        self.assertEqual(critical(events), [])
         self.assertEqual(service.description, "udp:5555")
 
     def test_stopStopsListening(self) -> None:
