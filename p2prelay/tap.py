@@ -2,16 +2,24 @@
 twistd's view of p2prelay: the options of each daemon and ``makeService``.
 
 The plugin file and the ``.tac`` files call these and nothing else, so a
-daemon started either way is assembled the same way.
+daemon started either way is assembled the same way.  ``NodeOptions`` is
+the one definition of a peer node's options: ``p2p-peer`` parses its
+command line with a subclass of it and assembles its node with
+``makeNodeService``.  The option names are a contract (scripts and unit
+files use them): add, never rename.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
 from .addresses import (
+    CONNECT_TIMEOUT,
     AddressError,
     checkClientAddress,
     clientEndpoint,
@@ -19,24 +27,36 @@ from .addresses import (
     serverDescription,
     udpPort,
 )
-from .node.service import NodeService
 from .node.upkeep import DEFAULT_RESCAN
 from .relay.registry import DEFAULT_TTL
-from .relay.service import RelayService
 
 
-def _positive(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number of seconds")
-    return number
+def seconds(option: str):
+    """A coercer for ``--option``: a positive, finite number of seconds."""
+
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"--{option} {value}: not a positive number of seconds")
+        return number
+
+    return coerce
 
 
 def _server(value: str) -> str:
     try:
-        return serverDescription(value)
+        description = serverDescription(value)
+        # Parse it now (binding nothing) so a typo is a usage error, not a
+        # failed start; no endpoint parser uses the reactor before listen().
+        serverFromString(None, description)
     except AddressError as e:
         raise ValueError(str(e)) from None
+    except Exception as e:
+        raise ValueError(f"{value!r} is not a server endpoint description ({e})") from None
+    return description
 
 
 class RelayOptions(usage.Options):
@@ -48,7 +68,8 @@ class RelayOptions(usage.Options):
     )
     optParameters = [
         ["port", "p", "tcp:8000", "Where to listen (port number or endpoint description).", _server],
-        ["ttl", None, DEFAULT_TTL, "Seconds a registration lives without a heartbeat.", _positive],
+        ["ttl", None, DEFAULT_TTL, "Seconds a registration lives without a heartbeat.",
+         seconds("ttl")],
         ["state", None, None, "SQLite file keeping the registry across restarts "
          "(default: in memory only)."],
     ]
@@ -67,8 +88,8 @@ class NodeOptions(usage.Options):
          "default: an OS-chosen port, which is what gets registered).", _server],
         ["advertise", "a", None, "Host to register (default: the address the relay sees)."],
         ["heartbeat", None, None, "Seconds between heartbeats (default: a third of the "
-         "lifetime the relay grants).", _positive],
-        ["rescan", None, DEFAULT_RESCAN, "Seconds between rescans of DIR.", _positive],
+         "lifetime the relay grants).", seconds("heartbeat")],
+        ["rescan", None, DEFAULT_RESCAN, "Seconds between rescans of DIR.", seconds("rescan")],
         ["udp-port", None, None, "Where to serve over UDP: a port or udp:PORT:interface=ADDR "
          "(default: an OS-chosen port on the --port interface)."],
     ]
@@ -95,19 +116,27 @@ class NodeOptions(usage.Options):
 def makeRelayService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from .relay.service import RelayService  # p2p-peer, which imports this module, needs none
+
     return RelayService(reactor, config["port"], config["ttl"], config["state"])
 
 
-def makeNodeService(config, reactor=None):
+def makeNodeService(
+    config, reactor=None, *, relayTimeout: float = CONNECT_TIMEOUT, runInThread=deferToThread
+):
+    """A peer node as ``config`` (a parsed :class:`NodeOptions`) describes it."""
     if reactor is None:
         from twisted.internet import reactor
+    from .node.service import NodeService
+
     return NodeService(
         reactor,
-        relay=clientEndpoint(reactor, config["relay"]),
+        relay=clientEndpoint(reactor, config["relay"], timeout=relayTimeout),
         directory=config["dir"],
         description=config["port"],
         advertise=config["advertise"],
         heartbeat=config["heartbeat"],
         rescan=config["rescan"],
         udp=config["udp"],
+        runInThread=runInThread,
     )

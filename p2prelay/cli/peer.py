@@ -10,7 +10,6 @@ is announced to the relay immediately, making this peer a source for it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Dict, Optional, Sequence
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -25,44 +25,87 @@ from twisted.logger import (
     globalLogBeginner,
     textFileLogObserver,
 )
+from twisted.python import usage
 
 from .. import __version__, wire
-from ..addresses import AddressError, checkClientAddress, clientEndpoint, serverDescription
+from ..addresses import clientEndpoint
 from ..client.download import DestinationError, Download, destination
 from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
 from ..listening import ListenFailed, describeAddress
 from ..node.service import NodeService
-from ..node.upkeep import DEFAULT_RESCAN
+from ..tap import NodeOptions, makeNodeService, seconds
 from ..wire import FileEntry
 from .console import EOF, Console, splitNames
 from .fetch import DEFAULT_RELAY, RELAY_ENV
+
+EXIT_OK = 0
+EXIT_CANNOT_START = 1
+EXIT_USAGE = 2
 
 MENU = """\
   1) list the network's files     4) list my files
   2) search                       5) transfers in progress
   3) download file(s)             6) quit"""
 
+EPILOG = """
+Exit status:
+  0  the menu was quit (6, or end of input)
+  1  the node cannot start (a port is taken, the folder cannot be read)
+  2  usage error
+"""
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="p2p-peer",
-        description="Share a folder with a p2prelay network and download into it, "
-        "from a menu, while serving other peers.",
+
+class PeerOptions(NodeOptions):
+    """
+    ``twistd peernode``'s options, plus what only the interactive peer
+    needs; one definition, so the two commands cannot drift apart.
+    """
+
+    synopsis = "Usage: p2p-peer --dir DIR [--relay HOST:PORT] [options]"
+    longdesc = (
+        "Share a folder with a p2prelay network and download into it, from a menu, "
+        "while serving other peers. Over UDP too, on the --port interface, unless --no-udp."
     )
-    p.add_argument(
-        "--relay",
-        default=os.environ.get(RELAY_ENV, DEFAULT_RELAY),
-        help=f"relay as HOST:PORT (default: ${RELAY_ENV}, else {DEFAULT_RELAY})",
-    )
-    p.add_argument("--dir", required=True, help="the folder to share and download into")
-    p.add_argument("--port", default="tcp:0", help="where to serve (default: an OS-chosen port)")
-    p.add_argument("--advertise", help="host to register (default: as the relay sees us)")
-    p.add_argument("--heartbeat", type=float, help="seconds between heartbeats")
-    p.add_argument("--rescan", type=float, default=DEFAULT_RESCAN, help="seconds between rescans")
-    p.add_argument("--timeout", type=float, default=PEER_TIMEOUT, help="per-connection timeout")
-    p.add_argument("--log", metavar="FILE", help="write the node's log to FILE (default: warnings on stderr)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
+    optParameters = [
+        ["timeout", None, PEER_TIMEOUT, "Connect and idle timeout for every connection, "
+         "in seconds.", seconds("timeout")],
+        ["log", None, None, "Write the node's log to FILE (default: warnings on stderr)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["relay"] = self.defaults["relay"] = os.environ.get(RELAY_ENV, DEFAULT_RELAY)
+        self.docs["relay"] = (
+            f"The relay: HOST:PORT or a client endpoint description; "
+            f"${RELAY_ENV} sets the default, else {DEFAULT_RELAY}."
+        )
+
+    def opt_version(self) -> None:
+        """Display the version and exit."""
+        print(f"p2p-peer {__version__}")
+        sys.exit(EXIT_OK)
+
+    def opt_h(self) -> None:
+        """Display this help and exit."""
+        self.opt_help()
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        return super().getUsage(width) + EPILOG
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self["dir"] = str(Path(self["dir"]).resolve())
+
+
+def parseOptions(argv: Sequence[str]) -> PeerOptions:
+    """The command line as options; a usage error exits 2 with one line."""
+    options = PeerOptions()
+    try:
+        options.parseOptions(list(argv))
+    except usage.UsageError as e:
+        sys.stderr.write(f"p2p-peer: {e}\nTry 'p2p-peer --help' for usage.\n")
+        raise SystemExit(EXIT_USAGE) from None
+    return options
 
 
 class PeerConsole:
@@ -141,13 +184,19 @@ class PeerConsole:
     def download(self, names: Sequence[str]) -> None:
         """Start downloads and return to the menu at once."""
         for name in names:
-            if name in self.transfers:
+            if name in self.pending or name in self.transfers:
                 self.out(f"{name}: already downloading")
                 continue
             d = Deferred.fromCoroutine(self._download(name))
             if not d.called:
                 self.pending[name] = d
-                d.addBoth(lambda _, n=name: self.pending.pop(n, None))
+                d.addBoth(self._finished, name)
+
+    def _finished(self, result: object, name: str) -> object:
+        # Pass the result on: returning the popped Deferred itself would
+        # make it wait on itself, and quitting would hang.
+        self.pending.pop(name, None)
+        return result
 
     async def _download(self, name: str) -> None:
         try:
@@ -187,42 +236,46 @@ def startLogging(path: Optional[str]) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-async def run(reactor, args: argparse.Namespace) -> int:
-    node = NodeService(
-        reactor,
-        relay=clientEndpoint(reactor, args.relay, timeout=args.timeout),
-        directory=args.dir,
-        description=args.port,
-        advertise=args.advertise,
-        heartbeat=args.heartbeat,
-        rescan=args.rescan,
+async def run(
+    reactor,
+    config: PeerOptions,
+    console: Optional[Console] = None,
+    fetcher: Optional[Fetcher] = None,
+    runInThread=deferToThread,
+) -> int:
+    """
+    Start the node, run the menu until it is quit, stop the node.
+
+    ``console`` and ``fetcher`` default to the terminal and to a real
+    fetcher asking the relay; tests pass fakes.
+    """
+    node: NodeService = makeNodeService(
+        config, reactor, relayTimeout=config["timeout"], runInThread=runInThread
     )
-    console = Console(reactor, interactive=True)
+    if console is None:
+        console = Console(reactor, interactive=True)
     node.startService()
     # Ctrl-C or SIGTERM stop the reactor; unregister on the way out.
     reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
     try:
         await node.ready
-    except ListenFailed as e:
-        sys.stderr.write(f"p2p-peer: {e}\n")
+    except Exception as e:
+        why = str(e) if isinstance(e, ListenFailed) else f"cannot start: {e}"
+        console.err(f"p2p-peer: {why}")
         await node.stopService()
         await console.close()
-        return 1
-    port = node.listener.port
-    ui = PeerConsole(
-        reactor,
-        node,
-        console,
-        Fetcher(
+        return EXIT_CANNOT_START
+    if fetcher is None:
+        fetcher = Fetcher(
             reactor,
-            clientEndpoint(reactor, args.relay, timeout=args.timeout),
-            timeout=args.timeout,
+            clientEndpoint(reactor, config["relay"], timeout=config["timeout"]),
+            timeout=config["timeout"],
             exclude=[node.node],
-        ),
-    )
+        )
+    ui = PeerConsole(reactor, node, console, fetcher)
     ui.out(
         f"p2p-peer: sharing {len(node.share.entries)} file(s) from {node.share.root} "
-        f"on {describeAddress(port)}, relay {args.relay}"
+        f"on {describeAddress(node.listener.port)}, relay {config['relay']}"
     )
     try:
         await ui.loop()
@@ -234,24 +287,15 @@ async def run(reactor, args: argparse.Namespace) -> int:
         await node.stopService()
         ui.out("bye")
         await console.close()
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = parser()
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not os.path.isdir(args.dir):
-        p.error(f"--dir {args.dir}: not a directory")
-    try:
-        checkClientAddress(args.relay)
-        args.port = serverDescription(args.port)
-    except AddressError as e:
-        p.error(str(e))
-    args.dir = str(Path(args.dir).resolve())
-    startLogging(args.log)
+    config = parseOptions(sys.argv[1:] if argv is None else argv)
+    startLogging(config["log"])
 
     async def start(reactor) -> None:
-        code = await run(reactor, args)
+        code = await run(reactor, config)
         if code:
             raise SystemExit(code)
 

@@ -1,0 +1,544 @@
+"""
+``p2p-peer`` in process: its options (one definition with ``twistd
+peernode``'s), its usage errors (exit 2), a node that cannot start (exit 1,
+one line), and the menu, driven through a fake terminal with a fake fetcher
+while the node registers with a real relay over in-memory connections.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2prelay import __version__, wire
+from p2prelay.cli.peer import EXIT_CANNOT_START, EXIT_OK, EXIT_USAGE, PeerOptions, parseOptions, run
+from p2prelay.client.fetcher import PEER_TIMEOUT, Fetched, NotFetched, RelayUnreachable
+from p2prelay.node.upkeep import DEFAULT_RESCAN
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.relay.registry import Registry
+from p2prelay.tap import NodeOptions
+
+from .support import FakeTerminal, flushPumps, sha, syncThread
+from .test_service import TAKEN, UDPReactor
+
+RELAY = "127.0.0.1:8000"
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+NODE_TCP = 41000  # what PeerReactor binds for tcp:0
+NODE_UDP = 40000  # and UDPReactor for udp:0
+
+
+class FakeTCPPort:
+    def __init__(self, address: IPv4Address) -> None:
+        self.address = address
+        self.listening = True
+
+    def getHost(self) -> IPv4Address:
+        return self.address
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+
+class FakeConnector:
+    def __init__(self, address: IPv4Address) -> None:
+        self.address = address
+
+    def getDestination(self) -> IPv4Address:
+        return self.address
+
+    def stopConnecting(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+
+class PeerReactor(UDPReactor):
+    """
+    A memory reactor in which the peer's ports bind (tcp:0 is 41000) and
+    its outgoing TCP connections reach a real relay, in memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = Registry(self.seconds, 90.0)
+        self.relay = RelayFactory(self.registry, self)
+        self.pumps: List[iosim.IOPump] = []
+        self.tcpPorts: List[FakeTCPPort] = []
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        self.tcpServers.append((port, factory, backlog, interface))
+        bound = FakeTCPPort(IPv4Address("TCP", interface or "0.0.0.0", port or NODE_TCP))
+        self.tcpPorts.append(bound)
+        return bound
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        self.tcpClients.append((host, port, factory, timeout, bindAddress))
+        peer = IPv4Address("TCP", "127.0.0.1", 50000 + len(self.pumps))
+        server = self.relay.buildProtocol(peer)
+        client = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.FakeTransport(server, True, peerAddress=peer),
+                client,
+                iosim.FakeTransport(client, False),
+                greet=False,
+                clock=self,
+            )
+        )
+        return FakeConnector(IPv4Address("TCP", host, port))
+
+
+class BusyTCPReactor(PeerReactor):
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        raise CannotListenError(interface, port, TAKEN)
+
+
+class BusyUDPReactor(PeerReactor):
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        raise CannotListenError(interface, port, TAKEN)
+
+
+class FakeSink:
+    """What the menu sees of a download in progress."""
+
+    def __init__(self, size: int) -> None:
+        self.expectedSize = size
+        self.received = size // 2
+
+
+class FakeFetcher:
+    """
+    A fetcher over a fixed set of network files: searches list them, saves
+    write them; a name in ``held`` saves only once its Deferred fires.
+    """
+
+    def __init__(self, files: Dict[str, bytes]) -> None:
+        self.files = files
+        self.held: Dict[str, Deferred] = {}
+        self.searches: List[str] = []
+        self.saves: List[str] = []
+        self.unreachable = False
+
+    async def search(self, pattern: str, limit: Optional[int] = None):
+        self.searches.append(pattern)
+        if self.unreachable:
+            raise RelayUnreachable("connection refused")
+        items = [
+            wire.parseLine(wire.item(wire.FILE, name=name, size=len(data), holders=2).rstrip(b"\n"))
+            for name, data in sorted(self.files.items())
+            if pattern.strip("*") in name
+        ]
+        return items, False
+
+    async def save(self, name: str, final: Path, *, force: bool = False, onStart=lambda sink: None):
+        self.saves.append(name)
+        if name not in self.files:
+            raise NotFetched(name, [])
+        data = self.files[name]
+        onStart(FakeSink(len(data)))
+        if name in self.held:
+            await self.held[name]
+        final.write_bytes(data)
+        return Fetched(name, len(data), sha(data), "10.9.8.7:7000", [], 0.0)
+
+
+class OptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+        self.stderr = io.StringIO()
+        self.stdout = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "P2PRELAY_RELAY"})
+
+    def parse(self, *argv: str) -> PeerOptions:
+        return parseOptions(["--dir", str(self.folder), *argv])
+
+    def usageError(self, *argv: str) -> str:
+        """Parse argv, expecting exit 2; the stderr it wrote."""
+        with self.assertRaises(SystemExit) as caught:
+            parseOptions(list(argv))
+        self.assertEqual(caught.exception.code, EXIT_USAGE)
+        self.assertEqual(self.stdout.getvalue(), "")
+        return self.stderr.getvalue()
+
+    def test_nodeOptionsAndMore(self) -> None:
+        """p2p-peer accepts every option of twistd peernode, plus --timeout and --log."""
+        node, peer = NodeOptions(), PeerOptions()
+        self.assertLessEqual(set(node.longOpt), set(peer.longOpt))
+        self.assertEqual(set(peer.longOpt) - set(node.longOpt), {"timeout=", "log="})
+        self.assertEqual(node.shortOpt, peer.shortOpt.replace("h", ""))
+
+    def test_defaults(self) -> None:
+        """Defaults: relay localhost:8000, an OS-chosen port, UDP on, the standard timings."""
+        options = self.parse()
+        self.assertEqual(
+            {k: options[k] for k in ("relay", "port", "heartbeat", "rescan", "timeout", "log", "udp")},
+            {"relay": "localhost:8000", "port": "tcp:0", "heartbeat": None, "rescan": DEFAULT_RESCAN,
+             "timeout": PEER_TIMEOUT, "log": None, "udp": (0, "")},
+        )
+
+    def test_relayFromEnvironment(self) -> None:
+        """$P2PRELAY_RELAY is the default relay."""
+        os.environ["P2PRELAY_RELAY"] = "relay.example:9000"
+        self.assertEqual(self.parse()["relay"], "relay.example:9000")
+
+    def test_relayOption(self) -> None:
+        """--relay wins over $P2PRELAY_RELAY."""
+        os.environ["P2PRELAY_RELAY"] = "relay.example:9000"
+        self.assertEqual(self.parse("--relay", "other:1")["relay"], "other:1")
+
+    def test_dirResolved(self) -> None:
+        """--dir is made absolute."""
+        os.chdir(self.folder.parent)
+        self.assertEqual(parseOptions(["--dir", self.folder.name])["dir"], str(self.folder.resolve()))
+
+    def test_udpOnPortInterface(self) -> None:
+        """UDP is served on the --port interface, not on every interface."""
+        self.assertEqual(self.parse("--port", LOOPBACK)["udp"], (0, "127.0.0.1"))
+
+    def test_udpPort(self) -> None:
+        """--udp-port picks the UDP port."""
+        self.assertEqual(self.parse("--port", LOOPBACK, "--udp-port", "5555")["udp"], (5555, "127.0.0.1"))
+
+    def test_noUdp(self) -> None:
+        """--no-udp serves TCP only."""
+        self.assertIsNone(self.parse("--no-udp")["udp"])
+
+    def test_timeout(self) -> None:
+        """--timeout takes fractional seconds."""
+        self.assertEqual(self.parse("--timeout", "2.5")["timeout"], 2.5)
+
+    def test_dirRequired(self) -> None:
+        """Without --dir: exit 2, saying so, and how to get help."""
+        self.assertEqual(
+            self.usageError(), "p2p-peer: --dir is required\nTry 'p2p-peer --help' for usage.\n"
+        )
+
+    def test_dirNotADirectory(self) -> None:
+        """A --dir that is no folder: exit 2."""
+        self.assertIn("not a directory", self.usageError("--dir", str(self.folder / "nothing")))
+
+    def test_negativeHeartbeat(self) -> None:
+        """--heartbeat -1: exit 2 (it used to be accepted and break callLater)."""
+        self.assertIn("--heartbeat -1: not a positive number of seconds",
+                      self.usageError("--dir", str(self.folder), "--heartbeat", "-1"))
+
+    def test_zeroHeartbeat(self) -> None:
+        """--heartbeat 0: exit 2."""
+        self.assertIn("--heartbeat 0", self.usageError("--dir", str(self.folder), "--heartbeat", "0"))
+
+    def test_negativeTimeout(self) -> None:
+        """--timeout -5: exit 2."""
+        self.assertIn("--timeout -5", self.usageError("--dir", str(self.folder), "--timeout", "-5"))
+
+    def test_zeroRescan(self) -> None:
+        """--rescan 0: exit 2."""
+        self.assertIn("--rescan 0", self.usageError("--dir", str(self.folder), "--rescan", "0"))
+
+    def test_badRelay(self) -> None:
+        """A --relay that names no endpoint: exit 2."""
+        self.assertIn("--relay", self.usageError("--dir", str(self.folder), "--relay", "nowhere"))
+
+    def test_badPort(self) -> None:
+        """A --port that is no endpoint description: exit 2."""
+        self.assertIn("nosuch:1", self.usageError("--dir", str(self.folder), "--port", "nosuch:1"))
+
+    def test_badUdpPort(self) -> None:
+        """A --udp-port that is no port: exit 2."""
+        self.assertIn("--udp-port", self.usageError("--dir", str(self.folder), "--udp-port", "x"))
+
+    def test_unknownOption(self) -> None:
+        """An option p2p-peer does not have: exit 2."""
+        self.assertIn("--frobnicate", self.usageError("--dir", str(self.folder), "--frobnicate"))
+
+    def test_extraArgument(self) -> None:
+        """p2p-peer takes no arguments besides options: exit 2."""
+        self.assertIn("p2p-peer:", self.usageError("--dir", str(self.folder), "stray"))
+
+    def help(self, flag: str) -> str:
+        with self.assertRaises(SystemExit) as caught:
+            parseOptions([flag])
+        self.assertEqual(caught.exception.code, EXIT_OK)
+        return self.stdout.getvalue()
+
+    def test_help(self) -> None:
+        """--help lists the options with their defaults, and the exit statuses."""
+        text = self.help("--help")
+        self.assertTrue(text.startswith("Usage: p2p-peer --dir DIR"), text)
+        for expected in ("--no-udp", "--udp-port", "--timeout", "--log", "[default: tcp:0]",
+                         f"[default: {PEER_TIMEOUT}]", "$P2PRELAY_RELAY",
+                         "0  the menu was quit", "1  the node cannot start", "2  usage error"):
+            self.assertIn(expected, text)
+
+    def test_shortHelp(self) -> None:
+        """-h is --help, as it always was."""
+        self.assertIn("Exit status", self.help("-h"))
+
+    def test_version(self) -> None:
+        """--version prints the program's version, not Twisted's."""
+        self.assertEqual(self.help("--version"), f"p2p-peer {__version__}\n")
+
+
+class RunTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+        (self.folder / "a.txt").write_bytes(b"alpha")
+        self.fetcher = FakeFetcher({"b.txt": b"beta", "c.txt": b"gamma", "a.txt": b"alpha"})
+        self.terminal = FakeTerminal()
+
+    def start(self, *argv: str, reactor: Optional[PeerReactor] = None) -> Deferred:
+        self.reactor = reactor or PeerReactor()
+        config = parseOptions(["--dir", str(self.folder), "--relay", RELAY, "--port", LOOPBACK, *argv])
+        self.done = done = Deferred.fromCoroutine(
+            run(self.reactor, config, self.terminal.console, self.fetcher, runInThread=syncThread)
+        )
+        terminal = self.terminal
+
+        def quitIfRunning() -> None:
+            for held in self.fetcher.held.values():
+                if not held.called:
+                    held.callback(None)
+            if not done.called:
+                terminal.eof()
+                self.settle()
+            self.successResultOf(done)
+
+        self.addCleanup(quitIfRunning)
+        self.settle()
+        return done
+
+    def settle(self) -> None:
+        """Deliver every byte and every call due now."""
+        for _ in range(10):
+            flushPumps(self.reactor.pumps)
+            self.reactor.advance(0)
+
+    def type(self, text: str) -> None:
+        self.terminal.type(text)
+        self.settle()
+
+    def quit(self) -> int:
+        self.type("6\n")
+        return self.successResultOf(self.done)
+
+    @property
+    def stdout(self) -> str:
+        return self.terminal.stdout.decode("utf-8")
+
+    def registered(self) -> Optional[List[str]]:
+        """The files the relay lists for this peer, or None if it lists no such peer."""
+        peers = self.reactor.registry.all()
+        if not peers:
+            return None
+        [peer] = peers
+        return sorted(peer.files)
+
+
+class StartTests(RunTestCase):
+    def test_udpTaken(self) -> None:
+        """A taken UDP port: exit 1 with one line naming it, no menu, both ports closed again."""
+        d = self.start("--udp-port", "5555", reactor=BusyUDPReactor())
+        self.assertEqual(self.successResultOf(d), EXIT_CANNOT_START)
+        self.assertEqual(
+            self.terminal.stderr,
+            "p2p-peer: cannot listen on udp:5555:interface=127.0.0.1: "
+            "Couldn't listen on 127.0.0.1:5555: [Errno 98] Address already in use.\n",
+        )
+        self.assertEqual(self.stdout, "")
+        self.assertFalse(self.reactor.tcpPorts[0].listening)
+        self.assertIsNone(self.registered())
+
+    def test_tcpTaken(self) -> None:
+        """A taken TCP port: exit 1 with one line naming it."""
+        d = self.start(reactor=BusyTCPReactor())
+        self.assertEqual(self.successResultOf(d), EXIT_CANNOT_START)
+        [line] = self.terminal.stderr.splitlines()
+        self.assertTrue(line.startswith(f"p2p-peer: cannot listen on {LOOPBACK}: "), line)
+
+    def test_banner(self) -> None:
+        """Once up, p2p-peer says what it shares, where it listens and which relay it uses."""
+        self.start()
+        self.assertTrue(
+            self.stdout.startswith(
+                f"p2p-peer: sharing 1 file(s) from {self.folder} on 127.0.0.1:{NODE_TCP}, relay {RELAY}\n"
+            ),
+            self.stdout,
+        )
+
+    def test_registers(self) -> None:
+        """The peer registers its files, TCP port and UDP port with the relay."""
+        self.start()
+        [peer] = self.reactor.registry.all()
+        self.assertEqual((sorted(peer.files), peer.port, peer.udp), (["a.txt"], NODE_TCP, NODE_UDP))
+
+    def test_udpOnPortInterface(self) -> None:
+        """UDP is bound on the --port interface (it used to be every interface)."""
+        self.start()
+        [udp] = self.reactor.udpPorts
+        self.assertEqual(udp.interface, "127.0.0.1")
+
+    def test_noUdp(self) -> None:
+        """--no-udp: no UDP port, none registered."""
+        self.start("--no-udp")
+        self.assertEqual(self.reactor.udpPorts, [])
+        self.assertIsNone(self.reactor.registry.all()[0].udp)
+
+    def test_quit(self) -> None:
+        """6 quits: exit 0, the peer unregistered, both ports closed, 'bye'."""
+        self.start()
+        self.assertEqual(self.quit(), EXIT_OK)
+        self.assertIsNone(self.registered())
+        self.assertFalse(self.reactor.tcpPorts[0].listening)
+        self.assertFalse(self.reactor.udpPorts[0].listening)
+        self.assertTrue(self.stdout.endswith("bye\n"), self.stdout)
+
+    def test_quitWords(self) -> None:
+        """q, quit and exit quit too."""
+        for word in ("q", "quit", "exit"):
+            with self.subTest(word=word):
+                self.terminal = FakeTerminal()
+                self.start()
+                self.type(f"{word}\n")
+                self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+
+    def test_endOfInput(self) -> None:
+        """End of input quits like 6."""
+        self.start()
+        self.terminal.eof()
+        self.settle()
+        self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+        self.assertIsNone(self.registered())
+
+
+class MenuTests(RunTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.start()
+
+    def after(self, text: str) -> str:
+        """Type text; what was printed because of it."""
+        before = len(self.stdout)
+        self.type(text)
+        return self.stdout[before:]
+
+    def test_menuAndPrompt(self) -> None:
+        """The menu is shown, then the prompt."""
+        self.assertIn("1) list the network's files", self.stdout)
+        self.assertTrue(self.stdout.endswith("choice> "), self.stdout)
+
+    def test_listNetwork(self) -> None:
+        """1 lists every file on the network, with size and holders."""
+        out = self.after("1\n")
+        self.assertEqual(self.fetcher.searches, [""])
+        self.assertIn("  b.txt  4 bytes  2 holder(s)\n", out)
+        self.assertIn("  c.txt  5 bytes  2 holder(s)\n", out)
+
+    def test_search(self) -> None:
+        """2 asks for a pattern and lists the matches."""
+        self.assertIn("pattern (substring or glob)> ", self.after("2\n"))
+        out = self.after("c.t\n")
+        self.assertEqual(self.fetcher.searches, ["c.t"])
+        self.assertIn("c.txt", out)
+        self.assertNotIn("b.txt", out)
+
+    def test_noMatches(self) -> None:
+        """A search that matches nothing says so."""
+        self.assertIn("no files match", self.after("2\nzzz\n"))
+
+    def test_relayUnreachable(self) -> None:
+        """An unreachable relay is one line, and the menu carries on."""
+        self.fetcher.unreachable = True
+        out = self.after("1\n")
+        self.assertIn("relay unreachable: connection refused\n", out)
+        self.assertTrue(out.endswith("choice> "))
+
+    def test_listMine(self) -> None:
+        """4 lists this peer's own files."""
+        out = self.after("4\n")
+        self.assertIn("  a.txt  5 bytes\n", out)
+        self.assertIn(f"  1 file(s) in {self.folder}\n", out)
+
+    def test_download(self) -> None:
+        """3 downloads into the folder, then shares the file and registers it at once."""
+        out = self.after("3\nb.txt\n")
+        self.assertIn("b.txt: downloading in the background\n", out)
+        self.assertIn("b.txt: done, 4 bytes from 10.9.8.7:7000; now shared\n", out)
+        self.assertEqual((self.folder / "b.txt").read_bytes(), b"beta")
+        self.assertIn("b.txt", self.after("4\n"))
+        self.assertEqual(self.registered(), ["a.txt", "b.txt"])
+
+    def test_downloadSeveral(self) -> None:
+        """Several names, comma separated, with or without the seeds' Send verb."""
+        self.after("3\nSend b.txt, c.txt\n")
+        self.assertEqual(self.fetcher.saves, ["b.txt", "c.txt"])
+        self.assertEqual(self.registered(), ["a.txt", "b.txt", "c.txt"])
+
+    def test_downloadExisting(self) -> None:
+        """A file already in the folder is not fetched again."""
+        out = self.after("3\na.txt\n")
+        self.assertIn(f"a.txt: a.txt is already in {self.folder}\n", out)
+        self.assertEqual(self.fetcher.saves, [])
+
+    def test_downloadBadName(self) -> None:
+        """A name that would escape the folder is refused before any fetch."""
+        out = self.after("3\n../escape.txt\n")
+        self.assertIn("../escape.txt: ", out)
+        self.assertEqual(self.fetcher.saves, [])
+
+    def test_notFetched(self) -> None:
+        """A file no peer delivers is one line saying why."""
+        self.assertIn("missing.txt: not fetched: no active peer holds it\n", self.after("3\nmissing.txt\n"))
+
+    def test_transfers(self) -> None:
+        """5 shows each download in progress; with none, says so."""
+        self.assertIn("no transfers in progress", self.after("5\n"))
+        self.fetcher.held["b.txt"] = Deferred()
+        self.after("3\nb.txt\n")
+        self.assertIn("  b.txt: 2/4 bytes\n", self.after("5\n"))
+        self.fetcher.held["b.txt"].callback(None)
+        self.settle()
+        self.assertIn("no transfers in progress", self.after("5\n"))
+
+    def test_alreadyDownloading(self) -> None:
+        """Asking again for a file on its way is refused."""
+        self.fetcher.held["b.txt"] = Deferred()
+        self.after("3\nb.txt\n")
+        self.assertIn("b.txt: already downloading", self.after("3\nb.txt\n"))
+        self.fetcher.held["b.txt"].callback(None)
+
+    def test_quitWaitsForDownloads(self) -> None:
+        """Quitting with downloads in progress waits for them, then stops."""
+        self.fetcher.held["b.txt"] = Deferred()
+        self.after("3\nb.txt\n")
+        self.assertIn("waiting for 1 download(s) to finish...", self.after("6\n"))
+        self.assertNoResult(self.done)
+        self.fetcher.held["b.txt"].callback(None)
+        self.settle()
+        self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+        self.assertEqual((self.folder / "b.txt").read_bytes(), b"beta")
+
+    def test_unknownChoice(self) -> None:
+        """Anything else is 'no such choice', and the menu again."""
+        out = self.after("9\n")
+        self.assertIn("no such choice: 9\n", out)
+        self.assertIn("6) quit", out)
+
+    def test_emptyChoice(self) -> None:
+        """An empty line just shows the menu again."""
+        out = self.after("\n")
+        self.assertNotIn("no such choice", out)
+        self.assertIn("6) quit", out)
