@@ -8,10 +8,12 @@ import hashlib
 import os
 from pathlib import Path
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,6 +25,7 @@ from p2prelay.node.share import SharedDirectory
 from p2prelay.wire import FileEntry
 
 SECRET = b"TOP SECRET: the outside file"
+CLIENT = IPv4Address("TCP", "10.1.2.3", 40000)
 
 
 def sha(data: bytes) -> str:
@@ -198,6 +201,35 @@ class GetTests(ServerTestCase):
         """A file that changes while it is hashed for serving is answered 503."""
         growWhileHashing(self, self.write("a", b"growing"))
         self.assertRefused(wire.request(wire.GET, name="a"), wire.BUSY)
+
+
+class LogTests(ServerTestCase):
+    """The node's log names peers as host:port and says nothing per connection it need not."""
+
+    def test_factoryQuiet(self):
+        """Starting and stopping the file server factory logs no 'Starting factory <...>' pair."""
+        with capturedLogs() as events:
+            self.factory.doStart()
+            self.factory.doStop()
+        self.assertEqual([formatEvent(e) for e in events], [])
+
+    def test_sendingNamesHostPort(self):
+        """A transfer is logged with the client as host:port, not an IPv4Address repr."""
+        self.write("a.txt", b"alpha")
+        self.successResultOf(self.share.scan())
+        with capturedLogs() as events:
+            self.get(wire.request(wire.GET, name="a.txt"), StringTransport(peerAddress=CLIENT))
+        [line] = [formatEvent(e) for e in events if "sending" in formatEvent(e)]
+        self.assertIn("to 10.1.2.3:40000", line)
+        self.assertNotIn("IPv4Address", line)
+
+    def test_refusalNamesHostPort(self):
+        """A refusal is logged with the client as host:port."""
+        with capturedLogs() as events:
+            self.get(wire.request(wire.GET, name="missing.txt"), StringTransport(peerAddress=CLIENT))
+        lines = [formatEvent(e) for e in events]
+        self.assertTrue(any("refused 10.1.2.3:40000" in line for line in lines), lines)
+        self.assertFalse(any("IPv4Address" in line for line in lines), lines)
 
 
 class RangeTests(ServerTestCase):

@@ -139,7 +139,7 @@ class FileServerProtocol(NegotiationProtocol):
             self.setTimeout(self.idleTimeout)
         except wire.ProtocolError as e:
             self.log.info(
-                "refused {peer}: {error}", peer=self.transport.getPeer(), error=str(e)
+                "refused {peer}: {error}", peer=self.peerName(), error=str(e)
             )
             self.refuse(e)
             return
@@ -159,7 +159,7 @@ class FileServerProtocol(NegotiationProtocol):
             name=name,
             length=length,
             offset=offset,
-            peer=self.transport.getPeer(),
+            peer=self.peerName(),
         )
         # The body's pace is set by the client; the idle timeout still
         # guards a client that stops reading altogether.
@@ -189,7 +189,7 @@ class FileServerProtocol(NegotiationProtocol):
             return
         # The status line is out: a 408 now would land inside the body, and a
         # graceful close would wait forever on a client that stopped reading.
-        self.log.info("dropping stalled transfer to {peer}", peer=self.transport.getPeer())
+        self.log.info("dropping stalled transfer to {peer}", peer=self.peerName())
         self.finished = True
         self.transport.abortConnection()
 
@@ -226,6 +226,8 @@ class _ResettingConsumer:
 
 
 class FileServerFactory(Factory):
+    noisy = False  # no "Starting factory <...>": the listening service logs the port
+
     def __init__(
         self,
         share: SharedDirectory,
