@@ -23,10 +23,11 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import wire
 from p2prelay.cli.console import Console
-from p2prelay.cli.demo import REGISTERED, Daemon, script
+from p2prelay.cli.demo import LISTENING, REGISTERED, Daemon, script
 
 # In memory.
 
@@ -322,6 +323,15 @@ class Network:
         started = [self.startNode(folder, *extra) for folder, *extra in specs]
         return [self.registered(node) for node in started]
 
+    def listening(self, daemon: Daemon) -> tuple[str, int]:
+        """Where a started daemon listens (TCP), as its log says."""
+        for line in daemon.log:
+            match = LISTENING.search(line)
+            if match:
+                return match.group("host"), int(match.group("port"))
+        host, port = daemon.listening()
+        return host, port
+
     def close(self) -> None:
         for d in self.daemons:
             d.stop(signal.SIGKILL)
@@ -375,3 +385,31 @@ class Network:
             timeout=timeout,
             cwd=str(self.root),
         )
+
+
+class NetworkTestCase(SynchronousTestCase):
+    """
+    End-to-end tests that share one :class:`Network` per class: started
+    in ``setUpClass`` (relay, then :meth:`startNodes`), torn down in
+    ``tearDownClass`` -- or at once if starting it failed.
+    """
+
+    net: Network
+    relayArgs: Sequence[str] = ()
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.net = Network(relayArgs=cls.relayArgs)
+        try:
+            cls.startNodes(cls.net)
+        except BaseException:
+            cls.net.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.net.close()
+
+    @classmethod
+    def startNodes(cls, net: Network) -> None:
+        """Start the class's nodes; none by default."""
