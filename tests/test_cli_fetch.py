@@ -24,7 +24,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2prelay import udp, wire
 from p2prelay.cli import fetch
 from p2prelay.cli.fetch import EXIT_NOT_FETCHED, EXIT_OK, EXIT_RELAY, EXIT_USAGE, buildFetcher, parseArgs, run
-from p2prelay.client.download import TEMP_PREFIX
 from p2prelay.client.fetcher import (
     PEER_TIMEOUT,
     Attempt,
