@@ -50,7 +50,7 @@ MENU = """\
 EPILOG = """
 Exit status:
   0  the menu was quit (6, or end of input)
-  1  the node cannot start (a port is taken, the folder cannot be read)
+  1  the node cannot start (its TCP or UDP port cannot be had)
   2  usage error
 """
 
