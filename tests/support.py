@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -364,6 +365,11 @@ class Network:
             return len(self.peers())
         except OSError:
             return -1
+
+    def registrations(self, port: int) -> int:
+        """How often the relay has logged registering the node serving on ``port``."""
+        pattern = re.compile(rf"registered \S+ at \S+:{port} with ")
+        return sum(1 for line in self.relay.log if pattern.search(line))
 
     def files(self, pattern: str = "") -> List[wire.Message]:
         """The relay's FILE items matching ``pattern``."""

@@ -65,10 +65,16 @@ class ExpiryTests(NetworkTestCase):
         self.assertLess(self.killVictim(), TTL + 2)
 
     def test_heartbeatsKeepNodeAlive(self) -> None:
-        """A live node outlives its lifetime thanks to heartbeats: still listed when the killed one expires."""
+        """
+        A live node outlives its lifetime thanks to heartbeats: when the
+        killed one has expired it is still listed, never having had to
+        register again.
+        """
         self.killVictim()
         self.assertGreater(time.monotonic() - self.steadySince, TTL)
-        self.assertIn(self.net.listening(self.steady)[1], self.ports())
+        port = self.net.listening(self.steady)[1]
+        self.assertIn(port, self.ports())
+        self.assertEqual(self.net.registrations(port), 1, "it expired and registered again")
 
     def test_terminatedNodeUnregisters(self) -> None:
         """A node stopped with SIGTERM has left the relay's peers by the time it has exited."""
