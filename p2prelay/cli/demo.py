@@ -4,7 +4,8 @@
 It runs exactly what a user would type -- ``twistd relay``, three
 ``twistd peernode`` and ``p2p-fetch`` -- as separate processes on
 OS-chosen loopback ports, so it doubles as a smoke test of an install.
-:class:`Daemon` is also what the end-to-end tests use to start daemons.
+:class:`Daemon` is also how the end-to-end tests' harness
+(``tests/support.py``) starts its daemons.
 
 This is a process supervisor, not a network program, so it drives its
 children with plain blocking calls rather than a reactor.
