@@ -2,23 +2,21 @@
 Tests for p2prelay.udp.ranges: RangeSet, the block ranges behind both
 ends' selective acknowledgements.
 
-Hypothesis is not installed in this environment, so the property tests
-below drive RangeSet with seeded random operations against a plain Python
-set as the model: every run is the same, and each checks its property
-after every operation of many sequences.
+The property tests drive RangeSet with sequences of operations drawn by
+Hypothesis and compare it, after every operation, with a plain Python set
+of integers as the model.
 """
 
 from __future__ import annotations
 
-import random
 from typing import Callable, List, Set, Tuple
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from p2prelay.udp.ranges import RangeSet
 
-SEEDS = range(200)
-OPERATIONS = 60  # per seed
 SPAN = 80  # members are drawn from 0..SPAN-1: small, so ranges meet and merge
 
 
@@ -190,40 +188,45 @@ Op = Tuple[str, int, int]
 Check = Callable[[RangeSet, Set[int], Op, object], None]
 
 
+def operation(kind: str) -> st.SearchStrategy[Op]:
+    start = st.integers(0, SPAN - 1)
+    return st.tuples(st.just(kind), start, st.integers(-2, 12)).map(
+        lambda t: (t[0], t[1], t[1] + t[2])  # addRange's end; an empty or reversed range too
+    )
+
+
+OPERATIONS = st.lists(
+    st.one_of(operation("add"), operation("addRange"), operation("discardBelow")), max_size=60
+)
+
+
 class RangeSetPropertyTests(unittest.SynchronousTestCase):
     """
-    Properties that hold after any sequence of operations, checked on
-    seeded random sequences against a set of integers as the model.
+    Properties that hold after any sequence of operations, checked against
+    a set of integers as the model.
     """
 
-    def operations(self, seed: int) -> List[Op]:
-        rng = random.Random(seed)
-        ops = []
-        for _ in range(OPERATIONS):
-            kind = rng.choice(["add", "add", "addRange", "addRange", "discardBelow"])
-            start = rng.randrange(SPAN)
-            ops.append((kind, start, start + rng.randrange(-2, 12)))
-        return ops
-
-    def replay(self, seed: int, check: Check) -> None:
-        """Apply seed's operations to a RangeSet and the model, checking after each."""
+    def replay(self, ops: List[Op], check: Check) -> None:
+        """Apply ``ops`` to a RangeSet and to the model, checking after each."""
         s: RangeSet = RangeSet()
         model: Set[int] = set()
-        for op in self.operations(seed):
+        for op in ops:
             kind, a, b = op
+            result: object = None
             if kind == "add":
-                result = s.add(a)
+                s.add(a)
                 model.add(a)
             elif kind == "addRange":
                 before = set(model)
                 result = (s.addRange(a, b), before)
                 model.update(range(a, b))
             else:
-                result = s.discardBelow(a)
+                s.discardBelow(a)
                 model = {n for n in model if n >= a}
             check(s, model, op, result)
 
-    def test_sameMembersAsTheModel(self) -> None:
+    @given(OPERATIONS)
+    def test_sameMembersAsTheModel(self, ops: List[Op]) -> None:
         """After every operation the set has exactly the model's members."""
 
         def check(s, model, op, result):
@@ -231,10 +234,10 @@ class RangeSetPropertyTests(unittest.SynchronousTestCase):
             inside = [n for n in range(-1, SPAN + 14) if n in s]
             self.assertEqual(inside, sorted(model), op)
 
-        for seed in SEEDS:
-            self.replay(seed, check)
+        self.replay(ops, check)
 
-    def test_rangesSortedDisjointAndApart(self) -> None:
+    @given(OPERATIONS)
+    def test_rangesSortedDisjointAndApart(self, ops: List[Op]) -> None:
         """Ranges are non-empty, in order, and never overlap or touch."""
 
         def check(s, model, op, result):
@@ -245,10 +248,10 @@ class RangeSetPropertyTests(unittest.SynchronousTestCase):
             for (_, end), (start, _) in zip(ranges, ranges[1:]):
                 self.assertLess(end, start, op)
 
-        for seed in SEEDS:
-            self.replay(seed, check)
+        self.replay(ops, check)
 
-    def test_rangesAreTheModelsRuns(self) -> None:
+    @given(OPERATIONS)
+    def test_rangesAreTheModelsRuns(self, ops: List[Op]) -> None:
         """The ranges are the model's maximal runs of consecutive members, so the fewest."""
 
         def check(s, model, op, result):
@@ -260,10 +263,10 @@ class RangeSetPropertyTests(unittest.SynchronousTestCase):
                     runs.append([n, n + 1])
             self.assertEqual(list(s), [tuple(r) for r in runs], op)
 
-        for seed in SEEDS:
-            self.replay(seed, check)
+        self.replay(ops, check)
 
-    def test_freshIsExactlyWhatWasNew(self) -> None:
+    @given(OPERATIONS)
+    def test_freshIsExactlyWhatWasNew(self, ops: List[Op]) -> None:
         """addRange returns, in order and without overlap, exactly the members it added."""
 
         def check(s, model, op, result):
@@ -278,5 +281,4 @@ class RangeSetPropertyTests(unittest.SynchronousTestCase):
             for first, end in fresh:
                 self.assertLess(first, end, op)
 
-        for seed in SEEDS:
-            self.replay(seed, check)
+        self.replay(ops, check)
