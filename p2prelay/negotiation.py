@@ -3,9 +3,10 @@ Plumbing shared by every line-based protocol in p2prelay.
 
 Each connection is one negotiation, so both servers and clients share the
 same skeleton: bounded lines (an over-long one is answered with 414 and a
-close), an idle timeout driven by an injected clock, and one way to refuse
-bad input: answer a status line and close, so the peer learns why and the
-server goes on serving everyone else.
+close), an idle timeout driven by an injected clock, for servers a deadline
+on the whole request and on the close after the answer, and one way to
+refuse bad input: answer a status line and close, so the peer learns why
+and the server goes on serving everyone else.
 
 The client side of a negotiation is :class:`OneShotClient`: one request,
 one result in a Deferred that fires exactly once, whether the answer
@@ -18,17 +19,21 @@ from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from . import wire
+from . import limits, wire
 from .addresses import describePeer
 
 IDLE_TIMEOUT = 30.0  # seconds a connection may sit without traffic
+NEGOTIATION_DEADLINE = 5.0  # seconds a relay gives one whole request (see MIN_RATE)
+REQUEST_DEADLINE = 10.0  # seconds a node gives a request line to be complete
+MIN_RATE = 64 * 1024  # bytes/s: each byte received buys 1/MIN_RATE s more for the request
+CLOSE_DEADLINE = 10.0  # seconds a peer gets to take a server's last answer (plus its size / MIN_RATE)
 
 
 class NegotiationProtocol(LineReceiver, TimeoutMixin):
@@ -36,20 +41,44 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
     A LineReceiver with p2prelay's limits and an injectable clock.
 
     Accepts CRLF or bare LF (the CR is stripped by :func:`wire.parseLine`).
+
+    Three clocks bound a connection.  The idle timeout (``timeout``) closes
+    one silent for that long.  A server's ``deadline`` bounds the whole
+    request however busily bytes trickle in: it runs from the connection
+    until :meth:`requestComplete` (or the answer); with ``minRate`` each
+    byte received extends it by ``1 / minRate`` seconds, so a large request
+    arriving at a decent rate can finish and a trickle cannot hold the
+    connection.  Once a server has answered (:meth:`finish`, :meth:`refuse`)
+    the peer has :attr:`closeDeadline` seconds, plus the answer's size at
+    ``minRate`` (or :data:`MIN_RATE`), to take it; then the connection is
+    aborted.  Clients (``deadline = None``) keep only the idle timeout.
+
+    Slots in :attr:`slots` (connection and request caps, see
+    :mod:`p2prelay.limits`) are released when the connection is lost.
     """
 
     delimiter = b"\n"
     MAX_LENGTH = wire.MAX_LINE + 1  # the limit excludes a CR before the LF
     log = Logger()
 
+    deadline: float | None = None  # seconds for the whole request; None: no deadline
+    minRate: float | None = None  # bytes/s a long request must keep up to extend the deadline
+    closeDeadline: float = CLOSE_DEADLINE
+
     def __init__(self, clock: IReactorTime, timeout: float = IDLE_TIMEOUT) -> None:
         self.clock = clock
         self.callLater = clock.callLater  # TimeoutMixin schedules through this
         self.idleTimeout = timeout
         self.finished = False
+        self.slots: list = []  # limits.Slot objects, released on connectionLost
+        self._deadlineCall: IDelayedCall | None = None
+        self._heldFor: float | None = None  # deadline seconds left while held
+        self._closeCall: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
+        if self.deadline is not None:
+            self._deadlineCall = self.clock.callLater(self.deadline, self._deadlineExceeded)
 
     def peerName(self) -> str:
         """The other end as ``host:port``, for log lines."""
@@ -57,10 +86,72 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if self.minRate:
+            extra = len(data) / self.minRate
+            if self._deadlineCall is not None and self._deadlineCall.active():
+                self._deadlineCall.delay(extra)
+            elif self._heldFor is not None:
+                self._heldFor += extra
         super().dataReceived(data)
+
+    # The request deadline.
+
+    def requestComplete(self) -> None:
+        """The whole request is in: the deadline no longer applies."""
+        self._cancelDeadline()
+        self._heldFor = None
+
+    def holdDeadline(self) -> None:
+        """
+        Stop the deadline's clock while the server works for this request
+        (hashing, a dial-back): that wait is not the peer's slowness.
+        """
+        if self._deadlineCall is not None and self._deadlineCall.active():
+            self._heldFor = max(self._deadlineCall.getTime() - self.clock.seconds(), 0.0)
+            self._cancelDeadline()
+
+    def resumeDeadline(self) -> None:
+        """Start the deadline's clock again, with the time that was left."""
+        if self._heldFor is not None and not self.finished and self.transport is not None:
+            self._deadlineCall = self.clock.callLater(self._heldFor, self._deadlineExceeded)
+        self._heldFor = None
+
+    def _cancelDeadline(self) -> None:
+        if self._deadlineCall is not None and self._deadlineCall.active():
+            self._deadlineCall.cancel()
+        self._deadlineCall = None
+
+    def _deadlineExceeded(self) -> None:
+        self._deadlineCall = None
+        self.log.info(
+            "closing {peer}: request not complete in time", peer=self.peerName()
+        )
+        self.refuse(wire.ProtocolError(wire.TIMEOUT, "request not complete in time"))
 
     def connectionLost(self, reason: object = None) -> None:
         self.setTimeout(None)
+        self._cancelDeadline()
+        self._heldFor = None
+        if self._closeCall is not None and self._closeCall.active():
+            self._closeCall.cancel()
+        self._closeCall = None
+        slots, self.slots = self.slots, []
+        for slot in slots:
+            slot.release()
+
+    def takeSlot(self, counter: limits.AddressCounter, text: str, retry: float = limits.BUSY_RETRY) -> bool:
+        """
+        Hold one unit of ``counter`` for the peer's address until the
+        connection is lost; when a cap is reached answer
+        ``503 retry=`` with ``text``, close, and return False.
+        """
+        slot = counter.take(limits.sourceOf(self.transport.getPeer()))
+        if slot is None:
+            self.log.info("refusing {peer}: {text}", peer=self.peerName(), text=text)
+            self.refuseWith(limits.busy(retry, text))
+            return False
+        self.slots.append(slot)
+        return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(wire.ProtocolError(wire.LINE_TOO_LONG, "line too long"))
@@ -71,22 +162,43 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
 
     def refuse(self, error: wire.ProtocolError) -> None:
         """Answer an error status and close; nothing more is read."""
+        self.refuseWith(wire.status(error.status, error.message))
+
+    def refuseWith(self, line: bytes) -> None:
+        """Answer ``line`` (an error status) and close; nothing more is read."""
         if self.finished:
             return
-        self.finished = True
-        self.transport.write(wire.status(error.status, error.message))
-        self.transport.loseConnection()
+        self.finish(line)
 
     def conclude(self) -> None:
         """Mark the negotiation over: nothing more is handled or timed out."""
         self.finished = True
         self.setTimeout(None)
+        self.requestComplete()
 
     def finish(self, data: bytes) -> None:
-        """Send the last bytes of a negotiation and close gracefully."""
+        """
+        Send the last bytes of a negotiation and close gracefully; a peer
+        that does not take them in time is cut off.
+        """
         self.conclude()
         self.transport.write(data)
+        self.closeWithin(len(data))
+
+    def closeWithin(self, pending: int = 0) -> None:
+        """
+        Close once what is written has left, aborting if that takes longer
+        than :attr:`closeDeadline` plus ``pending`` bytes at the minimum rate.
+        """
         self.transport.loseConnection()
+        if self._closeCall is None:
+            grace = self.closeDeadline + pending / (self.minRate or MIN_RATE)
+            self._closeCall = self.clock.callLater(grace, self._closeExpired)
+
+    def _closeExpired(self) -> None:
+        self._closeCall = None
+        self.log.info("dropping {peer}: it does not read our answer", peer=self.peerName())
+        self.transport.abortConnection()
 
 
 T = TypeVar("T")

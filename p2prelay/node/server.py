@@ -20,7 +20,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import wire
-from ..negotiation import NegotiationProtocol
+from ..limits import (
+    NODE_MAX_CONNECTIONS,
+    NODE_MAX_GETS_PER_ADDRESS,
+    NODE_MAX_PER_ADDRESS,
+    AddressCounter,
+    ConnectionLimit,
+)
+from ..negotiation import REQUEST_DEADLINE, NegotiationProtocol
 from .share import SharedDirectory
 
 CHUNK = 256 * 1024  # measured: 256 KiB writes cost far less CPU than 16 KiB ones
@@ -108,6 +115,7 @@ class FileServerProtocol(NegotiationProtocol):
     """
 
     log = Logger()
+    deadline = REQUEST_DEADLINE  # for the request line, however slowly it trickles
 
     def __init__(self, factory: "FileServerFactory") -> None:
         super().__init__(factory.clock)
@@ -121,6 +129,9 @@ class FileServerProtocol(NegotiationProtocol):
             return
         # One request per connection: anything after it is ignored.
         self._requested = True
+        self.requestComplete()
+        if not self.takeSlot(self.factory.gets, "too many requests from your address"):
+            return
         self.transport.pauseProducing()
         ensureDeferred(self._serve(line)).addErrback(self._crashed)
 
@@ -180,8 +191,7 @@ class FileServerProtocol(NegotiationProtocol):
             self.log.info("transfer of {name} ended early: {error}", name=name, error=e)
             self.transport.abortConnection()
             return
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        self.finish(b"")  # with a deadline: a client that stops reading now is cut off
 
     def timeoutConnection(self) -> None:
         if self._producer is None:
@@ -233,10 +243,15 @@ class FileServerFactory(Factory):
         share: SharedDirectory,
         clock: IReactorTime,
         cooperator: task.Cooperator | None = None,
+        maxConnections: int = NODE_MAX_CONNECTIONS,
+        maxPerAddress: int = NODE_MAX_PER_ADDRESS,
+        maxGetsPerAddress: int = NODE_MAX_GETS_PER_ADDRESS,
     ) -> None:
         self.share = share
         self.clock = clock
         self.cooperator = cooperator
+        self.connections = ConnectionLimit(clock, maxConnections, maxPerAddress, what="peernode")
+        self.gets = AddressCounter(maxGetsPerAddress)
 
-    def buildProtocol(self, addr: object) -> FileServerProtocol:
-        return FileServerProtocol(self)
+    def buildProtocol(self, addr: object):
+        return self.connections.build(addr, lambda: FileServerProtocol(self))

@@ -14,7 +14,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 
 from .. import wire
-from ..negotiation import NegotiationProtocol
+from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS, ConnectionLimit
+from ..negotiation import MIN_RATE, NEGOTIATION_DEADLINE, NegotiationProtocol
 from ..wire import FileEntry
 from .registry import Peer, Registry
 
@@ -31,6 +32,9 @@ class RelayProtocol(NegotiationProtocol):
     One request from a node or a client: REGISTER (with its file list),
     UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH or DEAD.
     """
+
+    deadline = NEGOTIATION_DEADLINE  # the whole request, extended by bytes at MIN_RATE
+    minRate = MIN_RATE
 
     def __init__(self, factory: "RelayFactory") -> None:
         super().__init__(factory.clock)
@@ -240,14 +244,17 @@ class RelayFactory(Factory):
         registry: Registry,
         clock: IReactorTime,
         onChange: Callable[[], None] = lambda: None,
+        maxConnections: int = RELAY_MAX_CONNECTIONS,
+        maxPerAddress: int = RELAY_MAX_PER_ADDRESS,
     ) -> None:
         self.registry = registry
         self.clock = clock
+        self.connections = ConnectionLimit(clock, maxConnections, maxPerAddress, what="relay")
         self.boot = uuid.uuid4().hex[:16]
         self._onChange = onChange
 
     def changed(self) -> None:
         self._onChange()
 
-    def buildProtocol(self, addr: object) -> RelayProtocol:
-        return RelayProtocol(self)
+    def buildProtocol(self, addr: object):
+        return self.connections.build(addr, lambda: RelayProtocol(self))
