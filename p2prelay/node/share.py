@@ -16,7 +16,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator
+from typing import IO, Any, Callable, Dict, Iterator, List
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -26,6 +26,7 @@ from .. import wire
 from ..wire import FileEntry
 
 HASH_CHUNK = 1024 * 1024
+SKIPPED_SHOWN = 5  # names quoted in the one warning about unshareable names
 
 RunInThread = Callable[..., "Deferred[Any]"]
 _open = open  # the one place shared files are opened (tests replace it)
@@ -58,6 +59,25 @@ def _hashIfStable(path: Path, size: int, mtime_ns: int) -> str | None:
 
 def _announced(entries: Dict[str, "FileEntry"]) -> Dict[str, tuple[int, str]]:
     return {name: (e.size, e.sha256) for name, e in entries.items()}
+
+
+def checkShareableName(name: str) -> str:
+    """
+    :func:`wire.checkName`, for a name read from the disk: one that is not
+    valid UTF-8 (Python hands it over with surrogate escapes) is refused
+    with the same ProtocolError as any other unshareable name.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise wire.ProtocolError(wire.BAD_REQUEST, "file name is not UTF-8") from None
+    return wire.checkName(name)
+
+
+def _shown(name: str) -> str:
+    """A file name from the disk for a log line: odd bytes and controls escaped."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _within(root: str, path: str) -> bool:
@@ -93,8 +113,14 @@ class SharedDirectory:
             raise wire.ProtocolError(wire.NOT_FOUND, "no such file in this share")
         return Path(real)
 
-    def _walk(self) -> Iterator[tuple[str, Path, os.stat_result]]:
-        """Regular files under the root, named as relative POSIX paths."""
+    def _walk(self, skipped: List[str]) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """
+        Regular files under the root, named as relative POSIX paths.
+
+        A name the protocol cannot carry (not UTF-8, a newline or another
+        control character, too long, ...) is appended to ``skipped``, shown
+        with its odd bytes escaped, instead of being shared.
+        """
         for dirpath, dirnames, filenames in os.walk(self._realRoot):
             # os.walk does not follow symlinked directories; keep it so.
             dirnames.sort()
@@ -104,11 +130,19 @@ class SharedDirectory:
                 if filename.startswith(".p2prelay-"):
                     continue  # our own partial downloads
                 try:
-                    wire.checkName(rel)
+                    checkShareableName(rel)
+                except wire.ProtocolError:
+                    skipped.append(_shown(rel))
+                    continue
+                try:
                     path = self.resolve(rel)
                     yield rel, path, path.stat()
                 except (wire.ProtocolError, OSError):
                     continue
+
+    def _list(self) -> tuple[list, List[str]]:
+        skipped: List[str] = []
+        return list(self._walk(skipped)), skipped
 
     def scan(self) -> "Deferred[bool]":
         """
@@ -120,7 +154,17 @@ class SharedDirectory:
         return ensureDeferred(self._scan())
 
     async def _scan(self) -> bool:
-        listing = await self._runInThread(lambda: list(self._walk()))
+        listing, skipped = await self._runInThread(self._list)
+        if skipped:
+            # One line per scan, however many files: a folder full of odd
+            # names must not flood the log.
+            self.log.warn(
+                "not sharing {count} files whose names the protocol cannot carry "
+                "(not UTF-8, control characters or too long): {names}",
+                count=len(skipped),
+                names=", ".join(skipped[:SKIPPED_SHOWN])
+                + (", ..." if len(skipped) > SKIPPED_SHOWN else ""),
+            )
         fresh: Dict[str, FileEntry] = {}
         for name, path, st in listing:
             old = self.entries.get(name)
