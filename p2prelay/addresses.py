@@ -30,7 +30,7 @@ def serverDescription(value: str) -> str:
     A server endpoint description from ``8000`` or a full description.
     """
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # '²' is a digit int() refuses
         if int(value) > 65535:
             raise AddressError(f"port {value} is out of range 0-65535")
         return f"tcp:{value}"
@@ -50,7 +50,7 @@ def udpPort(value: str, defaultInterface: str = "") -> tuple[int, str]:
     parts = value.split(":")
     if parts and parts[0] == "udp":
         parts = parts[1:]
-    if not parts or not parts[0].isdigit() or int(parts[0]) > 65535:
+    if not parts or not (parts[0].isascii() and parts[0].isdigit()) or int(parts[0]) > 65535:
         raise AddressError(f"{value!r} is not a UDP port or udp:PORT[:interface=ADDR]")
     interface = defaultInterface
     for extra in parts[1:]:

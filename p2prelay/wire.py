@@ -261,7 +261,9 @@ def checkName(name: str) -> str:
     """
     if not name:
         raise ProtocolError(BAD_REQUEST, "empty file name")
-    if len(name.encode("utf-8")) > MAX_NAME:
+    # surrogatepass: a name that is not UTF-8 (os.walk's lone surrogates) is
+    # refused below as unprintable, not with a UnicodeEncodeError here.
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
         raise ProtocolError(BAD_REQUEST, f"file names are limited to {MAX_NAME} bytes")
     if any(not c.isprintable() for c in name) or "\\" in name:
         raise ProtocolError(BAD_REQUEST, "file name has control characters or backslashes")
