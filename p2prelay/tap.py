@@ -27,6 +27,14 @@ from .addresses import (
     serverDescription,
     udpPort,
 )
+from .limits import (
+    NODE_MAX_CONNECTIONS,
+    NODE_MAX_GETS_PER_ADDRESS,
+    NODE_MAX_PER_ADDRESS,
+    RELAY_MAX_CONNECTIONS,
+    RELAY_MAX_PER_ADDRESS,
+    positiveInteger,
+)
 from .node.upkeep import DEFAULT_RESCAN
 from .relay.registry import DEFAULT_TTL
 
@@ -72,6 +80,10 @@ class RelayOptions(usage.Options):
          seconds("ttl")],
         ["state", None, None, "SQLite file keeping the registry across restarts "
          "(default: in memory only)."],
+        ["max-connections", None, RELAY_MAX_CONNECTIONS, "Open connections at most, all "
+         "clients together (more are answered 503 busy).", positiveInteger("max-connections")],
+        ["max-per-address", None, RELAY_MAX_PER_ADDRESS, "Open connections at most from one "
+         "address (an IPv6 /64).", positiveInteger("max-per-address")],
     ]
 
 
@@ -92,6 +104,12 @@ class NodeOptions(usage.Options):
         ["rescan", None, DEFAULT_RESCAN, "Seconds between rescans of DIR.", seconds("rescan")],
         ["udp-port", None, None, "Where to serve over UDP: a port or udp:PORT:interface=ADDR "
          "(default: an OS-chosen port on the --port interface)."],
+        ["max-connections", None, NODE_MAX_CONNECTIONS, "Open connections at most, all "
+         "clients together (more are answered 503 busy).", positiveInteger("max-connections")],
+        ["max-per-address", None, NODE_MAX_PER_ADDRESS, "Open connections at most from one "
+         "address (an IPv6 /64).", positiveInteger("max-per-address")],
+        ["max-gets-per-address", None, NODE_MAX_GETS_PER_ADDRESS, "Downloads at most in "
+         "flight for one address.", positiveInteger("max-gets-per-address")],
     ]
     optFlags = [["no-udp", None, "Do not serve over UDP."]]
 
@@ -118,7 +136,14 @@ def makeRelayService(config, reactor=None):
         from twisted.internet import reactor
     from .relay.service import RelayService  # p2p-peer, which imports this module, needs none
 
-    return RelayService(reactor, config["port"], config["ttl"], config["state"])
+    return RelayService(
+        reactor,
+        config["port"],
+        config["ttl"],
+        config["state"],
+        maxConnections=config["max-connections"],
+        maxPerAddress=config["max-per-address"],
+    )
 
 
 def makeNodeService(
@@ -139,4 +164,7 @@ def makeNodeService(
         rescan=config["rescan"],
         udp=config["udp"],
         runInThread=runInThread,
+        maxConnections=config["max-connections"],
+        maxPerAddress=config["max-per-address"],
+        maxGetsPerAddress=config["max-gets-per-address"],
     )

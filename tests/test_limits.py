@@ -5,6 +5,7 @@ Caps on connections and requests per source address and in total
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -351,3 +352,60 @@ class NodeFactoryLimitTests(SynchronousTestCase):
         proto, transport = self.connect()
         proto.dataReceived(wire.request(wire.GET, name="a.txt"))
         self.assertEqual(parse(transport.value().split(b"\n")[0] + b"\n")[0].status, wire.OK)
+
+
+class OptionTests(SynchronousTestCase):
+    """The caps are the daemons' options, passed down to the factories."""
+
+    def test_relayDefaults(self):
+        """Without options the relay's factory has the default caps."""
+        from twisted.internet import reactor
+
+        from p2prelay.tap import RelayOptions, makeRelayService
+
+        config = RelayOptions()
+        config.parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
+        counter = makeRelayService(config, reactor).factory.connections.counter
+        self.assertEqual(
+            (counter.total, counter.perAddress),
+            (limits.RELAY_MAX_CONNECTIONS, limits.RELAY_MAX_PER_ADDRESS),
+        )
+
+    def test_relayOptions(self):
+        """--max-connections and --max-per-address set the relay's caps."""
+        from twisted.internet import reactor
+
+        from p2prelay.tap import RelayOptions, makeRelayService
+
+        config = RelayOptions()
+        config.parseOptions(
+            ["--port", "tcp:0:interface=127.0.0.1", "--max-connections", "7", "--max-per-address", "3"]
+        )
+        counter = makeRelayService(config, reactor).factory.connections.counter
+        self.assertEqual((counter.total, counter.perAddress), (7, 3))
+
+    def test_nodeOptions(self):
+        """--max-connections, --max-per-address and --max-gets-per-address set the node's caps."""
+        from twisted.internet import reactor
+
+        from p2prelay.tap import NodeOptions, makeNodeService
+
+        folder = self.mktemp()
+        os.mkdir(folder)
+        config = NodeOptions()
+        config.parseOptions(
+            ["--dir", folder, "--no-udp", "--max-connections", "9",
+             "--max-per-address", "4", "--max-gets-per-address", "2"]
+        )
+        factory = makeNodeService(config, reactor, runInThread=syncThread).files
+        counter = factory.connections.counter
+        self.assertEqual((counter.total, counter.perAddress, factory.gets.perAddress), (9, 4, 2))
+
+    def test_badOption(self):
+        """A cap that is not a whole number of at least 1 is a usage error."""
+        from twisted.python.usage import UsageError
+
+        from p2prelay.tap import RelayOptions
+
+        config = RelayOptions()
+        self.assertRaises(UsageError, config.parseOptions, ["--max-per-address", "0"])

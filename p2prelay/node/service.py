@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from ..limits import NODE_MAX_CONNECTIONS, NODE_MAX_GETS_PER_ADDRESS, NODE_MAX_PER_ADDRESS
 from ..listening import DatagramListeningService, ListenFailed, ListeningService
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
 from .server import FileServerFactory
@@ -49,6 +50,9 @@ class NodeService(MultiService):
         node: Optional[str] = None,
         udp: Optional[tuple[int, str]] = (0, ""),
         runInThread: RunInThread = deferToThread,
+        maxConnections: int = NODE_MAX_CONNECTIONS,
+        maxPerAddress: int = NODE_MAX_PER_ADDRESS,
+        maxGetsPerAddress: int = NODE_MAX_GETS_PER_ADDRESS,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -58,7 +62,13 @@ class NodeService(MultiService):
         self.advertise = advertise
         self.heartbeat = heartbeat
         self.rescan = rescan
-        self.files = FileServerFactory(self.share, reactor)
+        self.files = FileServerFactory(
+            self.share,
+            reactor,
+            maxConnections=maxConnections,
+            maxPerAddress=maxPerAddress,
+            maxGetsPerAddress=maxGetsPerAddress,
+        )
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)
         self.udpListener: Optional[DatagramListeningService] = None

@@ -12,6 +12,7 @@ from twisted.application.service import MultiService
 from twisted.internet import task
 from twisted.logger import Logger
 
+from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS
 from ..listening import ListeningService
 from .protocol import RelayFactory
 from .registry import Registry
@@ -30,13 +31,26 @@ class RelayService(MultiService):
     log = Logger()
 
     def __init__(
-        self, reactor, description: str, ttl: float, state: Optional[str] = None
+        self,
+        reactor,
+        description: str,
+        ttl: float,
+        state: Optional[str] = None,
+        *,
+        maxConnections: int = RELAY_MAX_CONNECTIONS,
+        maxPerAddress: int = RELAY_MAX_PER_ADDRESS,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.registry = Registry(reactor.seconds, ttl)
         self.store = StateStore(state) if state else None
-        self.factory = RelayFactory(self.registry, reactor, onChange=self._changed)
+        self.factory = RelayFactory(
+            self.registry,
+            reactor,
+            onChange=self._changed,
+            maxConnections=maxConnections,
+            maxPerAddress=maxPerAddress,
+        )
         self.listener = ListeningService(reactor, description, self.factory, "relay")
         self.listener.setServiceParent(self)
         self._sweep = task.LoopingCall(self._expire)
