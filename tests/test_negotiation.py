@@ -1,6 +1,7 @@
 """
 The shared negotiation plumbing: OneShotClient's lifecycle (its Deferred
-fires exactly once, however the negotiation ends) and ``negotiate``.
+fires exactly once, however the negotiation ends), ``negotiate``, and the
+servers' deadlines (the whole request, and the close after the answer).
 """
 
 from __future__ import annotations
@@ -11,20 +12,29 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fai
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2prelay import wire
 from p2prelay.client.relay import query
 from p2prelay.negotiation import (
+    CLOSE_DEADLINE,
+    MIN_RATE,
+    NEGOTIATION_DEADLINE,
+    REQUEST_DEADLINE,
     IncompleteAnswer,
     NegotiationProtocol,
     OneShotClient,
     negotiate,
 )
+from p2prelay.node.server import FileServerFactory
+from p2prelay.node.share import SharedDirectory
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.relay.registry import Registry
 
 TIMEOUT = 5.0
 SERVER = IPv4Address("TCP", "10.9.8.7", 4321)
@@ -315,3 +325,251 @@ class RealConnectionLogTests(TestCase):
         self.assertEqual(reply.status.status, wire.OK)
         texts = [formatEvent(e) for e in events]
         self.assertFalse(any("factory" in t.lower() for t in texts), texts)
+
+
+# Server deadlines.
+
+DEADLINE = 5.0
+RATE = 1000  # bytes/s, for the generic server below
+
+
+class CollectingServer(NegotiationProtocol):
+    """
+    A server negotiation: lines until END, then one answer.  Its deadline
+    and minimum rate are the test's.
+    """
+
+    deadline = DEADLINE
+    minRate = RATE
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.lines: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.finished:
+            return
+        self.lines.append(line)
+        if line.startswith(b"P2P/1 END"):
+            self.finish(wire.status(wire.OK, count=len(self.lines)))
+
+
+def trickle(clock: Clock, proto, data: bytes, every: float, until: float) -> float:
+    """Feed ``data`` one byte per ``every`` seconds until the server closes or ``until``."""
+    transport = proto.transport
+    for byte in data:
+        if transport.disconnecting or clock.seconds() >= until:
+            break
+        proto.dataReceived(bytes([byte]))
+        clock.advance(every)
+    return clock.seconds()
+
+
+class DeadlineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.proto = CollectingServer(self.clock)
+        self.transport = StringTransport(peerAddress=SERVER)
+        self.proto.makeConnection(self.transport)
+
+    def replies(self) -> list[wire.Message]:
+        return [wire.parseLine(l) for l in self.transport.value().split(b"\n") if l]
+
+    def test_silentCutAtDeadline(self):
+        """A connection that sends nothing is answered 408 at the deadline, not at the idle timeout."""
+        self.clock.advance(DEADLINE - 0.01)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.01)
+        [reply] = self.replies()
+        self.assertEqual(reply.status, wire.TIMEOUT)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_trickleCut(self):
+        """A request trickling in at 1 byte per 4 s is cut at the deadline, its traffic notwithstanding."""
+        trickle(self.clock, self.proto, wire.request(wire.PEERS) * 10, 4.0, 60)
+        self.assertTrue(self.transport.disconnecting)
+        [reply] = self.replies()
+        self.assertEqual(reply.status, wire.TIMEOUT)
+        self.assertLess(self.clock.seconds(), DEADLINE + 4.0 + 0.1)
+
+    def test_fastBigRequest(self):
+        """A request far longer than the deadline allows at once, arriving faster than minRate, completes."""
+        line = wire.item(wire.FILE, name="x" * 80, size=1, sha256="a" * 64)
+        body = line * 200 + wire.end(200)  # about 30 s of bytes at RATE
+        chunk = RATE  # one second's worth at the minimum rate ...
+        for i in range(0, len(body), chunk):
+            self.assertFalse(self.transport.disconnecting, f"cut after {i} bytes")
+            self.proto.dataReceived(body[i : i + chunk])
+            self.clock.advance(0.9)  # ... arriving in 0.9 s
+        [reply] = self.replies()
+        self.assertEqual(reply.status, wire.OK)
+        self.assertEqual(reply.get("count"), "201")
+        self.assertGreater(self.clock.seconds(), DEADLINE * 4)
+
+    def test_slowBigRequestCut(self):
+        """A long request arriving slower than minRate is cut once its bytes no longer pay for the time."""
+        line = wire.item(wire.FILE, name="x" * 80, size=1, sha256="a" * 64)
+        body = line * 200 + wire.end(200)
+        chunk = RATE // 2  # half the minimum rate
+        for i in range(0, len(body), chunk):
+            if self.transport.disconnecting:
+                break
+            self.proto.dataReceived(body[i : i + chunk])
+            self.clock.advance(1.0)
+        self.assertEqual(self.replies()[0].status, wire.TIMEOUT)
+        # 5 s, plus half a second bought per second: about 10 s.
+        self.assertLess(self.clock.seconds(), 2 * DEADLINE + 1.5)
+
+    def test_requestCompleteStopsDeadline(self):
+        """After requestComplete() the deadline no longer applies."""
+        self.proto.requestComplete()
+        self.clock.advance(DEADLINE * 2)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_heldDeadline(self):
+        """Time the server spends on its own work (holdDeadline) does not count against the peer."""
+        self.clock.advance(DEADLINE - 1)
+        self.proto.holdDeadline()
+        self.clock.advance(DEADLINE * 3)
+        self.assertFalse(self.transport.disconnecting)
+        self.proto.resumeDeadline()
+        self.clock.advance(0.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertEqual(self.replies()[0].status, wire.TIMEOUT)
+
+    def test_resumeAfterAnswer(self):
+        """Resuming the deadline after the server has answered starts nothing."""
+        self.proto.holdDeadline()
+        self.proto.dataReceived(wire.end(0))
+        self.proto.resumeDeadline()
+        answered = self.transport.value()
+        self.clock.advance(DEADLINE * 2)
+        self.assertEqual(self.transport.value(), answered)
+
+    def test_answerUnreadAborted(self):
+        """A peer that does not take the answer is aborted after the close deadline plus its size at minRate."""
+        self.proto.dataReceived(wire.end(0))
+        answer = len(self.transport.value())
+        self.assertTrue(self.transport.disconnecting)
+        grace = CollectingServer.closeDeadline + answer / RATE
+        self.clock.advance(grace - 0.01)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(0.01)
+        self.assertTrue(self.transport.disconnected, "aborted")
+
+    def test_refusalUnreadAborted(self):
+        """After an error status too, a peer that does not take it is aborted."""
+        self.proto.dataReceived(b"x" * (wire.MAX_LINE + 10))
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(CollectingServer.closeDeadline + 1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_closedLeavesNoTimer(self):
+        """A connection lost (at any point) leaves no timer behind."""
+        self.proto.dataReceived(wire.end(0))
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lostMidRequestLeavesNoTimer(self):
+        """A connection lost mid-request leaves no timer behind."""
+        self.proto.dataReceived(b"P2P/1 ")
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_clientsHaveNoDeadline(self):
+        """A OneShotClient keeps only its idle timeout: steady traffic is never cut."""
+        client = StatusClient(self.clock)
+        transport = StringTransport(peerAddress=SERVER)
+        client.makeConnection(transport)
+        for _ in range(20):
+            client.dataReceived(b" ")
+            self.clock.advance(TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+
+
+class RelayDeadlineTests(SynchronousTestCase):
+    """The relay's deadlines, on its real protocol."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, 90.0)
+        for i in range(200):
+            self.registry.register(f"n{i}", "10.0.0.1", 5000 + i, [])
+        self.factory = RelayFactory(self.registry, self.clock)
+        self.proto = self.factory.buildProtocol(SERVER)
+        self.transport = StringTransport(peerAddress=SERVER)
+        self.proto.makeConnection(self.transport)
+
+    def test_trickleCut(self):
+        """A request trickling at 1 byte per 4 s is cut 408 at NEGOTIATION_DEADLINE (it used to stay forever)."""
+        trickle(self.clock, self.proto, wire.request(wire.PEERS), 4.0, 120)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(wire.parseLine(self.transport.value().split(b"\r\n")[0]).status, wire.TIMEOUT)
+        self.assertLessEqual(self.clock.seconds(), NEGOTIATION_DEADLINE + 4.0)
+
+    def test_unreadAnswerAborted(self):
+        """A client that never reads a long PEERS answer is aborted after the close deadline."""
+        self.proto.dataReceived(wire.request(wire.PEERS))
+        size = len(self.transport.value())
+        self.assertGreater(size, 10_000)
+        self.clock.advance(CLOSE_DEADLINE + size / MIN_RATE + 0.01)
+        self.assertTrue(self.transport.disconnected, "aborted")
+
+
+class NodeDeadlineTests(SynchronousTestCase):
+    """The node's request deadline, on its real file server."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        root = FilePath(self.mktemp())
+        root.makedirs()
+        root.child("a.txt").setContent(b"hello")
+        self.hashing: list[Deferred] = []
+        self.share = SharedDirectory(root.path, runInThread=self.slowThread)
+        self.cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
+        self.addCleanup(self.cooperator.stop)
+        self.factory = FileServerFactory(self.share, self.clock, self.cooperator)
+        self.proto = self.factory.buildProtocol(SERVER)
+        self.transport = StringTransport(peerAddress=SERVER)
+        self.proto.makeConnection(self.transport)
+
+    def slowThread(self, f, *args) -> Deferred:
+        d: Deferred = Deferred()
+        d.addCallback(lambda _: f(*args))
+        self.hashing.append(d)
+        return d
+
+    def status(self) -> wire.Message:
+        return wire.parseLine(self.transport.value().split(b"\r\n")[0])
+
+    def test_trickleCut(self):
+        """A request line trickling at 1 byte per 4 s is cut 408 at REQUEST_DEADLINE (it used to stay forever)."""
+        trickle(self.clock, self.proto, wire.request(wire.GET, name="a.txt"), 4.0, 120)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.status().status, wire.TIMEOUT)
+        self.assertLessEqual(self.clock.seconds(), REQUEST_DEADLINE + 4.0)
+
+    def test_deadlineEndsWithLine(self):
+        """Once the request line is in, the deadline is over: a slow hash is the server's wait."""
+        self.clock.advance(REQUEST_DEADLINE - 1)
+        self.proto.dataReceived(wire.request(wire.GET, name="a.txt"))
+        self.clock.advance(REQUEST_DEADLINE * 2)
+        self.assertEqual(self.transport.value(), b"")
+        for d in self.hashing:
+            d.callback(None)
+        self.clock.advance(0)
+        self.assertEqual(self.status().status, wire.OK)
+
+    def test_unreadEndAborted(self):
+        """A client that stops reading once the body is written is aborted after the close deadline."""
+        self.proto.dataReceived(wire.request(wire.GET, name="a.txt"))
+        for d in self.hashing:
+            d.callback(None)
+        for _ in range(5):
+            self.clock.advance(0)
+        self.assertTrue(self.transport.value().endswith(b"hello"))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(CLOSE_DEADLINE + 1)
+        self.assertTrue(self.transport.disconnected, "aborted")
