@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -36,6 +37,36 @@ class VerificationError(Exception):
 
 class DestinationError(Exception):
     """The file cannot be saved where it was asked to go."""
+
+
+class NoSpace(DestinationError):
+    """The folder a download writes into has less free space than the file needs."""
+
+
+def freeSpace(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use in ``directory``'s file system."""
+    return shutil.disk_usage(directory).free
+
+
+def human(size: float) -> str:
+    """A size for people: ``512 bytes``, ``1.5 KiB``, ``2.0 GiB``."""
+    if size < 1024:
+        return f"{int(size)} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        size /= 1024
+        if size < 1024 or unit == "PiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def _missingParents(directory: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``directory``, deepest first."""
+    missing = []
+    current = directory
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    return missing
 
 
 def destination(directory: Path, name: str) -> Path:
@@ -64,9 +95,18 @@ class Download:
     receives; when that thread falls ``HIGH_WATER`` bytes behind, the
     registered producer (the transport) is paused until it catches up.
     Await :meth:`flushed` before :meth:`verify` or :meth:`reset`.
+
+    The folders it had to create for ``directory`` are removed again by
+    :meth:`discard` (if still empty), so a failed nested fetch leaves no
+    empty folders behind.  :meth:`expect` refuses a size the folder's
+    file system has no room for (:class:`NoSpace`); ``name`` is the file's
+    name in that message.
     """
 
-    def __init__(self, directory: Path, reactor=None) -> None:
+    def __init__(self, directory: Path, reactor=None, name: str = "") -> None:
+        self.directory = directory
+        self.name = name
+        self._created = _missingParents(Path(os.path.abspath(directory)))
         directory.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=directory)
         self.path = Path(path)
@@ -85,14 +125,27 @@ class Download:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new attempt: no bytes, no expectations, no earlier error."""
         self._file.seek(0)
         self._file.truncate()
         self._hash = hashlib.sha256()
+        self._error = None
         self.received = 0
         self.expectedSize: Optional[int] = None
         self.expectedHash: Optional[str] = None
 
+    def checkSpace(self, size: int) -> None:
+        """Raise :class:`NoSpace` unless ``size`` bytes fit where this download writes."""
+        free = freeSpace(self.directory) + self.received
+        if size > free:
+            raise NoSpace(
+                f"not enough space in {self.directory}: {self.name or 'the file'} "
+                f"needs {human(size)}, {human(free)} free"
+            )
+
     def expect(self, size: int, sha256: Optional[str]) -> None:
+        """The bytes to come: ``size`` of them (checked against free space), hashing to ``sha256``."""
+        self.checkSpace(size)
         self.expectedSize = size
         self.expectedHash = sha256
 
@@ -183,7 +236,12 @@ class Download:
     def commit(self, final: Path, force: bool = False) -> None:
         """
         Move the verified file into place; never replace one unless forced.
+        The folders made for it stay.
         """
+        self._commit(final, force)
+        self._created = []
+
+    def _commit(self, final: Path, force: bool) -> None:
         self._stop()
         self._file.close()
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -208,9 +266,16 @@ class Download:
         os.unlink(self.path)
 
     def discard(self) -> None:
+        """Remove the temporary file, and the folders made for it if they are empty."""
         self._stop()
         self._file.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        created, self._created = self._created, []
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another download, or the user's): keep it
+                break
