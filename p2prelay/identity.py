@@ -83,9 +83,15 @@ def transcript(purpose: bytes, nonce: str, request: bytes) -> bytes:
     What a proof covers: its purpose, the relay's nonce and a digest of
     every request byte the prover sent on this connection.
     """
-    return b"p2prelay/1 proof\n" + purpose + b"\n" + nonce.encode("ascii") + b"\n" + hashlib.sha256(
-        request
-    ).digest()
+    return transcriptOfDigest(purpose, nonce, hashlib.sha256(request).digest())
+
+
+def transcriptOfDigest(purpose: bytes, nonce: str, digest: bytes) -> bytes:
+    """
+    :func:`transcript` from the SHA-256 ``digest`` of the request bytes, for
+    a verifier that hashed them as they arrived instead of keeping them.
+    """
+    return b"p2prelay/1 proof\n" + purpose + b"\n" + nonce.encode("ascii") + b"\n" + digest
 
 
 def verify(publicKey: str, signature: str, message: bytes) -> bool:

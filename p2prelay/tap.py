@@ -84,7 +84,15 @@ class RelayOptions(usage.Options):
          "clients together (more are answered 503 busy).", positiveInteger("max-connections")],
         ["max-per-address", None, RELAY_MAX_PER_ADDRESS, "Open connections at most from one "
          "address (an IPv6 /64).", positiveInteger("max-per-address")],
+        ["secret-file", None, None, "A closed network: only nodes proving the shared secret "
+         "in this file may register."],
     ]
+    optFlags = [["private", None, "Clients must prove the shared secret too (needs --secret-file)."]]
+
+    def postOptions(self) -> None:
+        self["secret"] = _secret(self["secret-file"])
+        if self["private"] and self["secret"] is None:
+            raise usage.UsageError("--private needs --secret-file")
 
 
 class NodeOptions(usage.Options):
@@ -110,6 +118,9 @@ class NodeOptions(usage.Options):
          "address (an IPv6 /64).", positiveInteger("max-per-address")],
         ["max-gets-per-address", None, NODE_MAX_GETS_PER_ADDRESS, "Downloads at most in "
          "flight for one address.", positiveInteger("max-gets-per-address")],
+        ["key", None, None, "The node's key file, made on first start; the node id is the "
+         "key's (default: in the user's state folder, one per shared folder)."],
+        ["secret-file", None, None, "The shared secret of a closed network, as the relay has it."],
     ]
     optFlags = [["no-udp", None, "Do not serve over UDP."]]
 
@@ -122,6 +133,13 @@ class NodeOptions(usage.Options):
             checkClientAddress(self["relay"])
         except AddressError as e:
             raise usage.UsageError(f"--relay: {e}") from None
+        self["secret"] = _secret(self["secret-file"])
+        from .identity import IdentityError, NodeKey, defaultKeyPath
+
+        try:
+            self["nodeKey"] = NodeKey.loadOrCreate(self["key"] or defaultKeyPath(self["dir"]))
+        except IdentityError as e:
+            raise usage.UsageError(f"--key: {e}") from None
         if self["no-udp"]:
             self["udp"] = None
         else:
@@ -129,6 +147,18 @@ class NodeOptions(usage.Options):
                 self["udp"] = udpPort(self["udp-port"] or "0", interfaceOf(self["port"]))
             except AddressError as e:
                 raise usage.UsageError(f"--udp-port: {e}") from None
+
+
+def _secret(path):
+    """The shared secret in ``path`` (None without one), or a usage error."""
+    if path is None:
+        return None
+    from .identity import IdentityError, loadSecret
+
+    try:
+        return loadSecret(path)
+    except IdentityError as e:
+        raise usage.UsageError(f"--secret-file: {e}") from None
 
 
 def makeRelayService(config, reactor=None):
@@ -143,6 +173,8 @@ def makeRelayService(config, reactor=None):
         config["state"],
         maxConnections=config["max-connections"],
         maxPerAddress=config["max-per-address"],
+        secret=config.get("secret"),
+        private=bool(config.get("private")),
     )
 
 
@@ -162,6 +194,8 @@ def makeNodeService(
         advertise=config["advertise"],
         heartbeat=config["heartbeat"],
         rescan=config["rescan"],
+        key=config.get("nodeKey"),
+        secret=config.get("secret"),
         udp=config["udp"],
         runInThread=runInThread,
         maxConnections=config["max-connections"],

@@ -37,11 +37,14 @@ MAX_FILES = 20_000  # FILE lines in one registration (413)
 MAX_LIST = 100_000  # items a client accepts in any list response
 MAX_TEXT = 512  # characters of human text we emit
 
-# Status codes: 2xx success, 4xx the requester's fault, 5xx the server's.
+# Status codes: 1xx go on, 2xx success, 4xx the requester's fault, 5xx the server's.
+CONTINUE = 100  # a challenge: answer it with PROOF, then the answer follows
 OK = 200
 BAD_REQUEST = 400
+UNAUTHORIZED = 401
 NOT_FOUND = 404
 TIMEOUT = 408
+CONFLICT = 409
 TOO_LARGE = 413
 LINE_TOO_LONG = 414
 BAD_RANGE = 416
@@ -50,10 +53,13 @@ SERVER_ERROR = 500
 BUSY = 503
 
 REASONS = {
+    CONTINUE: "prove it",
     OK: "ok",
     BAD_REQUEST: "bad request",
+    UNAUTHORIZED: "bad proof",
     NOT_FOUND: "not found",
     TIMEOUT: "timed out",
+    CONFLICT: "address held by another node",
     TOO_LARGE: "too large",
     LINE_TOO_LONG: "line too long",
     BAD_RANGE: "range not satisfiable",
@@ -71,7 +77,11 @@ WHOHAS = "WHOHAS"
 SEARCH = "SEARCH"
 DEAD = "DEAD"
 GET = "GET"
-VERBS = frozenset({REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET})
+PROOF = "PROOF"  # the answer to a 100 challenge
+PROVE = "PROVE"  # relay to node: the dial-back challenge
+VERBS = frozenset(
+    {REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, PROOF, PROVE}
+)
 
 # Item tags inside lists.
 FILE = "FILE"
@@ -81,6 +91,11 @@ END = "END"
 _WORD = re.compile(r"\A(?:[A-Z]{2,16}|[1-5][0-9][0-9])\Z")
 _KEY = re.compile(r"\A[a-z][a-z0-9_]{0,31}\Z")
 _HEX = re.compile(r"\A[0-9a-f]{64}\Z")
+# Identity tokens (see p2prelay.identity): unpadded base64url of an Ed25519
+# public key (32 bytes), a signature (64 bytes) and a nonce (24 bytes).
+_PUBLIC_KEY = re.compile(r"\A[A-Za-z0-9_-]{43}\Z")
+_SIGNATURE = re.compile(r"\A[A-Za-z0-9_-]{86}\Z")
+_NONCE = re.compile(r"\A[A-Za-z0-9_-]{32}\Z")
 
 
 class ProtocolError(Exception):
@@ -91,10 +106,12 @@ class ProtocolError(Exception):
     it as a status line and closes; a client fails its request with it.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry: float | None = None) -> None:
         super().__init__(status, message)
         self.status = status
         self.message = message
+        # Seconds to wait before trying again (a 503's retry=), when known.
+        self.retry = retry
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
@@ -162,6 +179,39 @@ class Message:
 
     def port(self, key: str = "port", default: int | None = None) -> int:
         return self.integer(key, default, low=1, high=65535)
+
+    def publicKey(self, key: str = "key") -> str:
+        """A node's public key: 43 characters of unpadded base64url."""
+        return self._token(key, _PUBLIC_KEY, "a 43-character base64url public key")
+
+    def signature(self, key: str = "sig") -> str:
+        return self._token(key, _SIGNATURE, "an 86-character base64url signature")
+
+    def nonce(self, key: str = "nonce") -> str:
+        return self._token(key, _NONCE, "a 32-character base64url nonce")
+
+    def mac(self, key: str = "mac") -> str:
+        return self._token(key, _HEX, "64 lowercase hex digits")
+
+    def flag(self, key: str) -> bool:
+        """A 0/1 field; absent is 0."""
+        value = self.fields.get(key, "0")
+        if value not in ("0", "1"):
+            raise ProtocolError(BAD_REQUEST, f"{key}= must be 0 or 1")
+        return value == "1"
+
+    def retry(self) -> float | None:
+        """A 503's retry= hint in seconds, or None when absent or malformed."""
+        raw = self.fields.get("retry")
+        if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+            return None
+        return float(raw)
+
+    def _token(self, key: str, pattern: re.Pattern, what: str) -> str:
+        value = self.require(key)
+        if not pattern.match(value):
+            raise ProtocolError(BAD_REQUEST, f"{key}= must be {what}")
+        return value
 
 
 def encodeValue(value: object) -> str:

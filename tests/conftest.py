@@ -13,5 +13,7 @@ import pytest
 def _scratchWorkingDirectory(tmp_path_factory):
     previous = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("trial"))
+    # Node keys made by tests (and the daemons they start) stay out of ~.
+    os.environ.setdefault("P2PRELAY_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     yield
     os.chdir(previous)

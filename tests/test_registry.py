@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.relay.registry import Peer, Registry, SearchHit
+from p2prelay.relay.registry import AddressTaken, Peer, Registry, RegistryFull, SearchHit
 from p2prelay.relay.store import SCHEMA_VERSION, NewerSchema, StateStore
 from p2prelay.wire import FileEntry
 
@@ -172,47 +172,118 @@ class UnregisterTests(RegistryTestCase):
         self.assertFalse(self.registry.unregister("n1"))
 
 
-class DeadTests(RegistryTestCase):
+class ReachabilityTests(RegistryTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")])
-        self.registry.register("n2", "10.0.0.2", 5000, [entry("a.txt")])
+        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")], key="K1")
+        self.registry.register("n2", "10.0.0.2", 5000, [entry("a.txt")], key="K2")
 
-    def test_markDeadHides(self):
-        """A peer reported dead is left out of active, holders and search."""
-        hidden = self.registry.markDead("10.0.0.1", 5000)
-        self.assertEqual([p.node for p in hidden], ["n1"])
+    def test_unreachableHidden(self):
+        """A peer the relay could not reach is left out of active, holders and search."""
+        self.registry.setReachable("n1", False)
         self.assertEqual(self.nodes(), ["n2"])
         self.assertEqual([p.node for p, _ in self.registry.holders("a.txt")], ["n2"])
         self.assertEqual(self.registry.search("a.txt", 10)[0][0].holders, 1)
 
-    def test_markDeadKeptForPersistence(self):
-        """A peer reported dead is still in all() until it expires."""
-        self.registry.markDead("10.0.0.1", 5000)
+    def test_registeredUnreachableNeverListed(self):
+        """A registration the dial-back did not verify is kept but never handed out."""
+        self.registry.register("n3", "10.0.0.3", 5000, [entry("a.txt")], key="K3", reachable=False)
+        self.assertEqual(self.nodes(), ["n1", "n2"])
+        self.assertEqual(self.registry.get("n3").reachable, False)
+
+    def test_unreachableKeptForPersistence(self):
+        """An unreachable peer is still in all() until it expires."""
+        self.registry.setReachable("n1", False)
         self.assertEqual({p.node for p in self.registry.all()}, {"n1", "n2"})
 
-    def test_markDeadMatchesPortToo(self):
-        """Only the exact host:port is hidden."""
-        self.assertEqual(self.registry.markDead("10.0.0.1", 5001), [])
+    def test_reachableAgain(self):
+        """A peer found reachable again is handed out again."""
+        self.registry.setReachable("n1", False)
+        self.registry.setReachable("n1", True)
         self.assertEqual(self.nodes(), ["n1", "n2"])
 
-    def test_registerUnhides(self):
-        """A dead peer that registers again is handed out again."""
-        self.registry.markDead("10.0.0.1", 5000)
-        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")])
-        self.assertEqual(self.nodes(), ["n1", "n2"])
-
-    def test_refreshUnhides(self):
-        """A dead peer that sends a heartbeat is handed out again."""
-        self.registry.markDead("10.0.0.1", 5000)
+    def test_heartbeatDoesNotUnhide(self):
+        """A heartbeat extends an unreachable peer but does not list it: only a check can."""
+        self.registry.setReachable("n1", False)
         self.assertIsNotNone(self.registry.refresh("n1"))
-        self.assertEqual(self.nodes(), ["n1", "n2"])
+        self.assertEqual(self.nodes(), ["n2"])
 
-    def test_newIdOnDeadAddressIsAlive(self):
-        """A fresh node on a dead peer's address is not hidden."""
-        self.registry.markDead("10.0.0.1", 5000)
-        self.registry.register("n3", "10.0.0.1", 5000, [])
-        self.assertEqual(self.nodes(), ["n2", "n3"])
+    def test_at(self):
+        """at() finds the live entries on exactly one host:port, listed or not."""
+        self.registry.setReachable("n1", False)
+        self.assertEqual([p.node for p in self.registry.at("10.0.0.1", 5000)], ["n1"])
+        self.assertEqual(self.registry.at("10.0.0.1", 5001), [])
+
+
+class OwnershipTests(RegistryTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.register("n1", "10.0.0.1", 5000, [entry("a.txt")], key="K1")
+
+    def test_otherKeySameIdRefused(self):
+        """A registration under a live node's id with another key is refused; the entry stays."""
+        self.assertRaises(ValueError, self.registry.register, "n1", "10.6.6.6", 1, [], key="evil")
+        self.assertEqual(self.registry.get("n1").host, "10.0.0.1")
+
+    def test_unverifiedTakeoverRefused(self):
+        """An unverified newcomer cannot take the address of a live verified node."""
+        self.assertRaises(
+            AddressTaken, self.registry.register, "n2", "10.0.0.1", 5000, [], key="K2", reachable=False
+        )
+        self.assertEqual(self.nodes(), ["n1"])
+
+    def test_verifiedTakeoverReplaces(self):
+        """A newcomer the relay reached at that address replaces the old entry there."""
+        self.registry.register("n2", "10.0.0.1", 5000, [], key="K2", reachable=True)
+        self.assertEqual(self.nodes(), ["n2"])
+        self.assertIsNone(self.registry.get("n1"))
+
+    def test_unverifiedBesideUnverified(self):
+        """An unverified newcomer beside an unverified entry leaves it alone (neither is listed)."""
+        self.registry.setReachable("n1", False)
+        self.registry.register("n2", "10.0.0.1", 5000, [], key="K2", reachable=False)
+        self.assertEqual({p.node for p in self.registry.all()}, {"n1", "n2"})
+
+
+class CapTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, TTL, maxPerSource=2, maxTotal=3)
+
+    def fill(self, source: str, *nodes: str) -> None:
+        for node in nodes:
+            self.registry.register(node, source, len(self.registry.all()) + 1, [], source=source)
+
+    def test_perSource(self):
+        """A source holding maxPerSource live registrations cannot add another."""
+        self.fill("10.0.0.1", "a", "b")
+        self.assertIn("2 registrations from 10.0.0.1", self.registry.room("c", "10.0.0.1"))
+        self.assertRaises(RegistryFull, self.fill, "10.0.0.1", "c")
+        self.assertIsNone(self.registry.room("c", "10.0.0.2"))
+
+    def test_reregisterAlwaysFits(self):
+        """A live node registering again is never over a cap."""
+        self.fill("10.0.0.1", "a", "b")
+        self.assertIsNone(self.registry.room("a", "10.0.0.1"))
+        self.fill("10.0.0.1", "a")
+
+    def test_total(self):
+        """The relay as a whole holds at most maxTotal live registrations."""
+        self.fill("10.0.0.1", "a", "b")
+        self.fill("10.0.0.2", "c")
+        self.assertIn("3 registrations", self.registry.room("d", "10.0.0.3"))
+
+    def test_expiredDoNotCount(self):
+        """Expired registrations, swept or not, free their place."""
+        self.fill("10.0.0.1", "a", "b")
+        self.clock.advance(TTL)
+        self.assertIsNone(self.registry.room("c", "10.0.0.1"))
+
+    def test_unregisterFrees(self):
+        """An unregistered node frees its source's place at once."""
+        self.fill("10.0.0.1", "a", "b")
+        self.registry.unregister("a")
+        self.assertIsNone(self.registry.room("c", "10.0.0.1"))
 
 
 class HoldersTests(RegistryTestCase):
@@ -301,13 +372,16 @@ class StateStoreTests(SynchronousTestCase):
 
     def peer(self, node: str = "n1", udp: int | None = None) -> Peer:
         files = {e.name: e for e in [entry("a b.txt", 3), entry("dir/c", 7, "b")]}
-        return Peer(node, "10.0.0.1", 5000, files, expires=1234.5, udp=udp)
+        return Peer(
+            node, "10.0.0.1", 5000, files, expires=1234.5, udp=udp,
+            key="K" + node, reachable=node != "n2", source="10.0.0.9",
+        )
 
     def asides(self) -> list[str]:
         return sorted(p.name for p in self.path.parent.iterdir() if p != self.path)
 
     def test_roundTrip(self):
-        """Saved peers load back equal, files and UDP port included."""
+        """Saved peers load back equal: files, UDP port, key, reachability and source included."""
         peers = [self.peer("n1"), self.peer("n2", udp=5001)]
         self.store.save(peers)
         self.assertEqual(sorted(StateStore(self.path).load(), key=lambda p: p.node), peers)
@@ -362,3 +436,22 @@ class StateStoreTests(SynchronousTestCase):
         with closing(sqlite3.connect(self.path)) as db:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         self.assertRaises(NewerSchema, self.store.save, [self.peer()])
+
+    def test_olderSchemaDropped(self):
+        """
+        A schema-1 file (keyless entries nobody could prove again) loads as
+        empty with a warning, and is usable afterwards.
+        """
+        with closing(sqlite3.connect(self.path)) as db:
+            db.execute(
+                "CREATE TABLE peers (node TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,"
+                " udp INTEGER, expires REAL NOT NULL, files TEXT NOT NULL)"
+            )
+            db.execute("INSERT INTO peers VALUES ('old', 'h', 1, NULL, 9e9, '[]')")
+            db.execute("PRAGMA user_version = 1")
+            db.commit()
+        with capturedLogs() as events:
+            self.assertEqual(self.store.load(), [])
+        self.assertIn("older relay", formatEvent(events[-1]))
+        self.store.save([self.peer("n1")])
+        self.assertEqual([p.node for p in self.store.load()], ["n1"])

@@ -5,7 +5,7 @@ that talks to it.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Tuple
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred, fail, succeed
@@ -17,28 +17,34 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay import wire
+from p2prelay import identity, wire
+from p2prelay.client.relay import IncompleteReply, QueryProtocol, Reply, keyProver, query
+from p2prelay.identity import NodeKey
 from p2prelay.negotiation import IDLE_TIMEOUT, NEGOTIATION_DEADLINE
-from p2prelay.client.relay import IncompleteReply, QueryProtocol, Reply, query
-from p2prelay.relay.registry import Registry
+from p2prelay.relay.dialback import DialBack
 from p2prelay.relay.protocol import RelayFactory
+from p2prelay.relay.registry import Registry
 from p2prelay.wire import FileEntry
 
 TTL = 90.0
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 CLIENT = IPv4Address("TCP", "10.1.2.3", 40000)
+RELAY = IPv4Address("TCP", "10.9.9.9", 8000)
+KEY = NodeKey.generate()  # the honest node's key
+OTHER = NodeKey.generate()  # somebody else's
+SILENT = object()  # a node that accepts the dial-back and never answers
 
 
 def fileLine(name: str, size: int = 1, sha: str = SHA_A) -> bytes:
     return wire.item(wire.FILE, name=name, size=size, sha256=sha)
 
 
-def registration(node="n1", port=5000, files=(), **extra) -> bytes:
+def registration(key: NodeKey = KEY, port=5000, files=(), **extra) -> bytes:
     files = list(files)
     return b"".join(
         [
-            wire.request(wire.REGISTER, node=node, port=port, files=len(files), **extra),
+            wire.request(wire.REGISTER, key=key.public, port=port, files=len(files), **extra),
             *(fileLine(*f) if isinstance(f, tuple) else fileLine(f) for f in files),
             wire.end(len(files)),
         ]
@@ -49,12 +55,82 @@ def parse(data: bytes) -> List[wire.Message]:
     return [wire.parseLine(line) for line in data.split(b"\n") if line]
 
 
+PURPOSES = {
+    wire.REGISTER: identity.REGISTER_PROOF,
+    wire.HEARTBEAT: identity.HEARTBEAT_PROOF,
+    wire.UNREGISTER: identity.UNREGISTER_PROOF,
+}
+
+
+def proofFor(data: bytes, challenge: wire.Message, key: NodeKey | None = KEY, secret: bytes | None = None) -> bytes:
+    """The PROOF line answering ``challenge`` for ``data``, as a node (or client) makes it."""
+    verb = data.split(b" ", 2)[1].split(b"\r")[0].split(b"\n")[0].decode()
+    purpose = PURPOSES.get(verb, identity.CLIENT_PROOF)
+    nonce = challenge.nonce()
+    text = identity.transcript(purpose, nonce, data)
+    return wire.request(
+        wire.PROOF,
+        sig=key.prove(purpose, nonce, data) if key is not None else None,
+        mac=identity.secretProof(secret, text) if secret is not None else None,
+    )
+
+
+class _Dial:
+    """One dial-back connection, played synchronously against a scripted node."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def connect(self, factory):
+        if isinstance(self.answer, Exception):
+            return fail(self.answer)
+        proto = factory.buildProtocol(RELAY)
+        transport = StringTransport(peerAddress=RELAY)
+        proto.makeConnection(transport)
+        if self.answer is SILENT:
+            return succeed(proto)
+        [prove] = parse(transport.value())
+        assert prove.word == wire.PROVE, prove
+        key = self.answer
+        proto.dataReceived(
+            wire.status(200, key=key.public, sig=key.prove(identity.DIALBACK_PROOF, prove.nonce(), b""))
+        )
+        return succeed(proto)
+
+
+class Nodes:
+    """
+    The relay's dial-back connector: what answers at each address (a key,
+    SILENT, or an exception to connect with); nobody answers elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self.at: Dict[Tuple[str, int], object] = {}
+        self.dialled: List[Tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> _Dial:
+        self.dialled.append((host, port))
+        return _Dial(self.at.get((host, port), ConnectionRefusedError()))
+
+
 class RelayTestCase(SynchronousTestCase):
+    secret: bytes | None = None
+    private = False
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry(self.clock.seconds, TTL)
         self.changes = 0
-        self.factory = RelayFactory(self.registry, self.clock, onChange=self.changed)
+        self.nodes = Nodes()
+        self.nodes.at[("10.1.2.3", 5000)] = KEY
+        self.factory = RelayFactory(
+            self.registry,
+            self.clock,
+            onChange=self.changed,
+            dialback=DialBack(self.clock, self.nodes),
+            secret=self.secret,
+            private=self.private,
+        )
 
     def changed(self) -> None:
         self.changes += 1
@@ -65,20 +141,33 @@ class RelayTestCase(SynchronousTestCase):
         proto.makeConnection(transport)
         return proto, transport
 
-    def ask(self, data: bytes, peer=CLIENT) -> StringTransport:
-        """One connection: send data, return the transport for inspection."""
+    def ask(self, data: bytes, peer=CLIENT, key: NodeKey | None = KEY, secret=None) -> StringTransport:
+        """
+        One connection: send data, answer a challenge the way the holder of
+        ``key`` (and ``secret``) would, and return the transport; its value
+        no longer holds the challenge.
+        """
         proto, transport = self.connect(peer)
         proto.dataReceived(data)
+        self.prove(proto, transport, data, key, secret)
         return transport
 
-    def answer(self, data: bytes, peer=CLIENT) -> List[wire.Message]:
-        transport = self.ask(data, peer)
+    def prove(self, proto, transport, data: bytes, key: NodeKey | None = KEY, secret=None) -> None:
+        """If the relay challenged, answer with a PROOF over ``data``."""
+        sent = parse(transport.value())
+        if sent and sent[0].status == wire.CONTINUE:
+            transport.clear()
+            proto.dataReceived(proofFor(data, sent[0], key, secret if secret is not None else self.secret))
+
+    def answer(self, data: bytes, peer=CLIENT, **kw) -> List[wire.Message]:
+        transport = self.ask(data, peer, **kw)
         self.assertTrue(transport.disconnecting, "every answer ends the connection")
         return parse(transport.value())
 
-    def assertRefused(self, data: bytes, code: int, *, connected=None) -> wire.Message:
+    def assertRefused(self, data: bytes, code: int, *, connected=None, **kw) -> wire.Message:
         proto, transport = connected or self.connect()
         proto.dataReceived(data)
+        self.prove(proto, transport, data, **kw)
         [message] = parse(transport.value())
         self.assertEqual(message.status, code, message)
         self.assertTrue(transport.disconnecting)
@@ -91,15 +180,15 @@ class RelayTestCase(SynchronousTestCase):
 class RegisterTests(RelayTestCase):
     def test_registerWithFiles(self):
         """REGISTER with its FILE lines and END records the peer and its files."""
-        self.answer(registration("n1", 5000, ["a.txt", ("dir/b c.txt", 7, SHA_B)]))
-        peer = self.registry.get("n1")
+        self.answer(registration(KEY, 5000, ["a.txt", ("dir/b c.txt", 7, SHA_B)]))
+        peer = self.registry.get(KEY.node)
         self.assertEqual((peer.host, peer.port), ("10.1.2.3", 5000))
         self.assertEqual(peer.files["dir/b c.txt"], FileEntry("dir/b c.txt", 7, SHA_B))
         self.assertEqual(sorted(peer.files), ["a.txt", "dir/b c.txt"])
 
     def test_registerReply(self):
         """The 200 reply carries the ttl, the relay's boot id and the observed host."""
-        [reply] = self.answer(registration("n1", 5000, ["a.txt"]))
+        [reply] = self.answer(registration(KEY, 5000, ["a.txt"]))
         self.assertEqual(reply.status, wire.OK)
         self.assertEqual(reply.get("ttl"), "90")
         self.assertEqual(reply.get("boot"), self.factory.boot)
@@ -112,40 +201,54 @@ class RegisterTests(RelayTestCase):
 
     def test_registerNoFiles(self):
         """A node with nothing to share registers with files=0 and END."""
-        [reply] = self.answer(registration("n1", 5000, []))
+        [reply] = self.answer(registration(KEY, 5000, []))
         self.assertEqual(reply.status, wire.OK)
-        self.assertEqual(self.registry.get("n1").files, {})
+        self.assertEqual(self.registry.get(KEY.node).files, {})
 
     def test_advertisedHost(self):
         """host= on REGISTER is what the registry hands out, not the observed address."""
+        self.nodes.at[("node.example", 5000)] = KEY
         [reply] = self.answer(registration(host="node.example"))
         self.assertEqual(reply.get("host"), "node.example")
-        self.assertEqual(self.registry.get("n1").host, "node.example")
+        self.assertEqual(self.registry.get(KEY.node).host, "node.example")
 
     def test_udpPort(self):
         """udp= on REGISTER is recorded and listed by PEERS."""
         self.answer(registration(udp=5001))
-        self.assertEqual(self.registry.get("n1").udp, 5001)
+        self.assertEqual(self.registry.get(KEY.node).udp, 5001)
         self.assertEqual(self.answer(wire.request(wire.PEERS))[1].get("udp"), "5001")
 
     def test_reregistrationReplaces(self):
         """A second REGISTER from the same node replaces its file list."""
-        self.answer(registration("n1", 5000, ["old.txt"]))
-        self.answer(registration("n1", 5000, ["new.txt"]))
-        self.assertEqual(list(self.registry.get("n1").files), ["new.txt"])
+        self.answer(registration(KEY, 5000, ["old.txt"]))
+        self.answer(registration(KEY, 5000, ["new.txt"]))
+        self.assertEqual(list(self.registry.get(KEY.node).files), ["new.txt"])
         self.assertEqual(len(self.registry.active()), 1)
 
     def test_reregistrationNewIdSameAddress(self):
-        """A node restarted with a new id on the same address replaces its old entry."""
-        self.answer(registration("old", 5000, ["a.txt"]))
-        self.answer(registration("new", 5000, ["a.txt"]))
-        self.assertEqual([p.node for p in self.registry.active()], ["new"])
+        """
+        A node restarted with a new key on the same address replaces its old
+        entry once the relay reaches the new key there.
+        """
+        self.answer(registration(KEY, 5000, ["a.txt"]))
+        self.nodes.at[("10.1.2.3", 5000)] = OTHER
+        self.answer(registration(OTHER, 5000, ["a.txt"]), key=OTHER)
+        self.assertEqual([p.node for p in self.registry.active()], [OTHER.node])
 
-    def test_badNodeId(self):
-        """A node id that is empty, too long or has spaces is refused."""
-        for node in ["", "x" * 65, "a b"]:
-            self.assertRefused(registration(node=node), wire.BAD_REQUEST)
-        self.assertEqual(self.registry.active(), [])
+    def test_nodeIdMustBeTheKeys(self):
+        """A node= that is not the id of key= is refused: ids are not chosen, they are derived."""
+        self.assertRefused(registration(node=OTHER.node), wire.BAD_REQUEST)
+        self.assertEqual(self.registry.all(), [])
+
+    def test_nodeIdOfKeyAccepted(self):
+        """A node= that matches key= is accepted, and the reply names the id."""
+        [reply] = self.answer(registration(node=KEY.node))
+        self.assertEqual((reply.status, reply.get("node")), (200, KEY.node))
+
+    def test_keyRequired(self):
+        """REGISTER without key= (or with a malformed one) is refused."""
+        self.assertRefused(wire.request(wire.REGISTER, node=KEY.node, port=5000, files=0), wire.BAD_REQUEST)
+        self.assertRefused(wire.request(wire.REGISTER, key="x" * 42, port=5000, files=0), wire.BAD_REQUEST)
 
     def test_badHost(self):
         """An advertised host with odd characters is refused."""
@@ -154,6 +257,7 @@ class RegisterTests(RelayTestCase):
     def test_hostForms(self):
         """Host names, IPv4 and IPv6 addresses (with a zone) are accepted as host=."""
         for host in ["node.example", "my_node-2", "192.0.2.7", "2001:db8::1", "fe80::1%eth0"]:
+            self.nodes.at[(host, 5000)] = KEY
             [reply] = self.answer(registration(host=host))
             self.assertEqual(reply.get("host"), host)
 
@@ -164,61 +268,61 @@ class RegisterTests(RelayTestCase):
 
     def test_missingPort(self):
         """REGISTER without port= is refused."""
-        self.assertRefused(wire.request(wire.REGISTER, node="n1", files=0), wire.BAD_REQUEST)
+        self.assertRefused(wire.request(wire.REGISTER, key=KEY.public, files=0), wire.BAD_REQUEST)
 
     def test_badFileName(self):
         """A FILE line whose name escapes is refused and nothing is registered."""
-        data = wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("../x")
+        data = wire.request(wire.REGISTER, key=KEY.public, port=5000, files=1) + fileLine("../x")
         self.assertRefused(data, wire.BAD_REQUEST)
-        self.assertIsNone(self.registry.get("n1"))
+        self.assertIsNone(self.registry.get(KEY.node))
 
     def test_badFileDigest(self):
         """A FILE line with a malformed digest is refused."""
-        data = wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("a", 1, "XYZ")
+        data = wire.request(wire.REGISTER, key=KEY.public, port=5000, files=1) + fileLine("a", 1, "XYZ")
         self.assertRefused(data, wire.BAD_REQUEST)
 
     def test_moreFilesThanAnnounced(self):
         """More FILE lines than files= announced is refused with 413."""
         data = (
-            wire.request(wire.REGISTER, node="n1", port=5000, files=1)
+            wire.request(wire.REGISTER, key=KEY.public, port=5000, files=1)
             + fileLine("a")
             + fileLine("b")
         )
         self.assertRefused(data, wire.TOO_LARGE)
-        self.assertIsNone(self.registry.get("n1"))
+        self.assertIsNone(self.registry.get(KEY.node))
 
     def test_tooManyFilesAnnounced(self):
         """Announcing more than MAX_FILES files is refused with 413."""
-        data = wire.request(wire.REGISTER, node="n1", port=5000, files=wire.MAX_FILES + 1)
+        data = wire.request(wire.REGISTER, key=KEY.public, port=5000, files=wire.MAX_FILES + 1)
         self.assertRefused(data, wire.TOO_LARGE)
 
     def test_maxFilesAnnouncedAccepted(self):
         """Announcing exactly MAX_FILES files is accepted (the relay waits for them)."""
         proto, transport = self.connect()
-        proto.dataReceived(wire.request(wire.REGISTER, node="n1", port=5000, files=wire.MAX_FILES))
+        proto.dataReceived(wire.request(wire.REGISTER, key=KEY.public, port=5000, files=wire.MAX_FILES))
         self.assertEqual(transport.value(), b"")
         self.assertFalse(transport.disconnecting)
 
     def test_endTooEarly(self):
         """END before every announced FILE line arrived is refused."""
-        data = wire.request(wire.REGISTER, node="n1", port=5000, files=2) + fileLine("a") + wire.end(1)
+        data = wire.request(wire.REGISTER, key=KEY.public, port=5000, files=2) + fileLine("a") + wire.end(1)
         self.assertRefused(data, wire.BAD_REQUEST)
-        self.assertIsNone(self.registry.get("n1"))
+        self.assertIsNone(self.registry.get(KEY.node))
 
     def test_endCountMismatch(self):
         """An END whose count differs from files= is refused."""
-        data = wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("a") + wire.end(2)
+        data = wire.request(wire.REGISTER, key=KEY.public, port=5000, files=1) + fileLine("a") + wire.end(2)
         self.assertRefused(data, wire.BAD_REQUEST)
-        self.assertIsNone(self.registry.get("n1"))
+        self.assertIsNone(self.registry.get(KEY.node))
 
     def test_waitsForEnd(self):
         """Nothing is registered or answered until END arrives."""
         proto, transport = self.connect()
-        proto.dataReceived(wire.request(wire.REGISTER, node="n1", port=5000, files=1) + fileLine("a"))
+        proto.dataReceived(wire.request(wire.REGISTER, key=KEY.public, port=5000, files=1) + fileLine("a"))
         self.assertEqual(transport.value(), b"")
-        self.assertIsNone(self.registry.get("n1"))
+        self.assertIsNone(self.registry.get(KEY.node))
         proto.dataReceived(wire.end(1))
-        self.assertEqual(parse(transport.value())[0].status, wire.OK)
+        self.assertEqual(parse(transport.value())[0].status, wire.CONTINUE)
 
 
 class QueryTests(RelayTestCase):
@@ -307,48 +411,77 @@ class QueryTests(RelayTestCase):
 
 
 class UpkeepTests(RelayTestCase):
+    def registered(self, key: NodeKey = KEY) -> None:
+        [reply] = self.answer(registration(key), key=key)
+        self.assertEqual(reply.get("reachable"), "1")
+        self.changes = 0
+
     def test_heartbeatKnown(self):
-        """HEARTBEAT from a registered node is 200 with ttl and boot, and extends it."""
-        self.register("n1", "10.0.0.1", 5000, [])
+        """HEARTBEAT proved with the node's key is 200 with ttl and boot, and extends it."""
+        self.registered()
         self.clock.advance(TTL - 1)
-        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"))
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node=KEY.node))
         self.assertEqual((reply.status, reply.get("ttl"), reply.get("boot")), (200, "90", self.factory.boot))
         self.clock.advance(TTL - 1)
-        self.assertIsNotNone(self.registry.get("n1"))
+        self.assertIsNotNone(self.registry.get(KEY.node))
+
+    def test_heartbeatChallenged(self):
+        """HEARTBEAT of a known node is answered with a 100 challenge first, and nothing else yet."""
+        self.registered()
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.HEARTBEAT, node=KEY.node))
+        [challenge] = parse(transport.value())
+        self.assertEqual(challenge.status, wire.CONTINUE)
+        self.assertEqual(len(challenge.nonce()), 32)
+        self.assertFalse(transport.disconnecting)
 
     def test_heartbeatUnknown(self):
-        """HEARTBEAT from an unknown node is 404, telling it to register again."""
-        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"))
+        """HEARTBEAT from an unknown node is 404 at once (no challenge), telling it to register again."""
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"), key=None)
         self.assertEqual((reply.status, reply.get("boot")), (404, self.factory.boot))
 
     def test_heartbeatExpired(self):
         """HEARTBEAT after the ttl passed is 404."""
-        self.register("n1", "10.0.0.1", 5000, [])
+        self.registered()
         self.clock.advance(TTL)
-        [reply] = self.answer(wire.request(wire.HEARTBEAT, node="n1"))
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node=KEY.node))
         self.assertEqual(reply.status, 404)
 
+    def test_strangersHeartbeatRefused(self):
+        """A HEARTBEAT for a node proved with another key is 401 and extends nothing."""
+        self.registered()
+        self.clock.advance(TTL - 1)
+        self.assertRefused(wire.request(wire.HEARTBEAT, node=KEY.node), wire.UNAUTHORIZED, key=OTHER)
+        self.clock.advance(1)
+        self.assertIsNone(self.registry.get(KEY.node))
+
     def test_unregister(self):
-        """UNREGISTER removes the node at once."""
-        self.register("n1", "10.0.0.1", 5000, ["a"])
-        [reply] = self.answer(wire.request(wire.UNREGISTER, node="n1"))
+        """UNREGISTER proved with the node's key removes the node at once."""
+        self.registered()
+        [reply] = self.answer(wire.request(wire.UNREGISTER, node=KEY.node))
         self.assertEqual(reply.status, 200)
         self.assertEqual(self.registry.active(), [])
         self.assertEqual(self.changes, 1)
+
+    def test_strangersUnregisterRefused(self):
+        """An UNREGISTER proved with another key is 401 and the node stays listed."""
+        self.registered()
+        self.assertRefused(wire.request(wire.UNREGISTER, node=KEY.node), wire.UNAUTHORIZED, key=OTHER)
+        self.assertEqual([p.node for p in self.registry.active()], [KEY.node])
+
+    def test_unprovedUnregisterRefused(self):
+        """An UNREGISTER that answers the challenge with anything but PROOF is refused."""
+        self.registered()
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.UNREGISTER, node=KEY.node))
+        transport.clear()
+        self.assertRefused(wire.request(wire.PEERS), wire.BAD_REQUEST, connected=(proto, transport))
+        self.assertIsNotNone(self.registry.get(KEY.node))
 
     def test_unregisterUnknown(self):
         """UNREGISTER of an unknown node is 404."""
         [reply] = self.answer(wire.request(wire.UNREGISTER, node="n1"))
         self.assertEqual(reply.status, 404)
-
-    def test_dead(self):
-        """DEAD host port hides that peer from later answers."""
-        self.register("n1", "10.0.0.1", 5000, ["a"])
-        self.register("n2", "10.0.0.2", 5000, ["a"])
-        [reply] = self.answer(wire.request(wire.DEAD, host="10.0.0.1", port=5000))
-        self.assertEqual(reply.status, 200)
-        _, item, _ = self.answer(wire.request(wire.WHOHAS, name="a"))
-        self.assertEqual(item.get("node"), "n2")
 
     def test_deadUnknown(self):
         """DEAD for an address nobody registered is harmless."""
@@ -402,17 +535,19 @@ class FramingTests(RelayTestCase):
     def test_oneRequestPerConnection(self):
         """After answering, further lines on the connection are ignored."""
         self.register("n1", "10.0.0.1", 5000, [])
-        transport = self.ask(wire.request(wire.PEERS) + wire.request(wire.UNREGISTER, node="n1"))
+        transport = self.ask(wire.request(wire.PEERS) + wire.request(wire.UNREGISTER, node="n1"), key=None)
         self.assertEqual(parse(transport.value())[-1].word, "END")
         self.assertIsNotNone(self.registry.get("n1"))
 
     def test_byteAtATime(self):
         """A registration split at every byte is understood the same."""
         proto, transport = self.connect()
-        for byte in registration("n1", 5000, ["a b.txt", "c"]):
+        data = registration(KEY, 5000, ["a b.txt", "c"])
+        for byte in data:
             proto.dataReceived(bytes([byte]))
+        self.prove(proto, transport, data)
         self.assertEqual(parse(transport.value())[0].status, wire.OK)
-        self.assertEqual(sorted(self.registry.get("n1").files), ["a b.txt", "c"])
+        self.assertEqual(sorted(self.registry.get(KEY.node).files), ["a b.txt", "c"])
 
     def test_arbitrarySplits(self):
         """Splitting a request at any boundary gives the same answer."""
@@ -435,7 +570,7 @@ class FramingTests(RelayTestCase):
 
     def test_bareLF(self):
         """Lines ending in a bare LF are accepted."""
-        data = registration("n1", 5000, ["a"]).replace(b"\r\n", b"\n")
+        data = registration(KEY, 5000, ["a"]).replace(b"\r\n", b"\n")
         self.assertNotIn(b"\r", data)
         [reply] = self.answer(data)
         self.assertEqual(reply.status, wire.OK)
@@ -472,10 +607,10 @@ class TimeoutTests(RelayTestCase):
     def test_idleMidRegistration(self):
         """A registration that stalls mid-list times out and registers nothing."""
         proto, transport = self.connect()
-        proto.dataReceived(wire.request(wire.REGISTER, node="n1", port=5000, files=2) + fileLine("a"))
+        proto.dataReceived(wire.request(wire.REGISTER, key=KEY.public, port=5000, files=2) + fileLine("a"))
         self.clock.advance(IDLE_TIMEOUT)
         self.assertEqual(parse(transport.value())[0].status, wire.TIMEOUT)
-        self.assertIsNone(self.registry.get("n1"))
+        self.assertIsNone(self.registry.get(KEY.node))
 
     def test_splitRequestWithinDeadline(self):
         """A request that arrives in pieces within the deadline is answered."""
@@ -521,13 +656,13 @@ class QueryProtocolTests(RelayTestCase):
     QueryProtocol against a relay, through an in-memory connection.
     """
 
-    def exchange(self, server, payload: bytes):
+    def exchange(self, server, payload: bytes, prover=None):
         def serverTransport(proto):
             return iosim.FakeTransport(proto, True, peerAddress=CLIENT)
 
         client, _, pump = iosim.connectedServerAndClient(
             server,
-            lambda: QueryProtocol(self.clock, payload, 15.0),
+            lambda: QueryProtocol(self.clock, payload, 15.0, prover),
             serverTransportFactory=serverTransport,
             clock=self.clock,
         )
@@ -546,7 +681,11 @@ class QueryProtocolTests(RelayTestCase):
 
     def test_statusOnly(self):
         """A reply without count= is just its status line."""
-        d = self.exchange(lambda: self.factory.buildProtocol(CLIENT), registration())
+        d = self.exchange(
+            lambda: self.factory.buildProtocol(CLIENT),
+            registration(),
+            keyProver(KEY, identity.REGISTER_PROOF),
+        )
         reply = self.successResultOf(d)
         self.assertEqual((reply.status.get("host"), reply.items, reply.end), ("10.1.2.3", [], None))
 

@@ -17,7 +17,10 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay.client.relay import QUERY_TIMEOUT
+from p2prelay.identity import NodeKey
+from p2prelay.node.server import FileServerFactory
 from p2prelay.node.upkeep import STOP_TIMEOUT, Registrar
+from p2prelay.relay.dialback import DialBack
 from p2prelay.relay.registry import Registry
 from p2prelay.relay.protocol import RelayFactory
 from p2prelay.node.share import SharedDirectory
@@ -27,6 +30,9 @@ from .memory import flushPumps
 
 TTL = 90.0
 NODE = IPv4Address("TCP", "127.0.0.1", 40001)
+RELAY = IPv4Address("TCP", "127.0.0.1", 8000)
+KEY = NodeKey.generate()
+NODE_ID = KEY.node
 
 
 def syncThread(f, *args):
@@ -80,11 +86,39 @@ class FakeRelay:
         )
         return succeed(client)
 
+    def dialBack(self, nodeFactory) -> DialBack:
+        """The relay's dial-back, reaching ``nodeFactory`` in memory over these pumps."""
+        return DialBack(self.clock, lambda host, port: _NodeEndpoint(self, nodeFactory))
+
     def flush(self) -> None:
         flushPumps(self.pumps)
 
     def verbs(self) -> list[str]:
         return [verb for _, verb in self.requests]
+
+
+class _NodeEndpoint:
+    """The relay's dial-back connection to the node's file server, in memory."""
+
+    def __init__(self, relay: FakeRelay, factory) -> None:
+        self.relay = relay
+        self.factory = factory
+
+    def connect(self, clientFactory):
+        server = self.factory.buildProtocol(RELAY)
+        client = clientFactory.buildProtocol(None)
+        self.relay.pumps.append(
+            iosim.connect(
+                server,
+                iosim.FakeTransport(server, True, peerAddress=RELAY),
+                client,
+                iosim.FakeTransport(client, False),
+                greet=False,
+                clock=self.relay.clock,
+            )
+        )
+        return succeed(client)
+
 
 
 class RegistrarTestCase(SynchronousTestCase):
@@ -93,17 +127,22 @@ class RegistrarTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry(self.clock.seconds, self.ttl)
-        self.relay = FakeRelay(self.clock, RelayFactory(self.registry, self.clock))
         self.root = Path(self.mktemp()).absolute()
         self.root.mkdir()
         (self.root / "a.txt").write_bytes(b"alpha")
         self.share = SharedDirectory(self.root, runInThread=syncThread)
         self.successResultOf(self.share.scan())
+        self.relay = FakeRelay(self.clock, None)
+        self.relay.factory = RelayFactory(
+            self.registry,
+            self.clock,
+            dialback=self.relay.dialBack(FileServerFactory(self.share, self.clock, key=KEY)),
+        )
         self.registrar: Registrar | None = None
 
     def start(self, rng=lambda: 0.5, rescan=None, **kw) -> Registrar:
         self.registrar = Registrar(
-            self.clock, self.relay, self.share, "node1", 7000, rng=rng, rescan=rescan, **kw
+            self.clock, self.relay, self.share, KEY, 7000, rng=rng, rescan=rescan, **kw
         )
         self.registrar.start()
         self.addCleanup(self.stop)
@@ -118,7 +157,7 @@ class RegistrarTestCase(SynchronousTestCase):
     def startInFlight(self, **kw) -> Registrar:
         """Start, with the first REGISTER sent but not yet answered."""
         self.registrar = Registrar(
-            self.clock, self.relay, self.share, "node1", 7000, rng=lambda: 0.5, rescan=None, **kw
+            self.clock, self.relay, self.share, KEY, 7000, rng=lambda: 0.5, rescan=None, **kw
         )
         self.registrar.start()
         self.addCleanup(self.stop)
@@ -149,7 +188,7 @@ class RegistrationTests(RegistrarTestCase):
         """Starting registers at once, with every shared file."""
         registrar = self.start()
         self.assertEqual(self.relay.requests, [(0, "REGISTER")])
-        peer = self.registry.get("node1")
+        peer = self.registry.get(NODE_ID)
         self.assertEqual((peer.host, peer.port, list(peer.files)), ("127.0.0.1", 7000, ["a.txt"]))
         self.assertEqual(peer.files["a.txt"].sha256, hashlib.sha256(b"alpha").hexdigest())
         self.assertTrue(registrar.registered)
@@ -168,14 +207,14 @@ class RegistrationTests(RegistrarTestCase):
     def test_advertiseAndUdp(self):
         """advertise= and udp= are what the relay records."""
         self.start(advertise="node.example", udp=7001)
-        peer = self.registry.get("node1")
+        peer = self.registry.get(NODE_ID)
         self.assertEqual((peer.host, peer.udp), ("node.example", 7001))
 
     def test_emptyShare(self):
         """A node with nothing shared still registers (it may download later)."""
         self.share.entries.clear()
         self.start()
-        self.assertEqual(self.registry.get("node1").files, {})
+        self.assertEqual(self.registry.get(NODE_ID).files, {})
 
 
 class HeartbeatTests(RegistrarTestCase):
@@ -195,7 +234,7 @@ class HeartbeatTests(RegistrarTestCase):
         """Heartbeats keep the node listed long past one ttl."""
         self.start()
         self.advance(TTL * 10)
-        self.assertIsNotNone(self.registry.get("node1"))
+        self.assertIsNotNone(self.registry.get(NODE_ID))
         self.assertEqual(self.relay.verbs().count("REGISTER"), 1)
 
 
@@ -245,7 +284,7 @@ class BackoffTests(RegistrarTestCase):
         self.assertEqual(self.relay.requests, [(11.25, "REGISTER")])
         self.advance(30)
         self.assertEqual(self.relay.requests[-1], (41.25, "HEARTBEAT"))
-        self.assertIsNotNone(self.registry.get("node1"))
+        self.assertIsNotNone(self.registry.get(NODE_ID))
 
     def test_heartbeatRetry(self):
         """A heartbeat that cannot reach the relay is retried with backoff, not dropped."""
@@ -262,19 +301,21 @@ class RelayChangeTests(RegistrarTestCase):
     def test_forgotten(self):
         """A heartbeat answered 404 (the relay forgot us) leads to a full registration."""
         self.start()
-        self.registry.unregister("node1")
+        self.registry.unregister(NODE_ID)
         self.advance(31)
         self.assertEqual(self.relay.verbs(), ["REGISTER", "HEARTBEAT", "REGISTER"])
         self.assertEqual(self.relay.requests[-1][0], 30.5)
-        self.assertEqual(list(self.registry.get("node1").files), ["a.txt"])
+        self.assertEqual(list(self.registry.get(NODE_ID).files), ["a.txt"])
 
     def test_relayRestarted(self):
         """A relay restarted with an empty registry gets the node back within one heartbeat."""
         self.start()
         self.registry = Registry(self.clock.seconds, TTL)
-        self.relay.factory = RelayFactory(self.registry, self.clock)
+        self.relay.factory = RelayFactory(
+            self.registry, self.clock, dialback=self.relay.factory.dialback
+        )
         self.advance(31)
-        self.assertIsNotNone(self.registry.get("node1"))
+        self.assertIsNotNone(self.registry.get(NODE_ID))
         self.assertEqual(self.registrar.boot, self.relay.factory.boot)
 
     def test_bootChanged(self):
@@ -300,14 +341,14 @@ class RescanTests(RegistrarTestCase):
         (self.root / "b.txt").write_bytes(b"beta")
         self.advance(10)
         self.assertEqual(self.relay.requests, [(0, "REGISTER"), (10, "REGISTER")])
-        self.assertEqual(sorted(self.registry.get("node1").files), ["a.txt", "b.txt"])
+        self.assertEqual(sorted(self.registry.get(NODE_ID).files), ["a.txt", "b.txt"])
 
     def test_removedFile(self):
         """A rescan that finds a file gone re-registers without it."""
         self.start(rescan=10)
         (self.root / "a.txt").unlink()
         self.advance(10)
-        self.assertEqual(self.registry.get("node1").files, {})
+        self.assertEqual(self.registry.get(NODE_ID).files, {})
 
     def test_nothingChanged(self):
         """Rescans that find no change send nothing extra."""
@@ -317,7 +358,7 @@ class RescanTests(RegistrarTestCase):
 
     def test_changeDuringRegistration(self):
         """Files changing while a registration is in flight are registered right after it."""
-        self.registrar = Registrar(self.clock, self.relay, self.share, "node1", 7000, rng=lambda: 0.5, rescan=None)
+        self.registrar = Registrar(self.clock, self.relay, self.share, KEY, 7000, rng=lambda: 0.5, rescan=None)
         self.registrar.start()
         self.addCleanup(self.stop)
         self.clock.advance(0)  # the first REGISTER is sent but not answered yet
@@ -325,7 +366,7 @@ class RescanTests(RegistrarTestCase):
         self.registrar.registerSoon()
         self.relay.flush()
         self.assertEqual(self.relay.requests, [(0, "REGISTER"), (0, "REGISTER")])
-        self.assertIn("late.txt", self.registry.get("node1").files)
+        self.assertIn("late.txt", self.registry.get(NODE_ID).files)
 
 
 class StopTests(RegistrarTestCase):
@@ -334,7 +375,7 @@ class StopTests(RegistrarTestCase):
         self.start()
         self.stop()
         self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
-        self.assertIsNone(self.registry.get("node1"))
+        self.assertIsNone(self.registry.get(NODE_ID))
         self.assertFalse(self.registrar.registered)
 
     def test_quiet(self):
@@ -375,7 +416,7 @@ class StopInEveryStateTests(RegistrarTestCase):
     """
 
     def assertStoppedClean(self) -> None:
-        self.assertIsNone(self.registry.get("node1"))
+        self.assertIsNone(self.registry.get(NODE_ID))
         self.assertFalse(self.registrar.registered)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         sent = len(self.relay.requests)
@@ -385,7 +426,7 @@ class StopInEveryStateTests(RegistrarTestCase):
 
     def test_idle(self):
         """stop() before start() contacts nobody and leaves nothing behind."""
-        self.registrar = Registrar(self.clock, self.relay, self.share, "node1", 7000, rescan=10)
+        self.registrar = Registrar(self.clock, self.relay, self.share, KEY, 7000, rescan=10)
         self.stop()
         self.assertEqual(self.relay.attempts, [])
         self.assertStoppedClean()
@@ -400,8 +441,11 @@ class StopInEveryStateTests(RegistrarTestCase):
     def test_firstRegisterReceivedNotAnswered(self):
         """stop() after the relay took the REGISTER but before its answer arrived leaves no ghost."""
         self.startInFlight()
-        self.relay.pumps[-1].pump()  # the relay has it; its answer is on the way
-        self.assertIsNotNone(self.registry.get("node1"))
+        [exchange] = self.relay.pumps
+        for _ in range(3):  # REGISTER, the relay's challenge, the PROOF
+            exchange.pump()
+        flushPumps(self.relay.pumps[1:])  # the dial-back; the relay's answer is on the way
+        self.assertIsNotNone(self.registry.get(NODE_ID))
         self.stop()
         self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
         self.assertStoppedClean()
@@ -501,7 +545,7 @@ class StopInEveryStateTests(RegistrarTestCase):
     def test_registerDueAfterForgotten(self):
         """stop() after the relay said it forgot us (404), before registering again, sends nothing."""
         self.start()
-        self.registry.unregister("node1")
+        self.registry.unregister(NODE_ID)
         self.advance(30.25)  # HEARTBEAT answered 404; REGISTER due at 30.5
         self.stop()
         self.assertEqual(self.relay.verbs(), ["REGISTER", "HEARTBEAT"])

@@ -4,11 +4,17 @@ One request to a relay and its reply, for nodes and clients alike.
 A reply is a status line, optionally followed by ``count`` items and an
 ``END`` line; a list that ends early or miscounts is an error, never a
 silently short answer.
+
+A relay may first answer ``100 nonce=N [secret=1]``: a challenge.  A query
+given a *prover* answers it with the ``PROOF`` line the prover builds from
+the nonce, the secret flag and the exact bytes sent so far, and goes on
+reading the answer; without one, a challenge fails the query with a clear
+message.
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List, Optional
 
 import attrs
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -23,6 +29,16 @@ class IncompleteReply(IncompleteAnswer):
     """The relay closed the connection before its answer was complete."""
 
 
+class ProofNeeded(Exception):
+    """The relay challenged a query that has nothing to prove with."""
+
+
+# (nonce, whether the relay wants the shared secret, every byte sent so far)
+# -> the PROOF line to send.  May raise to give up, e.g. ProofNeeded when
+# the relay wants a secret we do not have.
+Prover = Callable[[str, bool, bytes], bytes]
+
+
 @attrs.frozen
 class Reply:
     status: wire.Message
@@ -35,9 +51,17 @@ class QueryProtocol(OneShotClient[Reply]):
 
     role = "relay"
 
-    def __init__(self, clock: IReactorTime, payload: bytes, timeout: float) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        payload: bytes,
+        timeout: float,
+        prover: Optional[Prover] = None,
+    ) -> None:
         super().__init__(clock, timeout)
         self.payload = payload
+        self.prover = prover
+        self._challenged = False
         self._status: wire.Message | None = None
         self._items: List[wire.Message] = []
         self._count = 0
@@ -51,8 +75,11 @@ class QueryProtocol(OneShotClient[Reply]):
             code = message.status
             if code is None:
                 raise wire.ProtocolError(wire.BAD_REQUEST, "expected a status line")
+            if code == wire.CONTINUE:
+                self._answerChallenge(message)
+                return
             if not 200 <= code < 300:
-                self.fail(wire.ProtocolError(code, message.text or "error"))
+                self.fail(wire.ProtocolError(code, message.text or "error", retry=message.retry()))
                 return
             self._status = message
             if message.get("count") is None:
@@ -69,6 +96,27 @@ class QueryProtocol(OneShotClient[Reply]):
             raise wire.ProtocolError(wire.BAD_REQUEST, "more items than announced")
         self._items.append(message)
 
+    def _answerChallenge(self, message: wire.Message) -> None:
+        if self._challenged:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "a second challenge")
+        self._challenged = True
+        nonce = message.nonce()
+        secret = message.flag("secret")
+        if self.prover is None:
+            self.fail(
+                ProofNeeded(
+                    "the relay asks for a proof"
+                    + (" of its shared secret (--secret-file)" if secret else "")
+                )
+            )
+            return
+        try:
+            line = self.prover(nonce, secret, self.payload)
+        except Exception as e:
+            self.fail(e)
+            return
+        self.transport.write(line)
+
     def incomplete(self, reason: object) -> IncompleteReply:
         return IncompleteReply("relay closed the connection mid-answer")
 
@@ -78,11 +126,46 @@ async def query(
     payload: bytes,
     clock: IReactorTime,
     timeout: float = QUERY_TIMEOUT,
+    prover: Optional[Prover] = None,
 ) -> Reply:
     """
     Connect, send ``payload``, and return the reply.
 
-    Error statuses raise :class:`wire.ProtocolError`; connection problems
-    raise Twisted's ConnectError family or TimeoutError.
+    Error statuses raise :class:`wire.ProtocolError` (a 503's ``retry``
+    hint on it); a challenge without a ``prover`` raises
+    :class:`ProofNeeded`; connection problems raise Twisted's ConnectError
+    family or TimeoutError.
     """
-    return await negotiate(endpoint, QueryProtocol(clock, payload, timeout))
+    return await negotiate(endpoint, QueryProtocol(clock, payload, timeout, prover))
+
+
+def secretProver(secret: bytes) -> Prover:
+    """
+    A client's prover for a private relay: ``PROOF mac=`` over the query,
+    with the shared secret.
+    """
+    from .. import identity
+
+    def prove(nonce: str, wanted: bool, sent: bytes) -> bytes:
+        text = identity.transcript(identity.CLIENT_PROOF, nonce, sent)
+        return wire.request(wire.PROOF, mac=identity.secretProof(secret, text))
+
+    return prove
+
+
+def keyProver(key, purpose: bytes, secret: Optional[bytes] = None) -> Prover:
+    """
+    A node's prover: ``PROOF sig=`` with its key for ``purpose``, and
+    ``mac=`` with the shared secret when the relay asks for it.
+    """
+    from .. import identity
+
+    def prove(nonce: str, wanted: bool, sent: bytes) -> bytes:
+        mac = None
+        if wanted:
+            if secret is None:
+                raise ProofNeeded("the relay needs the shared secret (--secret-file)")
+            mac = identity.secretProof(secret, identity.transcript(purpose, nonce, sent))
+        return wire.request(wire.PROOF, sig=key.prove(purpose, nonce, sent), mac=mac)
+
+    return prove

@@ -1,6 +1,9 @@
 """
 The peer node's file server: one GET per connection, the body streamed raw.
 
+It also answers a relay's dial-back, ``PROVE nonce=N``, with the node's
+public key and its signature over the nonce (see ``relay/dialback.py``).
+
 The status line announces the size and SHA-256 of the whole file, then
 exactly ``length`` bytes follow, pushed by :class:`FileBodyProducer` so the
 file is never read into memory and a slow client throttles the reader
@@ -19,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .. import wire
+from .. import identity, wire
 from ..limits import (
     NODE_MAX_CONNECTIONS,
     NODE_MAX_GETS_PER_ADDRESS,
@@ -138,6 +141,9 @@ class FileServerProtocol(NegotiationProtocol):
     async def _serve(self, line: bytes) -> None:
         try:
             message = wire.parseLine(line)
+            if message.word == wire.PROVE and self.factory.key is not None:
+                self._prove(message)
+                return
             if message.word != wire.GET:
                 raise wire.ProtocolError(wire.BAD_REQUEST, f"a peer node answers GET, not {message.word}")
             name = message.name()
@@ -193,6 +199,23 @@ class FileServerProtocol(NegotiationProtocol):
             return
         self.finish(b"")  # with a deadline: a client that stops reading now is cut off
 
+    def _prove(self, message: wire.Message) -> None:
+        """
+        A relay's dial-back: sign its nonce, so it knows this key answers
+        on this address.
+        """
+        key = self.factory.key
+        nonce = message.nonce()
+        self.log.info("proving our key to {peer}", peer=self.peerName())
+        self.finish(
+            wire.status(
+                wire.OK,
+                f"node {key.node}",
+                key=key.public,
+                sig=key.prove(identity.DIALBACK_PROOF, nonce, b""),
+            )
+        )
+
     def timeoutConnection(self) -> None:
         if self._producer is None:
             super().timeoutConnection()
@@ -246,10 +269,12 @@ class FileServerFactory(Factory):
         maxConnections: int = NODE_MAX_CONNECTIONS,
         maxPerAddress: int = NODE_MAX_PER_ADDRESS,
         maxGetsPerAddress: int = NODE_MAX_GETS_PER_ADDRESS,
+        key: identity.NodeKey | None = None,
     ) -> None:
         self.share = share
         self.clock = clock
         self.cooperator = cooperator
+        self.key = key  # answers a relay's PROVE; None: PROVE is refused like any non-GET
         self.connections = ConnectionLimit(clock, maxConnections, maxPerAddress, what="peernode")
         self.gets = AddressCounter(maxGetsPerAddress)
 

@@ -11,7 +11,6 @@ unregisters it first, so clients stop being sent to a node going away.
 
 from __future__ import annotations
 
-import uuid
 from typing import Optional
 
 from twisted.application.service import MultiService
@@ -20,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..limits import NODE_MAX_CONNECTIONS, NODE_MAX_GETS_PER_ADDRESS, NODE_MAX_PER_ADDRESS
+from .. import identity
 from ..listening import DatagramListeningService, ListenFailed, ListeningService
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
 from .server import FileServerFactory
@@ -32,7 +32,10 @@ class NodeService(MultiService):
     A peer node: listen on TCP (and UDP unless ``udp`` is None), scan the
     folder, serve it, and keep it registered.
 
-    ``udp`` is ``(port, interface)``; port 0 lets the OS choose.
+    ``udp`` is ``(port, interface)``; port 0 lets the OS choose.  ``key``
+    is the node's :class:`identity.NodeKey` (default: a fresh one, for this
+    run only); the node's id is the key's.  ``secret`` is the shared secret
+    of a closed network.
     """
 
     log = Logger()
@@ -47,7 +50,8 @@ class NodeService(MultiService):
         advertise: Optional[str] = None,
         heartbeat: Optional[float] = None,
         rescan: Optional[float] = None,
-        node: Optional[str] = None,
+        key: Optional[identity.NodeKey] = None,
+        secret: Optional[bytes] = None,
         udp: Optional[tuple[int, str]] = (0, ""),
         runInThread: RunInThread = deferToThread,
         maxConnections: int = NODE_MAX_CONNECTIONS,
@@ -58,13 +62,16 @@ class NodeService(MultiService):
         self.reactor = reactor
         self.relay = relay
         self.share = SharedDirectory(directory, runInThread=runInThread)
-        self.node = node or uuid.uuid4().hex[:16]
+        self.key = key if key is not None else identity.NodeKey.generate()
+        self.node = self.key.node
+        self.secret = secret
         self.advertise = advertise
         self.heartbeat = heartbeat
         self.rescan = rescan
         self.files = FileServerFactory(
             self.share,
             reactor,
+            key=self.key,
             maxConnections=maxConnections,
             maxPerAddress=maxPerAddress,
             maxGetsPerAddress=maxGetsPerAddress,
@@ -112,8 +119,9 @@ class NodeService(MultiService):
             self.reactor,
             self.relay,
             self.share,
-            self.node,
+            self.key,
             port.getHost().port,
+            secret=self.secret,
             advertise=self.advertise,
             udp=None if udpPort is None else udpPort.getHost().port,
             heartbeat=self.heartbeat,

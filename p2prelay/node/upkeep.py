@@ -26,6 +26,12 @@ The loop is a state machine (automat); its transitions, in short::
 ``unregistering`` sends UNREGISTER only if the relay may hold our entry
 (``registered``), so a node that never got through contacts nobody on the
 way out, and one whose REGISTER was in flight leaves no ghost behind.
+
+Every REGISTER, HEARTBEAT and UNREGISTER is challenged by the relay
+(``100 nonce=``); the query answers with ``PROOF sig=`` made with the
+node's key (and ``mac=`` with the shared secret when the relay asks).  A
+relay that refuses for a while (``503 retry=N``) is not asked again sooner
+than it said.
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import wire
-from ..client.relay import Reply, query
+from .. import identity, wire
+from ..client.relay import ProofNeeded, Reply, keyProver, query
 from .share import SharedDirectory
 
 DEFAULT_RESCAN = 10.0
@@ -71,8 +77,8 @@ class _Loop(Protocol):
     def forgotten(self) -> None:
         "A heartbeat found a relay that no longer knows us (404, or a new boot)."
 
-    def failed(self, why: str) -> None:
-        "The contact in flight did not get through."
+    def failed(self, why: str, retry: Optional[float] = None) -> None:
+        "The contact in flight did not get through (retry: seconds the relay asked for)."
 
     def changed(self, jitter: float) -> None:
         "The shared files changed: register them again."
@@ -85,9 +91,12 @@ class Registrar:
     """
     The upkeep loop for one node's registration.
 
-    ``port`` and ``udp`` are what the node serves on; ``advertise`` is the
-    host put in the registry (None: the address the relay sees us from).
-    ``registered`` is true while the relay may hold our entry.
+    ``key`` is the node's :class:`identity.NodeKey` (its id is the key's);
+    ``secret`` the shared secret of a closed network, if any.  ``port`` and
+    ``udp`` are what the node serves on; ``advertise`` is the host put in
+    the registry (None: the address the relay sees us from).
+    ``registered`` is true while the relay may hold our entry;
+    ``reachable`` whether the relay last said it could reach us.
     """
 
     log = Logger()
@@ -97,9 +106,10 @@ class Registrar:
         clock: IReactorTime,
         relay: IStreamClientEndpoint,
         share: SharedDirectory,
-        node: str,
+        key: identity.NodeKey,
         port: int,
         *,
+        secret: Optional[bytes] = None,
         advertise: Optional[str] = None,
         udp: Optional[int] = None,
         heartbeat: Optional[float] = None,
@@ -109,7 +119,9 @@ class Registrar:
         self.clock = clock
         self.relay = relay
         self.share = share
-        self.node = node
+        self.key = key
+        self.node = key.node
+        self.secret = secret
         self.port = port
         self.advertise = advertise
         self.udp = udp
@@ -119,6 +131,7 @@ class Registrar:
         self.ttl = ASSUMED_TTL
         self.boot: Optional[str] = None
         self.registered = False
+        self.reachable: Optional[bool] = None
         self.firstRegistration: Deferred[Reply] = Deferred()
         self._failures = 0
         self._timer: Optional[IDelayedCall] = None
@@ -164,13 +177,16 @@ class Registrar:
             self._timer.cancel()
         self._timer = None
 
-    def _backOff(self, why: str) -> None:
+    def _backOff(self, why: str, retry: Optional[float] = None) -> None:
         self._failures += 1
         # Never back off past the heartbeat, so a relay that comes back
-        # hears from every node within about one interval.
+        # hears from every node within about one interval...
         cap = min(MAX_RETRY, self.interval * 1.5)
         base = min(cap, FIRST_RETRY * 2 ** (self._failures - 1))
         delay = base * (0.5 + self._rng() / 2)
+        if retry is not None:
+            # ...unless it asked for longer (503 retry=), within reason.
+            delay = max(delay, min(retry, MAX_RETRY))
         self.log.warn(
             "relay unreachable ({why}); retrying in {delay:.1f}s", why=why, delay=delay
         )
@@ -193,13 +209,20 @@ class Registrar:
         count = 0
         if verb == wire.REGISTER:
             payload, count = self._registration()
+            purpose = identity.REGISTER_PROOF
         else:
             payload = wire.request(wire.HEARTBEAT, node=self.node)
-        d = Deferred.fromCoroutine(query(self.relay, payload, self.clock))
+            purpose = identity.HEARTBEAT_PROOF
+        d = Deferred.fromCoroutine(
+            query(self.relay, payload, self.clock, prover=self._prover(purpose))
+        )
         self._inflight = d
         d.addCallbacks(
             self._answered, self._failed, callbackArgs=(verb, count, d), errbackArgs=(verb, d)
         )
+
+    def _prover(self, purpose: bytes):
+        return keyProver(self.key, purpose, self.secret)
 
     def _abandon(self) -> None:
         """Drop the contact in flight without hearing how it ends."""
@@ -220,7 +243,11 @@ class Registrar:
             return
         d = Deferred.fromCoroutine(
             query(
-                self.relay, wire.request(wire.UNREGISTER, node=self.node), self.clock, STOP_TIMEOUT
+                self.relay,
+                wire.request(wire.UNREGISTER, node=self.node),
+                self.clock,
+                STOP_TIMEOUT,
+                prover=self._prover(identity.UNREGISTER_PROOF),
             )
         )
 
@@ -263,12 +290,19 @@ class Registrar:
                 self._loop.answered()
             return
         self.registered = True
+        reachable = reply.status.get("reachable") != "0"
         self.log.info(
             "registered {count} files with the relay as {host}:{port}",
             count=count,
             host=reply.status.get("host"),
             port=self.port,
         )
+        if not reachable and self.reachable is not False:
+            self.log.warn(
+                "the relay cannot reach this node, so it sends no clients here: {why}",
+                why=reply.status.text,
+            )
+        self.reachable = reachable
         self._loop.answered()
         if not self.firstRegistration.called:
             self.firstRegistration.callback(reply)
@@ -286,6 +320,10 @@ class Registrar:
                 self._loop.forgotten()
                 return
             why = f"relay refused: {error}"
+            self._loop.failed(why, error.retry)
+            return
+        elif isinstance(error, ProofNeeded):
+            why = str(error)
         else:
             neverSent = isinstance(error, ConnectError) and not isinstance(error, TimeoutError)
             if verb == wire.REGISTER and not neverSent:
@@ -300,6 +338,7 @@ class Registrar:
             [
                 wire.request(
                     wire.REGISTER,
+                    key=self.key.public,
                     node=self.node,
                     port=self.port,
                     host=self.advertise,
@@ -381,8 +420,8 @@ def _reintroduce(loop: _Loop, r: Registrar) -> None:
 @registeringStale.upon(_Loop.failed).to(waitingToRegister)
 @heartbeatingStale.upon(_Loop.failed).to(waitingToRegister)
 @heartbeating.upon(_Loop.failed).to(waitingToHeartbeat)
-def _retry(loop: _Loop, r: Registrar, why: str) -> None:
-    r._backOff(why)
+def _retry(loop: _Loop, r: Registrar, why: str, retry: Optional[float] = None) -> None:
+    r._backOff(why, retry)
 
 
 @waitingToHeartbeat.upon(_Loop.changed).to(waitingToRegister)
@@ -419,7 +458,7 @@ def _finish(loop: _Loop, r: Registrar) -> None:
 
 @finishing.upon(_Loop.answered).to(unregistering)
 @finishing.upon(_Loop.failed).to(unregistering)
-def _finished(loop: _Loop, r: Registrar, *why: str) -> None:
+def _finished(loop: _Loop, r: Registrar, *why: object) -> None:
     r._unregister()
 
 

@@ -7,30 +7,62 @@ results back into lines; every rule about who is alive lives there.
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import math
 import uuid
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 
-from .. import wire
-from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS, ConnectionLimit
+from .. import identity, wire
+from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS, ConnectionLimit, sourceOf
 from ..negotiation import MIN_RATE, NEGOTIATION_DEADLINE, NegotiationProtocol
 from ..wire import FileEntry
-from .registry import Peer, Registry
+from .dialback import (
+    DIALBACK_BURST,
+    DIALBACK_RATE,
+    RECHECK_INTERVAL,
+    REPORT_BURST,
+    REPORT_RATE,
+    DialBack,
+    Outcome,
+    TokenBucket,
+)
+from .registry import AddressTaken, Peer, Registry, RegistryFull
 
 MAX_SEARCH_RESULTS = 1000
 NODE_ID_MAX = 64
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # registration bytes being received, all connections
+INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_BYTES
 
 
 def peerFields(peer: Peer) -> dict[str, object]:
     return {"node": peer.node, "host": peer.host, "port": peer.port, "udp": peer.udp}
 
 
+class _Phase(enum.Enum):
+    """Where a relay connection is in its one negotiation."""
+
+    REQUEST = "request"  # waiting for the request line
+    FILES = "files"  # REGISTER: FILE lines up to END
+    PROOF = "proof"  # challenged with 100: waiting for PROOF
+    WORKING = "working"  # checking, dialling back: nothing more is read
+
+
 class RelayProtocol(NegotiationProtocol):
     """
     One request from a node or a client: REGISTER (with its file list),
     UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH or DEAD.
+
+    A request that changes an entry is challenged (``100 nonce=``) and
+    carried out only once its ``PROOF`` checks out: a signature by the
+    node's key (and, when the relay has a shared secret, an HMAC under it)
+    over the nonce and a digest of every byte received before the PROOF
+    line, exactly as received.  On a private relay every query is
+    challenged too, for the secret alone.
     """
 
     deadline = NEGOTIATION_DEADLINE  # the whole request, extended by bytes at MIN_RATE
@@ -39,26 +71,50 @@ class RelayProtocol(NegotiationProtocol):
     def __init__(self, factory: "RelayFactory") -> None:
         super().__init__(factory.clock)
         self.factory = factory
+        self._phase = _Phase.REQUEST
         self._request: wire.Message | None = None
         self._files: List[FileEntry] = []
         self._expected = 0
+        self._key = ""
+        self._node = ""
+        # Every request byte received before PROOF, as received (line
+        # endings included): what the proof covers.
+        self._received = hashlib.sha256()
+        self._held = 0  # registration bytes counted in factory.inflight
+        self._pending: tuple[bytes, str, str | None, Callable[[], None]] | None = None
+        self._lost = False
+
+    @property
+    def source(self) -> str:
+        """The address this connection comes from, as caps count it."""
+        return sourceOf(self.transport.getPeer())
 
     def lineReceived(self, line: bytes) -> None:
-        if self.finished:
+        if self.finished or self._phase is _Phase.WORKING:
             return
         try:
+            if self._phase is _Phase.PROOF:
+                self._proofReceived(wire.parseLine(line))
+                return
+            # LineReceiver splits on LF and leaves any CR in the line, so
+            # this is exactly the bytes that arrived.
+            raw = line + self.delimiter
+            self._received.update(raw)
             message = wire.parseLine(line)
-            if self._request is None:
-                self._dispatch(message)
+            if self._phase is _Phase.REQUEST:
+                self._dispatch(message, len(raw))
             else:
+                self._hold(len(raw))
                 self._fileLine(message)
         except wire.ProtocolError as e:
             self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
-            self.refuse(e)
+            self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
 
-    def _dispatch(self, message: wire.Message) -> None:
+    def _dispatch(self, message: wire.Message, size: int) -> None:
+        if message.word == wire.REGISTER:
+            self._register(message, size)
+            return
         handler = {
-            wire.REGISTER: self._register,
             wire.UNREGISTER: self._unregister,
             wire.HEARTBEAT: self._heartbeat,
             wire.PEERS: self._peers,
@@ -68,12 +124,51 @@ class RelayProtocol(NegotiationProtocol):
         }.get(message.word)
         if handler is None:
             raise wire.ProtocolError(wire.BAD_REQUEST, f"unknown request {message.word}")
+        if self.factory.private and message.word not in (wire.UNREGISTER, wire.HEARTBEAT):
+            # A private relay answers only holders of the secret.
+            self._challenge(identity.CLIENT_PROOF, None, lambda: handler(message))
+            return
         handler(message)
 
-    # REGISTER: a header line, `files` FILE lines, then END.
+    # The challenge: 100 nonce=, then PROOF sig= [mac=].
 
-    def _register(self, message: wire.Message) -> None:
-        nodeId(message)
+    def _challenge(self, purpose: bytes, key: str | None, then: Callable[[], None]) -> None:
+        nonce = identity.newNonce()
+        self._pending = (purpose, nonce, key, then)
+        self._phase = _Phase.PROOF
+        secret = 1 if self.factory.secret is not None else None
+        self.transport.write(wire.status(wire.CONTINUE, nonce=nonce, secret=secret))
+
+    def _proofReceived(self, message: wire.Message) -> None:
+        if message.word != wire.PROOF:
+            raise wire.ProtocolError(wire.BAD_REQUEST, f"expected PROOF, not {message.word}")
+        assert self._pending is not None
+        purpose, nonce, key, then = self._pending
+        self._pending = None
+        self._phase = _Phase.WORKING
+        text = identity.transcriptOfDigest(purpose, nonce, self._received.digest())
+        if key is not None and not identity.verify(key, message.get("sig") or "", text):
+            raise wire.ProtocolError(wire.UNAUTHORIZED, "bad proof")
+        secret = self.factory.secret
+        if secret is not None:
+            mac = message.get("mac")
+            if mac is None:
+                raise wire.ProtocolError(wire.UNAUTHORIZED, "this relay needs the shared secret")
+            if not identity.checkSecretProof(secret, text, mac):
+                raise wire.ProtocolError(wire.UNAUTHORIZED, "bad proof")
+        then()
+
+    # REGISTER: a header line, `files` FILE lines, END; the challenge; the
+    # dial-back; the answer.
+
+    def _register(self, message: wire.Message, size: int) -> None:
+        key = message.publicKey()
+        node = identity.nodeIdOf(key)
+        if node is None:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "key= is not a public key")
+        claimed = message.get("node")
+        if claimed is not None and claimed != node:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "node= is not the id of key=")
         message.port()
         if message.get("udp") is not None:
             message.port("udp")
@@ -84,7 +179,25 @@ class RelayProtocol(NegotiationProtocol):
             raise wire.ProtocolError(
                 wire.TOO_LARGE, f"at most {wire.MAX_FILES} files per registration"
             )
+        full = self.factory.registry.room(node, self.source)
+        if full is not None:
+            raise wire.ProtocolError(wire.BUSY, full, retry=self.factory.registry.ttl)
+        if self.factory.inflight >= self.factory.maxInflight:
+            raise wire.ProtocolError(
+                wire.BUSY, "too many registrations in progress", retry=INFLIGHT_RETRY
+            )
+        self._key, self._node = key, node
         self._request = message
+        self._hold(size)
+        self._phase = _Phase.FILES
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+        self.factory.inflight += size
+
+    def _release(self) -> None:
+        self.factory.inflight -= self._held
+        self._held = 0
 
     def _fileLine(self, message: wire.Message) -> None:
         if len(self._files) < self._expected:
@@ -98,54 +211,138 @@ class RelayProtocol(NegotiationProtocol):
             raise wire.ProtocolError(wire.TOO_LARGE, "more FILE lines than announced")
         if message.integer("count") != self._expected:
             raise wire.ProtocolError(wire.BAD_REQUEST, "END count does not match")
-        self._completeRegistration()
+        self._challenge(identity.REGISTER_PROOF, self._key, self._proven)
 
-    def _completeRegistration(self) -> None:
+    def _proven(self) -> None:
         request = self._request
         assert request is not None
-        observed = self.transport.getPeer().host
-        host = request.get("host") or observed
+        host = request.get("host") or self.transport.getPeer().host
+        port = request.port()
+        existing = self.factory.registry.get(self._node)
+        same = existing is not None and existing.key == self._key and existing.address == (host, port)
+        if same and existing.reachable:
+            # Reached there before within its lifetime: no second dial-back.
+            self._record(host, port, True, "")
+            return
+        wait = self.factory.dialbacks.take(self.source)
+        if wait:
+            if same:
+                self._record(host, port, existing.reachable, "not checked again yet")
+                return
+            raise wire.ProtocolError(
+                wire.BUSY, "too many dial-backs for your address", retry=wait
+            )
+        self.holdDeadline()
+        self.transport.pauseProducing()
+        d = self.factory.dialback.check(host, port, self._key)
+        d.addCallback(self._dialled, host, port)
+        d.addErrback(self._crashed)
+
+    def _dialled(self, outcome: Outcome, host: str, port: int) -> None:
+        if self.finished or self._lost:
+            return  # the node gave up waiting: it will register again
+        try:
+            self._record(host, port, outcome.ok, outcome.reason)
+        except wire.ProtocolError as e:
+            self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
+            self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
+
+    def _record(self, host: str, port: int, reachable: bool, reason: str) -> None:
+        request = self._request
+        assert request is not None
         udp = request.port("udp") if request.get("udp") else None
-        peer = self.factory.registry.register(
-            request.require("node"), host, request.port(), self._files, udp=udp
-        )
+        try:
+            peer = self.factory.registry.register(
+                self._node,
+                host,
+                port,
+                self._files,
+                udp=udp,
+                key=self._key,
+                reachable=reachable,
+                source=self.source,
+            )
+        except RegistryFull as e:
+            raise wire.ProtocolError(wire.BUSY, str(e), retry=self.factory.registry.ttl) from None
+        except (AddressTaken, ValueError) as e:
+            raise wire.ProtocolError(
+                wire.CONFLICT, f"{e}; the relay could not reach this key there ({reason})"
+            ) from None
         self.factory.changed()
         self.log.info(
-            "registered {node} at {host}:{port} with {count} files",
+            "registered {node} at {host}:{port} with {count} files{how}",
             node=peer.node,
             host=peer.host,
             port=peer.port,
             count=len(peer.files),
+            how="" if reachable else f", not listed: unreachable ({reason})",
         )
+        if reachable:
+            text = f"registered {len(peer.files)} files"
+        else:
+            text = f"registered, but the relay could not reach {host}:{port} ({reason})"
         self.finish(
             wire.status(
                 wire.OK,
-                f"registered {len(peer.files)} files",
+                text,
+                node=peer.node,
                 ttl=_seconds(self.factory.registry.ttl),
                 boot=self.factory.boot,
                 host=peer.host,
+                reachable=int(reachable),
             )
         )
 
+    def _crashed(self, failure) -> None:
+        self.log.failure("bug while registering", failure)
+        self.transport.abortConnection()
+
+    # HEARTBEAT and UNREGISTER: proved with the key the entry holds.
+
+    def _provedByOwner(self, message: wire.Message, purpose: bytes, then) -> None:
+        node = nodeId(message)
+        peer = self.factory.registry.get(node)
+        if peer is None:
+            self.finish(
+                wire.status(
+                    wire.NOT_FOUND,
+                    "unknown node; register again" if purpose == identity.HEARTBEAT_PROOF else "no such node",
+                    boot=self.factory.boot,
+                )
+            )
+            return
+        if peer.key is None:
+            raise wire.ProtocolError(wire.UNAUTHORIZED, "this entry has no key to prove")
+        self._challenge(purpose, peer.key, lambda: then(node))
+
     def _heartbeat(self, message: wire.Message) -> None:
-        peer = self.factory.registry.refresh(nodeId(message))
+        self._provedByOwner(message, identity.HEARTBEAT_PROOF, self._beat)
+
+    def _beat(self, node: str) -> None:
+        peer = self.factory.registry.refresh(node)
         if peer is None:
             self.finish(
                 wire.status(wire.NOT_FOUND, "unknown node; register again", boot=self.factory.boot)
             )
             return
         self.factory.changed()
+        if not peer.reachable:
+            # It may be reachable again: check (as often as a DEAD report may).
+            self.factory.recheck(peer, self.source)
         self.finish(
             wire.status(
                 wire.OK,
                 "alive",
                 ttl=_seconds(self.factory.registry.ttl),
                 boot=self.factory.boot,
+                reachable=int(peer.reachable),
             )
         )
 
     def _unregister(self, message: wire.Message) -> None:
-        node = nodeId(message)
+        self._provedByOwner(message, identity.UNREGISTER_PROOF, self._leave)
+
+    def _leave(self, node: str) -> None:
         removed = self.factory.registry.unregister(node)
         if removed:
             self.factory.changed()
@@ -202,15 +399,30 @@ class RelayProtocol(NegotiationProtocol):
         )
 
     def _dead(self, message: wire.Message) -> None:
+        # A hint, not a verdict: the relay checks the node itself and hides
+        # it only if its own check fails, so a client cannot hide a live peer.
         host = checkHost(message.require("host"))
         port = message.port()
-        hidden = self.factory.registry.markDead(host, port)
-        if hidden:
-            self.factory.changed()
+        wait = self.factory.reports.take(self.source)
+        if wait:
+            raise wire.ProtocolError(wire.BUSY, "too many reports from your address", retry=wait)
+        checking = [
+            p for p in self.factory.registry.at(host, port) if p.reachable and self.factory.recheck(p)
+        ]
+        if checking:
             self.log.info(
-                "a client reports {host}:{port} unreachable; hiding it", host=host, port=port
+                "a client reports {host}:{port} unreachable; checking", host=host, port=port
             )
-        self.finish(wire.status(wire.OK, f"hidden {len(hidden)} peers"))
+        self.finish(wire.status(wire.OK, f"will check {len(checking)} peers"))
+
+    def conclude(self) -> None:
+        super().conclude()
+        self._release()
+
+    def connectionLost(self, reason: object = None) -> None:
+        super().connectionLost(reason)
+        self._lost = True
+        self._release()
 
 
 def nodeId(message: wire.Message) -> str:
@@ -230,13 +442,24 @@ def _seconds(value: float) -> str:
     return f"{value:g}"
 
 
+def _retry(seconds: float | None) -> int | None:
+    """A retry= hint in whole seconds, at least 1."""
+    return None if seconds is None else max(1, math.ceil(seconds))
+
+
 class RelayFactory(Factory):
     """
     Shares one registry between connections; ``boot`` identifies this run
     of the relay so nodes notice a restart.
+
+    ``secret`` (bytes) closes the network: every proof must also carry an
+    HMAC under it; with ``private`` clients' queries must prove it too.
+    ``dialback`` checks addresses (default: a :class:`DialBack` dialling
+    through the reactor given as ``clock``).
     """
 
     protocol = RelayProtocol
+    log = Logger()
     noisy = False  # no "Starting factory <RelayFactory ...>": the service logs its port
 
     def __init__(
@@ -246,15 +469,69 @@ class RelayFactory(Factory):
         onChange: Callable[[], None] = lambda: None,
         maxConnections: int = RELAY_MAX_CONNECTIONS,
         maxPerAddress: int = RELAY_MAX_PER_ADDRESS,
+        *,
+        secret: Optional[bytes] = None,
+        private: bool = False,
+        dialback: Optional[DialBack] = None,
+        maxInflight: int = MAX_INFLIGHT_BYTES,
     ) -> None:
         self.registry = registry
         self.clock = clock
         self.connections = ConnectionLimit(clock, maxConnections, maxPerAddress, what="relay")
         self.boot = uuid.uuid4().hex[:16]
         self._onChange = onChange
+        assert secret is not None or not private, "a private relay needs a secret"
+        self.secret = secret
+        self.private = private
+        self.dialback = dialback if dialback is not None else DialBack(clock)
+        self.maxInflight = maxInflight
+        self.inflight = 0  # registration bytes received and not yet settled
+        self.dialbacks = TokenBucket(clock.seconds, DIALBACK_RATE, DIALBACK_BURST)
+        self.reports = TokenBucket(clock.seconds, REPORT_RATE, REPORT_BURST)
+        self._checked: Dict[str, float] = {}  # node -> when the relay last re-checked it
 
     def changed(self) -> None:
         self._onChange()
+
+    def recheck(self, peer: Peer, source: Optional[str] = None) -> bool:
+        """
+        Dial ``peer`` back to see whether it is still there, at most once
+        per node per RECHECK_INTERVAL (and, for a ``source``, within its
+        dial-back allowance); its entry is hidden only if the check fails,
+        and listed again if a later one succeeds.  True if a check started.
+        """
+        now = self.clock.seconds()
+        last = self._checked.get(peer.node)
+        if last is not None and now - last < RECHECK_INTERVAL:
+            return False
+        if source is not None and self.dialbacks.take(source):
+            return False
+        if len(self._checked) > self.registry.maxTotal:
+            self._checked = {n: t for n, t in self._checked.items() if now - t < RECHECK_INTERVAL}
+        self._checked[peer.node] = now
+        d = self.dialback.check(peer.host, peer.port, peer.key)
+        d.addCallback(self._rechecked, peer)
+        d.addErrback(lambda f: self.log.failure("bug while re-checking a node", f))
+        return True
+
+    def _rechecked(self, outcome: Outcome, peer: Peer) -> None:
+        current = self.registry.get(peer.node)
+        if current is None or (current.key, current.address) != (peer.key, peer.address):
+            return  # gone or registered anew meanwhile
+        if current.reachable == outcome.ok:
+            return
+        self.registry.setReachable(peer.node, outcome.ok)
+        self.changed()
+        if outcome.ok:
+            self.log.info("{node} at {host}:{port} is reachable again", node=peer.node, host=peer.host, port=peer.port)
+        else:
+            self.log.info(
+                "{node} at {host}:{port} is unreachable ({why}); hiding it",
+                node=peer.node,
+                host=peer.host,
+                port=peer.port,
+                why=outcome.reason,
+            )
 
     def buildProtocol(self, addr: object):
         return self.connections.build(addr, lambda: RelayProtocol(self))

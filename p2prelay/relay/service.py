@@ -39,6 +39,8 @@ class RelayService(MultiService):
         *,
         maxConnections: int = RELAY_MAX_CONNECTIONS,
         maxPerAddress: int = RELAY_MAX_PER_ADDRESS,
+        secret: Optional[bytes] = None,
+        private: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -50,6 +52,8 @@ class RelayService(MultiService):
             onChange=self._changed,
             maxConnections=maxConnections,
             maxPerAddress=maxPerAddress,
+            secret=secret,
+            private=private,
         )
         self.listener = ListeningService(reactor, description, self.factory, "relay")
         self.listener.setServiceParent(self)

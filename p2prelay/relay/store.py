@@ -7,6 +7,11 @@ holds one consistent snapshot.  A file that cannot be read, or that a relay
 with a newer schema (``PRAGMA user_version``) wrote, is moved aside with a
 warning and the relay starts empty -- it never refuses to start over its own
 cache, and never rewrites a newer relay's file.
+
+Schema 2 added each node's public key, whether the relay reached it, and
+the address it registered from.  A schema-1 file holds keyless entries no
+node could ever prove again, so its table is dropped (with a warning) and
+the nodes simply register again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from twisted.logger import Logger
 from ..wire import FileEntry
 from .registry import Peer
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the files this code writes
+SCHEMA_VERSION = 2  # PRAGMA user_version of the files this code writes
 
 
 class NewerSchema(Exception):
@@ -44,10 +49,20 @@ class StateStore:
             raise NewerSchema(
                 f"schema version {version}, newer than this relay's {SCHEMA_VERSION}"
             )
+        if version < SCHEMA_VERSION:
+            columns = [row[1] for row in db.execute("PRAGMA table_info(peers)")]
+            if columns and "key" not in columns:
+                self.log.warn(
+                    "state file {path} is from an older relay: its entries have no keys "
+                    "and are dropped; nodes register again",
+                    path=str(self.path),
+                )
+                db.execute("DROP TABLE peers")
         db.execute(
             "CREATE TABLE IF NOT EXISTS peers ("
             " node TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,"
-            " udp INTEGER, expires REAL NOT NULL, files TEXT NOT NULL)"
+            " udp INTEGER, expires REAL NOT NULL, files TEXT NOT NULL,"
+            " key TEXT, reachable INTEGER NOT NULL, source TEXT)"
         )
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return db
@@ -63,7 +78,8 @@ class StateStore:
             db = self._connect()
             try:
                 rows = db.execute(
-                    "SELECT node, host, port, udp, expires, files FROM peers"
+                    "SELECT node, host, port, udp, expires, files, key, reachable, source"
+                    " FROM peers"
                 ).fetchall()
             finally:
                 db.close()
@@ -88,7 +104,7 @@ class StateStore:
         )
 
     @staticmethod
-    def _peer(node, host, port, udp, expires, files) -> Peer:
+    def _peer(node, host, port, udp, expires, files, key, reachable, source) -> Peer:
         entries = [FileEntry(str(n), int(s), str(h)) for n, s, h in json.loads(files)]
         return Peer(
             node=str(node),
@@ -97,6 +113,9 @@ class StateStore:
             files={e.name: e for e in entries},
             expires=float(expires),
             udp=int(udp) if udp is not None else None,
+            key=str(key) if key is not None else None,
+            reachable=bool(reachable),
+            source=str(source) if source is not None else None,
         )
 
     def save(self, peers: Iterable[Peer]) -> None:
@@ -108,6 +127,9 @@ class StateStore:
                 p.udp,
                 p.expires,
                 json.dumps([[e.name, e.size, e.sha256] for e in p.files.values()]),
+                p.key,
+                int(p.reachable),
+                p.source,
             )
             for p in peers
         ]
@@ -115,6 +137,6 @@ class StateStore:
         try:
             with db:
                 db.execute("DELETE FROM peers")
-                db.executemany("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         finally:
             db.close()
