@@ -73,7 +73,8 @@ class GetProtocol(OneShotClient[None]):
         size = message.integer("size")
         digest = message.sha256()
         offset = message.integer("offset", 0)
-        length = message.integer("length", size - offset)
+        # Not below 0: an offset past the end is then an impossible range.
+        length = message.integer("length", max(size - offset, 0))
         if offset != self.offset or (self.length is not None and length != self.length):
             raise wire.ProtocolError(wire.BAD_REQUEST, "peer answered another range")
         if offset + length > size:
