@@ -21,6 +21,8 @@ from p2prelay.node.server import FileServerFactory
 from p2prelay.node.share import SharedDirectory
 from p2prelay.relay.protocol import RelayFactory
 from p2prelay.relay.registry import Registry
+from p2prelay.udp import packets, receiver
+from tests import test_udp
 from tests.support import syncThread
 
 ATTACKER = IPv4Address("TCP", "10.6.6.6", 40000)
@@ -409,3 +411,41 @@ class OptionTests(SynchronousTestCase):
 
         config = RelayOptions()
         self.assertRaises(UsageError, config.parseOptions, ["--max-per-address", "0"])
+
+
+class UnacknowledgedUDPTests(test_udp.UDPTestCase):
+    """UDP: a transfer nobody acknowledges frees its slot within UNACKED_TIMEOUT."""
+
+    def vanishingClient(self, name: str = "many.bin"):
+        """A client that completes the handshake, then acknowledges nothing."""
+        self.network.drop = lambda s, d, g: test_udp.kind(g) == packets.ACK
+        client = receiver.UDPClient(
+            self.reactor, test_udp.SERVER, name, test_udp.Sink(), 0, None, 60.0, test_udp.BLOCK
+        )
+        self.network.ephemeral(client)
+        self.addCleanup(lambda: client.deferred.cancel() if not client.deferred.called else None)
+        client.deferred.addErrback(lambda f: None)
+        return client
+
+    def test_default(self):
+        """By default a never-acknowledged UDP transfer is dropped after 3 s (30 s once acknowledged)."""
+        self.assertEqual((self.server.unackedTimeout, self.server.idleTimeout), (3.0, 30.0))
+
+    def test_neverAcknowledgedFreed(self):
+        """A transfer whose META is never acknowledged frees its slot, and its address's, within UNACKED_TIMEOUT."""
+        self.vanishingClient()
+        self.advance(0.05)
+        self.assertEqual(len(self.server.transfers), 1)
+        self.advance(self.server.unackedTimeout + 0.1)
+        self.assertEqual(self.server.transfers, {})
+        self.assertEqual(self.server.perAddress, {})
+
+    def test_floodOfUnacknowledgedFreed(self):
+        """Requests filling every slot from one address are all freed within seconds, not 30."""
+        self.server.maxPerAddress = 4
+        for _ in range(4):
+            self.vanishingClient()
+        self.advance(0.05)
+        self.assertEqual(len(self.server.transfers), 4)
+        self.advance(self.server.unackedTimeout + 0.1)
+        self.assertEqual(self.server.transfers, {})

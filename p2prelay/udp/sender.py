@@ -364,6 +364,14 @@ class Transfer:
 
     # Timers
 
+    def _idleLimit(self) -> float:
+        """
+        Seconds this transfer may go unacknowledged: short until the client
+        has acknowledged anything, so requests never followed up (a flood,
+        or a client that vanished) do not hold slots for long.
+        """
+        return self.server.idleTimeout if self.metaAcked else self.server.unackedTimeout
+
     def _arm(self, delay: float) -> None:
         """
         Push the retransmission deadline out.  The timer is moved lazily:
@@ -371,7 +379,7 @@ class Transfer:
         """
         now = self.clock.seconds()
         self._deadline = now + delay
-        fire = min(self._deadline, self.lastHeard + self.server.idleTimeout)
+        fire = min(self._deadline, self.lastHeard + self._idleLimit())
         if self._timer is None or not self._timer.active():
             self._timer = self.clock.callLater(max(0.0, fire - now), self._timerFired)
         elif self._timer.getTime() > fire + RTO_MIN:
@@ -382,16 +390,17 @@ class Transfer:
         if self.phase is not Phase.SENDING:
             return
         now = self.clock.seconds()
-        if now - self.lastHeard >= self.server.idleTimeout:
+        if now - self.lastHeard >= self._idleLimit():
             self.log.info(
-                "UDP: {peer} stopped acknowledging {name}; dropping the transfer",
+                "UDP: {peer} stopped (or never started) acknowledging {name}; "
+                "dropping the transfer",
                 peer=self.addr,
                 name=self.name,
             )
             self.stop("idle")
             return
         if now < self._deadline:
-            fire = min(self._deadline, self.lastHeard + self.server.idleTimeout)
+            fire = min(self._deadline, self.lastHeard + self._idleLimit())
             self._timer = self.clock.callLater(max(0.0, fire - now), self._timerFired)
             return
         # RFC 6298 5.4-5.6: back off, and resend from the oldest block.

@@ -31,6 +31,8 @@ Address = Tuple[str, int]
 Key = Tuple[str, int, int]  # client host, client port, transfer id
 
 REMEMBER_FINISHED = 1024  # finished transfers remembered against replays
+IDLE_TIMEOUT = 30.0  # seconds a transfer survives without an acknowledgement
+UNACKED_TIMEOUT = 3.0  # ... or, before its first acknowledgement, these many
 
 
 class UDPFileServer(DatagramProtocol):
@@ -42,6 +44,10 @@ class UDPFileServer(DatagramProtocol):
     largest block this server sends; a client asking for less gets that.
     ``segmentation=False`` turns off Linux UDP segmentation offload (GSO),
     which is otherwise used whenever the socket supports it.
+
+    A transfer whose client never acknowledges anything (not even META)
+    frees its slot after ``unackedTimeout`` seconds; once acknowledged, it
+    is dropped after ``idleTimeout`` seconds without an acknowledgement.
     """
 
     log = Logger()
@@ -54,7 +60,8 @@ class UDPFileServer(DatagramProtocol):
         blockSize: int = DEFAULT_BLOCK,
         maxTransfers: int = 64,
         maxPerAddress: int = 8,
-        idleTimeout: float = 30.0,
+        idleTimeout: float = IDLE_TIMEOUT,
+        unackedTimeout: float = UNACKED_TIMEOUT,
         segmentation: bool = True,
     ) -> None:
         if clock is None:
@@ -67,6 +74,7 @@ class UDPFileServer(DatagramProtocol):
         self.maxTransfers = maxTransfers
         self.maxPerAddress = maxPerAddress
         self.idleTimeout = idleTimeout
+        self.unackedTimeout = unackedTimeout
         self.segmentation = segmentation
         self.gso: Optional[socket.socket] = None  # the socket, when it can send runs
         self.transfers: Dict[Key, Transfer] = {}
