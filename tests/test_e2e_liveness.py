@@ -20,7 +20,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay import wire
+from p2prelay import identity, wire
 from p2prelay.relay.store import StateStore
 
 from .support import LOOPBACK, Network, NetworkTestCase, script, waitUntil
@@ -155,14 +155,21 @@ class SlowPeer:
         self.content = content
         self.halfSent = threading.Event()
         self.release = threading.Event()
+        self.key = identity.NodeKey.generate()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        conn, _ = self.server.accept()
+        while True:
+            conn, _ = self.server.accept()
+            request = wire.parseLine(conn.recv(65536).rstrip(b"\r\n"))
+            if request.word != wire.PROVE:
+                break
+            with conn:  # the relay's dial-back: prove our key here
+                sig = self.key.prove(identity.DIALBACK_PROOF, request.nonce(), b"")
+                conn.sendall(wire.status(200, key=self.key.public, sig=sig))
         with conn:
-            conn.recv(65536)
             digest = hashlib.sha256(self.content).hexdigest()
             size = len(self.content)
             conn.sendall(wire.status(200, size=size, sha256=digest, offset=0, length=size))
@@ -174,12 +181,16 @@ class SlowPeer:
     def register(self, relay: str, name: str) -> None:
         host, port = relay.rsplit(":", 1)
         digest = hashlib.sha256(self.content).hexdigest()
+        request = (
+            wire.request(wire.REGISTER, key=self.key.public, port=self.port, files=1)
+            + wire.item(wire.FILE, name=name, size=len(self.content), sha256=digest)
+            + wire.end(1)
+        )
         with socket.create_connection((host, int(port))) as s:
-            s.sendall(
-                wire.request(wire.REGISTER, node="slowpeer", port=self.port, files=1)
-                + wire.item(wire.FILE, name=name, size=len(self.content), sha256=digest)
-                + wire.end(1)
-            )
+            s.sendall(request)
+            challenge = wire.parseLine(s.recv(4096).rstrip(b"\r\n"))  # 100 nonce=
+            sig = self.key.prove(identity.REGISTER_PROOF, challenge.nonce(), request)
+            s.sendall(wire.request(wire.PROOF, sig=sig))
             self.reply = s.recv(4096)
 
     def close(self) -> None:
