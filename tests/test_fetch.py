@@ -5,10 +5,13 @@ peers, against in-memory peers and relay.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 from pathlib import Path
+
+import attrs
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
@@ -16,11 +19,20 @@ from twisted.internet.error import ConnectionRefusedError, DNSLookupError, Timeo
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay import wire
-from p2prelay.client.download import DestinationError, Download, VerificationError, destination
+from p2prelay import identity, wire
+from p2prelay.client import download
+from p2prelay.client.download import (
+    DestinationError,
+    Download,
+    NoSpace,
+    VerificationError,
+    destination,
+    human,
+)
 from p2prelay.client.fetcher import (
     Attempt,
     Fetcher,
@@ -28,11 +40,9 @@ from p2prelay.client.fetcher import (
     PeerAddress,
     RelayUnreachable,
 )
-from p2prelay.client.get import GetProtocol, IncompleteBody
+from p2prelay.client.get import GetProtocol, IncompleteBody, TooSlow
 from p2prelay.negotiation import negotiate
 from p2prelay.node.server import FileServerFactory
-from p2prelay.relay.registry import Registry
-from p2prelay.relay.protocol import RelayFactory
 from p2prelay.node.share import SharedDirectory
 from p2prelay.wire import FileEntry
 
@@ -233,6 +243,135 @@ class GetProtocolTests(FetchTestCase):
         self.failureResultOf(d, TimeoutError)
 
 
+class GetDefenceTests(FetchTestCase):
+    """
+    What a hostile peer can do to one GET: every wrong answer fails the
+    attempt with an error, on the clock, and stores nothing it should not.
+    """
+
+    def connect(self, timeout=TIMEOUT, **kw):
+        sink = self.sink()
+        proto = GetProtocol(self.clock, "a.txt", sink, timeout, **kw)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, sink, transport
+
+    def answer(self, body: bytes = DATA, **fields) -> bytes:
+        fields = {"size": len(body), "sha256": sha(body), "offset": 0, "length": len(body), **fields}
+        return wire.status(wire.OK, **fields)
+
+    def test_wholeFileAnsweredWithARange(self):
+        """A whole-file GET answered with length=5 is a refused answer, not a 5-byte success."""
+        proto, sink, _ = self.connect()
+        proto.dataReceived(self.answer(length=5) + DATA[:5])
+        e = self.failureResultOf(proto.deferred, wire.ProtocolError).value
+        self.assertIn("another range", e.message)
+        self.assertEqual(sink.received, 0)
+
+    def test_statusDisagreesWithIndex(self):
+        """A status line announcing another file than the index lists fails before any byte is stored."""
+        other = DATA.upper()
+        proto, sink, transport = self.connect(accept={(len(DATA), sha(DATA))})
+        proto.dataReceived(self.answer(other) + other)
+        e = self.failureResultOf(proto.deferred, VerificationError).value
+        self.assertIn("another file", str(e))
+        self.assertEqual(sink.received, 0)
+        self.assertTrue(transport.disconnecting)
+
+    def test_statusAgreesWithIndex(self):
+        """A status line matching one of the accepted (size, sha256) pairs proceeds."""
+        proto, sink, _ = self.connect(accept={(1, "0" * 64), (len(DATA), sha(DATA))})
+        proto.dataReceived(self.answer() + DATA)
+        self.successResultOf(proto.deferred)
+        self.assertEqual(sink.verify(), sha(DATA))
+
+    def test_noRoom(self):
+        """An announced size beyond the free space fails the attempt with NoSpace."""
+        self.patch(download, "freeSpace", lambda directory: 10)
+        proto, sink, _ = self.connect()
+        proto.dataReceived(self.answer())
+        self.failureResultOf(proto.deferred, NoSpace)
+
+    def test_waitsForBegin(self):
+        """With start=False nothing is sent, nor the sink taken, until begin()."""
+        proto, sink, transport = self.connect(start=False)
+        self.assertEqual((transport.value(), sink.producer), (b"", None))
+        proto.begin()
+        self.assertTrue(transport.value().startswith(b"P2P/1 GET "))
+        self.assertIs(sink.producer, proto)
+
+    def test_speaksFirst(self):
+        """A peer that sends a status before it was asked fails the attempt."""
+        proto, sink, transport = self.connect(start=False)
+        proto.dataReceived(self.answer())
+        self.failureResultOf(proto.deferred, wire.ProtocolError)
+
+    def test_answerTimeout(self):
+        """A peer that accepts and stays silent fails once answerTimeout passes, not the idle timeout."""
+        proto, _, transport = self.connect(answerTimeout=3)
+        self.clock.advance(2.9)
+        self.assertNoResult(proto.deferred)
+        self.clock.advance(0.1)
+        self.failureResultOf(proto.deferred, TimeoutError)
+        self.assertTrue(transport.disconnected)
+
+    def drip(self, proto, seconds: int, perSecond: int) -> None:
+        for _ in range(seconds):
+            if proto.deferred.called:
+                return
+            proto.dataReceived(b"x" * perSecond)
+            self.clock.advance(1)
+
+    def test_dripAbandoned(self):
+        """A body trickling at 1 byte/s is abandoned after speedTime seconds below speedLimit."""
+        body = b"x" * 10_000
+        proto, _, transport = self.connect(speedLimit=1024, speedTime=20)
+        proto.dataReceived(self.answer(body))
+        self.drip(proto, 19, 1)
+        self.assertNoResult(proto.deferred)
+        self.drip(proto, 2, 1)
+        e = self.failureResultOf(proto.deferred, TooSlow).value
+        self.assertIn("slower than 1024 bytes/s for 20 seconds", str(e))
+        self.assertTrue(transport.disconnected)
+
+    def test_burstsEvery19SecondsAbandoned(self):
+        """One burst of 1 KiB every 19 s averages below the limit and is abandoned all the same."""
+        body = b"x" * 100_000
+        proto, _, _ = self.connect(speedLimit=1024, speedTime=20, timeout=60)
+        proto.dataReceived(self.answer(body))
+        for second in range(60):
+            if proto.deferred.called:
+                break
+            if second % 19 == 18:
+                proto.dataReceived(b"x" * 1024)
+            self.clock.advance(1)
+        self.failureResultOf(proto.deferred, TooSlow)
+        self.assertLessEqual(self.clock.seconds(), 21)
+
+    def test_steadyRateKept(self):
+        """A body at twice the limit runs as long as it needs."""
+        body = b"x" * (2048 * 60)
+        proto, sink, _ = self.connect(speedLimit=1024, speedTime=20)
+        proto.dataReceived(self.answer(body))
+        self.drip(proto, 60, 2048)
+        self.successResultOf(proto.deferred)
+        self.assertEqual(sink.received, len(body))
+
+    def test_pausedIsNotSlow(self):
+        """While the sink has paused the transfer, the rate is not held against the peer."""
+        body = b"x" * 10_000
+        proto, sink, _ = self.connect(speedLimit=1024, speedTime=20)
+        proto.dataReceived(self.answer(body))
+        proto.pauseProducing()
+        self.clock.advance(100)
+        self.assertNoResult(proto.deferred)
+        proto.resumeProducing()
+        self.drip(proto, 19, 0)
+        self.assertNoResult(proto.deferred)
+        self.drip(proto, 2, 0)
+        self.failureResultOf(proto.deferred, TooSlow)
+
+
 class GetSplitTests(FetchTestCase):
     """
     A GET answer (status line, then raw body) parsed the same however TCP
@@ -300,17 +439,146 @@ class GetSplitTests(FetchTestCase):
             self.assertEqual((result, received), (None, piece), cut)
 
 
+@attrs.define
+class Listed:
+    """One peer in the fake relay: where it is and what the index says it holds."""
+
+    node: str
+    host: str
+    port: int
+    files: dict  # name -> (size, sha256)
+    udp: int | None = None
+
+
+class FakeRelayProtocol(LineReceiver):
+    """
+    The relay as a client sees it, scripted: WHOHAS, PEERS, SEARCH and DEAD
+    answered from :class:`FakeRelay`'s list; with a secret, every query is
+    first challenged (``100 nonce= secret=1``) and needs ``PROOF mac=``.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, relay: "FakeRelay") -> None:
+        self.relay = relay
+        self.sent = b""
+        self.nonce = None
+
+    def lineReceived(self, line: bytes) -> None:
+        message = wire.parseLine(line)
+        if self.nonce is not None:
+            text = identity.transcript(identity.CLIENT_PROOF, self.nonce, self.sent)
+            if message.word != wire.PROOF or not identity.checkSecretProof(
+                self.relay.secret, text, message.get("mac", "") or ""
+            ):
+                self.relay.refused += 1
+                self.finish(wire.status(401, "bad proof"))
+                return
+            self.answer(wire.parseLine(self.sent.rstrip(b"\n")))
+            return
+        self.sent += line + b"\n"
+        if self.relay.secret is not None:
+            self.nonce = identity.newNonce()
+            self.transport.write(wire.status(wire.CONTINUE, "prove it", nonce=self.nonce, secret=1))
+            return
+        self.answer(message)
+
+    def finish(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.transport.loseConnection()
+
+    def answer(self, message: wire.Message) -> None:
+        relay = self.relay
+        relay.asked.append(message.word)
+        if message.word == wire.DEAD:
+            relay.dead.append(f"{message.require('host')}:{message.port()}")
+            self.finish(wire.status(wire.OK, "will check"))
+            return
+        if message.word == wire.WHOHAS:
+            name = message.require("name")
+            items = [
+                wire.item(wire.PEER, node=p.node, host=p.host, port=p.port, udp=p.udp,
+                          size=p.files[name][0], sha256=p.files[name][1])
+                for p in relay.peers if name in p.files
+            ]
+        elif message.word == wire.PEERS:
+            items = [
+                wire.item(wire.PEER, node=p.node, host=p.host, port=p.port, udp=p.udp, files=len(p.files))
+                for p in relay.peers
+            ]
+        elif message.word == wire.SEARCH:
+            pattern = message.get("pattern", "") or ""
+            limit = message.integer("limit", 1000)
+            found: dict = {}
+            for p in relay.peers:
+                for name, (size, digest) in p.files.items():
+                    if pattern in name:
+                        found.setdefault(name, [size, digest, 0])[2] += 1
+            names = sorted(found)
+            items = [
+                wire.item(wire.FILE, name=n, size=found[n][0], sha256=found[n][1], holders=found[n][2])
+                for n in names[:limit]
+            ]
+            self.finish(
+                wire.status(wire.OK, count=len(items)) + b"".join(items)
+                + wire.end(len(items), truncated=1 if len(names) > limit else None)
+            )
+            return
+        else:
+            self.finish(wire.status(400, "unexpected"))
+            return
+        self.finish(wire.status(wire.OK, count=len(items)) + b"".join(items) + wire.end(len(items)))
+
+
+class FakeRelay(Factory):
+    """A relay's client-facing answers, from a plain list of peers."""
+
+    noisy = False
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self.peers: list[Listed] = []
+        self.dead: list[str] = []
+        self.asked: list[str] = []
+        self.secret = secret
+        self.refused = 0
+
+    def add(self, node: str, host: str, port: int, files, udp=None) -> Listed:
+        listed = Listed(node, host, port, {e.name: (e.size, e.sha256) for e in files}, udp)
+        self.peers.append(listed)
+        return listed
+
+    def buildProtocol(self, addr):
+        return FakeRelayProtocol(self)
+
+
+class NeverConnects:
+    """An endpoint whose connection attempt never completes (a silent, filtered port)."""
+
+    def __init__(self, network: "FakeNetwork", label: str) -> None:
+        self.network = network
+        self.label = label
+        self.cancelled = 0
+
+    def connect(self, clientFactory):
+        self.network.connections.append(self.label)
+
+        def cancel(d):
+            self.cancelled += 1
+
+        return Deferred(cancel)
+
+
 class FetcherTests(FetchTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.registry = Registry(self.clock.seconds, 3600)
-        self.relay = FakeEndpoint(self.network, "relay", RelayFactory(self.registry, self.clock))
-        self.endpoints: dict[tuple[str, int], FakeEndpoint] = {}
+        self.relayFactory = FakeRelay()
+        self.relay = FakeEndpoint(self.network, "relay", self.relayFactory)
+        self.endpoints: dict[tuple[str, int], object] = {}
         self.reports: list[str] = []
         self.verbose: list[str] = []
         self.nextPort = 5001
 
-    def fetcher(self, relay=None) -> Fetcher:
+    def fetcher(self, relay=None, **kw) -> Fetcher:
         return Fetcher(
             self.clock,
             relay or self.relay,
@@ -318,17 +586,27 @@ class FetcherTests(FetchTestCase):
             report=self.reports.append,
             verbose=self.verbose.append,
             peerEndpoint=lambda peer: self.endpoints[(peer.host, peer.port)],
+            **kw,
         )
 
-    def peer(self, holds: bool = True, factory=None, error=None, name="a.txt") -> str:
-        """Register a peer at the relay; holds says whether the relay thinks it has the file."""
+    def peer(self, holds: bool = True, factory=None, error=None, name="a.txt", listed: bytes = DATA,
+             endpoint=None) -> str:
+        """
+        Register a peer at the relay; holds says whether the relay thinks it
+        has the file, listed what the index says that file is.
+        """
         port = self.nextPort
         self.nextPort += 1
         label = f"127.0.0.1:{port}"
-        files = [FileEntry(name, len(DATA), sha(DATA))] if holds else []
-        self.registry.register(f"node{port}", "127.0.0.1", port, files)
-        self.endpoints[("127.0.0.1", port)] = FakeEndpoint(self.network, label, factory, error)
+        files = [FileEntry(name, len(listed), sha(listed))] if holds else []
+        self.relayFactory.add(f"node{port}", "127.0.0.1", port, files)
+        self.endpoints[("127.0.0.1", port)] = endpoint or FakeEndpoint(self.network, label, factory, error)
         return label
+
+    def active(self) -> list[str]:
+        """The peers not reported dead."""
+        dead = set(self.relayFactory.dead)
+        return [f"{p.host}:{p.port}" for p in self.relayFactory.peers if f"{p.host}:{p.port}" not in dead]
 
     def good(self, **kw) -> str:
         return self.peer(factory=self.fileServer({"a.txt": DATA}), **kw)
@@ -398,7 +676,7 @@ class FetcherTests(FetchTestCase):
         d, sink = self.fetch()
         self.assertFetchedFrom(d, sink, second)
         self.assertEqual(self.reports, [f"peer {first}: connection refused, trying next"])
-        self.assertEqual([f"127.0.0.1:{p.port}" for p in self.registry.active()], [second])
+        self.assertEqual(self.active(), [second])
 
     def test_failoverTimeout(self):
         """A holder that never answers times out, is reported DEAD, and the next is tried."""
@@ -407,7 +685,7 @@ class FetcherTests(FetchTestCase):
         d, sink = self.fetch()
         self.assertFetchedFrom(d, sink, second)
         self.assertEqual(self.reports, [f"peer {first}: timed out, trying next"])
-        self.assertNotIn(first, [f"127.0.0.1:{p.port}" for p in self.registry.active()])
+        self.assertNotIn(first, self.active())
 
     def test_failoverDrop(self):
         """A holder that drops mid-stream is left for the next, and is not reported dead."""
@@ -417,7 +695,7 @@ class FetcherTests(FetchTestCase):
         self.assertFetchedFrom(d, sink, second)
         [line] = self.reports
         self.assertTrue(line.startswith(f"peer {first}: connection lost after 10 bytes"), line)
-        self.assertEqual(len(self.registry.active()), 2)
+        self.assertEqual(len(self.active()), 2)
 
     def test_failoverWrongBytes(self):
         """A holder sending bytes that fail verification is left for the next."""
@@ -427,7 +705,7 @@ class FetcherTests(FetchTestCase):
         self.assertFetchedFrom(d, sink, second)
         [line] = self.reports
         self.assertIn(f"peer {first}: SHA-256 mismatch", line)
-        self.assertEqual(len(self.registry.active()), 2)
+        self.assertEqual(len(self.active()), 2)
 
     def test_everyFailureMode(self):
         """Failover runs through every kind of failure in turn until one peer delivers."""
@@ -528,7 +806,7 @@ class FetcherTests(FetchTestCase):
         d, sink = self.fetch()
         self.assertFetchedFrom(d, sink, second)
         self.assertEqual(self.reports, [f"peer {first}: unknown host, trying next"])
-        self.assertEqual(len(self.registry.active()), 1)
+        self.assertEqual(len(self.active()), 1)
 
     def test_search(self):
         """search() returns the FILE items and the truncated flag."""
@@ -542,6 +820,287 @@ class FetcherTests(FetchTestCase):
         """Peer addresses print as host:port, IPv6 hosts in brackets."""
         self.assertEqual(str(PeerAddress("::1", 80)), "[::1]:80")
         self.assertEqual(str(PeerAddress("127.0.0.1", 80)), "127.0.0.1:80")
+
+
+class FetcherDefenceTests(FetcherTests):
+    """
+    The fetcher against holders of every hostile kind: each is a failed
+    attempt (reported, next holder), never a success or a traceback, and
+    the waiting and the number of peers contacted stay bounded.
+    """
+
+    OTHER = b"not the file you asked for\n" * 10
+
+    def serving(self, data: bytes, **kw) -> str:
+        """A peer that serves ``data`` as a.txt, with its own correct hash."""
+        return self.peer(factory=self.fileServer({"a.txt": data}), **kw)
+
+    def drip(self, **kw) -> str:
+        class Drip(Protocol):
+            def dataReceived(inner, _):
+                inner.transport.write(
+                    wire.status(200, size=len(DATA), sha256=sha(DATA), offset=0, length=len(DATA)) + b"x"
+                )
+                inner.tick = self.clock.callLater(1, inner.more)
+
+            def more(inner):
+                inner.transport.write(b"x")
+                inner.tick = self.clock.callLater(1, inner.more)
+
+            def connectionLost(inner, reason):
+                if inner.tick.active():
+                    inner.tick.cancel()
+
+        return self.peer(factory=Factory.forProtocol(Drip), **kw)
+
+    def neverConnects(self, **kw) -> str:
+        port = self.nextPort
+        return self.peer(endpoint=NeverConnects(self.network, f"127.0.0.1:{port}"), **kw)
+
+    def test_substitutedContent(self):
+        """A holder serving other bytes under its own correct hash fails; the honest one delivers."""
+        fake = self.serving(self.OTHER)
+        honest = self.good()
+        d, sink = self.fetch()
+        self.assertFetchedFrom(d, sink, honest)
+        [line] = self.reports
+        self.assertTrue(line.startswith(f"peer {fake}: the peer offers another file"), line)
+        self.assertEqual(self.active(), [fake, honest], "a bad answer is no dead peer")
+
+    def test_substitutedContentOnly(self):
+        """With only a substituting holder, nothing is fetched (and nothing saved)."""
+        self.serving(self.OTHER)
+        d, sink = self.fetch()
+        self.failureResultOf(d, NotFetched)
+
+    def test_lengthFiveThenHonest(self):
+        """A whole-file GET answered with length=5 is a failed attempt, and the honest holder is tried."""
+        liar = self.peer(factory=Factory.forProtocol(lambda: LyingServer(DATA, DATA[:5], length=5)))
+        honest = self.good()
+        d, sink = self.fetch()
+        fetched = self.assertFetchedFrom(d, sink, honest)
+        self.assertEqual([a.peer for a in fetched.attempts], [liar])
+        self.assertIn("another range", fetched.attempts[0].error)
+
+    def test_eachHolderItsOwnHash(self):
+        """Holders listed with different hashes are each checked against their own listing."""
+        wrong = self.serving(DATA, listed=self.OTHER)
+        right = self.serving(self.OTHER, listed=self.OTHER)
+        d, sink = self.fetch()
+        fetched = self.successResultOf(d)
+        self.assertEqual((fetched.peer, fetched.sha256), (right, sha(self.OTHER)))
+        self.assertEqual([a.peer for a in fetched.attempts], [wrong])
+
+    def test_unlistedPeerWarned(self):
+        """A copy from a peer the index does not list says it was verified only by the sender's hash."""
+        other = self.good(holds=False)
+        d, sink = self.fetch()
+        self.assertFetchedFrom(d, sink, other)
+        self.assertEqual(
+            self.reports,
+            ["a.txt is not in the relay's index; verified only against the sending peer's own hash"],
+        )
+
+    def test_unlistedPeerCheckedAgainstIndex(self):
+        """When the index lists the name, an unlisted peer's copy must be the indexed file."""
+        holder = self.missing()
+        self.serving(self.OTHER, holds=False)
+        d, sink = self.fetch()
+        e = self.failureResultOf(d, NotFetched).value
+        self.assertEqual(len(e.attempts), 2)
+        self.assertIn("another file", e.attempts[1].error)
+        self.assertEqual(e.attempts[0].peer, holder)
+
+    def test_connectTimeout(self):
+        """A holder whose port never answers costs connectTimeout, is reported dead, then the next is tried."""
+        dark = self.neverConnects()
+        d, sink = self.fetch()
+        self.failureResultOf(d, NotFetched)
+        self.assertEqual(self.reports, [f"peer {dark}: timed out, trying next"])
+        self.assertEqual(self.relayFactory.dead, [dark])
+
+    def test_staggered(self):
+        """Attempts start 250 ms apart, at most three at once, while none has connected."""
+        for _ in range(5):
+            self.neverConnects()
+        started = []
+        d = ensureDeferred(self.fetcher().fetch("a.txt", self.sink()))
+        self.network.flush()
+        for _ in range(8):
+            started.append(len(self.peersTried()))
+            self.clock.advance(0.25)
+        self.assertEqual(started, [1, 2, 3, 3, 3, 3, 3, 3])
+        self.clock.advance(1.0)  # 3.0 s: the first times out, making room at once
+        self.network.flush()
+        self.assertEqual(len(self.peersTried()), 4)
+        self.drive(d)
+        self.failureResultOf(d, NotFetched)
+
+    def test_firstToConnectGetsTheGet(self):
+        """The first holder to connect gets the GET; the slower attempt is cancelled, not reported."""
+        slow = NeverConnects(self.network, "slow")
+        self.peer(endpoint=slow)
+        honest = self.good()
+        d, sink = self.fetch()
+        fetched = self.assertFetchedFrom(d, sink, honest)
+        self.assertEqual((fetched.attempts, self.reports, self.relayFactory.dead), ([], [], []))
+        self.assertEqual(slow.cancelled, 1)
+
+    def test_fourSilentHolders(self):
+        """Four holders that never connect delay the honest fifth by about 3 s, not 40 s."""
+        silent = [self.neverConnects() for _ in range(4)]
+        honest = self.good()
+        sink = self.sink()
+        d = ensureDeferred(self.fetcher().fetch("a.txt", sink))
+        for _ in range(100):
+            self.network.flush()
+            if d.called:
+                break
+            self.clock.advance(0.05)
+        self.assertFetchedFrom(d, sink, honest)
+        self.assertLessEqual(self.clock.seconds(), 3.5)
+        self.assertEqual(sorted(self.relayFactory.dead), sorted(silent[:2]), "only the attempts that timed out")
+
+    def test_fourSilentHoldersAllAtOnce(self):
+        """With five attempts at once, as RFC 8305, four silent holders cost one second."""
+        for _ in range(4):
+            self.neverConnects()
+        honest = self.good()
+        sink = self.sink()
+        d = ensureDeferred(self.fetcher(attemptsAtOnce=5).fetch("a.txt", sink))
+        for _ in range(100):
+            self.network.flush()
+            if d.called:
+                break
+            self.clock.advance(0.05)
+        self.assertFetchedFrom(d, sink, honest)
+        self.assertLessEqual(self.clock.seconds(), 1.1)
+        self.assertEqual(self.relayFactory.dead, [])
+
+    def test_silentAfterAccepting(self):
+        """A holder that accepts and never answers costs connectTimeout, not the idle timeout."""
+        silent = self.silent()
+        honest = self.good()
+        sink = self.sink()
+        d = ensureDeferred(self.fetcher().fetch("a.txt", sink))
+        for _ in range(200):
+            self.network.flush()
+            if d.called:
+                break
+            self.clock.advance(0.1)
+        self.assertFetchedFrom(d, sink, honest)
+        self.assertLessEqual(self.clock.seconds(), 3.1)
+        self.assertEqual(self.reports, [f"peer {silent}: timed out, trying next"])
+
+    def test_dripAbandoned(self):
+        """A holder sending 1 byte/s is abandoned after --speed-time; the honest one delivers."""
+        slow = self.drip()
+        honest = self.good()
+        d, sink = self.fetch()
+        fetched = self.assertFetchedFrom(d, sink, honest)
+        self.assertEqual([a.peer for a in fetched.attempts], [slow])
+        self.assertIn("slower than 1024 bytes/s for 20 seconds", fetched.attempts[0].error)
+        self.assertLessEqual(self.clock.seconds(), 25)
+
+    def test_maxHolders(self):
+        """Of 21 listed holders only --max-holders (16) are contacted, and only those reported dead."""
+        listed = [self.refused() for _ in range(21)]
+        d, sink = self.fetch()
+        e = self.failureResultOf(d, NotFetched).value
+        self.assertEqual(self.peersTried(), listed[:16])
+        self.assertEqual(self.relayFactory.dead, listed[:16])
+        self.assertEqual(len(e.attempts), 16)
+        self.assertNotIn(wire.PEERS, self.relayFactory.asked, "no budget left for other peers")
+
+    def test_maxHoldersIncludesOtherPeers(self):
+        """The cap counts the other active peers too."""
+        first = self.missing()
+        self.missing(holds=False)
+        self.good(holds=False)
+        sink = self.sink()
+        d = self.drive(self.fetcher(maxHolders=2).fetch("a.txt", sink))
+        self.failureResultOf(d, NotFetched)
+        self.assertEqual(len(self.peersTried()), 2)
+        self.assertEqual(self.peersTried()[0], first)
+
+    def test_noSpaceBeforeAnyone(self):
+        """A listed size beyond the free space is refused before any peer is contacted."""
+        self.patch(download, "freeSpace", lambda directory: 10)
+        self.good()
+        d, sink = self.fetch()
+        e = self.failureResultOf(d, NoSpace).value
+        self.assertIn(f"a.txt needs {len(DATA)} bytes, 10 bytes free", str(e))
+        self.assertEqual(self.peersTried(), [])
+
+    def test_diskErrorThenHonestCopy(self):
+        """A disk error during the first attempt does not fail the honest copy that follows."""
+        first = self.good()
+        second = self.good()
+        sink = self.sink()
+        real = sink._file.write
+        calls = []
+
+        def fullOnce(data):
+            calls.append(data)
+            if len(calls) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(data)
+
+        self.patch(sink._file, "write", fullOnce)
+        d = self.drive(self.fetcher().fetch("a.txt", sink))
+        fetched = self.assertFetchedFrom(d, sink, second)
+        self.assertEqual([a.peer for a in fetched.attempts], [first])
+        self.assertIn("No space left", fetched.attempts[0].error)
+
+    def test_malformedStatus(self):
+        """Status lines that break the protocol are failed attempts, never a traceback."""
+        answers = [
+            b"garbage\n",
+            b"P2P/1 200 size=x\n",
+            b"P2P/1 200 size=5 sha256=nothex\n",
+            b"P2P/1 999 :what\n",
+            wire.status(200, size=3, sha256=sha(DATA), offset=2, length=5),
+        ]
+        bad = []
+        for answer in answers:
+            class Answer(Protocol):
+                def dataReceived(inner, _, answer=answer):
+                    inner.transport.write(answer)
+                    inner.transport.loseConnection()
+
+            bad.append(self.peer(factory=Factory.forProtocol(Answer)))
+        honest = self.good()
+        d, sink = self.fetch()
+        fetched = self.assertFetchedFrom(d, sink, honest)
+        self.assertEqual([a.peer for a in fetched.attempts], bad)
+
+    def test_privateRelay(self):
+        """A private relay's challenge is answered with the secret's proof."""
+        from p2prelay.client.relay import secretProver
+
+        secret = b"s" * 32
+        self.relayFactory.secret = secret
+        honest = self.good()
+        sink = self.sink()
+        d = self.drive(self.fetcher(prover=secretProver(secret)).fetch("a.txt", sink))
+        self.assertFetchedFrom(d, sink, honest)
+        self.assertEqual(self.relayFactory.refused, 0)
+
+    def test_privateRelayWithoutSecret(self):
+        """Without --secret-file a private relay's challenge is a clear 401, not a traceback."""
+        self.relayFactory.secret = b"s" * 32
+        d, sink = self.fetch()
+        e = self.failureResultOf(d, wire.ProtocolError).value
+        self.assertEqual(e.status, 401)
+        self.assertIn("--secret-file", e.message)
+
+    def test_privateRelayWrongSecret(self):
+        """A wrong secret is refused by the relay: 401."""
+        from p2prelay.client.relay import secretProver
+
+        self.relayFactory.secret = b"s" * 32
+        d = self.drive(self.fetcher(prover=secretProver(b"t" * 32)).fetch("a.txt", self.sink()))
+        self.assertEqual(self.failureResultOf(d, wire.ProtocolError).value.status, 401)
 
 
 class DownloadTests(SynchronousTestCase):
@@ -640,12 +1199,90 @@ class DownloadTests(SynchronousTestCase):
         self.assertEqual(final.read_bytes(), DATA)
 
     def test_discard(self):
-        """discard() removes the temporary file; doing it twice is harmless."""
+        """discard() removes the temporary file and the folder it made; doing it twice is harmless."""
         self.download.write(b"partial")
         self.download.discard()
         self.assertFalse(self.download.path.exists())
         self.download.discard()
-        self.assertEqual(list(self.directory.iterdir()), [])
+        self.assertFalse(self.directory.exists())
+
+    def test_discardKeepsExistingFolder(self):
+        """A folder that existed before the download stays when it is discarded."""
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        download = Download(folder)
+        download.discard()
+        self.assertEqual(list(folder.iterdir()), [])
+
+    def test_discardRemovesNestedFoldersItMade(self):
+        """A failed nested download (a/b/c.txt) leaves no empty folders behind."""
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        download = Download(root / "a" / "b")
+        download.write(b"partial")
+        download.discard()
+        self.assertEqual(list(root.iterdir()), [])
+
+    def test_discardKeepsFolderInUse(self):
+        """A folder it made that has gained other files meanwhile is kept."""
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        download = Download(root / "a" / "b")
+        (root / "a" / "other.txt").write_bytes(b"someone else's")
+        download.discard()
+        self.assertEqual(sorted(p.name for p in (root / "a").iterdir()), ["other.txt"])
+
+    def test_commitKeepsFolders(self):
+        """The folders made for a committed download stay, holding the file."""
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        download = Download(root / "a" / "b")
+        download.expect(len(DATA), sha(DATA))
+        download.write(DATA)
+        download.verify()
+        download.commit(root / "a" / "b" / "c.txt")
+        download.discard()
+        self.assertEqual((root / "a" / "b" / "c.txt").read_bytes(), DATA)
+
+    def test_resetClearsWriteError(self):
+        """A disk error in one attempt does not fail the next one: each attempt starts clean."""
+        real = self.download._file.write
+        calls = []
+
+        def full(data):
+            calls.append(data)
+            if len(calls) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(data)
+
+        self.patch(self.download._file, "write", full)
+        self.download.expect(3, sha(b"big"))
+        self.download.write(b"big")
+        self.assertRaises(OSError, self.download.verify)
+        self.download.reset()
+        self.assertEqual(self.filled().verify(), sha(DATA))
+
+    def test_noSpace(self):
+        """A size beyond the folder's free space is refused at once, in one clear sentence."""
+        self.patch(download, "freeSpace", lambda directory: int(1.1 * 2**30))
+        self.download.name = "big.iso"
+        e = self.assertRaises(NoSpace, self.download.expect, 2 * 2**30, None)
+        self.assertEqual(str(e), f"not enough space in {self.directory}: big.iso needs 2.0 GiB, 1.1 GiB free")
+        self.assertIsInstance(e, DestinationError)
+        self.assertIsNone(self.download.expectedSize)
+
+    def test_spaceEnough(self):
+        """A size that fits is expected as usual."""
+        self.patch(download, "freeSpace", lambda directory: 100)
+        self.download.expect(100, None)
+        self.assertEqual(self.download.expectedSize, 100)
+
+    def test_human(self):
+        """Sizes in messages read as people write them."""
+        self.assertEqual(
+            [human(n) for n in (0, 1023, 1024, 1536, 2 * 2**30, 10**15)],
+            ["0 bytes", "1023 bytes", "1.0 KiB", "1.5 KiB", "2.0 GiB", "909.5 TiB"],
+        )
 
 
 class DestinationTests(SynchronousTestCase):

@@ -1,32 +1,49 @@
 """
-The client's side of phases 2 and 3: ask the relay, then fetch from peers
-one at a time, failing over until one delivers a verified copy.
+The client's side of phases 2 and 3: ask the relay, then fetch from peers,
+failing over until one delivers a verified copy.
 
-The peers the relay names as holders come first; if none delivers, every
-other active peer is tried too, since the relay's index may be stale.  A
-peer that cannot be reached at all is reported to the relay so the next
-client does not wait on it.
+Peers are strangers and the relay's lists are the attacker's to fill, so
+every step is bounded.  The holders the relay names come first, at most
+``maxHolders`` of them per file; connections to them are raced as RFC 8305
+races addresses -- a new attempt every ``STAGGER`` seconds, a few at once,
+each given ``connectTimeout`` -- and the first that connects gets the GET
+(the others are cancelled and wait their turn).  Its answer must describe
+the size and SHA-256 the relay's index lists for that holder, arrive
+promptly, and keep up ``speedLimit`` bytes/s over ``speedTime`` seconds.
+
+If no holder delivers, the other active peers are tried too (within the
+same budget), since the index may be stale; a copy from a peer the index
+does not list is checked against the index's entries for the name when
+there are any, and otherwise only against the sender's own hash, which the
+user is told.  A peer that could not be reached at all is reported to the
+relay, and only peers actually tried are.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, List, Optional, Sequence
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .. import udp, wire
-from ..negotiation import IncompleteAnswer, negotiate
+from ..negotiation import IncompleteAnswer, _OneShotFactory
 from .download import Download, VerificationError
-from .get import GetProtocol
-from .relay import IncompleteReply, query
+from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol, TooSlow
+from .relay import IncompleteReply, ProofNeeded, Prover, query
 
-PEER_TIMEOUT = 10.0
+PEER_TIMEOUT = 10.0  # idle timeout of every connection
+CONNECT_TIMEOUT = 3.0  # seconds to connect to a peer, and again for its status line
+STAGGER = 0.25  # seconds between the starts of two connection attempts (RFC 8305)
+ATTEMPTS_AT_ONCE = 3  # connection attempts in flight at once
+MAX_HOLDERS = 16  # peers contacted per file, at most
 
 
 class NoUDP(Exception):
@@ -57,10 +74,17 @@ class NotFetched(Exception):
 
 @attrs.frozen
 class PeerAddress:
+    """
+    A peer as the relay lists it; ``size`` and ``sha256`` are what its
+    index says this peer holds under the name asked for (WHOHAS only).
+    """
+
     host: str
     port: int
     node: str = ""
     udp: Optional[int] = None
+    size: Optional[int] = attrs.field(default=None, eq=False)
+    sha256: Optional[str] = attrs.field(default=None, eq=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -69,12 +93,22 @@ class PeerAddress:
     @classmethod
     def fromMessage(cls, message: wire.Message) -> "PeerAddress":
         udp = message.get("udp")
+        listed = message.get("sha256") is not None
         return cls(
             host=message.require("host"),
             port=message.port(),
             node=message.get("node", "") or "",
             udp=message.port("udp") if udp else None,
+            size=message.integer("size") if listed else None,
+            sha256=message.sha256() if listed else None,
         )
+
+    @property
+    def listed(self) -> Optional[Tuple[int, str]]:
+        """(size, sha256) the relay's index lists for this peer, if any."""
+        if self.sha256 is None or self.size is None:
+            return None
+        return (self.size, self.sha256)
 
 
 @attrs.frozen
@@ -103,7 +137,7 @@ def describe(e: BaseException) -> str:
         return "timed out"
     if isinstance(e, error.DNSLookupError):
         return "unknown host"
-    if isinstance(e, (IncompleteAnswer, VerificationError, NoUDP)):
+    if isinstance(e, (IncompleteAnswer, VerificationError, NoUDP, TooSlow, ProofNeeded)):
         return str(e)
     if isinstance(e, error.ConnectError):
         return (e.osError and str(e.osError)) or e.__class__.__name__
@@ -128,12 +162,19 @@ Report = Callable[[str], None]
 TransferFn = Callable[[PeerAddress, str, Download], Awaitable[None]]
 
 
+def notIndexed(name: str) -> str:
+    return f"{name} is not in the relay's index; verified only against the sending peer's own hash"
+
+
 class Fetcher:
     """
     Everything a client needs to get files: the relay, the reactor, limits.
 
-    ``transfer`` performs one attempt against one peer; the TCP one is the
-    default and a UDP one can be swapped in without touching the failover.
+    The TCP transfer (the default) races connections and checks each
+    answer as it arrives; ``transfer`` swaps in another way to make one
+    attempt against one peer (UDP), tried one peer after another, its
+    result checked against the index afterwards.  ``prover`` answers a
+    private relay's challenge (see :func:`~p2prelay.client.relay.secretProver`).
     """
 
     log = Logger()
@@ -149,24 +190,41 @@ class Fetcher:
         transfer: Optional[TransferFn] = None,
         peerEndpoint: Optional[Callable[[PeerAddress], object]] = None,
         exclude: Sequence[str] = (),
+        connectTimeout: float = CONNECT_TIMEOUT,
+        speedLimit: float = SPEED_LIMIT,
+        speedTime: float = SPEED_TIME,
+        maxHolders: int = MAX_HOLDERS,
+        attemptsAtOnce: int = ATTEMPTS_AT_ONCE,
+        stagger: float = STAGGER,
+        prover: Optional[Prover] = None,
     ) -> None:
         self.reactor = reactor
         self.relay = relay
         self.timeout = timeout
         self.report = report
         self.verbose = verbose
-        self.transfer = transfer or self.transferTCP
+        self.transfer = transfer
+        self.connectTimeout = connectTimeout
+        self.speedLimit = speedLimit
+        self.speedTime = speedTime
+        self.maxHolders = maxHolders
+        self.attemptsAtOnce = attemptsAtOnce
+        self.stagger = stagger
+        self.prover = prover
         # Node ids never to fetch from: a peer's own node, in p2p-peer.
         self.exclude = frozenset(exclude)
         self.peerEndpoint = peerEndpoint or (
-            lambda peer: HostnameEndpoint(reactor, peer.host, peer.port, timeout=self.timeout)
+            lambda peer: HostnameEndpoint(reactor, peer.host, peer.port, timeout=self.connectTimeout)
         )
 
     async def ask(self, payload: bytes):
         try:
-            return await query(self.relay, payload, self.reactor, self.timeout)
+            return await query(self.relay, payload, self.reactor, self.timeout, self.prover)
         except (error.ConnectError, error.TimeoutError, IncompleteReply) as e:
             raise RelayUnreachable(describe(e)) from None
+        except ProofNeeded as e:
+            # A private relay, and no --secret-file: the relay's refusal.
+            raise wire.ProtocolError(wire.UNAUTHORIZED, str(e)) from None
 
     def _peerList(self, reply) -> List[PeerAddress]:
         peers = [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
@@ -188,9 +246,6 @@ class Fetcher:
             await self.ask(wire.request(wire.DEAD, host=peer.host, port=peer.port))
         except Exception as e:
             self.log.debug("could not report {peer}: {error}", peer=str(peer), error=e)
-
-    async def transferTCP(self, peer: PeerAddress, name: str, sink: Download) -> None:
-        await negotiate(self.peerEndpoint(peer), GetProtocol(self.reactor, name, sink, self.timeout))
 
     async def transferUDP(
         self, peer: PeerAddress, name: str, sink: Download, blockSize: int = udp.DEFAULT_BLOCK
@@ -225,10 +280,11 @@ class Fetcher:
         """
         Fetch ``name`` to ``final``: into a temporary file beside it, renamed
         into place only once verified (never over an existing file unless
-        ``force``).  Nothing is left behind when it fails.  ``onStart``
-        sees the download, e.g. to show its progress.
+        ``force``).  Nothing is left behind when it fails, not even the
+        folders made for it.  ``onStart`` sees the download, e.g. to show
+        its progress.
         """
-        sink = Download(final.parent, self.reactor)
+        sink = Download(final.parent, self.reactor, name=name)
         onStart(sink)
         try:
             result = await self.fetch(name, sink)
@@ -242,64 +298,269 @@ class Fetcher:
         """
         Fetch ``name`` into ``sink``, verified, trying peer after peer.
 
-        Raises :class:`RelayUnreachable` or :class:`NotFetched`.
+        Raises :class:`RelayUnreachable`, :class:`NotFetched`, or
+        :class:`~p2prelay.client.download.NoSpace` when no listed copy fits.
         """
         wire.checkName(name)
-        started = time.monotonic()
-        attempts: List[Attempt] = []
-        tried: set[tuple[str, int]] = set()
-        holders = await self.holders(name)
+        sink.name = sink.name or name
+        attempt = _FetchAttempt(self, name, sink)
+        return await attempt.run()
+
+
+class _FetchAttempt:
+    """One file's fetch: the candidates, the budget, the failed attempts."""
+
+    def __init__(self, fetcher: Fetcher, name: str, sink: Download) -> None:
+        self.fetcher = fetcher
+        self.clock = fetcher.reactor
+        self.name = name
+        self.sink = sink
+        self.started = time.monotonic()
+        self.attempts: List[Attempt] = []
+        self.contacted: set[Tuple[str, int]] = set()
+        self.reports: List[Deferred] = []
+        # Every (size, sha256) the index lists for the name.
+        self.indexed: frozenset = frozenset()
+
+    def budget(self, candidates: Sequence[PeerAddress]) -> List[PeerAddress]:
+        """Candidates not yet contacted, within what is left of maxHolders."""
+        fresh: List[PeerAddress] = []
+        seen = set(self.contacted)
+        for peer in candidates:
+            key = (peer.host, peer.port)
+            if key not in seen:
+                seen.add(key)
+                fresh.append(peer)
+        room = max(self.fetcher.maxHolders - len(self.contacted), 0)
+        return fresh[:room]
+
+    def accepted(self, peer: PeerAddress) -> Optional[Accepted]:
+        """What a whole-file answer from ``peer`` may announce (None: anything)."""
+        if peer.listed is not None:
+            return frozenset([peer.listed])
+        return self.indexed or None
+
+    async def run(self) -> Fetched:
+        f = self.fetcher
+        name = self.name
+        holders = await f.holders(name)
+        self.indexed = frozenset(p.listed for p in holders if p.listed is not None)
+        candidates = self.budget(holders)
         if holders:
-            self.verbose(
+            dropped = len(holders) - len(candidates)
+            f.verbose(
                 f"relay: {len(holders)} peer(s) hold {name}: "
-                + ", ".join(str(p) for p in holders)
+                + ", ".join(str(p) for p in candidates)
+                + (f" (and {dropped} more, beyond --max-holders)" if dropped else "")
             )
+            sizes = [p.size for p in candidates if p.size is not None]
+            if sizes:
+                self.sink.checkSpace(min(sizes))
         else:
-            self.verbose(f"relay: no registered peer holds {name}; asking every active peer")
-
-        async def tryAll(candidates: List[PeerAddress]) -> Optional[PeerAddress]:
-            for peer in candidates:
-                if (peer.host, peer.port) in tried:
-                    continue
-                tried.add((peer.host, peer.port))
-                await sink.flushed()
-                sink.reset()
-                self.verbose(f"fetching {name} from {peer}")
-                try:
-                    await self.transfer(peer, name, sink)
-                    await sink.flushed()
-                    sink.verify()
-                    return peer
-                except Exception as e:
-                    reason = describe(e)
-                    attempts.append(Attempt(str(peer), reason))
-                    self.report(f"peer {peer}: {reason}, trying next")
-                    if unreachable(e):
-                        await self.reportDead(peer)
-            return None
-
-        winner = await tryAll(holders)
+            f.verbose(f"relay: no registered peer holds {name}; asking every active peer")
+        try:
+            winner = await self.tryAll(candidates)
+            if winner is None:
+                winner = await self.tryOthers(holders)
+        finally:
+            for d in self.reports:
+                await d
         if winner is None:
-            try:
-                everyone = await self.peers()
-            except RelayUnreachable as e:
-                if not attempts:
-                    raise
-                raise NotFetched(
-                    name, attempts, f"every holder failed and the relay went away ({e})"
-                ) from None
-            others = [p for p in everyone if (p.host, p.port) not in tried]
-            if others and holders:
-                self.verbose(f"trying the {len(others)} other active peer(s)")
-            winner = await tryAll(others)
-        if winner is None:
-            raise NotFetched(name, attempts)
-        assert sink.expectedHash is not None and sink.expectedSize is not None
+            raise NotFetched(name, self.attempts)
+        if winner.listed is None and not self.indexed:
+            f.report(notIndexed(name))
+        size, sha256 = self.sink.expectedSize, self.sink.expectedHash
+        if size is None or sha256 is None:  # tryAll verified both; never a traceback though
+            raise NotFetched(name, self.attempts, "the copy could not be verified")
         return Fetched(
             name=name,
-            size=sink.expectedSize,
-            sha256=sink.expectedHash,
+            size=size,
+            sha256=sha256,
             peer=str(winner),
-            attempts=attempts,
-            seconds=time.monotonic() - started,
+            attempts=self.attempts,
+            seconds=time.monotonic() - self.started,
         )
+
+    async def tryOthers(self, holders: List[PeerAddress]) -> Optional[PeerAddress]:
+        f = self.fetcher
+        if len(self.contacted) >= f.maxHolders:
+            return None
+        try:
+            everyone = await f.peers()
+        except RelayUnreachable as e:
+            if not self.attempts:
+                raise
+            raise NotFetched(
+                self.name, self.attempts, f"every holder failed and the relay went away ({e})"
+            ) from None
+        listed = {(p.host, p.port) for p in holders}
+        # Strangers to the index: what they hold is not what the relay lists.
+        others = self.budget(
+            [attrs.evolve(p, size=None, sha256=None) for p in everyone if (p.host, p.port) not in listed]
+        )
+        if others and holders:
+            f.verbose(f"trying the {len(others)} other active peer(s)")
+        return await self.tryAll(others)
+
+    def failed(self, peer: PeerAddress, e: BaseException) -> None:
+        """Record and tell one failed attempt; report an unreachable peer."""
+        reason = describe(e)
+        self.attempts.append(Attempt(str(peer), reason))
+        self.fetcher.report(f"peer {peer}: {reason}, trying next")
+        if unreachable(e):
+            self.reports.append(Deferred.fromCoroutine(self.fetcher.reportDead(peer)))
+
+    def checkIndexed(self, peer: PeerAddress) -> None:
+        """The verified copy is what the index lists for ``peer`` (or for the name)."""
+        accept = self.accepted(peer)
+        got = (self.sink.expectedSize, self.sink.expectedHash)
+        if accept is not None and got not in accept:
+            raise VerificationError("the copy is not the file the relay lists")
+
+    async def tryAll(self, candidates: List[PeerAddress]) -> Optional[PeerAddress]:
+        if self.fetcher.transfer is not None:
+            return await self.tryInTurn(candidates)
+        queue = list(candidates)
+        while queue:
+            connected = await self.race(queue)
+            if connected is None:
+                return None
+            peer, proto = connected
+            await self.sink.flushed()
+            self.sink.reset()
+            self.fetcher.verbose(f"fetching {self.name} from {peer}")
+            try:
+                proto.begin()
+                await proto.deferred
+                await self.sink.flushed()
+                self.sink.verify()
+                self.checkIndexed(peer)
+                return peer
+            except Exception as e:
+                self.failed(peer, e)
+        return None
+
+    async def tryInTurn(self, candidates: List[PeerAddress]) -> Optional[PeerAddress]:
+        """One peer after another through ``transfer`` (UDP)."""
+        transfer = self.fetcher.transfer
+        assert transfer is not None
+        for peer in candidates:
+            self.contacted.add((peer.host, peer.port))
+            await self.sink.flushed()
+            self.sink.reset()
+            self.fetcher.verbose(f"fetching {self.name} from {peer}")
+            try:
+                await transfer(peer, self.name, self.sink)
+                await self.sink.flushed()
+                self.sink.verify()
+                self.checkIndexed(peer)
+                return peer
+            except Exception as e:
+                self.failed(peer, e)
+        return None
+
+    def race(self, queue: List[PeerAddress]) -> "Deferred[Optional[Tuple[PeerAddress, GetProtocol]]]":
+        """
+        Connect to the peers at the head of ``queue``, staggered, and fire
+        with the first that connects (its GET not yet sent), or None when
+        every one failed.  Peers whose attempts were cancelled because
+        another won go back to the head of the queue, in order.
+        """
+        return _Race(self, queue).result
+
+
+class _Race:
+    """Staggered, concurrent connection attempts; the first to connect wins."""
+
+    def __init__(self, attempt: _FetchAttempt, queue: List[PeerAddress]) -> None:
+        self.attempt = attempt
+        self.fetcher = attempt.fetcher
+        self.clock = attempt.clock
+        self.queue = queue
+        self.inFlight: Dict[PeerAddress, Deferred] = {}
+        self.started: List[PeerAddress] = []
+        self.timer = None
+        self.result: Deferred = Deferred()
+        self.startNext()
+
+    @property
+    def over(self) -> bool:
+        return self.result.called
+
+    def startNext(self) -> None:
+        """Start one more attempt, if there is room; schedule the one after."""
+        self.timer = None
+        if self.over:
+            return
+        if self.queue and len(self.inFlight) < self.fetcher.attemptsAtOnce:
+            peer = self.queue.pop(0)
+            self.start(peer)
+        if self.over:
+            return
+        if not self.inFlight and not self.queue:
+            self.result.callback(None)
+            return
+        if self.queue and len(self.inFlight) < self.fetcher.attemptsAtOnce and self.timer is None:
+            self.timer = self.clock.callLater(self.fetcher.stagger, self.startNext)
+
+    def start(self, peer: PeerAddress) -> None:
+        f = self.fetcher
+        self.attempt.contacted.add((peer.host, peer.port))
+        self.started.append(peer)
+        proto = GetProtocol(
+            self.clock,
+            self.attempt.name,
+            self.attempt.sink,
+            f.timeout,
+            accept=self.attempt.accepted(peer),
+            answerTimeout=f.connectTimeout,
+            speedLimit=f.speedLimit,
+            speedTime=f.speedTime,
+            start=False,
+        )
+        try:
+            d = f.peerEndpoint(peer).connect(_OneShotFactory(proto))
+        except Exception as e:  # a malformed address, say
+            self.attempt.failed(peer, e)
+            return
+        d.addTimeout(f.connectTimeout, self.clock, self.timedOut)
+        self.inFlight[peer] = d
+        d.addCallbacks(self.connected, self.lost, callbackArgs=(peer, proto), errbackArgs=(peer,))
+
+    def timedOut(self, result: object, timeout: float) -> object:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            raise error.TimeoutError(f"no connection within {timeout:g} seconds")
+        return result
+
+    def connected(self, _: object, peer: PeerAddress, proto: GetProtocol) -> None:
+        self.inFlight.pop(peer, None)
+        if self.over:
+            proto.deferred.addErrback(lambda failure: None)  # nobody waits for a loser
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+            return
+        self.finish()
+        self.result.callback((peer, proto))
+
+    def lost(self, reason: Failure, peer: PeerAddress) -> None:
+        self.inFlight.pop(peer, None)
+        if reason.check(CancelledError) or self.over:
+            return
+        self.attempt.failed(peer, reason.value)
+        # RFC 8305: a failed attempt makes room for the next one at once.
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.startNext()
+
+    def finish(self) -> None:
+        """A winner: stop the clock, cancel the others, requeue them."""
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        losers = [p for p in self.started if p in self.inFlight]
+        pending = list(self.inFlight.values())
+        self.inFlight.clear()
+        for p in reversed(losers):
+            self.queue.insert(0, p)
+        for d in pending:
+            d.cancel()
