@@ -22,6 +22,40 @@ from zope.interface import implementer
 
 EOF = object()
 
+# Characters that steer a terminal or reorder what it shows, besides the C0
+# and C1 controls and DEL: the Unicode bidirectional overrides, embeddings,
+# isolates and marks ("Trojan Source"), and the line and paragraph separators.
+_BIDI = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x20 or 0x7F <= code <= 0x9F:
+        return f"\\x{code:02x}"
+    if ch in _BIDI:
+        return f"\\u{code:04x}"
+    return ch
+
+
+def visible(text: str) -> str:
+    """
+    ``text`` from the network, safe to print: control and escape characters
+    (C0, DEL, C1) shown as ``\\xNN``, bidi overrides and the like as
+    ``\\uNNNN``; everything else, non-ASCII letters included, unchanged.
+    Every name, peer id, address and error text that came from a relay or a
+    peer goes through this before it reaches the terminal.
+    """
+    if text.isprintable() and text.isascii():
+        return text
+    return "".join(_escape(ch) for ch in text)
+
+
+def visibleLines(text: str) -> str:
+    """:func:`visible` for each line of ``text``, keeping its line breaks."""
+    return "\n".join(visible(line) for line in text.split("\n"))
+
 
 class _StdoutSender(FileSender):
     """
@@ -53,13 +87,14 @@ def writeStderr(text: str) -> None:
 
 
 def err(text: str) -> None:
-    """Write a line to stderr."""
+    """Write a line to stderr, made :func:`visible`."""
+    text = visibleLines(text)
     writeStderr(text if text.endswith("\n") else text + "\n")
 
 
 def prompt(text: str) -> None:
-    """Write a prompt to stderr, without a line ending."""
-    writeStderr(text)
+    """Write a prompt to stderr, without a line ending, made :func:`visible`."""
+    writeStderr(visibleLines(text))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -132,12 +167,21 @@ class Console:
         self.stdoutClosed = False
 
     def err(self, text: str) -> None:
-        """A line for the person at the terminal, on stderr."""
+        """A line for the person at the terminal, on stderr, made :func:`visible`."""
+        text = visibleLines(text)
         self.stderr(text if text.endswith("\n") else text + "\n")
 
     def prompt(self, text: str) -> None:
-        """A question on stderr, left open for the answer."""
-        self.stderr(text)
+        """A question on stderr, left open for the answer, made :func:`visible`."""
+        self.stderr(visibleLines(text))
+
+    def line(self, text: str = "") -> None:
+        """A line of a listing or a menu on stdout, made :func:`visible`."""
+        self.stdio.write((visibleLines(text) + "\n").encode("utf-8"))
+
+    def rawLine(self, text: str) -> None:
+        """A line on stdout as it is: JSON, which is already escaped."""
+        self.stdio.write((text + "\n").encode("utf-8"))
 
     async def readLine(self) -> object:
         return await self.terminal.lines.get()

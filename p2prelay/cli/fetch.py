@@ -24,15 +24,20 @@ from twisted.internet.interfaces import IReactorThreads
 from .. import __version__, udp, wire
 from ..addresses import AddressError, checkClientAddress, clientEndpoint
 from ..client.download import DestinationError, Download, destination
+from ..client.relay import secretProver
 from ..client.fetcher import (
+    CONNECT_TIMEOUT,
+    MAX_HOLDERS,
     PEER_TIMEOUT,
+    SPEED_LIMIT,
+    SPEED_TIME,
     Fetched,
     Fetcher,
     NotFetched,
     PeerAddress,
     RelayUnreachable,
 )
-from .console import EOF, Console, splitNames
+from .console import EOF, Console, splitNames, visible
 
 EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
@@ -100,6 +105,40 @@ def parser() -> argparse.ArgumentParser:
         help=f"connect and idle timeout for every connection (default {PEER_TIMEOUT:g})",
     )
     p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds to connect to a peer, and again for its first answer (default {CONNECT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--speed-limit",
+        type=float,
+        default=SPEED_LIMIT,
+        metavar="BYTES_PER_S",
+        help=f"abandon a peer sending slower than this for --speed-time seconds, as curl "
+        f"(default {SPEED_LIMIT}; 0 turns it off)",
+    )
+    p.add_argument(
+        "--speed-time",
+        type=float,
+        default=SPEED_TIME,
+        metavar="SECONDS",
+        help=f"see --speed-limit (default {SPEED_TIME:g})",
+    )
+    p.add_argument(
+        "--max-holders",
+        type=int,
+        default=MAX_HOLDERS,
+        metavar="N",
+        help=f"peers contacted per file at most (default {MAX_HOLDERS})",
+    )
+    p.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="the shared secret of a private relay (one that asks clients to prove it)",
+    )
+    p.add_argument(
         "--udp", action="store_true", help="fetch over UDP instead of TCP (the relay stays on TCP)"
     )
     p.add_argument(
@@ -123,6 +162,22 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--parallel must be at least 1")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
+    if args.connect_timeout <= 0:
+        p.error("--connect-timeout must be positive")
+    if args.speed_limit < 0:
+        p.error("--speed-limit must not be negative")
+    if args.speed_time <= 0:
+        p.error("--speed-time must be positive")
+    if args.max_holders < 1:
+        p.error("--max-holders must be at least 1")
+    args.secret = None
+    if args.secret_file:
+        from ..identity import IdentityError, loadSecret
+
+        try:
+            args.secret = loadSecret(args.secret_file)
+        except IdentityError as e:
+            p.error(f"--secret-file: {e}")
     if not udp.MIN_BLOCK <= args.udp_block <= udp.MAX_BLOCK:
         p.error(f"--udp-block must be {udp.MIN_BLOCK}..{udp.MAX_BLOCK}")
     if args.force and not args.output:
@@ -163,6 +218,11 @@ def buildFetcher(
         report=report,
         verbose=report if args.verbose else (lambda line: None),
         peerEndpoint=peerEndpoint,
+        connectTimeout=args.connect_timeout,
+        speedLimit=args.speed_limit,
+        speedTime=args.speed_time,
+        maxHolders=args.max_holders,
+        prover=secretProver(args.secret) if getattr(args, "secret", None) else None,
     )
     if args.udp:
         fetcher.transfer = functools.partial(fetcher.transferUDP, blockSize=args.udp_block)
@@ -190,7 +250,12 @@ class Client:
         self.semaphore = DeferredSemaphore(args.parallel)
 
     def out(self, line: str) -> None:
-        self.console.stdio.write((line + "\n").encode("utf-8"))
+        """A line of a listing on stdout, made visible."""
+        self.console.line(line)
+
+    def outJSON(self, record: dict) -> None:
+        """A JSON record on stdout (json.dumps has escaped it already)."""
+        self.console.rawLine(json.dumps(record))
 
     # Listings.
 
@@ -198,10 +263,10 @@ class Client:
         peers = await self.fetcher.peers()
         for p in peers:
             if self.args.json:
-                self.out(json.dumps({"host": p.host, "port": p.port, "udp": p.udp, "node": p.node}))
+                self.outJSON({"host": p.host, "port": p.port, "udp": p.udp, "node": p.node})
             else:
                 udp = f"  udp={p.udp}" if p.udp else ""
-                self.out(f"{p}  node={p.node}{udp}")
+                self.out(f"{visible(str(p))}  node={visible(p.node)}{udp}")
         if not self.args.json:
             self.err(f"{len(peers)} active peer(s)")
 
@@ -210,8 +275,10 @@ class Client:
         rows = [(m.require("name"), m.integer("size"), m.integer("holders"), m.require("sha256")) for m in files]
         if self.args.json:
             for name, size, holders, sha in rows:
-                self.out(json.dumps({"name": name, "size": size, "holders": holders, "sha256": sha}))
+                self.outJSON({"name": name, "size": size, "holders": holders, "sha256": sha})
         else:
+            # Escaped before the columns are measured, so they stay aligned.
+            rows = [(visible(name), size, holders, visible(sha)) for name, size, holders, sha in rows]
             width = max([len("NAME")] + [len(r[0]) for r in rows])
             swidth = max([len("SIZE")] + [len(str(r[1])) for r in rows])
             self.out(f"{'NAME':<{width}}  {'SIZE':>{swidth}}  HOLDERS  SHA256")
@@ -255,7 +322,7 @@ class Client:
         result = await self.fetcher.save(name, final, force=self.args.force)
         self.err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
         if self.args.json:
-            self.out(json.dumps(self._record(result, path=str(final))))
+            self.outJSON(self._record(result, path=str(final)))
         return result, None
 
     def _record(self, result: Fetched, **extra: object) -> dict:
@@ -274,15 +341,13 @@ class Client:
         self.failed += 1
         self.err(f"p2p-fetch: {name}: not fetched: {why}")
         if self.args.json:
-            self.out(
-                json.dumps(
-                    {
-                        "name": name,
-                        "ok": False,
-                        "error": why,
-                        "attempts": [{"peer": a.peer, "error": a.error} for a in attempts],
-                    }
-                )
+            self.outJSON(
+                {
+                    "name": name,
+                    "ok": False,
+                    "error": why,
+                    "attempts": [{"peer": a.peer, "error": a.error} for a in attempts],
+                }
             )
 
     async def fetchAll(self, names: List[str]) -> None:

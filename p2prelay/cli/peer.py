@@ -31,11 +31,12 @@ from .. import __version__, wire
 from ..addresses import clientEndpoint
 from ..client.download import DestinationError, Download, destination
 from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
+from ..client.relay import secretProver
 from ..listening import ListenFailed, describeAddress
 from ..node.service import NodeService
 from ..tap import NodeOptions, makeNodeService, seconds
 from ..wire import FileEntry
-from .console import EOF, Console, splitNames
+from .console import EOF, Console, splitNames, visibleLines
 from .fetch import DEFAULT_RELAY, RELAY_ENV
 
 EXIT_OK = 0
@@ -120,10 +121,11 @@ class PeerConsole:
         self.pending: Dict[str, Deferred] = {}
 
     def out(self, text: str = "") -> None:
-        self.console.stdio.write((text + "\n").encode("utf-8"))
+        """A line of the menu or of a listing; what came from the network is made visible."""
+        self.console.line(text)
 
     async def ask(self, question: str) -> Optional[str]:
-        self.console.stdio.write(question.encode("utf-8"))
+        self.console.stdio.write(visibleLines(question).encode("utf-8"))
         line = await self.console.readLine()
         return None if line is EOF else str(line).strip()
 
@@ -225,12 +227,22 @@ class PeerConsole:
         self.out(f"{name}: done, {result.size} bytes from {result.peer}; now shared")
 
 
+class VisibleStderr:
+    """stderr for the log: each line made :func:`visible` (log events quote the network)."""
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(visibleLines(text))
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def startLogging(path: Optional[str]) -> None:
     if path:
         observer = textFileLogObserver(open(path, "a", encoding="utf-8"))
     else:
         observer = FilteringLogObserver(
-            textFileLogObserver(sys.stderr),
+            textFileLogObserver(VisibleStderr()),
             [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
         )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
@@ -266,11 +278,13 @@ async def run(
         await console.close()
         return EXIT_CANNOT_START
     if fetcher is None:
+        secret = config.get("secret")
         fetcher = Fetcher(
             reactor,
             clientEndpoint(reactor, config["relay"], timeout=config["timeout"]),
             timeout=config["timeout"],
             exclude=[node.node],
+            prover=secretProver(secret) if secret else None,
         )
     ui = PeerConsole(reactor, node, console, fetcher)
     ui.out(
