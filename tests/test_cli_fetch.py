@@ -15,6 +15,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import attrs
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
@@ -786,3 +788,194 @@ class MemoryNetworkTests(CommandTestCase):
         fetcher = buildFetcher(self.clock, parseArgs(["a.txt"]), self.terminal.console.err, relay=self.relay)
         self.assertIsNone(fetcher.transfer)
         self.assertEqual(fetcher.timeout, PEER_TIMEOUT)
+
+
+ESC = "\x1b"
+EVIL = f"{ESC}]0;pwned\x07{ESC}[2J\u202etxt.exe"
+SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J\\u202etxt.exe"
+
+
+class DefenceOptionTests(SynchronousTestCase):
+    """
+    The options that bound what a hostile network can cost: their defaults,
+    their checks, and that they reach the Fetcher.
+    """
+
+    def usageError(self, argv: Sequence[str]) -> str:
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            e = self.assertRaises(SystemExit, parseArgs, argv)
+        self.assertEqual(e.code, EXIT_USAGE)
+        return stderr.getvalue()
+
+    def test_defaults(self) -> None:
+        """3 s to connect, 1024 bytes/s over 20 s, 16 holders, no secret."""
+        args = parseArgs(["x"])
+        self.assertEqual(
+            (args.connect_timeout, args.speed_limit, args.speed_time, args.max_holders, args.secret),
+            (3.0, 1024, 20.0, 16, None),
+        )
+
+    def test_reachTheFetcher(self) -> None:
+        """Each option is the Fetcher's setting."""
+        args = parseArgs(
+            ["--connect-timeout", "1.5", "--speed-limit", "2048", "--speed-time", "5", "--max-holders", "4", "x"]
+        )
+        fetcher = buildFetcher(Clock(), args, lambda line: None, relay=object())
+        self.assertEqual(
+            (fetcher.connectTimeout, fetcher.speedLimit, fetcher.speedTime, fetcher.maxHolders, fetcher.prover),
+            (1.5, 2048, 5, 4, None),
+        )
+
+    def test_checks(self) -> None:
+        """Values that make no sense are usage errors naming the option."""
+        self.assertIn("--connect-timeout must be positive", self.usageError(["--connect-timeout", "0", "x"]))
+        self.assertIn("--speed-limit must not be negative", self.usageError(["--speed-limit", "-1", "x"]))
+        self.assertIn("--speed-time must be positive", self.usageError(["--speed-time", "0", "x"]))
+        self.assertIn("--max-holders must be at least 1", self.usageError(["--max-holders", "0", "x"]))
+
+    def test_speedLimitOff(self) -> None:
+        """--speed-limit 0 turns the rate check off."""
+        self.assertEqual(parseArgs(["--speed-limit", "0", "x"]).speed_limit, 0)
+
+    def test_secretFile(self) -> None:
+        """--secret-file loads the secret and gives the Fetcher a prover for the relay's challenge."""
+        path = Path(self.mktemp())
+        path.write_bytes(b"a shared secret, long enough\n")
+        args = parseArgs(["--secret-file", str(path), "x"])
+        self.assertEqual(args.secret, b"a shared secret, long enough")
+        fetcher = buildFetcher(Clock(), args, lambda line: None, relay=object())
+        line = fetcher.prover("nonce", True, b"P2P/1 PEERS\r\n")
+        self.assertTrue(line.startswith(b"P2P/1 PROOF mac="), line)
+
+    def test_secretFileMissing(self) -> None:
+        """An unreadable --secret-file is a usage error naming it."""
+        self.assertIn("--secret-file:", self.usageError(["--secret-file", "/nonexistent/secret", "x"]))
+
+
+class VisibleOutputTests(CommandTestCase):
+    """
+    Whatever came from the network reaches the terminal with its control,
+    escape and bidi characters made visible -- in tables, listings, errors,
+    progress and the prompt -- while --json and file contents stay exact.
+    """
+
+    def assertNoControls(self) -> None:
+        for stream, data in self.terminal.transcript:
+            text = data.decode("utf-8")
+            if stream == "stdout" and text.startswith("{"):
+                continue
+            self.assertNotIn(ESC, text)
+            self.assertNotIn("\u202e", text)
+            self.assertNotIn("\x07", text)
+
+    def test_peers(self) -> None:
+        """--peers shows a hostile node id and host escaped."""
+        fetcher = FakeFetcher(peers=[PeerAddress(f"h{ESC}[2J", 5001, EVIL)])
+        self.assertEqual(self.p2pFetch(["--peers"], fetcher), EXIT_OK)
+        self.assertEqual(self.terminal.stdout.decode(), f"h\\x1b[2J:5001  node={SHOWN}\n")
+        self.assertNoControls()
+
+    def test_peersJsonExact(self) -> None:
+        """--peers --json keeps the exact text, escaped by JSON itself."""
+        fetcher = FakeFetcher(peers=[PeerAddress("h", 5001, EVIL)])
+        self.assertEqual(self.p2pFetch(["--peers", "--json"], fetcher), EXIT_OK)
+        self.assertEqual(json.loads(self.terminal.stdout)["node"], EVIL)
+        self.assertNoControls()
+
+    def test_table(self) -> None:
+        """--list shows hostile names escaped, and the columns are measured on what is shown."""
+        fetcher = FakeFetcher(listing=[fileItem(EVIL, 5), fileItem("a.txt", 7)])
+        self.assertEqual(self.p2pFetch(["--list"], fetcher), EXIT_OK)
+        lines = self.terminal.stdout.decode().splitlines()
+        self.assertEqual(lines[1].split("  ")[0], SHOWN)
+        self.assertEqual(lines[2].index(" 7 "), lines[1].index(" 5 "))
+        self.assertNoControls()
+
+    def test_listJsonExact(self) -> None:
+        """--list --json keeps the exact name."""
+        fetcher = FakeFetcher(listing=[fileItem(EVIL, 5)])
+        self.assertEqual(self.p2pFetch(["--list", "--json"], fetcher), EXIT_OK)
+        self.assertEqual(json.loads(self.terminal.stdout)["name"], EVIL)
+
+    def test_attemptErrors(self) -> None:
+        """A node's error text in a failed attempt is shown escaped."""
+        why = NotFetched("a.txt", [Attempt(PEER, f"500 {ESC}[2Jboom")])
+        self.assertEqual(self.p2pFetch(["a.txt"], FakeFetcher(errors={"a.txt": why})), EXIT_NOT_FETCHED)
+        self.assertNoControls()
+
+    def test_relayError(self) -> None:
+        """A relay's error text is shown escaped."""
+        error = wire.ProtocolError(400, f"bad {ESC}]0;x\x07")
+        self.assertEqual(self.p2pFetch(["--list"], FakeFetcher(errors={"search": error})), EXIT_NOT_FETCHED)
+        self.assertEqual(self.terminal.stderr, "p2p-fetch: relay answered 400 bad \\x1b]0;x\\x07\n")
+
+    def test_savedFrom(self) -> None:
+        """The "saved" line shows the peer's address escaped."""
+
+        class HostileHost(FakeFetcher):
+            async def fetch(inner, name, sink):
+                fetched = await FakeFetcher.fetch(inner, name, sink)
+                return attrs.evolve(fetched, peer=f"h{ESC}[2J:5001")
+
+        out = self.scratch / "out"
+        self.assertEqual(self.p2pFetch(["-o", str(out), "a.txt"], HostileHost({"a.txt": A})), EXIT_OK)
+        self.assertIn("bytes from h\\x1b[2J:5001)", self.terminal.stderr)
+        self.assertNoControls()
+
+    def test_contentsExact(self) -> None:
+        """File contents on stdout are the user's bytes: never escaped."""
+        data = f"{ESC}[1mbold{ESC}[0m\n".encode()
+        self.assertEqual(self.p2pFetch(["a.txt"], FakeFetcher({"a.txt": data})), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, data)
+
+    def test_prompt(self) -> None:
+        """At the prompt, a typed hostile name is echoed escaped in the failure line."""
+        d = self.start([], FakeFetcher())
+        self.terminal.type(f"{EVIL}.txt\n")
+        self.terminal.eof()
+        self.assertEqual(self.successResultOf(d), EXIT_NOT_FETCHED)
+        self.assertIn(SHOWN, self.terminal.stderr)
+        self.assertNoControls()
+
+
+class NoSpaceTests(CommandTestCase):
+    """Not enough room for a file: one clear line, exit 1, nothing left behind."""
+
+    def test_oneLine(self) -> None:
+        """-o DIR without room for the file says so in one line and exits 1."""
+        from p2prelay.client import download
+
+        self.patch(download, "freeSpace", lambda directory: int(1.1 * 2**30))
+        out = self.scratch / "out"
+        error = download.NoSpace(f"not enough space in {out}: a.txt needs 2.0 GiB, 1.1 GiB free")
+        code = self.p2pFetch(["-o", str(out), "a.txt"], FakeFetcher(errors={"a.txt": error}))
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertEqual(
+            self.terminal.stderr,
+            f"p2p-fetch: a.txt: not fetched: not enough space in {out}: a.txt needs 2.0 GiB, 1.1 GiB free\n",
+        )
+        self.assertFalse(out.exists())
+
+    def test_stdoutUsesTempFolder(self) -> None:
+        """Printing to stdout checks the temporary folder's free space."""
+        from p2prelay.client import download
+
+        seen = []
+
+        def free(directory):
+            seen.append(Path(directory))
+            return 3
+
+        self.patch(download, "freeSpace", free)
+        self.assertEqual(self.p2pFetch(["a.txt"], FakeFetcher({"a.txt": A})), EXIT_NOT_FETCHED)
+        self.assertEqual(seen, [self.temp])
+        self.assertIn(f"not enough space in {self.temp}", self.terminal.stderr)
+        self.assertEqual(self.leftovers(), [])
+
+    def test_nestedFailureLeavesNoFolders(self) -> None:
+        """A failed nested fetch (-o DIR a/b/c.txt) leaves no empty folders in DIR."""
+        out = self.scratch / "out"
+        out.mkdir()
+        self.assertEqual(self.p2pFetch(["-o", str(out), "a/b/c.txt"], FakeFetcher()), EXIT_NOT_FETCHED)
+        self.assertEqual(list(out.iterdir()), [])

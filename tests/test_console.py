@@ -10,7 +10,7 @@ import io
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.cli.console import EOF, Console, Terminal, splitNames
+from p2prelay.cli.console import EOF, Console, Terminal, splitNames, visible
 
 from .support import FakeStdio, FakeTerminal
 
@@ -180,3 +180,63 @@ class SplitNamesTests(SynchronousTestCase):
         """No input, or the verb alone, is no names."""
         self.assertEqual(splitNames([]), [])
         self.assertEqual(splitNames(["Send"], allowVerb=True), [])
+
+
+ESC = "\x1b"
+
+
+class VisibleTests(SynchronousTestCase):
+    """
+    Text from the network is shown with its control characters made
+    visible, so a name or an error text cannot steer the terminal.
+    """
+
+    def test_plainUnchanged(self) -> None:
+        """Printable text, non-ASCII letters and symbols included, is shown as it is."""
+        text = "notes/été ☃ = draft: 50% [ok] \\ done"
+        self.assertEqual(visible(text), text)
+
+    def test_c0(self) -> None:
+        """C0 controls (ESC, BEL, CR, tab, newline) are shown as \\xNN."""
+        self.assertEqual(visible(f"a{ESC}]0;title\x07b\r\t\n"), "a\\x1b]0;title\\x07b\\x0d\\x09\\x0a")
+
+    def test_delAndC1(self) -> None:
+        """DEL and the C1 controls (CSI is one) are shown as \\xNN."""
+        self.assertEqual(visible("x\x7f\x9b2J\x85"), "x\\x7f\\x9b2J\\x85")
+
+    def test_bidi(self) -> None:
+        """Bidi overrides, isolates and marks are shown as \\uNNNN."""
+        self.assertEqual(visible("a\u202eexe.txt\u2066\u200f"), "a\\u202eexe.txt\\u2066\\u200f")
+
+    def test_lineSeparators(self) -> None:
+        """Unicode line and paragraph separators cannot start a new line either."""
+        self.assertEqual(visible("a\u2028b\u2029"), "a\\u2028b\\u2029")
+
+    def test_idempotent(self) -> None:
+        """Escaping escaped text changes nothing more."""
+        once = visible(f"{ESC}[2J\u202e")
+        self.assertEqual(visible(once), once)
+
+    def test_errVisible(self) -> None:
+        """err() escapes what it prints and keeps its own line ending."""
+        t = FakeTerminal()
+        t.console.err(f"peer says {ESC}[2Jgone")
+        self.assertEqual(t.stderr, "peer says \\x1b[2Jgone\n")
+
+    def test_promptVisible(self) -> None:
+        """prompt() escapes what it prints."""
+        t = FakeTerminal()
+        t.console.prompt(f"{ESC}]0;x\x07> ")
+        self.assertEqual(t.stderr, "\\x1b]0;x\\x07> ")
+
+    def test_lineVisible(self) -> None:
+        """line() writes a visible line to stdout; line breaks within it stay line breaks."""
+        t = FakeTerminal()
+        t.console.line(f"one {ESC}[31m\ntwo")
+        self.assertEqual(t.stdout, b"one \\x1b[31m\ntwo\n")
+
+    def test_rawLine(self) -> None:
+        """rawLine() writes JSON as it is."""
+        t = FakeTerminal()
+        t.console.rawLine('{"name": "\\u001b"}')
+        self.assertEqual(t.stdout, b'{"name": "\\u001b"}\n')
