@@ -222,3 +222,88 @@ class NodeOptionsTests(SynchronousTestCase):
         node, reactor = self.node("--no-udp")
         self.successResultOf(node.ready)
         self.assertEqual(reactor.udpPorts, [])
+
+
+SECRET = b"a shared secret of some length"
+
+
+class IdentityOptionsTests(SynchronousTestCase):
+    """--key and --secret-file on nodes, --secret-file and --private on the relay."""
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+        self.secretFile = Path(self.mktemp()).absolute()
+        self.secretFile.write_bytes(SECRET + b"\n")
+
+    def node(self, *argv: str) -> NodeOptions:
+        options = NodeOptions()
+        options.parseOptions(["--dir", str(self.folder), *argv])
+        return options
+
+    def relay(self, *argv: str) -> RelayOptions:
+        options = RelayOptions()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_keyFileMadeAndKept(self) -> None:
+        """--key PATH makes the key there on first use; the node id is the key's, the same next time."""
+        path = Path(self.mktemp()).absolute() / "node.key"
+        first = self.node("--key", str(path))["nodeKey"]
+        self.assertTrue(path.exists())
+        self.assertEqual(self.node("--key", str(path))["nodeKey"].node, first.node)
+
+    def test_defaultKeyPerFolder(self) -> None:
+        """Without --key the key lives in the state folder, one per shared folder, outside it."""
+        key = self.node()["nodeKey"]
+        from p2prelay.identity import defaultKeyPath
+
+        path = defaultKeyPath(self.folder)
+        self.assertTrue(path.exists())
+        self.assertNotIn(str(self.folder), str(path))
+        self.assertEqual(self.node()["nodeKey"].node, key.node)
+
+    def test_badKeyFile(self) -> None:
+        """A --key file that is not a key is a usage error naming it."""
+        path = Path(self.mktemp()).absolute()
+        path.write_bytes(b"junk")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.node("--key", str(path))
+        self.assertIn("--key", str(caught.exception))
+
+    def test_nodeKeyUsed(self) -> None:
+        """The assembled node serves and registers with the key from --key."""
+        path = Path(self.mktemp()).absolute()
+        options = self.node("--key", str(path))
+        node = makeNodeService(options, UDPReactor(), runInThread=syncThread)
+        self.assertEqual(node.node, options["nodeKey"].node)
+        self.assertIs(node.files.key, options["nodeKey"])
+
+    def test_nodeSecret(self) -> None:
+        """--secret-file gives the node the secret, surrounding white space stripped."""
+        options = self.node("--secret-file", str(self.secretFile))
+        self.assertEqual(options["secret"], SECRET)
+        node = makeNodeService(options, UDPReactor(), runInThread=syncThread)
+        self.assertEqual(node.secret, SECRET)
+
+    def test_missingSecretFile(self) -> None:
+        """A --secret-file that cannot be read is a usage error, on node and relay."""
+        self.assertRaises(usage.UsageError, self.node, "--secret-file", "/nonexistent/secret")
+        self.assertRaises(usage.UsageError, self.relay, "--secret-file", "/nonexistent/secret")
+
+    def test_relaySecretAndPrivate(self) -> None:
+        """The relay's --secret-file and --private reach its factory."""
+        options = self.relay("--secret-file", str(self.secretFile), "--private")
+        service = makeRelayService(options, UDPReactor())
+        self.assertEqual((service.factory.secret, service.factory.private), (SECRET, True))
+
+    def test_relayOpenByDefault(self) -> None:
+        """Without options the relay has no secret and answers clients freely."""
+        service = makeRelayService(self.relay(), UDPReactor())
+        self.assertEqual((service.factory.secret, service.factory.private), (None, False))
+
+    def test_privateNeedsSecret(self) -> None:
+        """--private without --secret-file is a usage error."""
+        with self.assertRaises(usage.UsageError) as caught:
+            self.relay("--private")
+        self.assertIn("--secret-file", str(caught.exception))

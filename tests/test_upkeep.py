@@ -13,13 +13,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay.client.relay import QUERY_TIMEOUT
 from p2prelay.identity import NodeKey
 from p2prelay.node.server import FileServerFactory
-from p2prelay.node.upkeep import STOP_TIMEOUT, Registrar
+from p2prelay.node.upkeep import MAX_RETRY, STOP_TIMEOUT, Registrar
 from p2prelay.relay.dialback import DialBack
 from p2prelay.relay.registry import Registry
 from p2prelay.relay.protocol import RelayFactory
@@ -602,3 +603,81 @@ class StopInEveryStateTests(RegistrarTestCase):
         self.successResultOf(d)
         self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class IdentityTests(RegistrarTestCase):
+    """The registrar's side of the relay's challenges."""
+
+    SECRET = b"the network's shared secret"
+
+    def closedRelay(self) -> None:
+        self.relay.factory.secret = self.SECRET
+
+    def test_registersUnderKeyId(self):
+        """The relay records the node under its key's id, with its key."""
+        self.start()
+        peer = self.registry.get(KEY.node)
+        self.assertEqual(peer.key, KEY.public)
+        self.assertTrue(self.registrar.reachable)
+
+    def test_heartbeatAndUnregisterProved(self):
+        """Heartbeats and the UNREGISTER on stop pass the relay's proof checks."""
+        self.start()
+        self.advance(TTL)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "HEARTBEAT", "HEARTBEAT", "HEARTBEAT"])
+        self.assertIsNotNone(self.registry.get(KEY.node))
+        self.stop()
+        self.assertIsNone(self.registry.get(KEY.node))
+
+    def test_secret(self):
+        """With the relay's secret, a closed relay registers the node."""
+        self.closedRelay()
+        self.start(secret=self.SECRET)
+        self.assertIsNotNone(self.registry.get(KEY.node))
+
+    def test_secretMissing(self):
+        """A closed relay and no secret: nothing registered, the log says --secret-file, retried later."""
+        self.closedRelay()
+        with capturedLogs() as events:
+            self.start()
+        self.assertIsNone(self.registry.get(KEY.node))
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("--secret-file", text)
+        self.advance(1)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "REGISTER"])
+
+    def test_wrongSecret(self):
+        """A wrong secret is refused (401) and backed off from, never registered."""
+        self.closedRelay()
+        self.start(secret=b"some other secret entirely")
+        self.assertIsNone(self.registry.get(KEY.node))
+        self.assertFalse(self.registrar.registered)
+
+    def test_unreachableWarned(self):
+        """A relay that cannot dial the node back: registered, reachable False, one warning."""
+        self.relay.factory.dialback = DialBack(
+            self.clock, lambda host, port: _Refusing()
+        )
+        with capturedLogs() as events:
+            self.start()
+            self.advance(0)
+        self.assertTrue(self.registrar.registered)
+        self.assertFalse(self.registrar.reachable)
+        warnings = [formatEvent(e) for e in events if "cannot reach this node" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("connection refused", warnings[0])
+
+    def test_retryHonoured(self):
+        """A 503 retry=N makes the registrar wait at least N seconds (capped at MAX_RETRY)."""
+        self.registry.maxTotal = 0  # full: 503 retry=90 (the ttl)
+        self.start()
+        self.assertIsNone(self.registry.get(KEY.node))
+        self.advance(MAX_RETRY - 1)
+        self.assertEqual(self.relay.verbs(), ["REGISTER"])
+        self.advance(1)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "REGISTER"])
+
+
+class _Refusing:
+    def connect(self, factory):
+        return fail(ConnectionRefusedError())
