@@ -293,6 +293,8 @@ class OptionTests(SynchronousTestCase):
 
 
 class RunTestCase(SynchronousTestCase):
+    passFetcher = True  # False: run() makes its own Fetcher
+
     def setUp(self) -> None:
         self.folder = Path(self.mktemp()).absolute()
         self.folder.mkdir()
@@ -304,7 +306,10 @@ class RunTestCase(SynchronousTestCase):
         self.reactor = reactor or PeerReactor()
         config = parseOptions(["--dir", str(self.folder), "--relay", RELAY, "--port", LOOPBACK, *argv])
         self.done = done = Deferred.fromCoroutine(
-            run(self.reactor, config, self.terminal.console, self.fetcher, runInThread=syncThread)
+            run(
+                self.reactor, config, self.terminal.console,
+                self.fetcher if self.passFetcher else None, runInThread=syncThread,
+            )
         )
         terminal = self.terminal
 
@@ -542,3 +547,112 @@ class MenuTests(RunTestCase):
         out = self.after("\n")
         self.assertNotIn("no such choice", out)
         self.assertIn("6) quit", out)
+
+
+ESC = "\x1b"
+
+
+class VisibleMenuTests(RunTestCase):
+    """
+    What the network says reaches p2p-peer's menu with its control, escape
+    and bidi characters made visible.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.fetcher.files[f"{ESC}]0;pwned\x07\u202eevil.txt"] = b"x"
+        self.start()
+
+    def after(self, text: str) -> str:
+        before = len(self.stdout)
+        self.type(text)
+        return self.stdout[before:]
+
+    def assertNoControls(self, text: str) -> None:
+        for ch in (ESC, "\x07", "\u202e"):
+            self.assertNotIn(ch, text)
+
+    def test_listing(self) -> None:
+        """A hostile name in the network's listing is shown escaped."""
+        out = self.after("1\n")
+        self.assertIn("  \\x1b]0;pwned\\x07\\u202eevil.txt  1 bytes  2 holder(s)\n", out)
+        self.assertNoControls(self.stdout)
+
+    def test_relayError(self) -> None:
+        """A relay's error text is shown escaped, and the menu carries on."""
+
+        async def refuse(pattern, limit=None):
+            raise wire.ProtocolError(400, f"no {ESC}[2J")
+
+        self.fetcher.search = refuse
+        out = self.after("1\n")
+        self.assertIn("relay answered 400 no \\x1b[2J\n", out)
+        self.assertNoControls(self.stdout)
+
+    def test_downloadError(self) -> None:
+        """A failed download's reason, from the network, is shown escaped."""
+
+        async def save(name, final, *, force=False, onStart=lambda sink: None):
+            raise NotFetched(name, [], f"peer said {ESC}]0;x\x07")
+
+        self.fetcher.save = save
+        out = self.after("3\nb.txt\n")
+        self.assertIn("b.txt: not fetched: peer said \\x1b]0;x\\x07\n", out)
+        self.assertNoControls(self.stdout)
+
+    def test_doneFrom(self) -> None:
+        """The peer a download came from is shown escaped."""
+        real = self.fetcher.save
+
+        async def save(name, final, *, force=False, onStart=lambda sink: None):
+            fetched = await real(name, final, force=force, onStart=onStart)
+            return Fetched(fetched.name, fetched.size, fetched.sha256, f"h{ESC}[2J:1", [], 0.0)
+
+        self.fetcher.save = save
+        self.assertIn("from h\\x1b[2J:1; now shared", self.after("3\nb.txt\n"))
+        self.assertNoControls(self.stdout)
+
+
+class SecretTests(RunTestCase):
+    passFetcher = False
+    def test_secretFileProves(self) -> None:
+        """p2p-peer --secret-file: the node's secret also answers a private relay's challenge to its queries."""
+        from p2prelay.cli import peer
+
+        secret = Path(self.mktemp())
+        secret.write_bytes(b"a shared secret, long enough\n")
+        made = []
+
+        def fetcher(*args, **kw):
+            made.append(kw)
+            return self.fetcher
+
+        self.patch(peer, "Fetcher", fetcher)
+        self.start("--secret-file", str(secret))
+        [kw] = made
+        self.assertTrue(kw["prover"]("nonce", True, b"P2P/1 PEERS\r\n").startswith(b"P2P/1 PROOF mac="))
+
+    def test_noSecretNoProver(self) -> None:
+        """Without --secret-file the fetcher has no prover."""
+        from p2prelay.cli import peer
+
+        made = []
+
+        def fetcher(*args, **kw):
+            made.append(kw)
+            return self.fetcher
+
+        self.patch(peer, "Fetcher", fetcher)
+        self.start()
+        self.assertIsNone(made[0]["prover"])
+
+
+class VisibleLogTests(SynchronousTestCase):
+    def test_logLinesVisible(self) -> None:
+        """The node's log on stderr shows network text escaped, line by line."""
+        from p2prelay.cli.peer import VisibleStderr
+
+        captured = io.StringIO()
+        self.patch(sys, "stderr", captured)
+        VisibleStderr().write(f"GET {ESC}[2J from peer\nnext\n")
+        self.assertEqual(captured.getvalue(), "GET \\x1b[2J from peer\nnext\n")
