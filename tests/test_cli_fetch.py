@@ -37,11 +37,10 @@ from p2prelay.client.fetcher import (
 )
 from p2prelay.node.server import FileServerFactory
 from p2prelay.node.share import SharedDirectory
-from p2prelay.relay.protocol import RelayFactory
-from p2prelay.relay.registry import Registry
 from p2prelay.wire import FileEntry
 
 from .support import FakeTerminal, MemoryNetwork, drive, sha, syncThread
+from .test_fetch import FakeRelay
 
 RELAY = "127.0.0.1:8000"
 PEER = "127.0.0.1:5001"
@@ -608,8 +607,8 @@ class InteractiveTests(CommandTestCase):
 
 class MemoryNetworkTests(CommandTestCase):
     """
-    p2p-fetch with the real Fetcher, talking in memory to a real relay and
-    real file servers on a task.Clock.
+    p2p-fetch with the real Fetcher, talking in memory to a scripted relay
+    (what a client sees of one) and real file servers on a task.Clock.
     """
 
     def setUp(self) -> None:
@@ -621,8 +620,8 @@ class MemoryNetworkTests(CommandTestCase):
             terminationPredicateFactory=lambda: (lambda: True),
         )
         self.addCleanup(self.cooperator.stop)
-        self.registry = Registry(self.clock.seconds, 3600)
-        self.relay = self.network.endpoint("relay", RelayFactory(self.registry, self.clock))
+        self.relayFactory = FakeRelay()
+        self.relay = self.network.endpoint("relay", self.relayFactory)
         self.endpoints: Dict[tuple, object] = {}
         self.nextPort = 5001
 
@@ -638,7 +637,7 @@ class MemoryNetworkTests(CommandTestCase):
             root.mkdir(exist_ok=True)
             factory = FileServerFactory(SharedDirectory(root, runInThread=syncThread), self.clock, self.cooperator)
         entries = [FileEntry(name, len(data), sha(data)) for name, data in files.items()]
-        self.registry.register(f"node{port}", "127.0.0.1", port, entries, udp=udp)
+        self.relayFactory.add(f"node{port}", "127.0.0.1", port, entries, udp=udp)
         label = f"127.0.0.1:{port}"
         self.endpoints[("127.0.0.1", port)] = self.network.endpoint(label, factory, error)
         return label
@@ -676,7 +675,7 @@ class MemoryNetworkTests(CommandTestCase):
         self.assertEqual(self.p2pFetch(["a.txt"]), EXIT_OK)
         self.assertEqual(self.terminal.stdout, A)
         self.assertEqual(self.terminal.stderr, f"peer {dead}: connection refused, trying next\n")
-        self.assertEqual(len(self.registry.active()), 1, "the dead peer was reported to the relay")
+        self.assertEqual(self.relayFactory.dead, [dead], "the dead peer was reported to the relay")
 
     def test_missing(self) -> None:
         """A file nobody has: exit 1 and one line."""

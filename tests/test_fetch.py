@@ -6,6 +6,7 @@ peers, against in-memory peers and relay.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import os
 import stat
@@ -509,10 +510,11 @@ class FakeRelayProtocol(LineReceiver):
         elif message.word == wire.SEARCH:
             pattern = message.get("pattern", "") or ""
             limit = message.integer("limit", 1000)
+            glob = any(c in pattern for c in "*?[")
             found: dict = {}
             for p in relay.peers:
                 for name, (size, digest) in p.files.items():
-                    if pattern in name:
+                    if (fnmatch.fnmatchcase(name, pattern) if glob else pattern in name):
                         found.setdefault(name, [size, digest, 0])[2] += 1
             names = sorted(found)
             items = [
