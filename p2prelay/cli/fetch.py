@@ -102,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=PEER_TIMEOUT,
         metavar="SECONDS",
-        help=f"connect and idle timeout for every connection (default {PEER_TIMEOUT:g})",
+        help=f"idle timeout of every connection, and the relay's connect timeout "
+        f"(default {PEER_TIMEOUT:g})",
     )
     p.add_argument(
         "--connect-timeout",
