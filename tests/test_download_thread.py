@@ -5,6 +5,7 @@ its producer while the writer thread is behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import threading
 from pathlib import Path
@@ -97,3 +98,26 @@ class ThreadedDownloadTests(TestCase):
         gate.set()
         await self.sink.flushed()
         self.assertEqual((second.paused, second.resumed), (1, 1))
+
+    async def test_diskFullThenHonestCopy(self) -> None:
+        """A disk error on the writer thread fails that attempt only: after reset() the next copy verifies."""
+        real = self.sink._file.write
+        calls = []
+
+        def fullOnce(data: bytes) -> int:
+            calls.append(data)
+            if len(calls) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(data)
+
+        self.sink._file.write = fullOnce
+        self.sink.expect(3, hashlib.sha256(b"big").hexdigest())
+        self.sink.write(b"big")
+        await self.sink.flushed()
+        self.assertRaises(OSError, self.sink.verify)
+        self.sink.reset()
+        self.sink.expect(4, hashlib.sha256(b"good").hexdigest())
+        self.sink.write(b"good")
+        await self.sink.flushed()
+        self.sink.verify()
+        self.assertEqual(self.sink.path.read_bytes(), b"good")
