@@ -305,3 +305,50 @@ class CheckNameTests(SynchronousTestCase):
         """More than MAX_NAME_DEPTH components is refused."""
         self.assertEqual(len(wire.checkName("/".join(["d"] * wire.MAX_NAME_DEPTH)).split("/")), wire.MAX_NAME_DEPTH)
         self.assertRefused("/".join(["d"] * (wire.MAX_NAME_DEPTH + 1)))
+
+
+class IdentityFieldTests(SynchronousTestCase):
+    """The fields of the challenge exchange: key=, sig=, nonce=, mac=, secret=, retry=."""
+
+    def message(self, **fields) -> wire.Message:
+        return wire.parseLine(wire.formatLine("PROOF", fields).rstrip(b"\r\n"))
+
+    def test_tokensAccepted(self):
+        """Well-formed key, signature, nonce and mac values are returned as sent."""
+        from p2prelay import identity
+
+        key = identity.NodeKey.generate()
+        nonce = identity.newNonce()
+        sig = key.prove(identity.DIALBACK_PROOF, nonce, b"")
+        m = self.message(key=key.public, sig=sig, nonce=nonce, mac="0" * 64)
+        self.assertEqual((m.publicKey(), m.signature(), m.nonce(), m.mac()), (key.public, sig, nonce, "0" * 64))
+
+    def test_malformedTokensRefused(self):
+        """A token of the wrong length or alphabet is a 400, never another exception."""
+        for field, method in [("key", "publicKey"), ("sig", "signature"), ("nonce", "nonce"), ("mac", "mac")]:
+            for value in ["", "short", "!" * 43, "A" * 200]:
+                m = self.message(**{field: value})
+                e = self.assertRaises(wire.ProtocolError, getattr(m, method))
+                self.assertEqual(e.status, wire.BAD_REQUEST)
+
+    def test_flag(self):
+        """secret= is 0 or 1, absent meaning 0; anything else is a 400."""
+        self.assertTrue(self.message(secret=1).flag("secret"))
+        self.assertFalse(self.message().flag("secret"))
+        self.assertRaises(wire.ProtocolError, self.message(secret="yes").flag, "secret")
+
+    def test_retry(self):
+        """retry= is whole seconds; absent or malformed is None (a hint, never an error)."""
+        self.assertEqual(self.message(retry=5).retry(), 5.0)
+        self.assertIsNone(self.message().retry())
+        self.assertIsNone(self.message(retry="soon").retry())
+
+    def test_newStatusesHaveReasons(self):
+        """100, 401 and 409 have reason texts, so a bare status line says something."""
+        for code in (wire.CONTINUE, wire.UNAUTHORIZED, wire.CONFLICT):
+            self.assertTrue(wire.parseLine(wire.status(code).rstrip(b"\r\n")).text)
+
+    def test_proofVerbs(self):
+        """PROOF and PROVE are request verbs."""
+        self.assertEqual(wire.parseLine(wire.request(wire.PROVE, nonce="x").rstrip(b"\r\n")).word, "PROVE")
+        self.assertEqual(wire.parseLine(wire.request(wire.PROOF, sig="x").rstrip(b"\r\n")).word, "PROOF")
