@@ -16,7 +16,7 @@ import attrs
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
@@ -565,7 +565,9 @@ class NeverConnects:
         self.network.connections.append(self.label)
 
         def cancel(d):
+            # As HostnameEndpoint does: not a CancelledError.
             self.cancelled += 1
+            d.errback(ConnectingCancelledError(self.label))
 
         return Deferred(cancel)
 

@@ -29,11 +29,11 @@ import attrs
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import udp, wire
+from ..addresses import tcpEndpoint
 from ..negotiation import IncompleteAnswer, _OneShotFactory
 from .download import Download, VerificationError
 from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol, TooSlow
@@ -214,7 +214,7 @@ class Fetcher:
         # Node ids never to fetch from: a peer's own node, in p2p-peer.
         self.exclude = frozenset(exclude)
         self.peerEndpoint = peerEndpoint or (
-            lambda peer: HostnameEndpoint(reactor, peer.host, peer.port, timeout=self.connectTimeout)
+            lambda peer: tcpEndpoint(reactor, peer.host, peer.port, timeout=self.connectTimeout)
         )
 
     async def ask(self, payload: bytes):
@@ -480,6 +480,7 @@ class _Race:
         self.inFlight: Dict[PeerAddress, Deferred] = {}
         self.started: List[PeerAddress] = []
         self.timer = None
+        self.won = False
         self.result: Deferred = Deferred()
         self.startNext()
 
@@ -528,7 +529,8 @@ class _Race:
         d.addCallbacks(self.connected, self.lost, callbackArgs=(peer, proto), errbackArgs=(peer,))
 
     def timedOut(self, result: object, timeout: float) -> object:
-        if isinstance(result, Failure) and result.check(CancelledError):
+        """addTimeout's verdict: whatever the cancelled attempt failed with, it timed out."""
+        if isinstance(result, Failure):
             raise error.TimeoutError(f"no connection within {timeout:g} seconds")
         return result
 
@@ -544,8 +546,8 @@ class _Race:
 
     def lost(self, reason: Failure, peer: PeerAddress) -> None:
         self.inFlight.pop(peer, None)
-        if reason.check(CancelledError) or self.over:
-            return
+        if self.over or self.won or reason.check(CancelledError, error.ConnectingCancelledError):
+            return  # we gave up on it: no failed attempt, nothing to report
         self.attempt.failed(peer, reason.value)
         # RFC 8305: a failed attempt makes room for the next one at once.
         if self.timer is not None and self.timer.active():
@@ -554,6 +556,7 @@ class _Race:
 
     def finish(self) -> None:
         """A winner: stop the clock, cancel the others, requeue them."""
+        self.won = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
