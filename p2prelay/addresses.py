@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
+
+# twisted.internet.endpoints imports OpenSSL (about 230 ms) whenever it is
+# installed: it is imported where an endpoint is made, not with this module.
 
 CONNECT_TIMEOUT = 10.0
 
@@ -100,13 +102,22 @@ def checkClientAddress(value: str) -> None:
         clientEndpoint(None, value)
 
 
+def tcpEndpoint(reactor, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
+    """A TCP client endpoint to ``host:port`` (a name, or an IPv4 or IPv6 address)."""
+    from twisted.internet.endpoints import HostnameEndpoint
+
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
 def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
     """
     A client endpoint from ``host:port`` or a client endpoint description.
     """
+    from twisted.internet.endpoints import clientFromString
+
     pair = parseHostPort(value)
     if pair is not None:
-        return HostnameEndpoint(reactor, pair[0], pair[1], timeout=timeout)
+        return tcpEndpoint(reactor, pair[0], pair[1], timeout=timeout)
     try:
         return clientFromString(reactor, value)
     except (ValueError, TypeError, KeyError, NameError) as e:
