@@ -1,0 +1,416 @@
+"""
+TLS: a node's self-signed certificate for its own key, clients pinned to
+the key the relay listed, and a relay on an ``ssl:`` port verified against
+a CA file.  The certificates are made here; the sockets are real, on
+loopback, port 0, and always closed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
+from twisted.internet import error, reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from p2prelay import identity, tls, wire
+from p2prelay.client.relay import query
+from p2prelay.node.server import FileServerFactory
+from p2prelay.node.share import SharedDirectory
+from p2prelay.relay.service import RelayService
+from twisted.internet.task import Clock
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+TIMEOUT = 10.0
+CLOSE_SOON = 2.0  # seconds; the node's close deadline is 10
+DAY = datetime.timedelta(days=1)
+
+
+def makeCA(name: str):
+    """A CA key and its self-signed certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - DAY)
+        .not_valid_after(now + DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def makeServerCertificate(caKey, caCert, names=("localhost",), ips=("127.0.0.1",)):
+    """A server key and a certificate for ``names`` and ``ips``, signed by the CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alternatives = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(a)) for a in ips
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")]))
+        .issuer_name(caCert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - DAY)
+        .not_valid_after(now + DAY)
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+        .sign(caKey, hashes.SHA256())
+    )
+    return key, cert
+
+
+def writePEM(path: Path, *objects) -> str:
+    data = b""
+    for o in objects:
+        if isinstance(o, x509.Certificate):
+            data += o.public_bytes(Encoding.PEM)
+        else:
+            data += o.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    path.write_bytes(data)
+    return str(path)
+
+
+class Hello(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello\n")
+        self.transport.loseConnection()
+
+
+class Collect(Protocol):
+    """Everything the server sends, in ``done`` once it closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.data)
+
+
+class Request(Collect):
+    def __init__(self, line: bytes) -> None:
+        super().__init__()
+        self.line = line
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.line)
+
+
+class OneProtocol(Factory):
+    noisy = False
+
+    def __init__(self, proto: Protocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
+class ListeningTestCase(TestCase):
+    def listen(self, factory, description: str = LOOPBACK) -> int:
+        d = serverFromString(reactor, description).listen(factory)
+        ports = []
+        d.addCallback(ports.append)
+        self.assertTrue(ports, "listen() should bind at once")
+        self.addCleanup(ports[0].stopListening)
+        return ports[0].getHost().port
+
+    async def fetch(self, endpoint, proto: Collect) -> bytes:
+        connected = await endpoint.connect(OneProtocol(proto))
+        self.assertIs(connected, proto)
+        return await proto.done
+
+
+class NodeCertificateTests(SynchronousTestCase):
+    def test_certifiesTheNodeKey(self) -> None:
+        """A node's certificate carries the node's own Ed25519 key."""
+        key = identity.NodeKey.generate()
+        self.assertEqual(tls.publicKeyOf(tls.nodeCertificate(key)), key.public)
+
+    def test_selfSigned(self) -> None:
+        """The certificate is signed by the key it certifies."""
+        cert = tls.nodeCertificate(identity.NodeKey.generate())
+        cert.verify_directly_issued_by(cert)  # raises if not
+
+    def test_cachedPerKey(self) -> None:
+        """A key's certificate is made once; another key gets another one."""
+        key = identity.NodeKey.generate()
+        self.assertIs(tls.nodeCertificate(key), tls.nodeCertificate(key))
+        self.assertIsNot(tls.nodeCertificate(key), tls.nodeCertificate(identity.NodeKey.generate()))
+
+    def test_notEd25519(self) -> None:
+        """A certificate for any other kind of key has no node key."""
+        caKey, caCert = makeCA("ca")
+        self.assertIsNone(tls.publicKeyOf(caCert))
+
+
+class PinnedTests(ListeningTestCase):
+    def setUp(self) -> None:
+        self.key = identity.NodeKey.generate()
+        self.port = self.listen(tls.nodeTLSFactory(self.key, Factory.forProtocol(Hello), reactor))
+
+    async def test_rightKey(self) -> None:
+        """A client pinned to the node's key talks to it over TLS."""
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", self.port, self.key.public, TIMEOUT)
+        self.assertEqual(await self.fetch(endpoint, Collect()), b"hello\n")
+
+    async def test_otherKey(self) -> None:
+        """A node whose TLS key is not the listed one is refused, and says so."""
+        other = identity.NodeKey.generate()
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", self.port, other.public, TIMEOUT)
+        proto = Collect()
+        with self.assertRaises(tls.TLSKeyMismatch) as caught:
+            await endpoint.connect(OneProtocol(proto))
+        self.assertEqual(
+            str(caught.exception), f"TLS key of 127.0.0.1:{self.port} does not match the relay's index"
+        )
+        self.assertFalse(proto.done.called, "the application never saw the connection")
+
+    async def test_certificateAuthorityIsNoSubstitute(self) -> None:
+        """A CA-signed certificate for another key is refused as well."""
+        caKey, caCert = makeCA("ca")
+        serverKey, serverCert = makeServerCertificate(caKey, caCert)
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        keyFile = writePEM(folder / "key.pem", serverKey)
+        certFile = writePEM(folder / "cert.pem", serverCert, caCert)
+        port = self.listen(
+            Factory.forProtocol(Hello), f"ssl:0:interface=127.0.0.1:privateKey={keyFile}:certKey={certFile}"
+        )
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", port, self.key.public, TIMEOUT)
+        with self.assertRaises(tls.TLSKeyMismatch):
+            await endpoint.connect(OneProtocol(Collect()))
+
+    async def test_plainServer(self) -> None:
+        """A port that does not speak TLS fails the connection with a TLS reason."""
+        port = self.listen(Factory.forProtocol(Hello))
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", port, self.key.public, TIMEOUT)
+        with self.assertRaises(tls.TLSFailed) as caught:
+            await endpoint.connect(OneProtocol(Collect()))
+        self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
+
+    async def test_refusedStaysRefused(self) -> None:
+        """Nothing listening is Twisted's ConnectionRefusedError, as for TCP."""
+        port = self.listen(Factory.forProtocol(Hello))
+        # Find a closed port: bind one, then close it.
+        closed = serverFromString(reactor, LOOPBACK).listen(Factory.forProtocol(Hello))
+        ports = []
+        closed.addCallback(ports.append)
+        number = ports[0].getHost().port
+        await ports[0].stopListening()
+        self.assertNotEqual(number, port)
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", number, self.key.public, TIMEOUT)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await endpoint.connect(OneProtocol(Collect()))
+
+
+class ServedFactory(FileServerFactory):
+    """A node's file server whose ``closed`` fires when its one connection has closed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed: Deferred[None] = Deferred()
+
+    def buildProtocol(self, addr):
+        proto = super().buildProtocol(addr)
+        lost = proto.connectionLost
+
+        def connectionLost(reason=None):
+            lost(reason)
+            self.closed.callback(None)
+
+        proto.connectionLost = connectionLost
+        return proto
+
+
+class FileServerTests(ListeningTestCase):
+    async def test_getOverTLS(self) -> None:
+        """The node's file server answers a GET through its TLS port, body and all."""
+        key = identity.NodeKey.generate()
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        body = os.urandom(300_000)  # over one 256 KiB chunk, many TLS records
+        (folder / "a.bin").write_bytes(body)
+        share = SharedDirectory(folder)
+        await share.scan()
+        served = ServedFactory(share, reactor, key=key)
+        port = self.listen(tls.nodeTLSFactory(key, served, reactor))
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", port, key.public, TIMEOUT)
+        data = await self.fetch(endpoint, Request(wire.request(wire.GET, name="a.bin")))
+        # A TLS close waits for the client's close_notify: the server must read
+        # it, not hold the connection (and its slot) until the close deadline.
+        await served.closed.addTimeout(CLOSE_SOON, reactor)
+        head, _, rest = data.partition(b"\r\n")
+        status = wire.parseLine(head)
+        self.assertEqual(status.status, wire.OK)
+        self.assertEqual(status.integer("length"), len(body))
+        self.assertEqual(rest, body)
+
+
+class HandshakeDeadlineTests(SynchronousTestCase):
+    """The handshake is bounded by the connect timeout (on a fake clock)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.transport = StringTransport()
+        self.tlsProtocols = []
+        test = self
+
+        class Wrapped:
+            def connect(self, factory):
+                proto = factory.buildProtocol(None)
+                proto.makeConnection(test.transport)
+                test.tlsProtocols.append(proto)
+                return Deferred()  # what it fires with is not used
+
+        key = identity.NodeKey.generate()
+        self.endpoint = tls._TLSClientEndpoint(
+            self.clock, Wrapped(), tls._PinnedCreator(key.public, "peer"), "peer", 3.0
+        )
+
+    def test_silentPeer(self) -> None:
+        """A peer that never finishes the handshake is dropped as a timeout."""
+        d = self.endpoint.connect(OneProtocol(Collect()))
+        self.assertTrue(self.transport.value(), "a ClientHello went out")
+        self.clock.advance(2.9)
+        self.assertFalse(d.called)
+        self.clock.advance(0.1)
+        self.assertTrue(self.transport.disconnecting or getattr(self.transport, "aborted", False))
+        self.tlsProtocols[0].connectionLost(Failure(error.ConnectionAborted()))
+        failure = self.failureResultOf(d, error.TimeoutError)
+        self.assertIn("no TLS handshake with peer within 3 seconds", str(failure.value))
+
+    def test_cancel(self) -> None:
+        """Cancelling during the handshake aborts the connection."""
+        d = self.endpoint.connect(OneProtocol(Collect()))
+        d.cancel()
+        self.failureResultOf(d)
+        self.assertTrue(self.transport.disconnecting or getattr(self.transport, "aborted", False))
+        self.tlsProtocols[0].connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RelayTests(ListeningTestCase):
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir()
+        self.caKey, caCert = makeCA("test CA")
+        self.caCert = caCert
+        self.caFile = writePEM(self.folder / "ca.pem", caCert)
+        otherKey, otherCert = makeCA("another CA")
+        self.otherCAFile = writePEM(self.folder / "other.pem", otherCert)
+        self.port = self.startRelay(*makeServerCertificate(self.caKey, caCert))
+
+    def startRelay(self, serverKey, serverCert) -> int:
+        """A relay on an ssl: port with this key and certificate; its port."""
+        keyFile = writePEM(self.folder / f"relay{id(serverKey)}.key", serverKey)
+        certFile = writePEM(self.folder / f"relay{id(serverKey)}.pem", serverCert)
+        relay = RelayService(
+            reactor,
+            f"ssl:0:interface=127.0.0.1:privateKey={keyFile}:certKey={certFile}",
+            ttl=60,
+        )
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        ports = []
+        relay.listener.whenListening.addCallback(ports.append)
+        return ports[0].getHost().port
+
+    def ask(self, endpoint):
+        return ensureDeferred(query(endpoint, wire.request(wire.PEERS), reactor, TIMEOUT))
+
+    async def test_rightCA(self) -> None:
+        """A relay on an ssl: port answers a client that trusts its CA."""
+        endpoint = tls.relayClientEndpoint(reactor, "127.0.0.1", self.port, self.caFile, TIMEOUT)
+        reply = await self.ask(endpoint)
+        self.assertEqual(reply.status.status, wire.OK)
+
+    async def test_byName(self) -> None:
+        """The relay may be named by a host name its certificate lists."""
+        endpoint = tls.relayClientEndpoint(reactor, "localhost", self.port, self.caFile, TIMEOUT)
+        reply = await self.ask(endpoint)
+        self.assertEqual(reply.status.status, wire.OK)
+
+    async def test_wrongCA(self) -> None:
+        """A relay whose certificate no trusted CA signed is refused, and says so."""
+        endpoint = tls.relayClientEndpoint(reactor, "127.0.0.1", self.port, self.otherCAFile, TIMEOUT)
+        with self.assertRaises(tls.TLSFailed) as caught:
+            await self.ask(endpoint)
+        self.assertIn(
+            f"the TLS certificate of relay 127.0.0.1:{self.port} is not signed by a CA in {self.otherCAFile}",
+            str(caught.exception),
+        )
+
+    async def test_wrongName(self) -> None:
+        """A certificate from the right CA for another host is refused too."""
+        port = self.startRelay(
+            *makeServerCertificate(self.caKey, self.caCert, names=("relay.example",), ips=())
+        )
+        endpoint = tls.relayClientEndpoint(reactor, "127.0.0.1", port, self.caFile, TIMEOUT)
+        with self.assertRaises(tls.TLSFailed) as caught:
+            await self.ask(endpoint)
+        self.assertIn("is not for that host", str(caught.exception))
+
+    async def test_plainClientGetsNothing(self) -> None:
+        """A client speaking plain TCP to the TLS port gets no answer it can use."""
+        with self.assertRaises(Exception) as caught:
+            await self.ask(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=TIMEOUT))
+        self.assertNotIsInstance(caught.exception, AssertionError)
+
+
+class CAFileTests(SynchronousTestCase):
+    def test_missing(self) -> None:
+        """A CA file that does not exist is a clear error, before any connection."""
+        with self.assertRaises(tls.TLSConfigError) as caught:
+            tls.loadCAFile("/nonexistent/ca.pem")
+        self.assertIn("cannot read CA file /nonexistent/ca.pem", str(caught.exception))
+
+    def test_notPEM(self) -> None:
+        """A file holding no PEM certificate is refused."""
+        path = Path(self.mktemp())
+        path.write_bytes(b"not a certificate\n")
+        with self.assertRaises(tls.TLSConfigError) as caught:
+            tls.loadCAFile(str(path))
+        self.assertIn("holds no PEM certificate", str(caught.exception))
+
+    def test_bundle(self) -> None:
+        """A file with several CA certificates is accepted."""
+        path = Path(self.mktemp())
+        writePEM(path, makeCA("one")[1], makeCA("two")[1])
+        self.assertIsNotNone(tls.loadCAFile(str(path)))
+
+
+class ImportCostTests(SynchronousTestCase):
+    def test_plainFetchSkipsOpenSSL(self) -> None:
+        """Importing p2p-fetch does not import OpenSSL (about 230 ms): only TLS does."""
+        out = subprocess.run(
+            [sys.executable, "-c", "import p2prelay.cli.fetch, sys; print('OpenSSL' in sys.modules)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        self.assertEqual(out.stdout.strip(), "False")
