@@ -213,9 +213,20 @@ class Fetcher:
         self.prover = prover
         # Node ids never to fetch from: a peer's own node, in p2p-peer.
         self.exclude = frozenset(exclude)
-        self.peerEndpoint = peerEndpoint or (
-            lambda peer: tcpEndpoint(reactor, peer.host, peer.port, timeout=self.connectTimeout)
-        )
+        self.peerEndpoint = peerEndpoint or self._endpoint
+
+    def _endpoint(self, peer: PeerAddress):
+        """
+        Where to connect for ``peer``.  An address is dialled at once; only
+        a host name goes through a resolver (HostnameEndpoint's, a thread),
+        whose delay would otherwise let a later attempt overtake it in the race.
+        """
+        if isIPAddress(peer.host) or isIPv6Address(peer.host):
+            from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+            kind = TCP4ClientEndpoint if isIPAddress(peer.host) else TCP6ClientEndpoint
+            return kind(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
+        return tcpEndpoint(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
 
     async def ask(self, payload: bytes):
         try:
