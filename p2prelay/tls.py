@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from .identity import NodeKey
 
+RECEIVE_SIZE = 256 * 1024  # bytes per recv() on a transfer, as client/get.py reads
 MAX_CA_FILE = 1024 * 1024  # bytes read from a --relay-ca file
 CERTIFICATE_BACKDATE = datetime.timedelta(days=1)  # tolerate clocks running behind
 # RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration".  The
@@ -227,6 +228,10 @@ class _Attempt:
 
     def connected(self, gate: _Gate) -> None:
         self.gate = gate
+        tcp = getattr(gate.transport, "transport", None)
+        if self.endpoint.receiveSize and hasattr(tcp, "bufferSize"):
+            # The application's own bufferSize would land on the TLS wrapper.
+            tcp.bufferSize = self.endpoint.receiveSize
         if self.endpoint.timeout:
             self.timer = self.endpoint.reactor.callLater(self.endpoint.timeout, self._tooSlow)
 
@@ -295,6 +300,7 @@ class _TLSClientEndpoint:
     """
     TLS over ``wrapped``; ``connect()`` fires once the peer is verified.
 
+    ``receiveSize``, when given, is the TCP transport's read size.
     ``check(tlsProtocol)`` may return an exception to refuse a peer after
     the handshake; ``describe(reasons)`` turns OpenSSL's reasons for a
     failed handshake into the message of a :class:`TLSFailed`.
@@ -309,8 +315,10 @@ class _TLSClientEndpoint:
         timeout: float,
         check: Callable[[object], Optional[Exception]] = lambda tls: None,
         describe: Optional[Callable[[str], str]] = None,
+        receiveSize: Optional[int] = None,
     ) -> None:
         self.reactor = reactor
+        self.receiveSize = receiveSize
         self.wrapped = wrapped
         self.creator = creator
         self.where = where
@@ -380,7 +388,8 @@ def pinnedTLSEndpoint(reactor, host: str, port: int, publicKey: str, timeout: fl
     its certificate's key is ``publicKey`` (as :attr:`NodeKey.public`, the
     form the relay lists); anything else fails the connection with
     :class:`TLSKeyMismatch`.  ``timeout`` bounds the TCP connect, and then
-    the handshake.
+    the handshake.  Reads are of ``RECEIVE_SIZE`` bytes, as for a plain
+    transfer (measured: 64 KiB reads cost a quarter of TLS throughput).
     """
     where = _where(host, port)
     creator = _PinnedCreator(publicKey, where)
@@ -399,6 +408,7 @@ def pinnedTLSEndpoint(reactor, host: str, port: int, publicKey: str, timeout: fl
         where,
         timeout,
         check=check,
+        receiveSize=RECEIVE_SIZE,
     )
 
 
