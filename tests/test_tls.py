@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from cryptography import x509
@@ -23,6 +25,7 @@ from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -31,8 +34,10 @@ from p2prelay import identity, tls, wire
 from p2prelay.client.relay import query
 from p2prelay.node.server import FileServerFactory
 from p2prelay.node.share import SharedDirectory
+from p2prelay.relay.registry import Peer
 from p2prelay.relay.service import RelayService
-from twisted.internet.task import Clock
+from p2prelay.relay.store import StateStore
+from tests.test_relay import KEY, RelayTestCase, registration
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 TIMEOUT = 10.0
@@ -414,3 +419,58 @@ class ImportCostTests(SynchronousTestCase):
             check=True,
         )
         self.assertEqual(out.stdout.strip(), "False")
+
+
+class RelayListsTLSTests(RelayTestCase):
+    """The registry says which nodes offer TLS, and the key to pin it to."""
+
+    def test_tlsPortListed(self) -> None:
+        """tls= on REGISTER is recorded; PEERS lists it with the node's key."""
+        self.answer(registration(tls=5443))
+        self.assertEqual(self.registry.get(KEY.node).tls, 5443)
+        listed = self.answer(wire.request(wire.PEERS))[1]
+        self.assertEqual((listed.get("tls"), listed.get("key")), ("5443", KEY.public))
+
+    def test_whohasCarriesKey(self) -> None:
+        """WHOHAS items of a TLS node carry tls= and key= too."""
+        self.answer(registration(tls=5443, files=["a.txt"]))
+        listed = self.answer(wire.request(wire.WHOHAS, name="a.txt"))[1]
+        self.assertEqual((listed.get("tls"), listed.get("key")), ("5443", KEY.public))
+
+    def test_noTLS(self) -> None:
+        """A node without a TLS port is listed without tls= or key=."""
+        self.answer(registration())
+        listed = self.answer(wire.request(wire.PEERS))[1]
+        self.assertIsNone(listed.get("tls"))
+        self.assertIsNone(listed.get("key"))
+
+    def test_badTLSPort(self) -> None:
+        """A tls= that is no port is refused like a bad udp=."""
+        self.assertRefused(registration(tls=70000), wire.BAD_REQUEST)
+
+
+class StoredTLSTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        self.path = directory / "state.sqlite"
+
+    def test_roundTrip(self) -> None:
+        """A node's TLS port survives a relay restart."""
+        peer = Peer("n1", "10.0.0.1", 5000, {}, expires=1.0, key=KEY.public, tls=5443)
+        StateStore(self.path).save([peer])
+        self.assertEqual(StateStore(self.path).load(), [peer])
+
+    def test_olderFileGainsColumn(self) -> None:
+        """A state file from before tls= loads, its peers without a TLS port."""
+        with closing(sqlite3.connect(self.path)) as db:
+            db.execute(
+                "CREATE TABLE peers (node TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,"
+                " udp INTEGER, expires REAL NOT NULL, files TEXT NOT NULL,"
+                " key TEXT, reachable INTEGER NOT NULL, source TEXT)"
+            )
+            db.execute("INSERT INTO peers VALUES ('n1', '10.0.0.1', 5000, NULL, 1.0, '[]', 'K', 1, NULL)")
+            db.execute("PRAGMA user_version = 2")
+            db.commit()
+        [peer] = StateStore(self.path).load()
+        self.assertEqual((peer.node, peer.key, peer.tls), ("n1", "K", None))

@@ -40,7 +40,10 @@ INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_
 
 
 def peerFields(peer: Peer) -> dict[str, object]:
-    return {"node": peer.node, "host": peer.host, "port": peer.port, "udp": peer.udp}
+    fields: dict[str, object] = {"node": peer.node, "host": peer.host, "port": peer.port, "udp": peer.udp}
+    if peer.tls is not None:  # the key a client pins its TLS connection to
+        fields.update(tls=peer.tls, key=peer.key)
+    return fields
 
 
 class _Phase(enum.Enum):
@@ -172,6 +175,8 @@ class RelayProtocol(NegotiationProtocol):
         message.port()
         if message.get("udp") is not None:
             message.port("udp")
+        if message.get("tls") is not None:
+            message.port("tls")
         if message.get("host") is not None:
             checkHost(message.require("host"))
         self._expected = message.integer("files")
@@ -251,6 +256,7 @@ class RelayProtocol(NegotiationProtocol):
         request = self._request
         assert request is not None
         udp = request.port("udp") if request.get("udp") else None
+        tlsPort = request.port("tls") if request.get("tls") else None
         try:
             peer = self.factory.registry.register(
                 self._node,
@@ -258,6 +264,7 @@ class RelayProtocol(NegotiationProtocol):
                 port,
                 self._files,
                 udp=udp,
+                tls=tlsPort,
                 key=self._key,
                 reachable=reachable,
                 source=self.source,

@@ -48,6 +48,7 @@ class Peer:
     key: str | None = None  # the node's public key (base64url)
     reachable: bool = True  # the relay's own dial-back reached the node there
     source: str | None = None  # the address the registration came from
+    tls: int | None = None  # the node's TLS port (pinned to key), if it has one
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -119,6 +120,7 @@ class Registry:
         key: str | None = None,
         reachable: bool = True,
         source: str | None = None,
+        tls: int | None = None,
     ) -> Peer:
         """
         Record a registration, replacing the node's earlier one.
@@ -148,6 +150,7 @@ class Registry:
             key=key,
             reachable=reachable,
             source=source,
+            tls=tls,
         )
         self._add(peer)
         return peer

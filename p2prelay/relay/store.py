@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from ..wire import FileEntry
 from .registry import Peer
 
-SCHEMA_VERSION = 2  # PRAGMA user_version of the files this code writes
+SCHEMA_VERSION = 3  # PRAGMA user_version of the files this code writes
 
 
 class NewerSchema(Exception):
@@ -58,11 +58,13 @@ class StateStore:
                     path=str(self.path),
                 )
                 db.execute("DROP TABLE peers")
+            elif columns and "tls" not in columns:
+                db.execute("ALTER TABLE peers ADD COLUMN tls INTEGER")
         db.execute(
             "CREATE TABLE IF NOT EXISTS peers ("
             " node TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,"
             " udp INTEGER, expires REAL NOT NULL, files TEXT NOT NULL,"
-            " key TEXT, reachable INTEGER NOT NULL, source TEXT)"
+            " key TEXT, reachable INTEGER NOT NULL, source TEXT, tls INTEGER)"
         )
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return db
@@ -78,7 +80,7 @@ class StateStore:
             db = self._connect()
             try:
                 rows = db.execute(
-                    "SELECT node, host, port, udp, expires, files, key, reachable, source"
+                    "SELECT node, host, port, udp, expires, files, key, reachable, source, tls"
                     " FROM peers"
                 ).fetchall()
             finally:
@@ -104,7 +106,7 @@ class StateStore:
         )
 
     @staticmethod
-    def _peer(node, host, port, udp, expires, files, key, reachable, source) -> Peer:
+    def _peer(node, host, port, udp, expires, files, key, reachable, source, tls) -> Peer:
         entries = [FileEntry(str(n), int(s), str(h)) for n, s, h in json.loads(files)]
         return Peer(
             node=str(node),
@@ -116,6 +118,7 @@ class StateStore:
             key=str(key) if key is not None else None,
             reachable=bool(reachable),
             source=str(source) if source is not None else None,
+            tls=int(tls) if tls is not None else None,
         )
 
     def save(self, peers: Iterable[Peer]) -> None:
@@ -130,6 +133,7 @@ class StateStore:
                 p.key,
                 int(p.reachable),
                 p.source,
+                p.tls,
             )
             for p in peers
         ]
@@ -137,6 +141,6 @@ class StateStore:
         try:
             with db:
                 db.execute("DELETE FROM peers")
-                db.executemany("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         finally:
             db.close()
