@@ -190,6 +190,10 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
         Close once what is written has left, aborting if that takes longer
         than :attr:`closeDeadline` plus ``pending`` bytes at the minimum rate.
         """
+        # Read again if a subclass paused the transport: a TLS close waits
+        # for the peer's close_notify, which must not sit unread until the
+        # deadline, holding the connection's slot.  Nothing read is handled.
+        self.transport.resumeProducing()
         self.transport.loseConnection()
         if self._closeCall is None:
             grace = self.closeDeadline + pending / (self.minRate or MIN_RATE)

@@ -24,6 +24,7 @@ from .addresses import (
     checkClientAddress,
     clientEndpoint,
     interfaceOf,
+    parseHostPort,
     serverDescription,
     udpPort,
 )
@@ -121,6 +122,11 @@ class NodeOptions(usage.Options):
         ["key", None, None, "The node's key file, made on first start; the node id is the "
          "key's (default: in the user's state folder, one per shared folder)."],
         ["secret-file", None, None, "The shared secret of a closed network, as the relay has it."],
+        ["tls-port", None, None, "Also serve over TLS here (a port or TCP server endpoint "
+         "description; TLS 1.3 with the node's key, which clients pin to; default: no TLS).",
+         _server],
+        ["relay-ca", None, None, "CA certificates (PEM file) to verify the relay with: the relay "
+         "(HOST:PORT) is then reached over TLS."],
     ]
     optFlags = [["no-udp", None, "Do not serve over UDP."]]
 
@@ -134,6 +140,11 @@ class NodeOptions(usage.Options):
         except AddressError as e:
             raise usage.UsageError(f"--relay: {e}") from None
         self["secret"] = _secret(self["secret-file"])
+        _checkRelayCA(self)
+        if self["tls-port"] and self["tls-port"].split(":", 1)[0] in ("ssl", "tls"):
+            raise usage.UsageError(
+                "--tls-port: give a port or a tcp: description; TLS is added with the node's key"
+            )
         from .identity import IdentityError, NodeKey, defaultKeyPath
 
         try:
@@ -147,6 +158,29 @@ class NodeOptions(usage.Options):
                 self["udp"] = udpPort(self["udp-port"] or "0", interfaceOf(self["port"]))
             except AddressError as e:
                 raise usage.UsageError(f"--udp-port: {e}") from None
+
+
+def _checkRelayCA(config) -> None:
+    """With --relay-ca, the CA file must be usable and --relay a HOST:PORT."""
+    if not config.get("relay-ca"):
+        return
+    from .tls import TLSConfigError, loadCAFile  # imports OpenSSL: only for a TLS relay
+
+    try:
+        loadCAFile(config["relay-ca"])
+    except TLSConfigError as e:
+        raise usage.UsageError(f"--relay-ca: {e}") from None
+    if parseHostPort(config["relay"].strip().removeprefix("tls:")) is None:
+        raise usage.UsageError("--relay: with --relay-ca, give the relay as HOST:PORT")
+
+
+def relayEndpoint(reactor, config, timeout: float):
+    """The relay's client endpoint: over TLS with --relay-ca, else as --relay says."""
+    if config.get("relay-ca"):
+        from .tls import relayEndpoint as tlsRelay
+
+        return tlsRelay(reactor, config["relay"], config["relay-ca"], timeout)
+    return clientEndpoint(reactor, config["relay"], timeout=timeout)
 
 
 def _secret(path):
@@ -188,7 +222,7 @@ def makeNodeService(
 
     return NodeService(
         reactor,
-        relay=clientEndpoint(reactor, config["relay"], timeout=relayTimeout),
+        relay=relayEndpoint(reactor, config, relayTimeout),
         directory=config["dir"],
         description=config["port"],
         advertise=config["advertise"],
@@ -197,6 +231,7 @@ def makeNodeService(
         key=config.get("nodeKey"),
         secret=config.get("secret"),
         udp=config["udp"],
+        tls=config.get("tls-port"),
         runInThread=runInThread,
         maxConnections=config["max-connections"],
         maxPerAddress=config["max-per-address"],

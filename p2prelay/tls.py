@@ -461,3 +461,19 @@ def relayClientEndpoint(reactor, host: str, port: int, caFile: str, timeout: flo
         timeout,
         describe=describe,
     )
+
+
+def relayEndpoint(reactor, value: str, caFile: str, timeout: float) -> IStreamClientEndpoint:
+    """
+    :func:`relayClientEndpoint` from what a user typed for ``--relay``
+    alongside ``--relay-ca``: ``HOST:PORT`` (or ``tls:HOST:PORT``).
+    Raises :class:`~p2prelay.addresses.AddressError` or
+    :class:`TLSConfigError` with the reason.
+    """
+    from .addresses import AddressError, parseHostPort
+
+    text = value.strip()
+    pair = parseHostPort(text[4:] if text.startswith("tls:") else text)
+    if pair is None:
+        raise AddressError(f"{value!r}: with a CA file, give the relay as HOST:PORT")
+    return relayClientEndpoint(reactor, pair[0], pair[1], caFile, timeout)

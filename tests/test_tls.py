@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2prelay import identity, tls, wire
@@ -37,6 +38,7 @@ from p2prelay.node.share import SharedDirectory
 from p2prelay.relay.registry import Peer
 from p2prelay.relay.service import RelayService
 from p2prelay.relay.store import StateStore
+from p2prelay.tap import NodeOptions, makeNodeService
 from tests.test_relay import KEY, RelayTestCase, registration
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -319,7 +321,9 @@ class HandshakeDeadlineTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class RelayTests(ListeningTestCase):
+class TLSRelayCase(ListeningTestCase):
+    """A relay on an ssl: port with a certificate from a test CA."""
+
     def setUp(self) -> None:
         self.folder = Path(self.mktemp())
         self.folder.mkdir()
@@ -328,7 +332,10 @@ class RelayTests(ListeningTestCase):
         self.caFile = writePEM(self.folder / "ca.pem", caCert)
         otherKey, otherCert = makeCA("another CA")
         self.otherCAFile = writePEM(self.folder / "other.pem", otherCert)
-        self.port = self.startRelay(*makeServerCertificate(self.caKey, caCert))
+        self.serverKey, self.serverCert = makeServerCertificate(self.caKey, caCert)
+        self.keyFile = writePEM(self.folder / "relay.key", self.serverKey)
+        self.certFile = writePEM(self.folder / "relay.pem", self.serverCert)
+        self.port = self.startRelay(self.serverKey, self.serverCert)
 
     def startRelay(self, serverKey, serverCert) -> int:
         """A relay on an ssl: port with this key and certificate; its port."""
@@ -347,6 +354,9 @@ class RelayTests(ListeningTestCase):
 
     def ask(self, endpoint):
         return ensureDeferred(query(endpoint, wire.request(wire.PEERS), reactor, TIMEOUT))
+
+
+class RelayTests(TLSRelayCase):
 
     async def test_rightCA(self) -> None:
         """A relay on an ssl: port answers a client that trusts its CA."""
@@ -474,3 +484,51 @@ class StoredTLSTests(SynchronousTestCase):
             db.commit()
         [peer] = StateStore(self.path).load()
         self.assertEqual((peer.node, peer.key, peer.tls), ("n1", "K", None))
+
+
+class NodeWiringTests(TLSRelayCase):
+    """A node with --tls-port and --relay-ca, in process, against a TLS relay."""
+
+    def nodeOptions(self, *extra: str) -> NodeOptions:
+        share = self.folder / "share"
+        share.mkdir(exist_ok=True)
+        config = NodeOptions()
+        config.parseOptions(
+            ["--relay", f"127.0.0.1:{self.port}", "--dir", str(share), "--no-udp",
+             "--port", LOOPBACK, "--key", str(self.folder / "node.key"), *extra]
+        )
+        return config
+
+    async def test_tlsNodeBehindTLSRelay(self) -> None:
+        """
+        The node registers over TLS with the relay, the relay lists its TLS
+        port and key, and a client fetches from it pinned to that key.
+        """
+        config = self.nodeOptions("--relay-ca", self.caFile, "--tls-port", LOOPBACK)
+        (Path(config["dir"]) / "a.txt").write_bytes(b"over TLS\n")
+        node = makeNodeService(config, reactor)
+        node.startService()
+        self.addCleanup(node.stopService)
+        await node.ready
+        await node.registrar.firstRegistration
+        relay = tls.relayClientEndpoint(reactor, "127.0.0.1", self.port, self.caFile, TIMEOUT)
+        reply = await ensureDeferred(query(relay, wire.request(wire.WHOHAS, name="a.txt"), reactor, TIMEOUT))
+        [holder] = reply.items
+        self.assertEqual(holder.get("key"), config["nodeKey"].public)
+        self.assertEqual(holder.port("tls"), node.tlsListener.port.getHost().port)
+        endpoint = tls.pinnedTLSEndpoint(reactor, "127.0.0.1", holder.port("tls"), holder.get("key"), TIMEOUT)
+        data = await self.fetch(endpoint, Request(wire.request(wire.GET, name="a.txt")))
+        head, _, body = data.partition(b"\n")
+        self.assertEqual((wire.parseLine(head.rstrip(b"\r")).status, body), (wire.OK, b"over TLS\n"))
+
+    def test_sslTLSPortRefused(self) -> None:
+        """--tls-port takes a plain description: the node adds TLS itself."""
+        with self.assertRaises(UsageError) as caught:
+            self.nodeOptions("--tls-port", f"ssl:0:privateKey={self.keyFile}:certKey={self.certFile}")
+        self.assertIn("TLS is added with the node's key", str(caught.exception))
+
+    def test_missingRelayCA(self) -> None:
+        """A --relay-ca that cannot be read is a usage error naming the file."""
+        with self.assertRaises(UsageError) as caught:
+            self.nodeOptions("--relay-ca", "/nonexistent/ca.pem")
+        self.assertIn("--relay-ca: cannot read CA file /nonexistent/ca.pem", str(caught.exception))

@@ -216,14 +216,6 @@ class FileServerProtocol(NegotiationProtocol):
             )
         )
 
-    def closeWithin(self, pending: int = 0) -> None:
-        # Read again (lineReceived paused the transport): a TLS close waits
-        # for the client's close_notify, which must not sit unread until the
-        # close deadline, holding the connection's slot.  Nothing read is
-        # handled any more.
-        self.transport.resumeProducing()
-        super().closeWithin(pending)
-
     def timeoutConnection(self) -> None:
         if self._producer is None:
             super().timeoutConnection()

@@ -32,7 +32,9 @@ class NodeService(MultiService):
     A peer node: listen on TCP (and UDP unless ``udp`` is None), scan the
     folder, serve it, and keep it registered.
 
-    ``udp`` is ``(port, interface)``; port 0 lets the OS choose.  ``key``
+    ``udp`` is ``(port, interface)``; port 0 lets the OS choose.  ``tls``,
+    a server endpoint description, adds a TLS port presenting the node's
+    key, which clients pin to (see ``p2prelay/tls.py``).  ``key``
     is the node's :class:`identity.NodeKey` (default: a fresh one, for this
     run only); the node's id is the key's.  ``secret`` is the shared secret
     of a closed network.
@@ -53,6 +55,7 @@ class NodeService(MultiService):
         key: Optional[identity.NodeKey] = None,
         secret: Optional[bytes] = None,
         udp: Optional[tuple[int, str]] = (0, ""),
+        tls: Optional[str] = None,
         runInThread: RunInThread = deferToThread,
         maxConnections: int = NODE_MAX_CONNECTIONS,
         maxPerAddress: int = NODE_MAX_PER_ADDRESS,
@@ -88,6 +91,16 @@ class NodeService(MultiService):
                 reactor, udp[0], udp[1], server, "peernode", maxPacketSize=MAX_DATAGRAM
             )
             self.udpListener.setServiceParent(self)
+        self.tlsListener: Optional[ListeningService] = None
+        if tls is not None:
+            # The same file server (and the same caps) behind TLS with the
+            # node's key; p2prelay.tls imports OpenSSL, so only when asked.
+            from ..tls import nodeTLSFactory
+
+            self.tlsListener = ListeningService(
+                reactor, tls, nodeTLSFactory(self.key, self.files, reactor), "peernode TLS"
+            )
+            self.tlsListener.setServiceParent(self)
         self.registrar: Optional[Registrar] = None
         self.ready: Deferred[None] = Deferred()
         self._stopping: Optional[Deferred[None]] = None
@@ -102,7 +115,8 @@ class NodeService(MultiService):
         self.ready.errback(failure)
 
     async def _start(self) -> None:
-        listeners = [self.listener] + ([self.udpListener] if self.udpListener else [])
+        optional = (self.udpListener, self.tlsListener)
+        listeners = [self.listener] + [listener for listener in optional if listener is not None]
         # Wait for every listener, so no failure is left unobserved.
         outcomes = await DeferredList(
             [listener.whenListening for listener in listeners], consumeErrors=True
@@ -110,7 +124,8 @@ class NodeService(MultiService):
         for listener, (ok, result) in zip(listeners, outcomes):
             if not ok:
                 raise ListenFailed(listener.description, result.getErrorMessage())
-        port, udpPort = [result for ok, result in outcomes] + [None] * (2 - len(outcomes))
+        bound = {listener: result for listener, (ok, result) in zip(listeners, outcomes)}
+        port, udpPort, tlsPort = (bound.get(s) for s in (self.listener, *optional))
         await self.share.scan()
         self.log.info(
             "sharing {count} files from {dir}", count=len(self.share.entries), dir=self.share.root
@@ -124,6 +139,7 @@ class NodeService(MultiService):
             secret=self.secret,
             advertise=self.advertise,
             udp=None if udpPort is None else udpPort.getHost().port,
+            tls=None if tlsPort is None else tlsPort.getHost().port,
             heartbeat=self.heartbeat,
             rescan=self.rescan,
         )

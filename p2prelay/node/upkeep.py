@@ -92,8 +92,8 @@ class Registrar:
     The upkeep loop for one node's registration.
 
     ``key`` is the node's :class:`identity.NodeKey` (its id is the key's);
-    ``secret`` the shared secret of a closed network, if any.  ``port`` and
-    ``udp`` are what the node serves on; ``advertise`` is the host put in
+    ``secret`` the shared secret of a closed network, if any.  ``port``,
+    ``udp`` and ``tls`` are what the node serves on; ``advertise`` is the host put in
     the registry (None: the address the relay sees us from).
     ``registered`` is true while the relay may hold our entry;
     ``reachable`` whether the relay last said it could reach us.
@@ -112,6 +112,7 @@ class Registrar:
         secret: Optional[bytes] = None,
         advertise: Optional[str] = None,
         udp: Optional[int] = None,
+        tls: Optional[int] = None,
         heartbeat: Optional[float] = None,
         rescan: Optional[float] = DEFAULT_RESCAN,
         rng: Callable[[], float] = random.random,
@@ -125,6 +126,7 @@ class Registrar:
         self.port = port
         self.advertise = advertise
         self.udp = udp
+        self.tls = tls
         self.heartbeat = heartbeat
         self.rescanInterval = rescan
         self._rng = rng
@@ -343,6 +345,7 @@ class Registrar:
                     port=self.port,
                     host=self.advertise,
                     udp=self.udp,
+                    tls=self.tls,
                     files=len(entries),
                 ),
                 *(
