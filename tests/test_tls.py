@@ -32,6 +32,8 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2prelay import identity, tls, wire
+from p2prelay.cli.fetch import buildFetcher, parseArgs
+from p2prelay.client.fetcher import NotFetched
 from p2prelay.client.relay import query
 from p2prelay.node.server import FileServerFactory
 from p2prelay.node.share import SharedDirectory
@@ -532,3 +534,49 @@ class NodeWiringTests(TLSRelayCase):
         with self.assertRaises(UsageError) as caught:
             self.nodeOptions("--relay-ca", "/nonexistent/ca.pem")
         self.assertIn("--relay-ca: cannot read CA file /nonexistent/ca.pem", str(caught.exception))
+
+
+class FetchOverTLSTests(TLSRelayCase):
+    """p2p-fetch --tls --relay-ca, in process, against a TLS relay and nodes."""
+
+    async def startNode(self, name: str, *extra: str):
+        share = self.folder / f"share-{name}"
+        share.mkdir()
+        (share / "a.txt").write_bytes(b"over TLS\n")
+        config = NodeOptions()
+        config.parseOptions(
+            ["--relay", f"127.0.0.1:{self.port}", "--relay-ca", self.caFile, "--dir", str(share),
+             "--no-udp", "--port", LOOPBACK, "--key", str(self.folder / f"{name}.key"), *extra]
+        )
+        node = makeNodeService(config, reactor)
+        node.startService()
+        self.addCleanup(node.stopService)
+        await node.ready
+        await node.registrar.firstRegistration
+        return node
+
+    def fetcher(self, *extra: str):
+        args = parseArgs(["--relay", f"127.0.0.1:{self.port}", "--relay-ca", self.caFile, *extra])
+        self.reports: list[str] = []
+        return buildFetcher(reactor, args, self.reports.append)
+
+    async def test_fetchPinned(self) -> None:
+        """--tls fetches from a node's TLS port, through a TLS relay."""
+        await self.startNode("n1", "--tls-port", LOOPBACK)
+        out = Path(self.mktemp())
+        fetched = await ensureDeferred(self.fetcher("--tls").save("a.txt", out))
+        self.assertEqual(out.read_bytes(), b"over TLS\n")
+        self.assertEqual(fetched.size, 9)
+
+    async def test_noTLSNode(self) -> None:
+        """--tls never fetches in the clear from a node without TLS: a failed attempt, said so."""
+        await self.startNode("n1")
+        with self.assertRaises(NotFetched) as caught:
+            await ensureDeferred(self.fetcher("--tls").save("a.txt", Path(self.mktemp())))
+        [attempt] = caught.exception.attempts
+        self.assertEqual(attempt.error, "offers no TLS")
+
+    def test_tlsAndUDP(self) -> None:
+        """--tls and --udp are refused together."""
+        with self.assertRaises(SystemExit):
+            parseArgs(["--tls", "--udp", "a.txt"])

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults
+from twisted.internet.interfaces import IReactorThreads, IStreamClientEndpoint
+from zope.interface import implementer
 
 from .. import __version__, udp, wire
-from ..addresses import AddressError, checkClientAddress, clientEndpoint
+from ..addresses import AddressError, checkClientAddress, clientEndpoint, parseHostPort
 from ..client.download import DestinationError, Download, destination
 from ..client.relay import secretProver
 from ..client.fetcher import (
@@ -143,6 +144,18 @@ def parser() -> argparse.ArgumentParser:
         "--udp", action="store_true", help="fetch over UDP instead of TCP (the relay stays on TCP)"
     )
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="fetch only over TLS, from peers that offer it, checking each peer's key "
+        "against the one the relay lists",
+    )
+    p.add_argument(
+        "--relay-ca",
+        metavar="FILE",
+        help="CA certificates (PEM) to verify the relay with: --relay (HOST:PORT) is then "
+        "reached over TLS",
+    )
+    p.add_argument(
         "--udp-block",
         type=int,
         default=udp.DEFAULT_BLOCK,
@@ -181,6 +194,17 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
             p.error(f"--secret-file: {e}")
     if not udp.MIN_BLOCK <= args.udp_block <= udp.MAX_BLOCK:
         p.error(f"--udp-block must be {udp.MIN_BLOCK}..{udp.MAX_BLOCK}")
+    if args.tls and args.udp:
+        p.error("--tls and --udp exclude each other")
+    if args.relay_ca:
+        from ..tls import TLSConfigError, loadCAFile  # imports OpenSSL: only for a TLS relay
+
+        try:
+            loadCAFile(args.relay_ca)
+        except TLSConfigError as e:
+            p.error(f"--relay-ca: {e}")
+        if parseHostPort(args.relay.strip().removeprefix("tls:")) is None:
+            p.error("--relay: with --relay-ca, give the relay as HOST:PORT")
     if args.force and not args.output:
         p.error("--force only makes sense with -o DIR")
     if args.json and args.names and not args.output:
@@ -199,6 +223,31 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+class NoTLS(Exception):
+    """With --tls: the relay lists no TLS port (and key) for this peer."""
+
+
+@implementer(IStreamClientEndpoint)
+class _Refused:
+    def connect(self, factory):
+        return fail(NoTLS("offers no TLS"))
+
+
+def tlsPeerEndpoint(reactor, timeout: float) -> Callable[[PeerAddress], object]:
+    """
+    --tls: a peer's TLS port, pinned to the key the relay lists for it; a
+    peer listed without one is a failed attempt (and not reported dead).
+    """
+    from ..tls import pinnedTLSEndpoint
+
+    def endpoint(peer: PeerAddress):
+        if peer.tls is None or peer.key is None:
+            return _Refused()
+        return pinnedTLSEndpoint(reactor, peer.host, peer.tls, peer.key, timeout)
+
+    return endpoint
+
+
 def buildFetcher(
     reactor,
     args: argparse.Namespace,
@@ -212,9 +261,18 @@ def buildFetcher(
     every phase) are told to ``report``.  ``relay`` and ``peerEndpoint``
     replace the endpoints made from ``--relay`` and the peers' addresses.
     """
+    if relay is None:
+        if getattr(args, "relay_ca", None):
+            from ..tls import relayEndpoint
+
+            relay = relayEndpoint(reactor, args.relay, args.relay_ca, args.timeout)
+        else:
+            relay = clientEndpoint(reactor, args.relay, timeout=args.timeout)
+    if peerEndpoint is None and getattr(args, "tls", False):
+        peerEndpoint = tlsPeerEndpoint(reactor, args.connect_timeout)
     fetcher = Fetcher(
         reactor,
-        relay if relay is not None else clientEndpoint(reactor, args.relay, timeout=args.timeout),
+        relay,
         timeout=args.timeout,
         report=report,
         verbose=report if args.verbose else (lambda line: None),

@@ -76,7 +76,8 @@ class NotFetched(Exception):
 class PeerAddress:
     """
     A peer as the relay lists it; ``size`` and ``sha256`` are what its
-    index says this peer holds under the name asked for (WHOHAS only).
+    index says this peer holds under the name asked for (WHOHAS only);
+    ``tls`` and ``key`` its TLS port and the key to pin it to, if it has one.
     """
 
     host: str
@@ -85,6 +86,8 @@ class PeerAddress:
     udp: Optional[int] = None
     size: Optional[int] = attrs.field(default=None, eq=False)
     sha256: Optional[str] = attrs.field(default=None, eq=False)
+    tls: Optional[int] = attrs.field(default=None, eq=False)
+    key: Optional[str] = attrs.field(default=None, eq=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -101,6 +104,8 @@ class PeerAddress:
             udp=message.port("udp") if udp else None,
             size=message.integer("size") if listed else None,
             sha256=message.sha256() if listed else None,
+            tls=message.port("tls") if message.get("tls") else None,
+            key=message.publicKey() if message.get("tls") else None,
         )
 
     @property
