@@ -28,13 +28,12 @@ from twisted.logger import (
 from twisted.python import usage
 
 from .. import __version__, wire
-from ..addresses import clientEndpoint
 from ..client.download import DestinationError, Download, destination
 from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
 from ..client.relay import secretProver
 from ..listening import ListenFailed, describeAddress
 from ..node.service import NodeService
-from ..tap import NodeOptions, makeNodeService, seconds
+from ..tap import NodeOptions, makeNodeService, relayEndpoint, seconds
 from ..wire import FileEntry
 from .console import EOF, Console, splitNames, visibleLines
 from .fetch import DEFAULT_RELAY, RELAY_ENV
@@ -281,7 +280,7 @@ async def run(
         secret = config.get("secret")
         fetcher = Fetcher(
             reactor,
-            clientEndpoint(reactor, config["relay"], timeout=config["timeout"]),
+            relayEndpoint(reactor, config, config["timeout"]),  # over TLS with --relay-ca
             timeout=config["timeout"],
             exclude=[node.node],
             prover=secretProver(secret) if secret else None,
