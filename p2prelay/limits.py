@@ -35,6 +35,7 @@ RELAY_MAX_PER_ADDRESS = 32  # open connections at a relay from one address
 NODE_MAX_CONNECTIONS = 256  # open connections at a node
 NODE_MAX_PER_ADDRESS = 16  # open connections at a node from one address
 NODE_MAX_GETS_PER_ADDRESS = 8  # GETs one address may have in flight at a node
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # registration bytes a relay is receiving, all connections
 
 BUSY_RETRY = 5  # seconds a refused client is told to wait (retry=)
 REFUSAL_GRACE = 2.0  # seconds a refused connection gets to take its 503 before an abort

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
@@ -29,6 +30,7 @@ from .addresses import (
     udpPort,
 )
 from .limits import (
+    MAX_INFLIGHT_BYTES,
     NODE_MAX_CONNECTIONS,
     NODE_MAX_GETS_PER_ADDRESS,
     NODE_MAX_PER_ADDRESS,
@@ -36,12 +38,29 @@ from .limits import (
     RELAY_MAX_PER_ADDRESS,
     positiveInteger,
 )
+from .negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE, REQUEST_DEADLINE
 from .node.upkeep import DEFAULT_RESCAN
-from .relay.registry import DEFAULT_TTL
+from .relay.dialback import (
+    DIALBACK_BURST,
+    DIALBACK_RATE,
+    DIALBACK_TIMEOUT,
+    RECHECK_INTERVAL,
+    REPORT_BURST,
+    REPORT_RATE,
+)
+from .relay.registry import DEFAULT_TTL, MAX_PER_SOURCE, MAX_TOTAL
+from .udp.server import (
+    IDLE_TIMEOUT as UDP_IDLE_TIMEOUT,
+    MAX_TRANSFERS,
+    MAX_TRANSFERS_PER_ADDRESS,
+    UNACKED_TIMEOUT,
+)
+
+MINUTE = 60.0
 
 
-def seconds(option: str):
-    """A coercer for ``--option``: a positive, finite number of seconds."""
+def positiveNumber(option: str, unit: str):
+    """A coercer for ``--option``: a positive, finite number (of ``unit``)."""
 
     def coerce(value: str) -> float:
         try:
@@ -49,8 +68,63 @@ def seconds(option: str):
         except ValueError:
             number = math.nan
         if not (math.isfinite(number) and number > 0):
-            raise ValueError(f"--{option} {value}: not a positive number of seconds")
+            raise ValueError(f"--{option} {value}: not a positive number {unit}")
         return number
+
+    return coerce
+
+
+def seconds(option: str):
+    """A coercer for ``--option``: a positive, finite number of seconds."""
+    return positiveNumber(option, "of seconds")
+
+
+def perMinute(option: str):
+    """A coercer for ``--option``: a positive rate, per minute."""
+    return positiveNumber(option, "per minute")
+
+
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*\Z", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ByteSize(int):
+    """A number of bytes, shown with the largest binary suffix that is exact."""
+
+    def __str__(self) -> str:
+        for suffix in "TGMK":
+            if self and self % _UNITS[suffix] == 0:
+                return f"{int(self) // _UNITS[suffix]}{suffix}"
+        return str(int(self))
+
+
+def parseSize(text: str) -> ByteSize:
+    """
+    A number of bytes, with an optional binary suffix: ``65536``, ``64K``,
+    ``64M``, ``1.5G``, ``64MiB`` (K, M, G, T are powers of 1024, any case).
+    Raises ValueError for anything else or for less than one byte.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size")
+    number, unit = match.groups()
+    size = int(float(number) * _UNITS[(unit or "").upper()])
+    if size < 1:
+        raise ValueError(f"{text!r} is less than one byte")
+    return ByteSize(size)
+
+
+def byteSize(option: str):
+    """A coercer for ``--option SIZE``: see :func:`parseSize`."""
+
+    def coerce(value: str) -> ByteSize:
+        try:
+            return parseSize(value)
+        except ValueError:
+            raise ValueError(
+                f"--{option} {value}: not a size in bytes of at least 1 (a number, "
+                "optionally with K, M, G or T)"
+            ) from None
 
     return coerce
 
@@ -85,6 +159,32 @@ class RelayOptions(usage.Options):
          "clients together (more are answered 503 busy).", positiveInteger("max-connections")],
         ["max-per-address", None, RELAY_MAX_PER_ADDRESS, "Open connections at most from one "
          "address (an IPv6 /64).", positiveInteger("max-per-address")],
+        ["max-registrations", None, MAX_TOTAL, "Live registrations at most, all addresses "
+         "together (more are answered 503 busy).", positiveInteger("max-registrations")],
+        ["max-registrations-per-address", None, MAX_PER_SOURCE, "Live registrations at most "
+         "made from one address (an IPv6 /64).", positiveInteger("max-registrations-per-address")],
+        ["max-registering-bytes", None, ByteSize(MAX_INFLIGHT_BYTES), "Bytes at most of "
+         "registrations being received, all connections together (a new REGISTER over it "
+         "is answered 503 busy); K, M, G: powers of 1024.", byteSize("max-registering-bytes")],
+        ["deadline", None, NEGOTIATION_DEADLINE, "Seconds a whole request may take, from "
+         "the connection to the answer (each byte received adds 1/--min-rate s).",
+         seconds("deadline")],
+        ["min-rate", None, ByteSize(MIN_RATE), "Bytes per second a long request must keep "
+         "up to extend its deadline (K, M: powers of 1024).", byteSize("min-rate")],
+        ["idle-timeout", None, IDLE_TIMEOUT, "Seconds a connection may stay silent.",
+         seconds("idle-timeout")],
+        ["dialback-timeout", None, DIALBACK_TIMEOUT, "Seconds a dial-back (connect and "
+         "answer) may take.", seconds("dialback-timeout")],
+        ["dialback-rate", None, DIALBACK_RATE * MINUTE, "Dial-backs per minute one address "
+         "may make the relay attempt (more are answered 503 busy).", perMinute("dialback-rate")],
+        ["dialback-burst", None, DIALBACK_BURST, "Dial-backs one address may cause at once.",
+         positiveInteger("dialback-burst")],
+        ["report-rate", None, REPORT_RATE * MINUTE, "DEAD reports per minute accepted from "
+         "one address.", perMinute("report-rate")],
+        ["report-burst", None, REPORT_BURST, "DEAD reports accepted from one address at once.",
+         positiveInteger("report-burst")],
+        ["recheck-interval", None, RECHECK_INTERVAL, "Seconds at least between two re-checks "
+         "of one node on DEAD reports.", seconds("recheck-interval")],
         ["secret-file", None, None, "A closed network: only nodes proving the shared secret "
          "in this file may register."],
     ]
@@ -119,6 +219,18 @@ class NodeOptions(usage.Options):
          "address (an IPv6 /64).", positiveInteger("max-per-address")],
         ["max-gets-per-address", None, NODE_MAX_GETS_PER_ADDRESS, "Downloads at most in "
          "flight for one address.", positiveInteger("max-gets-per-address")],
+        ["request-deadline", None, REQUEST_DEADLINE, "Seconds a client has to send its whole "
+         "request line.", seconds("request-deadline")],
+        ["idle-timeout", None, IDLE_TIMEOUT, "Seconds a connection may stay silent (or a "
+         "client not read what is sent).", seconds("idle-timeout")],
+        ["udp-max-transfers", None, MAX_TRANSFERS, "UDP transfers at most at once, all "
+         "addresses together.", positiveInteger("udp-max-transfers")],
+        ["udp-max-per-address", None, MAX_TRANSFERS_PER_ADDRESS, "UDP transfers at most at "
+         "once for one address.", positiveInteger("udp-max-per-address")],
+        ["udp-idle-timeout", None, UDP_IDLE_TIMEOUT, "Seconds a UDP transfer survives without "
+         "an acknowledgement.", seconds("udp-idle-timeout")],
+        ["udp-unacked-timeout", None, UNACKED_TIMEOUT, "Seconds a UDP transfer whose client "
+         "has acknowledged nothing yet keeps its slot.", seconds("udp-unacked-timeout")],
         ["key", None, None, "The node's key file, made on first start; the node id is the "
          "key's (default: in the user's state folder, one per shared folder)."],
         ["secret-file", None, None, "The shared secret of a closed network, as the relay has it."],
@@ -209,6 +321,18 @@ def makeRelayService(config, reactor=None):
         maxPerAddress=config["max-per-address"],
         secret=config.get("secret"),
         private=bool(config.get("private")),
+        maxRegistrations=config["max-registrations"],
+        maxRegistrationsPerAddress=config["max-registrations-per-address"],
+        maxRegisteringBytes=int(config["max-registering-bytes"]),
+        deadline=config["deadline"],
+        minRate=int(config["min-rate"]),
+        idleTimeout=config["idle-timeout"],
+        dialbackTimeout=config["dialback-timeout"],
+        dialbackRate=config["dialback-rate"] / MINUTE,
+        dialbackBurst=config["dialback-burst"],
+        reportRate=config["report-rate"] / MINUTE,
+        reportBurst=config["report-burst"],
+        recheckInterval=config["recheck-interval"],
     )
 
 
@@ -236,4 +360,10 @@ def makeNodeService(
         maxConnections=config["max-connections"],
         maxPerAddress=config["max-per-address"],
         maxGetsPerAddress=config["max-gets-per-address"],
+        requestDeadline=config["request-deadline"],
+        idleTimeout=config["idle-timeout"],
+        udpMaxTransfers=config["udp-max-transfers"],
+        udpMaxPerAddress=config["udp-max-per-address"],
+        udpIdleTimeout=config["udp-idle-timeout"],
+        udpUnackedTimeout=config["udp-unacked-timeout"],
     )

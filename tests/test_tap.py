@@ -9,15 +9,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import tap_node, tap_relay
+from p2prelay.limits import MAX_INFLIGHT_BYTES
+from p2prelay.negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE, REQUEST_DEADLINE
 from p2prelay.node.service import NodeService
 from p2prelay.node.upkeep import DEFAULT_RESCAN
-from p2prelay.relay.registry import DEFAULT_TTL
+from p2prelay.relay import dialback
+from p2prelay.relay.registry import DEFAULT_TTL, MAX_PER_SOURCE, MAX_TOTAL
 from p2prelay.relay.service import RelayService
-from p2prelay.tap import NodeOptions, RelayOptions, makeNodeService, makeRelayService
+from p2prelay.tap import (
+    ByteSize,
+    NodeOptions,
+    RelayOptions,
+    makeNodeService,
+    makeRelayService,
+    parseSize,
+)
+from p2prelay.udp import server as udpServer
 
 from .test_service import UDPReactor, syncThread
 
@@ -307,3 +320,277 @@ class IdentityOptionsTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             self.relay("--private")
         self.assertIn("--secret-file", str(caught.exception))
+
+
+CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
+
+
+def connect(factory):
+    """A connection to ``factory`` from CLIENT: its protocol and StringTransport."""
+    transport = StringTransport(peerAddress=CLIENT)
+    protocol = factory.buildProtocol(CLIENT)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class SizeTests(SynchronousTestCase):
+    """The size parser behind --max-registering-bytes and --min-rate."""
+
+    def test_plainBytes(self) -> None:
+        """A bare number is bytes; a B suffix changes nothing."""
+        self.assertEqual((parseSize("65536"), parseSize("12B")), (65536, 12))
+
+    def test_binarySuffixes(self) -> None:
+        """K, M, G, T (any case, optionally KiB/KB) multiply by powers of 1024."""
+        cases = {"64K": 64 << 10, "64m": 64 << 20, "64MiB": 64 << 20, "2GB": 2 << 30,
+                 "1T": 1 << 40, " 8 k ": 8 << 10}
+        for text, size in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(parseSize(text), size)
+
+    def test_fraction(self) -> None:
+        """A fraction is allowed, rounded down to whole bytes."""
+        self.assertEqual((parseSize("1.5K"), parseSize(".5M")), (1536, 512 << 10))
+
+    def test_notSizes(self) -> None:
+        """Nothing, zero, negatives, unknown suffixes and other text are refused."""
+        for text in ("", "0", "0K", "0.1", "-1", "64X", "M", "1e3", "64 M B", "nan", "inf", "1KK"):
+            with self.subTest(text=text):
+                self.assertRaises(ValueError, parseSize, text)
+
+    def test_shown(self) -> None:
+        """A size is shown with the largest suffix that is exact (as --help shows defaults)."""
+        shown = [str(ByteSize(n)) for n in (64 << 20, 64 << 10, 1536, 1000, 3 << 30)]
+        self.assertEqual(shown, ["64M", "64K", "1536", "1000", "3G"])
+
+
+class RelayLimitOptionsTests(SynchronousTestCase):
+    """Every limit of the relay is an option, with its constant as default, reaching the objects."""
+
+    LIMITS = {
+        "max-registrations": MAX_TOTAL,
+        "max-registrations-per-address": MAX_PER_SOURCE,
+        "max-registering-bytes": MAX_INFLIGHT_BYTES,
+        "deadline": NEGOTIATION_DEADLINE,
+        "min-rate": MIN_RATE,
+        "idle-timeout": IDLE_TIMEOUT,
+        "dialback-timeout": dialback.DIALBACK_TIMEOUT,
+        "dialback-rate": 10.0,
+        "dialback-burst": dialback.DIALBACK_BURST,
+        "report-rate": 10.0,
+        "report-burst": dialback.REPORT_BURST,
+        "recheck-interval": dialback.RECHECK_INTERVAL,
+    }
+
+    def parse(self, *argv: str) -> RelayOptions:
+        options = RelayOptions()
+        options.parseOptions(list(argv))
+        return options
+
+    def service(self, *argv: str) -> tuple[RelayService, UDPReactor]:
+        reactor = UDPReactor()
+        return makeRelayService(self.parse(*argv), reactor), reactor
+
+    def test_defaults(self) -> None:
+        """Each limit option defaults to the constant the code uses (rates per minute)."""
+        options = self.parse()
+        self.assertEqual({k: options[k] for k in self.LIMITS}, self.LIMITS)
+
+    def test_defaultsInHelp(self) -> None:
+        """--help shows every limit option with its default, sizes with a suffix."""
+        text = str(RelayOptions())
+        for option in self.LIMITS:
+            with self.subTest(option=option):
+                self.assertIn(f"--{option}=", text)
+        self.assertIn("[default: 64M]", text)
+        self.assertIn("[default: 64K]", text)
+
+    def test_defaultService(self) -> None:
+        """Without options, the assembled relay has the standard limits."""
+        service, _ = self.service()
+        factory, registry = service.factory, service.registry
+        self.assertEqual(
+            (registry.maxTotal, registry.maxPerSource, factory.maxInflight, factory.deadline,
+             factory.minRate, factory.idleTimeout, factory.dialback.timeout,
+             factory.dialbacks.rate, factory.dialbacks.burst, factory.reports.rate,
+             factory.reports.burst, factory.recheckInterval),
+            (MAX_TOTAL, MAX_PER_SOURCE, MAX_INFLIGHT_BYTES, NEGOTIATION_DEADLINE, MIN_RATE,
+             IDLE_TIMEOUT, dialback.DIALBACK_TIMEOUT, dialback.DIALBACK_RATE,
+             dialback.DIALBACK_BURST, dialback.REPORT_RATE, dialback.REPORT_BURST,
+             dialback.RECHECK_INTERVAL),
+        )
+
+    def test_registrationCaps(self) -> None:
+        """--max-registrations and --max-registrations-per-address reach the registry."""
+        service, _ = self.service(
+            "--max-registrations", "500", "--max-registrations-per-address", "3"
+        )
+        self.assertEqual((service.registry.maxTotal, service.registry.maxPerSource), (500, 3))
+
+    def test_registeringBytes(self) -> None:
+        """--max-registering-bytes takes a suffix and reaches the factory as bytes."""
+        service, _ = self.service("--max-registering-bytes", "2M")
+        self.assertEqual(service.factory.maxInflight, 2 << 20)
+        self.assertIs(type(service.factory.maxInflight), int)
+
+    def test_dialbackLimits(self) -> None:
+        """The dial-back options reach the dial-back, its buckets (per second) and the re-check."""
+        service, _ = self.service(
+            "--dialback-timeout", "2.5", "--dialback-rate", "30", "--dialback-burst", "4",
+            "--report-rate", "6", "--report-burst", "2", "--recheck-interval", "90",
+        )
+        factory = service.factory
+        self.assertEqual(
+            (factory.dialback.timeout, factory.dialbacks.rate, factory.dialbacks.burst,
+             factory.reports.rate, factory.reports.burst, factory.recheckInterval),
+            (2.5, 0.5, 4, 0.1, 2, 90.0),
+        )
+
+    def test_dialbackBurstEnforced(self) -> None:
+        """With --dialback-burst 2 a source gets two dial-backs at once, then a wait."""
+        service, _ = self.service("--dialback-burst", "2", "--dialback-rate", "60")
+        bucket = service.factory.dialbacks
+        self.assertEqual([bucket.take("192.0.2.7") for _ in range(3)], [0.0, 0.0, 1.0])
+
+    def test_deadline(self) -> None:
+        """A relay connection is answered 408 once --deadline seconds pass, not before."""
+        service, reactor = self.service("--deadline", "1.5")
+        _, transport = connect(service.factory)
+        reactor.advance(1.4)
+        self.assertEqual(transport.value(), b"")
+        reactor.advance(0.1)
+        self.assertIn(b" 408 ", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_minRate(self) -> None:
+        """Each byte received extends the relay's deadline by 1 / --min-rate seconds."""
+        service, reactor = self.service("--deadline", "1", "--min-rate", "1K")
+        protocol, transport = connect(service.factory)
+        protocol.dataReceived(b"P2P/1 " + b"x" * 2042)  # 2 KiB: 2 s more
+        reactor.advance(2.9)
+        self.assertEqual(transport.value(), b"")
+        reactor.advance(0.1)
+        self.assertIn(b" 408 ", transport.value())
+
+    def test_idleTimeout(self) -> None:
+        """A relay connection silent for --idle-timeout seconds is closed."""
+        service, reactor = self.service("--idle-timeout", "0.5")
+        _, transport = connect(service.factory)
+        reactor.advance(0.5)
+        self.assertIn(b"408 :idle too long", transport.value())
+
+    def test_badValues(self) -> None:
+        """A zero, negative or non-numeric limit is a usage error naming the option."""
+        bad = {
+            "max-registrations": "0",
+            "max-registrations-per-address": "-1",
+            "max-registering-bytes": "lots",
+            "deadline": "0",
+            "min-rate": "0K",
+            "idle-timeout": "inf",
+            "dialback-timeout": "-5",
+            "dialback-rate": "0",
+            "dialback-burst": "1.5",
+            "report-rate": "abc",
+            "report-burst": "0",
+            "recheck-interval": "nan",
+        }
+        for option, value in bad.items():
+            with self.subTest(option=option):
+                with self.assertRaises(usage.UsageError) as caught:
+                    self.parse(f"--{option}", value)
+                self.assertIn(f"--{option} {value}", str(caught.exception))
+
+
+class NodeLimitOptionsTests(SynchronousTestCase):
+    """Every limit of the node is an option, with its constant as default, reaching the objects."""
+
+    LIMITS = {
+        "request-deadline": REQUEST_DEADLINE,
+        "idle-timeout": IDLE_TIMEOUT,
+        "udp-max-transfers": udpServer.MAX_TRANSFERS,
+        "udp-max-per-address": udpServer.MAX_TRANSFERS_PER_ADDRESS,
+        "udp-idle-timeout": udpServer.IDLE_TIMEOUT,
+        "udp-unacked-timeout": udpServer.UNACKED_TIMEOUT,
+    }
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+
+    def parse(self, *argv: str) -> NodeOptions:
+        options = NodeOptions()
+        options.parseOptions(["--dir", str(self.folder), *argv])
+        return options
+
+    def node(self, *argv: str) -> tuple[NodeService, UDPReactor]:
+        reactor = UDPReactor()
+        return makeNodeService(self.parse(*argv), reactor, runInThread=syncThread), reactor
+
+    def test_defaults(self) -> None:
+        """Each limit option defaults to the constant the code uses."""
+        options = self.parse()
+        self.assertEqual({k: options[k] for k in self.LIMITS}, self.LIMITS)
+
+    def test_defaultsInHelp(self) -> None:
+        """--help lists every limit option."""
+        text = str(NodeOptions())
+        for option in self.LIMITS:
+            with self.subTest(option=option):
+                self.assertIn(f"--{option}=", text)
+
+    def test_udpLimits(self) -> None:
+        """The --udp-* limits reach the node's UDP server."""
+        node, _ = self.node(
+            "--udp-max-transfers", "10", "--udp-max-per-address", "2",
+            "--udp-idle-timeout", "12", "--udp-unacked-timeout", "1.5",
+        )
+        server = node.udpListener.protocol
+        self.assertEqual(
+            (server.maxTransfers, server.maxPerAddress, server.idleTimeout, server.unackedTimeout),
+            (10, 2, 12.0, 1.5),
+        )
+
+    def test_defaultUdpLimits(self) -> None:
+        """Without options the node's UDP server has the standard limits."""
+        node, _ = self.node()
+        server = node.udpListener.protocol
+        self.assertEqual(
+            (server.maxTransfers, server.maxPerAddress, server.idleTimeout, server.unackedTimeout),
+            tuple(self.LIMITS[k] for k in ("udp-max-transfers", "udp-max-per-address",
+                                           "udp-idle-timeout", "udp-unacked-timeout")),
+        )
+
+    def test_requestDeadline(self) -> None:
+        """A node connection whose request line is not complete within --request-deadline gets 408."""
+        node, reactor = self.node("--request-deadline", "2")
+        protocol, transport = connect(node.files)
+        protocol.dataReceived(b"P2P/1 GET")
+        reactor.advance(1.9)
+        self.assertEqual(transport.value(), b"")
+        reactor.advance(0.1)
+        self.assertIn(b" 408 ", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleTimeout(self) -> None:
+        """A node connection silent for --idle-timeout seconds is closed."""
+        node, reactor = self.node("--idle-timeout", "0.5")
+        _, transport = connect(node.files)
+        reactor.advance(0.5)
+        self.assertIn(b"408 :idle too long", transport.value())
+
+    def test_badValues(self) -> None:
+        """A zero, negative or non-numeric limit is a usage error naming the option."""
+        bad = {
+            "request-deadline": "0",
+            "idle-timeout": "-1",
+            "udp-max-transfers": "0",
+            "udp-max-per-address": "x",
+            "udp-idle-timeout": "nan",
+            "udp-unacked-timeout": "0",
+        }
+        for option, value in bad.items():
+            with self.subTest(option=option):
+                with self.assertRaises(usage.UsageError) as caught:
+                    self.parse(f"--{option}", value)
+                self.assertIn(f"--{option} {value}", str(caught.exception))

@@ -30,7 +30,7 @@ from ..limits import (
     AddressCounter,
     ConnectionLimit,
 )
-from ..negotiation import REQUEST_DEADLINE, NegotiationProtocol
+from ..negotiation import IDLE_TIMEOUT, REQUEST_DEADLINE, NegotiationProtocol
 from .share import SharedDirectory
 
 CHUNK = 256 * 1024  # measured: 256 KiB writes cost far less CPU than 16 KiB ones
@@ -121,8 +121,9 @@ class FileServerProtocol(NegotiationProtocol):
     deadline = REQUEST_DEADLINE  # for the request line, however slowly it trickles
 
     def __init__(self, factory: "FileServerFactory") -> None:
-        super().__init__(factory.clock)
+        super().__init__(factory.clock, factory.idleTimeout)
         self.factory = factory
+        self.deadline = factory.requestDeadline
         self._producer: FileBodyProducer | None = None
         self._requested = False
         self._lost = False
@@ -270,8 +271,12 @@ class FileServerFactory(Factory):
         maxPerAddress: int = NODE_MAX_PER_ADDRESS,
         maxGetsPerAddress: int = NODE_MAX_GETS_PER_ADDRESS,
         key: identity.NodeKey | None = None,
+        requestDeadline: float = REQUEST_DEADLINE,
+        idleTimeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.share = share
+        self.requestDeadline = requestDeadline  # seconds for the request line
+        self.idleTimeout = idleTimeout
         self.clock = clock
         self.cooperator = cooperator
         self.key = key  # answers a relay's PROVE; None: PROVE is refused like any non-GET

@@ -19,9 +19,16 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..limits import NODE_MAX_CONNECTIONS, NODE_MAX_GETS_PER_ADDRESS, NODE_MAX_PER_ADDRESS
+from ..negotiation import IDLE_TIMEOUT, REQUEST_DEADLINE
 from .. import identity
 from ..listening import DatagramListeningService, ListenFailed, ListeningService
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
+from ..udp.server import (
+    IDLE_TIMEOUT as UDP_IDLE_TIMEOUT,
+    MAX_TRANSFERS,
+    MAX_TRANSFERS_PER_ADDRESS,
+    UNACKED_TIMEOUT,
+)
 from .server import FileServerFactory
 from .share import RunInThread, SharedDirectory
 from .upkeep import Registrar
@@ -37,7 +44,8 @@ class NodeService(MultiService):
     key, which clients pin to (see ``p2prelay/tls.py``).  ``key``
     is the node's :class:`identity.NodeKey` (default: a fresh one, for this
     run only); the node's id is the key's.  ``secret`` is the shared secret
-    of a closed network.
+    of a closed network.  The other keyword arguments are the node's limits
+    (see ``docs/limits.rst``), each defaulting to its constant.
     """
 
     log = Logger()
@@ -60,6 +68,12 @@ class NodeService(MultiService):
         maxConnections: int = NODE_MAX_CONNECTIONS,
         maxPerAddress: int = NODE_MAX_PER_ADDRESS,
         maxGetsPerAddress: int = NODE_MAX_GETS_PER_ADDRESS,
+        requestDeadline: float = REQUEST_DEADLINE,
+        idleTimeout: float = IDLE_TIMEOUT,
+        udpMaxTransfers: int = MAX_TRANSFERS,
+        udpMaxPerAddress: int = MAX_TRANSFERS_PER_ADDRESS,
+        udpIdleTimeout: float = UDP_IDLE_TIMEOUT,
+        udpUnackedTimeout: float = UNACKED_TIMEOUT,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -78,6 +92,8 @@ class NodeService(MultiService):
             maxConnections=maxConnections,
             maxPerAddress=maxPerAddress,
             maxGetsPerAddress=maxGetsPerAddress,
+            requestDeadline=requestDeadline,
+            idleTimeout=idleTimeout,
         )
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)
@@ -85,7 +101,15 @@ class NodeService(MultiService):
         if udp is not None:
             # Serve blocks as large as a client asks for (up to 60 KiB on
             # loopback); clients default to blocks that fit Ethernet.
-            server = UDPFileServer(self.share, reactor, blockSize=MAX_BLOCK)
+            server = UDPFileServer(
+                self.share,
+                reactor,
+                blockSize=MAX_BLOCK,
+                maxTransfers=udpMaxTransfers,
+                maxPerAddress=udpMaxPerAddress,
+                idleTimeout=udpIdleTimeout,
+                unackedTimeout=udpUnackedTimeout,
+            )
             server.noisy = False
             self.udpListener = DatagramListeningService(
                 reactor, udp[0], udp[1], server, "peernode", maxPacketSize=MAX_DATAGRAM

@@ -18,8 +18,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .. import identity, wire
-from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS, ConnectionLimit, sourceOf
-from ..negotiation import MIN_RATE, NEGOTIATION_DEADLINE, NegotiationProtocol
+from ..limits import (
+    MAX_INFLIGHT_BYTES,
+    RELAY_MAX_CONNECTIONS,
+    RELAY_MAX_PER_ADDRESS,
+    ConnectionLimit,
+    sourceOf,
+)
+from ..negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE, NegotiationProtocol
 from ..wire import FileEntry
 from .dialback import (
     DIALBACK_BURST,
@@ -35,7 +41,6 @@ from .registry import AddressTaken, Peer, Registry, RegistryFull
 
 MAX_SEARCH_RESULTS = 1000
 NODE_ID_MAX = 64
-MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # registration bytes being received, all connections
 INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_BYTES
 
 
@@ -72,8 +77,10 @@ class RelayProtocol(NegotiationProtocol):
     minRate = MIN_RATE
 
     def __init__(self, factory: "RelayFactory") -> None:
-        super().__init__(factory.clock)
+        super().__init__(factory.clock, factory.idleTimeout)
         self.factory = factory
+        self.deadline = factory.deadline
+        self.minRate = factory.minRate
         self._phase = _Phase.REQUEST
         self._request: wire.Message | None = None
         self._files: List[FileEntry] = []
@@ -481,6 +488,14 @@ class RelayFactory(Factory):
         private: bool = False,
         dialback: Optional[DialBack] = None,
         maxInflight: int = MAX_INFLIGHT_BYTES,
+        deadline: float = NEGOTIATION_DEADLINE,
+        minRate: float = MIN_RATE,
+        idleTimeout: float = IDLE_TIMEOUT,
+        dialbackRate: float = DIALBACK_RATE,
+        dialbackBurst: int = DIALBACK_BURST,
+        reportRate: float = REPORT_RATE,
+        reportBurst: int = REPORT_BURST,
+        recheckInterval: float = RECHECK_INTERVAL,
     ) -> None:
         self.registry = registry
         self.clock = clock
@@ -493,8 +508,13 @@ class RelayFactory(Factory):
         self.dialback = dialback if dialback is not None else DialBack(clock)
         self.maxInflight = maxInflight
         self.inflight = 0  # registration bytes received and not yet settled
-        self.dialbacks = TokenBucket(clock.seconds, DIALBACK_RATE, DIALBACK_BURST)
-        self.reports = TokenBucket(clock.seconds, REPORT_RATE, REPORT_BURST)
+        self.deadline = deadline  # seconds for one whole request, extended at minRate
+        self.minRate = minRate
+        self.idleTimeout = idleTimeout
+        # Rates are per second; bursts are how many at once.
+        self.dialbacks = TokenBucket(clock.seconds, dialbackRate, dialbackBurst)
+        self.reports = TokenBucket(clock.seconds, reportRate, reportBurst)
+        self.recheckInterval = recheckInterval
         self._checked: Dict[str, float] = {}  # node -> when the relay last re-checked it
 
     def changed(self) -> None:
@@ -503,18 +523,18 @@ class RelayFactory(Factory):
     def recheck(self, peer: Peer, source: Optional[str] = None) -> bool:
         """
         Dial ``peer`` back to see whether it is still there, at most once
-        per node per RECHECK_INTERVAL (and, for a ``source``, within its
+        per node per ``recheckInterval`` (and, for a ``source``, within its
         dial-back allowance); its entry is hidden only if the check fails,
         and listed again if a later one succeeds.  True if a check started.
         """
         now = self.clock.seconds()
         last = self._checked.get(peer.node)
-        if last is not None and now - last < RECHECK_INTERVAL:
+        if last is not None and now - last < self.recheckInterval:
             return False
         if source is not None and self.dialbacks.take(source):
             return False
         if len(self._checked) > self.registry.maxTotal:
-            self._checked = {n: t for n, t in self._checked.items() if now - t < RECHECK_INTERVAL}
+            self._checked = {n: t for n, t in self._checked.items() if now - t < self.recheckInterval}
         self._checked[peer.node] = now
         d = self.dialback.check(peer.host, peer.port, peer.key)
         d.addCallback(self._rechecked, peer)

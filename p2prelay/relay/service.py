@@ -14,8 +14,18 @@ from twisted.logger import Logger
 
 from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS
 from ..listening import ListeningService
-from .protocol import RelayFactory
-from .registry import Registry
+from ..negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE
+from .dialback import (
+    DIALBACK_BURST,
+    DIALBACK_RATE,
+    DIALBACK_TIMEOUT,
+    RECHECK_INTERVAL,
+    REPORT_BURST,
+    REPORT_RATE,
+    DialBack,
+)
+from .protocol import MAX_INFLIGHT_BYTES, RelayFactory
+from .registry import MAX_PER_SOURCE, MAX_TOTAL, Registry
 from .store import StateStore
 
 SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
@@ -26,6 +36,12 @@ class RelayService(MultiService):
     """
     The relay: a registry, its expiry sweep, the listening port and,
     with ``state``, the file that carries the registry across restarts.
+
+    Every limit is a keyword argument defaulting to its constant (see
+    ``docs/limits.rst``): registrations per source address and in total,
+    registration bytes being received, the negotiation deadline, minimum
+    rate and idle timeout, and the dial-back's timeout and rates (per
+    second, with bursts) for registrations and DEAD reports.
     """
 
     log = Logger()
@@ -41,10 +57,27 @@ class RelayService(MultiService):
         maxPerAddress: int = RELAY_MAX_PER_ADDRESS,
         secret: Optional[bytes] = None,
         private: bool = False,
+        maxRegistrations: int = MAX_TOTAL,
+        maxRegistrationsPerAddress: int = MAX_PER_SOURCE,
+        maxRegisteringBytes: int = MAX_INFLIGHT_BYTES,
+        deadline: float = NEGOTIATION_DEADLINE,
+        minRate: float = MIN_RATE,
+        idleTimeout: float = IDLE_TIMEOUT,
+        dialbackTimeout: float = DIALBACK_TIMEOUT,
+        dialbackRate: float = DIALBACK_RATE,
+        dialbackBurst: int = DIALBACK_BURST,
+        reportRate: float = REPORT_RATE,
+        reportBurst: int = REPORT_BURST,
+        recheckInterval: float = RECHECK_INTERVAL,
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.registry = Registry(reactor.seconds, ttl)
+        self.registry = Registry(
+            reactor.seconds,
+            ttl,
+            maxPerSource=maxRegistrationsPerAddress,
+            maxTotal=maxRegistrations,
+        )
         self.store = StateStore(state) if state else None
         self.factory = RelayFactory(
             self.registry,
@@ -54,6 +87,16 @@ class RelayService(MultiService):
             maxPerAddress=maxPerAddress,
             secret=secret,
             private=private,
+            dialback=DialBack(reactor, timeout=dialbackTimeout),
+            maxInflight=maxRegisteringBytes,
+            deadline=deadline,
+            minRate=minRate,
+            idleTimeout=idleTimeout,
+            dialbackRate=dialbackRate,
+            dialbackBurst=dialbackBurst,
+            reportRate=reportRate,
+            reportBurst=reportBurst,
+            recheckInterval=recheckInterval,
         )
         self.listener = ListeningService(reactor, description, self.factory, "relay")
         self.listener.setServiceParent(self)

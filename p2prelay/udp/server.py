@@ -33,6 +33,8 @@ Key = Tuple[str, int, int]  # client host, client port, transfer id
 REMEMBER_FINISHED = 1024  # finished transfers remembered against replays
 IDLE_TIMEOUT = 30.0  # seconds a transfer survives without an acknowledgement
 UNACKED_TIMEOUT = 3.0  # ... or, before its first acknowledgement, these many
+MAX_TRANSFERS = 64  # transfers at once, all addresses together
+MAX_TRANSFERS_PER_ADDRESS = 8  # transfers at once for one client host
 
 
 class UDPFileServer(DatagramProtocol):
@@ -58,8 +60,8 @@ class UDPFileServer(DatagramProtocol):
         clock: Optional[IReactorTime] = None,
         *,
         blockSize: int = DEFAULT_BLOCK,
-        maxTransfers: int = 64,
-        maxPerAddress: int = 8,
+        maxTransfers: int = MAX_TRANSFERS,
+        maxPerAddress: int = MAX_TRANSFERS_PER_ADDRESS,
         idleTimeout: float = IDLE_TIMEOUT,
         unackedTimeout: float = UNACKED_TIMEOUT,
         segmentation: bool = True,
