@@ -38,7 +38,13 @@ from .limits import (
     RELAY_MAX_PER_ADDRESS,
     positiveInteger,
 )
-from .negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE, REQUEST_DEADLINE
+from .negotiation import (
+    CLOSE_DEADLINE,
+    IDLE_TIMEOUT,
+    MIN_RATE,
+    NEGOTIATION_DEADLINE,
+    REQUEST_DEADLINE,
+)
 from .node.upkeep import DEFAULT_RESCAN
 from .relay.dialback import (
     DIALBACK_BURST,
@@ -173,6 +179,9 @@ class RelayOptions(usage.Options):
          "up to extend its deadline (K, M: powers of 1024).", byteSize("min-rate")],
         ["idle-timeout", None, IDLE_TIMEOUT, "Seconds a connection may stay silent.",
          seconds("idle-timeout")],
+        ["close-deadline", None, CLOSE_DEADLINE, "Seconds a peer has to take the relay's "
+         "answer (plus its size at --min-rate) before the connection is aborted.",
+         seconds("close-deadline")],
         ["dialback-timeout", None, DIALBACK_TIMEOUT, "Seconds a dial-back (connect and "
          "answer) may take.", seconds("dialback-timeout")],
         ["dialback-rate", None, DIALBACK_RATE * MINUTE, "Dial-backs per minute one address "
@@ -223,6 +232,8 @@ class NodeOptions(usage.Options):
          "request line.", seconds("request-deadline")],
         ["idle-timeout", None, IDLE_TIMEOUT, "Seconds a connection may stay silent (or a "
          "client not read what is sent).", seconds("idle-timeout")],
+        ["close-deadline", None, CLOSE_DEADLINE, "Seconds a client has to take the end of an "
+         "answer before the connection is aborted.", seconds("close-deadline")],
         ["udp-max-transfers", None, MAX_TRANSFERS, "UDP transfers at most at once, all "
          "addresses together.", positiveInteger("udp-max-transfers")],
         ["udp-max-per-address", None, MAX_TRANSFERS_PER_ADDRESS, "UDP transfers at most at "
@@ -327,6 +338,7 @@ def makeRelayService(config, reactor=None):
         deadline=config["deadline"],
         minRate=int(config["min-rate"]),
         idleTimeout=config["idle-timeout"],
+        closeDeadline=config["close-deadline"],
         dialbackTimeout=config["dialback-timeout"],
         dialbackRate=config["dialback-rate"] / MINUTE,
         dialbackBurst=config["dialback-burst"],
@@ -362,6 +374,7 @@ def makeNodeService(
         maxGetsPerAddress=config["max-gets-per-address"],
         requestDeadline=config["request-deadline"],
         idleTimeout=config["idle-timeout"],
+        closeDeadline=config["close-deadline"],
         udpMaxTransfers=config["udp-max-transfers"],
         udpMaxPerAddress=config["udp-max-per-address"],
         udpIdleTimeout=config["udp-idle-timeout"],

@@ -16,7 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import tap_node, tap_relay
 from p2prelay.limits import MAX_INFLIGHT_BYTES
-from p2prelay.negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE, REQUEST_DEADLINE
+from p2prelay.negotiation import (
+    CLOSE_DEADLINE,
+    IDLE_TIMEOUT,
+    MIN_RATE,
+    NEGOTIATION_DEADLINE,
+    REQUEST_DEADLINE,
+)
 from p2prelay.node.service import NodeService
 from p2prelay.node.upkeep import DEFAULT_RESCAN
 from p2prelay.relay import dialback
@@ -374,6 +380,7 @@ class RelayLimitOptionsTests(SynchronousTestCase):
         "deadline": NEGOTIATION_DEADLINE,
         "min-rate": MIN_RATE,
         "idle-timeout": IDLE_TIMEOUT,
+        "close-deadline": CLOSE_DEADLINE,
         "dialback-timeout": dialback.DIALBACK_TIMEOUT,
         "dialback-rate": 10.0,
         "dialback-burst": dialback.DIALBACK_BURST,
@@ -479,6 +486,17 @@ class RelayLimitOptionsTests(SynchronousTestCase):
         reactor.advance(0.5)
         self.assertIn(b"408 :idle too long", transport.value())
 
+    def test_closeDeadline(self) -> None:
+        """A peer that does not take the relay's answer within --close-deadline s (plus its size at --min-rate) is cut off."""
+        service, reactor = self.service("--close-deadline", "1", "--min-rate", "1M")
+        protocol, transport = connect(service.factory)
+        protocol.dataReceived(b"P2P/1 PEERS\n")
+        self.assertTrue(transport.disconnecting)
+        reactor.advance(0.99)
+        self.assertFalse(transport.disconnected)
+        reactor.advance(0.02)
+        self.assertTrue(transport.disconnected)
+
     def test_badValues(self) -> None:
         """A zero, negative or non-numeric limit is a usage error naming the option."""
         bad = {
@@ -488,6 +506,7 @@ class RelayLimitOptionsTests(SynchronousTestCase):
             "deadline": "0",
             "min-rate": "0K",
             "idle-timeout": "inf",
+            "close-deadline": "0",
             "dialback-timeout": "-5",
             "dialback-rate": "0",
             "dialback-burst": "1.5",
@@ -508,6 +527,7 @@ class NodeLimitOptionsTests(SynchronousTestCase):
     LIMITS = {
         "request-deadline": REQUEST_DEADLINE,
         "idle-timeout": IDLE_TIMEOUT,
+        "close-deadline": CLOSE_DEADLINE,
         "udp-max-transfers": udpServer.MAX_TRANSFERS,
         "udp-max-per-address": udpServer.MAX_TRANSFERS_PER_ADDRESS,
         "udp-idle-timeout": udpServer.IDLE_TIMEOUT,
@@ -579,11 +599,23 @@ class NodeLimitOptionsTests(SynchronousTestCase):
         reactor.advance(0.5)
         self.assertIn(b"408 :idle too long", transport.value())
 
+    def test_closeDeadline(self) -> None:
+        """A client that does not take the node's last answer within --close-deadline s is cut off."""
+        node, reactor = self.node("--close-deadline", "1")
+        protocol, transport = connect(node.files)
+        protocol.dataReceived(b"P2P/1 HELLO\n")
+        self.assertIn(b" 400 ", transport.value())
+        reactor.advance(0.99)
+        self.assertFalse(transport.disconnected)
+        reactor.advance(0.02)
+        self.assertTrue(transport.disconnected)
+
     def test_badValues(self) -> None:
         """A zero, negative or non-numeric limit is a usage error naming the option."""
         bad = {
             "request-deadline": "0",
             "idle-timeout": "-1",
+            "close-deadline": "never",
             "udp-max-transfers": "0",
             "udp-max-per-address": "x",
             "udp-idle-timeout": "nan",

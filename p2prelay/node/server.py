@@ -30,7 +30,7 @@ from ..limits import (
     AddressCounter,
     ConnectionLimit,
 )
-from ..negotiation import IDLE_TIMEOUT, REQUEST_DEADLINE, NegotiationProtocol
+from ..negotiation import CLOSE_DEADLINE, IDLE_TIMEOUT, REQUEST_DEADLINE, NegotiationProtocol
 from .share import SharedDirectory
 
 CHUNK = 256 * 1024  # measured: 256 KiB writes cost far less CPU than 16 KiB ones
@@ -124,6 +124,7 @@ class FileServerProtocol(NegotiationProtocol):
         super().__init__(factory.clock, factory.idleTimeout)
         self.factory = factory
         self.deadline = factory.requestDeadline
+        self.closeDeadline = factory.closeDeadline
         self._producer: FileBodyProducer | None = None
         self._requested = False
         self._lost = False
@@ -273,10 +274,12 @@ class FileServerFactory(Factory):
         key: identity.NodeKey | None = None,
         requestDeadline: float = REQUEST_DEADLINE,
         idleTimeout: float = IDLE_TIMEOUT,
+        closeDeadline: float = CLOSE_DEADLINE,
     ) -> None:
         self.share = share
         self.requestDeadline = requestDeadline  # seconds for the request line
         self.idleTimeout = idleTimeout
+        self.closeDeadline = closeDeadline  # seconds a client has to take the end of an answer
         self.clock = clock
         self.cooperator = cooperator
         self.key = key  # answers a relay's PROVE; None: PROVE is refused like any non-GET

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..limits import NODE_MAX_CONNECTIONS, NODE_MAX_GETS_PER_ADDRESS, NODE_MAX_PER_ADDRESS
-from ..negotiation import IDLE_TIMEOUT, REQUEST_DEADLINE
+from ..negotiation import CLOSE_DEADLINE, IDLE_TIMEOUT, REQUEST_DEADLINE
 from .. import identity
 from ..listening import DatagramListeningService, ListenFailed, ListeningService
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
@@ -70,6 +70,7 @@ class NodeService(MultiService):
         maxGetsPerAddress: int = NODE_MAX_GETS_PER_ADDRESS,
         requestDeadline: float = REQUEST_DEADLINE,
         idleTimeout: float = IDLE_TIMEOUT,
+        closeDeadline: float = CLOSE_DEADLINE,
         udpMaxTransfers: int = MAX_TRANSFERS,
         udpMaxPerAddress: int = MAX_TRANSFERS_PER_ADDRESS,
         udpIdleTimeout: float = UDP_IDLE_TIMEOUT,
@@ -94,6 +95,7 @@ class NodeService(MultiService):
             maxGetsPerAddress=maxGetsPerAddress,
             requestDeadline=requestDeadline,
             idleTimeout=idleTimeout,
+            closeDeadline=closeDeadline,
         )
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)

@@ -25,7 +25,13 @@ from ..limits import (
     ConnectionLimit,
     sourceOf,
 )
-from ..negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE, NegotiationProtocol
+from ..negotiation import (
+    CLOSE_DEADLINE,
+    IDLE_TIMEOUT,
+    MIN_RATE,
+    NEGOTIATION_DEADLINE,
+    NegotiationProtocol,
+)
 from ..wire import FileEntry
 from .dialback import (
     DIALBACK_BURST,
@@ -81,6 +87,7 @@ class RelayProtocol(NegotiationProtocol):
         self.factory = factory
         self.deadline = factory.deadline
         self.minRate = factory.minRate
+        self.closeDeadline = factory.closeDeadline
         self._phase = _Phase.REQUEST
         self._request: wire.Message | None = None
         self._files: List[FileEntry] = []
@@ -491,6 +498,7 @@ class RelayFactory(Factory):
         deadline: float = NEGOTIATION_DEADLINE,
         minRate: float = MIN_RATE,
         idleTimeout: float = IDLE_TIMEOUT,
+        closeDeadline: float = CLOSE_DEADLINE,
         dialbackRate: float = DIALBACK_RATE,
         dialbackBurst: int = DIALBACK_BURST,
         reportRate: float = REPORT_RATE,
@@ -511,6 +519,7 @@ class RelayFactory(Factory):
         self.deadline = deadline  # seconds for one whole request, extended at minRate
         self.minRate = minRate
         self.idleTimeout = idleTimeout
+        self.closeDeadline = closeDeadline  # seconds a peer has to take the answer
         # Rates are per second; bursts are how many at once.
         self.dialbacks = TokenBucket(clock.seconds, dialbackRate, dialbackBurst)
         self.reports = TokenBucket(clock.seconds, reportRate, reportBurst)

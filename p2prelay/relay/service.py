@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from ..limits import RELAY_MAX_CONNECTIONS, RELAY_MAX_PER_ADDRESS
 from ..listening import ListeningService
-from ..negotiation import IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE
+from ..negotiation import CLOSE_DEADLINE, IDLE_TIMEOUT, MIN_RATE, NEGOTIATION_DEADLINE
 from .dialback import (
     DIALBACK_BURST,
     DIALBACK_RATE,
@@ -40,7 +40,7 @@ class RelayService(MultiService):
     Every limit is a keyword argument defaulting to its constant (see
     ``docs/limits.rst``): registrations per source address and in total,
     registration bytes being received, the negotiation deadline, minimum
-    rate and idle timeout, and the dial-back's timeout and rates (per
+    rate, idle timeout and close deadline, and the dial-back's timeout and rates (per
     second, with bursts) for registrations and DEAD reports.
     """
 
@@ -63,6 +63,7 @@ class RelayService(MultiService):
         deadline: float = NEGOTIATION_DEADLINE,
         minRate: float = MIN_RATE,
         idleTimeout: float = IDLE_TIMEOUT,
+        closeDeadline: float = CLOSE_DEADLINE,
         dialbackTimeout: float = DIALBACK_TIMEOUT,
         dialbackRate: float = DIALBACK_RATE,
         dialbackBurst: int = DIALBACK_BURST,
@@ -92,6 +93,7 @@ class RelayService(MultiService):
             deadline=deadline,
             minRate=minRate,
             idleTimeout=idleTimeout,
+            closeDeadline=closeDeadline,
             dialbackRate=dialbackRate,
             dialbackBurst=dialbackBurst,
             reportRate=reportRate,
