@@ -12,9 +12,12 @@ Two network namespaces made here, joined by a veth pair: the node's
 (10.231.0.1/24) and the client's (10.231.0.2/24), with no route anywhere
 else.  Both veth ends get ``tc qdisc ... tbf rate 100mbit burst 32kbit
 latency 50ms``; random loss is an ``nft`` rule (``numgen random mod 100 <
-N drop``) in a table made in the node's namespace, on what leaves its veth
-end: the data direction, so acknowledgements and the relay's traffic are
-not lost but every data packet (and the node's handshake answers) may be.
+N drop``) in a table made in the client's namespace, on what arrives at its
+veth end: the data direction, so acknowledgements and the relay's traffic
+are not lost but every data packet (and the node's handshake answers) may
+be.  ``--loss-at sender`` drops on the node's output hook instead, where
+the sender's own ``sendmsg`` sees ``EPERM`` for each dropped datagram (a
+local firewall's way of refusing), which UDP must survive as TCP does.
 The relay runs in the client's namespace, so a lookup never crosses the
 lossy link, but it still dials the node back across it.
 
@@ -58,7 +61,7 @@ CLIENT_ADDRESS = "10.231.0.2"
 PREFIX = 24
 RATE = "100mbit"
 TBF = ["rate", RATE, "burst", "32kbit", "latency", "50ms"]
-TABLE = "p2prelay_bench"  # the nft table made (and deleted) in the node's namespace
+TABLE = "p2prelay_bench"  # the nft table made (and deleted) in one namespace
 START_TIMEOUT = 60.0
 
 
@@ -86,7 +89,7 @@ class Link:
     it and is safe to call twice and after a partial setup.
     """
 
-    def __init__(self, tag: Optional[str] = None) -> None:
+    def __init__(self, tag: Optional[str] = None, lossAt: str = "receiver") -> None:
         tag = tag or str(os.getpid())
         self.node = f"p2pbench-node-{tag}"
         self.client = f"p2pbench-client-{tag}"
@@ -94,6 +97,10 @@ class Link:
         self.clientIf = f"p2pc{tag}"[:15]
         self.made: List[str] = []
         self.loss = 0
+        if lossAt == "receiver":  # what the client's veth end receives
+            self.lossNs, self.hook, self.match = self.client, "input", f'iifname "{self.clientIf}"'
+        else:  # what the node sends on its veth end: EPERM for the sender
+            self.lossNs, self.hook, self.match = self.node, "output", f'oifname "{self.nodeIf}"'
 
     def open(self) -> None:
         for ns in (self.node, self.client):
@@ -113,25 +120,25 @@ class Link:
             run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", *TBF)
         self.nft(f"add table inet {TABLE}")
         self.nft(
-            f"add chain inet {TABLE} out {{ type filter hook output priority 0 ; policy accept ; }}"
+            f"add chain inet {TABLE} loss "
+            f"{{ type filter hook {self.hook} priority 0 ; policy accept ; }}"
         )
 
     def nft(self, command: str) -> str:
-        return run("ip", "netns", "exec", self.node, "nft", command)
+        return run("ip", "netns", "exec", self.lossNs, "nft", command)
 
     def setLoss(self, percent: int) -> None:
-        """Drop ``percent`` % of what leaves the node's veth end, at random."""
-        self.nft(f"flush chain inet {TABLE} out")
+        """Drop ``percent`` % of the data direction's packets, at random."""
+        self.nft(f"flush chain inet {TABLE} loss")
         if percent:
             self.nft(
-                f'add rule inet {TABLE} out oifname "{self.nodeIf}" '
-                f"numgen random mod 100 < {percent} drop"
+                f"add rule inet {TABLE} loss {self.match} numgen random mod 100 < {percent} drop"
             )
         self.loss = percent
 
     def close(self) -> None:
         if self.made:
-            run("ip", "netns", "exec", self.made[0], "nft", "delete", "table", "inet", TABLE,
+            run("ip", "netns", "exec", self.lossNs, "nft", "delete", "table", "inet", TABLE,
                 check=False)  # fmt: skip
         while self.made:  # deleting a namespace deletes its veth end, qdisc and table
             run("ip", "netns", "del", self.made.pop(), check=False)
@@ -244,9 +251,17 @@ def makeFile(path: Path, size: int) -> None:
 def compare(net: Network, name: str, runs: int, size: int, label: str) -> Dict[str, float]:
     """TCP and UDP interleaved ``runs`` times; prints and returns the medians."""
     samples: Dict[str, List[tuple[float, float]]] = {"TCP": [], "UDP": []}
+    failed = {"TCP": 0, "UDP": 0}
     for _ in range(runs):
         for variant, extra in (("TCP", []), ("UDP", ["--udp"])):
-            samples[variant].append(net.fetch(name, extra))
+            try:
+                samples[variant].append(net.fetch(name, extra))
+            except RuntimeError as e:
+                failed[variant] += 1
+                print(f"  {label:<14} {variant}  failed: {e}", flush=True)
+    for variant, values in samples.items():
+        if not values:
+            raise RuntimeError(f"{label}: every {variant} fetch failed")
     medians = {}
     for variant, values in samples.items():
         whole = statistics.median(v[0] for v in values)
@@ -256,7 +271,7 @@ def compare(net: Network, name: str, runs: int, size: int, label: str) -> Dict[s
         medians[variant + " inside"] = inside
         print(
             f"  {label:<14} {variant}  {size / whole / MiB:7.1f} MiB/s whole command "
-            f"(median of {len(values)}, spread {spread:.2f} s), "
+            f"(median of {len(values)}, {failed[variant]} failed, spread {spread:.2f} s), "
             f"{size / inside / MiB:7.1f} MiB/s in-process",
             flush=True,
         )
@@ -287,7 +302,7 @@ def _terminate(signum: int, frame: object) -> None:
 def benchmark(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     size = int(args.size * MiB)
     results: Dict[str, Dict[str, float]] = {}
-    link = Link()
+    link = Link(lossAt=args.loss_at)
     scratch = Path(tempfile.mkdtemp(prefix="p2p-udp-loss-"))
     nets: List[Network] = []
     previous = {s: signal.signal(s, _terminate) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -333,6 +348,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--loss", type=int, nargs="+", default=[0, 1, 5], help="loss rates in %%")
     parser.add_argument("--loopback-size", type=float, default=None,
                         help="loopback file size in MiB (default: --size)")  # fmt: skip
+    parser.add_argument("--loss-at", choices=("receiver", "sender"), default="receiver",
+                        help="drop arriving at the client (default) or leaving the node, "
+                        "where the node's sends fail with EPERM")  # fmt: skip
     parser.add_argument("--no-loopback", action="store_true", help="skip the loopback pair")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny file, one run, 5%% loss only: checks that it all works")  # fmt: skip
