@@ -7,6 +7,7 @@ are a contract: scripts and unit files use them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
@@ -626,3 +627,95 @@ class NodeLimitOptionsTests(SynchronousTestCase):
                 with self.assertRaises(usage.UsageError) as caught:
                     self.parse(f"--{option}", value)
                 self.assertIn(f"--{option} {value}", str(caught.exception))
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def fetchDefaults() -> dict[str, object]:
+    """p2p-fetch's options, as typed, with their defaults."""
+    from p2prelay.cli.fetch import parser
+
+    return {
+        option: action.default
+        for action in parser()._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+
+
+def daemonDefaults(options: usage.Options) -> dict[str, object]:
+    """A twistd plugin's options, as typed, with their defaults."""
+    return {f"--{name}": options.defaults.get(name) for name in options.synonyms.values()}
+
+
+def sameDefault(documented: str, actual: object) -> bool:
+    """A default as the docs write it (``5``, ``64M``) is the option's default."""
+    try:
+        return parseSize(documented) == actual
+    except ValueError:
+        return documented == str(actual)
+
+
+class DocumentedLimitsTests(SynchronousTestCase):
+    """The docs name real options, and the limits tables give their real defaults."""
+
+    def setUp(self) -> None:
+        from p2prelay.cli.peer import PeerOptions
+
+        self.options = {
+            "relay": daemonDefaults(RelayOptions()),
+            "node": daemonDefaults(NodeOptions()),
+            "peer": daemonDefaults(PeerOptions()),
+            "client": fetchDefaults(),
+        }
+
+    def test_optionNamesExist(self) -> None:
+        """Every ``--option`` in limits.rst, security.rst and protocol.rst is an option of some command."""
+        known = set().union(*self.options.values())
+        for doc in ("limits.rst", "security.rst", "protocol.rst"):
+            text = (DOCS / doc).read_text()
+            for name in set(re.findall(r"``(--[a-z][a-z0-9-]*)", text)):
+                with self.subTest(doc=doc, option=name):
+                    self.assertIn(name, known)
+
+    def test_securityLimitsTable(self) -> None:
+        """security.rst's limits table: each row's option exists on its command, with that default."""
+        rows = re.findall(
+            r"^(relay|node|client)\s+``(--[a-z-]+)``\s+(\S+)\s*$",
+            (DOCS / "security.rst").read_text(),
+            re.MULTILINE,
+        )
+        self.assertGreaterEqual(len(rows), 30)
+        for command, option, default in rows:
+            with self.subTest(command=command, option=option):
+                self.assertIn(option, self.options[command])
+                self.assertTrue(sameDefault(default, self.options[command][option]), default)
+
+    def test_limitsTables(self) -> None:
+        """limits.rst's table per command: each option exists there, with the default it says."""
+        text = (DOCS / "limits.rst").read_text()
+        sections = {"relay": "The relay (", "node": "The node (", "client": "The client ("}
+        for command, heading in sections.items():
+            section = text[text.index(heading):]
+            table = section.split("\n\n", 2)[1]  # the paragraph after the heading
+            rows = re.findall(r"^``(--[a-z-]+)``\s+(\S+)\s", table, re.MULTILINE)
+            self.assertGreaterEqual(len(rows), 6, command)
+            for option, default in rows:
+                with self.subTest(command=command, option=option):
+                    self.assertIn(option, self.options[command])
+                    self.assertTrue(sameDefault(default, self.options[command][option]), default)
+
+    def test_everyLimitOptionDocumented(self) -> None:
+        """Every limit option of relay and node appears in limits.rst's table and security.rst's."""
+        limits = (DOCS / "limits.rst").read_text()
+        security = (DOCS / "security.rst").read_text()
+        every = (
+            list(RelayLimitOptionsTests.LIMITS)
+            + list(NodeLimitOptionsTests.LIMITS)
+            + ["max-connections", "max-per-address", "max-gets-per-address"]
+        )
+        for option in every:
+            with self.subTest(option=option):
+                self.assertIn(f"``--{option}``", limits)
+                self.assertIn(f"``--{option}``", security)
