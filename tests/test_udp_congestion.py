@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from p2prelay.udp.congestion import INITIAL_WINDOW, INITIAL_WINDOW_BYTES, MIN_CWND, Congestion
+from p2prelay.udp.congestion import (
+    BETA,
+    INITIAL_WINDOW,
+    INITIAL_WINDOW_BYTES,
+    MIN_CWND,
+    Congestion,
+)
 
 LIMIT = 4096  # a receiver window larger than anything these tests reach
 
@@ -79,32 +85,34 @@ class GrowthTests(unittest.SynchronousTestCase):
 class LossTests(unittest.SynchronousTestCase):
     """How losses and timeouts close the window."""
 
-    def test_lossHalves(self) -> None:
-        """A loss halves the window and sets ssthresh to the result."""
+    def test_lossReduces(self) -> None:
+        """A loss keeps BETA (0.7, not Reno's half) of the window and sets ssthresh to that."""
         c = Congestion(LIMIT, 1400)
         c.acked(13)  # 200 blocks
         self.assertTrue(c.lost(seq=5, latestSeq=300))
-        self.assertEqual((c.cwnd, c.ssthresh), (100, 100))
+        self.assertEqual(BETA, 0.7)
+        self.assertAlmostEqual(c.cwnd, 140)
+        self.assertEqual(c.ssthresh, c.cwnd)
 
-    def test_oneHalvingPerEvent(self) -> None:
-        """Losses of blocks sent before the halving belong to the same event."""
+    def test_oneReductionPerEvent(self) -> None:
+        """Losses of blocks sent before the reduction belong to the same event."""
         c = Congestion(LIMIT, 1400)
         c.acked(13)
         c.lost(seq=5, latestSeq=300)
         for seq in (6, 150, 300):
             self.assertFalse(c.lost(seq=seq, latestSeq=320))
-        self.assertEqual(c.cwnd, 100)
+        self.assertAlmostEqual(c.cwnd, 140)
 
-    def test_laterLossHalvesAgain(self) -> None:
-        """A loss of a block sent after the halving is a new event."""
+    def test_laterLossReducesAgain(self) -> None:
+        """A loss of a block sent after the reduction is a new event."""
         c = Congestion(LIMIT, 1400)
         c.acked(13)
         c.lost(seq=5, latestSeq=300)
         self.assertTrue(c.lost(seq=301, latestSeq=400))
-        self.assertEqual(c.cwnd, 50)
+        self.assertAlmostEqual(c.cwnd, 98)
 
     def test_lossFloor(self) -> None:
-        """Halving never takes the window below MIN_CWND."""
+        """Reductions never take the window below MIN_CWND."""
         c = Congestion(LIMIT, 1400)
         latest = 0
         for _ in range(20):

@@ -46,21 +46,27 @@ NO_GSO = frozenset(
     {errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 )
 # A send or receive that found the kernel's buffer full or empty: for us
-# the same as a datagram lost in the network, but one we know about.
+# the same as a datagram lost in the network, but one we know about, and
+# worth trying again in a moment.
 TRANSIENT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
+# A send that a local firewall rule or a full conntrack table refused: a
+# datagram lost before it left.  Loss recovery sends it again as it would
+# one lost on the wire; waiting would not help the next one.
+REFUSED = frozenset({errno.EPERM})
 
 
 def send(transport: Any, datagram: bytes, addr: Address) -> bool:
     """
     Send one datagram; False when the kernel had no room for it.
 
-    Twisted raises for EAGAIN/ENOBUFS on UDP; for us that is the same as a
-    datagram lost in the network, but one we know about.
+    Twisted raises for EAGAIN/ENOBUFS (and EPERM, from a firewall) on UDP;
+    for us that is the same as a datagram lost in the network, but one we
+    know about.
     """
     try:
         transport.write(datagram, addr)
     except OSError as e:
-        if e.errno in TRANSIENT:
+        if e.errno in TRANSIENT or e.errno in REFUSED:
             return False
         raise
     return True

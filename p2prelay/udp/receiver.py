@@ -35,7 +35,7 @@ from .rtt import RTO_INITIAL, RTO_MAX
 Address = Tuple[str, int]
 
 RECEIVE_WINDOW_BYTES = 4 * 1024 * 1024  # out-of-order data a client buffers
-ACK_EVERY = 16  # in-order blocks per acknowledgement
+ACK_EVERY = 2  # in-order blocks per acknowledgement (a small window must not wait for the timer)
 ACK_DELAY = 0.01  # seconds an in-order block waits for company before its ACK
 WRITE_BATCH = 256 * 1024  # in-order bytes gathered into one sink.write
 FINAL_ACKS = 3  # copies of the last ACK, since nothing acknowledges it

@@ -36,7 +36,7 @@ Address = Tuple[str, int]
 
 REORDER_THRESHOLD = 3  # later-sent blocks acknowledged before one is lost
 READ_CHUNK = 1024 * 1024  # file bytes read at once and sliced into blocks
-PUMP_RETRY = 0.002  # seconds, after the kernel refused a send (EAGAIN/ENOBUFS)
+PUMP_RETRY = 0.002  # seconds, after the kernel had no room for a send (EAGAIN/ENOBUFS)
 
 
 class Phase(enum.Enum):
@@ -76,6 +76,8 @@ class Transfer:
         self._timer: Any = None
         self._pumpCall: Any = None
         self.retransmits = 0
+        self.refused = 0  # datagrams a local firewall refused (EPERM)
+        self.timeouts = 0  # retransmission timer expiries
         self.began = False  # META was sent: a repeated request must not restart it
 
     def begin(
@@ -265,6 +267,9 @@ class Transfer:
                 offload.sendSegmented(self._gso, parts, self.addr)
                 return count
             except OSError as e:
+                if e.errno in offload.REFUSED:
+                    self.refused += count
+                    return count  # lost before it left: loss recovery resends it
                 if e.errno in offload.TRANSIENT:
                     return 0
                 if e.errno not in offload.NO_GSO:
@@ -283,6 +288,9 @@ class Transfer:
             try:
                 sendto(parts[2 * i] + parts[2 * i + 1], addr)
             except OSError as e:
+                if e.errno in offload.REFUSED:
+                    self.refused += 1
+                    continue  # lost before it left: loss recovery resends it
                 if e.errno not in offload.TRANSIENT:
                     raise
                 return i
@@ -404,6 +412,7 @@ class Transfer:
             self._timer = self.clock.callLater(max(0.0, fire - now), self._timerFired)
             return
         # RFC 6298 5.4-5.6: back off, and resend from the oldest block.
+        self.timeouts += 1
         self.rtt.expired()
         if not self.metaAcked:
             self._sendMeta()
@@ -421,13 +430,16 @@ class Transfer:
         elapsed = self.clock.seconds() - self.started
         self.log.info(
             "UDP: sent {name} [{offset}+{length}] to {peer} in {elapsed:.3f}s "
-            "({retransmits} retransmitted blocks)",
+            "({retransmits} retransmitted blocks, {timeouts} timeouts, {refused} refused "
+            "by a local firewall)",
             name=self.name,
             offset=self.offset,
             length=self.length,
             peer=self.addr,
             elapsed=elapsed,
             retransmits=self.retransmits,
+            timeouts=self.timeouts,
+            refused=self.refused,
         )
         self.stop(None)
 
