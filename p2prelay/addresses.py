@@ -10,11 +10,24 @@ place that tells them apart.
 from __future__ import annotations
 
 import re
+import socket
+from typing import Callable, Optional
 
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import directlyProvides, implementer
 
 # twisted.internet.endpoints imports OpenSSL (about 230 ms) whenever it is
-# installed: it is imported where an endpoint is made, not with this module.
+# installed: it is imported only where a description that needs it is
+# parsed, and plain HOST:PORT goes through TCPClient instead.
 
 CONNECT_TIMEOUT = 10.0
 
@@ -102,22 +115,183 @@ def checkClientAddress(value: str) -> None:
         clientEndpoint(None, value)
 
 
+class _Connected(Protocol):
+    """
+    Stands in for the protocol being connected until its transport is made:
+    then fires ``connected`` with it and passes every event on, as
+    twisted.internet.endpoints' wrapper does.
+    """
+
+    def __init__(self, connected: Deferred, wrapped) -> None:
+        self._connected = connected
+        self._wrapped = wrapped
+        for iface in (IHalfCloseableProtocol, IHandshakeListener):
+            if iface.providedBy(wrapped):
+                directlyProvides(self, iface)
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self._wrapped, "logPrefix", None)
+        return prefix() if prefix is not None else self._wrapped.__class__.__name__
+
+    def connectionMade(self) -> None:
+        self._wrapped.makeConnection(self.transport)
+        if not self._connected.called:
+            self._connected.callback(self._wrapped)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._wrapped.dataReceived(data)
+
+    def connectionLost(self, reason) -> None:
+        self._wrapped.connectionLost(reason)
+
+    def readConnectionLost(self) -> None:
+        self._wrapped.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self._wrapped.writeConnectionLost()
+
+    def handshakeCompleted(self) -> None:
+        self._wrapped.handshakeCompleted()
+
+
+class _Attempt(ClientFactory):
+    """One connectTCP to one address, reported to a Deferred."""
+
+    noisy = False
+
+    def __init__(self, factory, connected: Deferred) -> None:
+        self.factory = factory
+        self.connected = connected
+        self.connector = None
+
+    def startedConnecting(self, connector) -> None:
+        self.connector = connector
+
+    def buildProtocol(self, addr):
+        try:
+            wrapped = self.factory.buildProtocol(addr)
+        except BaseException:
+            self.connected.errback()
+            return None
+        if wrapped is None:
+            self.connected.errback(error.NoProtocol())
+            return None
+        return _Connected(self.connected, wrapped)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+
+@implementer(IStreamClientEndpoint)
+class TCPClient:
+    """
+    A plain TCP client endpoint to ``host:port`` that needs nothing from
+    twisted.internet.endpoints (whose import costs the TLS stack's).
+
+    An IPv4 or IPv6 address is dialled at once.  A name is looked up with
+    ``getaddrinfo`` on the reactor's thread pool, and its addresses tried
+    in the order it gives them, the next as soon as one fails, all within
+    ``timeout`` seconds.  A failure is Twisted's ConnectError family
+    (``DNSLookupError`` for a name that does not resolve, ``TimeoutError``);
+    cancelling fails the attempt with ``ConnectingCancelledError``.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        host: str,
+        port: int,
+        timeout: float = CONNECT_TIMEOUT,
+        resolve: Optional[Callable[[str, int], Deferred]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        # (host, port) -> a Deferred list of addresses; by default getaddrinfo
+        # on the reactor's thread pool.
+        self.resolve = resolve or self._getaddrinfo
+
+    def __repr__(self) -> str:
+        return f"<TCPClient {describePeer(self)}>"
+
+    def connect(self, protocolFactory) -> Deferred:
+        if isIPAddress(self.host) or isIPv6Address(self.host):
+            return self._dial(self.host, protocolFactory, self.timeout)
+        return Deferred.fromCoroutine(self._resolveAndDial(protocolFactory))
+
+    def _dial(self, address: str, protocolFactory, timeout: float) -> Deferred:
+        attempt: _Attempt
+
+        def cancel(d: Deferred) -> None:
+            d.errback(error.ConnectingCancelledError(describePeer(self)))
+            if attempt.connector is not None:
+                attempt.connector.stopConnecting()
+
+        connected = Deferred(cancel)
+        attempt = _Attempt(protocolFactory, connected)
+        self.reactor.connectTCP(address, self.port, attempt, timeout=timeout)
+        return connected
+
+    def _getaddrinfo(self, host: str, port: int) -> Deferred:
+        def lookUp() -> list:
+            found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            return [info[4][0] for info in found]
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookUp)
+
+    async def _resolveAndDial(self, protocolFactory):
+        deadline = self.reactor.seconds() + self.timeout
+        resolving = self.resolve(self.host, self.port)
+
+        def slow(result: object, timeout: float) -> object:
+            raise error.TimeoutError(f"{self.host}: not resolved within {timeout:g} seconds")
+
+        resolving.addTimeout(self.timeout, self.reactor, slow)
+        try:
+            addresses = list(dict.fromkeys(await resolving))
+        except OSError:  # socket.gaierror
+            addresses = []
+        except CancelledError:
+            raise error.ConnectingCancelledError(describePeer(self)) from None
+        if not addresses:
+            # HostnameEndpoint's words for it.
+            raise error.DNSLookupError(f"no results for hostname lookup: {self.host}")
+        first: Optional[BaseException] = None
+        for address in addresses:
+            left = deadline - self.reactor.seconds()
+            if left <= 0:
+                break
+            try:
+                return await self._dial(address, protocolFactory, left)
+            except error.ConnectingCancelledError:
+                raise
+            except error.ConnectError as e:
+                first = first or e
+        raise first or error.TimeoutError()
+
+
 def tcpEndpoint(reactor, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
     """A TCP client endpoint to ``host:port`` (a name, or an IPv4 or IPv6 address)."""
-    from twisted.internet.endpoints import HostnameEndpoint
-
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    return TCPClient(reactor, host, port, timeout=timeout)
 
 
 def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
     """
     A client endpoint from ``host:port`` or a client endpoint description.
     """
-    from twisted.internet.endpoints import clientFromString
-
     pair = parseHostPort(value)
     if pair is not None:
         return tcpEndpoint(reactor, pair[0], pair[1], timeout=timeout)
+    from twisted.internet.endpoints import clientFromString
+
     try:
         return clientFromString(reactor, value)
     except (ValueError, TypeError, KeyError, NameError) as e:

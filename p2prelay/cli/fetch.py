@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResu
 from twisted.internet.interfaces import IReactorThreads, IStreamClientEndpoint
 from zope.interface import implementer
 
-from .. import __version__, udp, wire
+from .. import __version__, wire
 from ..addresses import AddressError, checkClientAddress, clientEndpoint, parseHostPort
 from ..client.download import DestinationError, Download, destination
 from ..client.relay import secretProver
@@ -44,6 +44,12 @@ EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
 EXIT_USAGE = 2  # argparse exits with this status on usage errors
 EXIT_RELAY = 3
+
+# The UDP block sizes, as p2prelay.udp has them (test_cli_fetch checks): the
+# UDP code is imported only by a fetch that uses it.
+UDP_DEFAULT_BLOCK = 1400
+UDP_MIN_BLOCK = 64
+UDP_MAX_BLOCK = 60 * 1024
 
 DEFAULT_RELAY = "localhost:8000"
 RELAY_ENV = "P2PRELAY_RELAY"
@@ -158,10 +164,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--udp-block",
         type=int,
-        default=udp.DEFAULT_BLOCK,
+        default=UDP_DEFAULT_BLOCK,
         metavar="BYTES",
-        help=f"UDP block size (default {udp.DEFAULT_BLOCK}, fits a 1500-byte Ethernet MTU; "
-        f"up to {udp.MAX_BLOCK} on loopback or jumbo-frame links)",
+        help=f"UDP block size (default {UDP_DEFAULT_BLOCK}, fits a 1500-byte Ethernet MTU; "
+        f"up to {UDP_MAX_BLOCK} on loopback or jumbo-frame links)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="narrate each phase on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -192,8 +198,8 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
             args.secret = loadSecret(args.secret_file)
         except IdentityError as e:
             p.error(f"--secret-file: {e}")
-    if not udp.MIN_BLOCK <= args.udp_block <= udp.MAX_BLOCK:
-        p.error(f"--udp-block must be {udp.MIN_BLOCK}..{udp.MAX_BLOCK}")
+    if not UDP_MIN_BLOCK <= args.udp_block <= UDP_MAX_BLOCK:
+        p.error(f"--udp-block must be {UDP_MIN_BLOCK}..{UDP_MAX_BLOCK}")
     if args.tls and args.udp:
         p.error("--tls and --udp exclude each other")
     if args.relay_ca:
@@ -488,8 +494,46 @@ async def run(
     return client.exitCode()
 
 
+def needsTLS(args: argparse.Namespace) -> bool:
+    """Whether this run may speak TLS: --tls, --relay-ca, or --relay as a description."""
+    return bool(args.tls or args.relay_ca or parseHostPort(args.relay) is None)
+
+
+class _NoOpenSSL:
+    """A ``sys.meta_path`` finder under which OpenSSL cannot be imported."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name == "OpenSSL" or name.startswith("OpenSSL."):
+            raise ModuleNotFoundError(f"{name} is left out of a plain TCP p2p-fetch", name=name)
+        return None
+
+
+def installReactor(tls: bool) -> None:
+    """
+    Import (and so install) the default reactor; without ``tls``, as if
+    pyOpenSSL were not installed.
+
+    Twisted's TCP transport and reactor import the whole TLS stack
+    (pyOpenSSL, cryptography, service_identity) when they can, which was a
+    third of a small fetch's run time; they work without it (Twisted
+    supports installs that lack it), and a run that speaks no TLS never
+    needs it.  Later imports of OpenSSL are not refused.
+    """
+    if tls or "twisted.internet.reactor" in sys.modules or "OpenSSL" in sys.modules:
+        from twisted.internet import reactor  # noqa: F401
+
+        return
+    finder = _NoOpenSSL()
+    sys.meta_path.insert(0, finder)
+    try:
+        from twisted.internet import reactor  # noqa: F401, F811
+    finally:
+        sys.meta_path.remove(finder)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parseArgs(sys.argv[1:] if argv is None else argv)
+    installReactor(needsTLS(args))
 
     async def start(reactor) -> None:
         code = await run(reactor, args)

@@ -32,8 +32,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import udp, wire
-from ..addresses import tcpEndpoint
+from .. import wire
+from ..addresses import TCPClient
 from ..negotiation import IncompleteAnswer, _OneShotFactory
 from .download import Download, VerificationError
 from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol, TooSlow
@@ -223,15 +223,11 @@ class Fetcher:
     def _endpoint(self, peer: PeerAddress):
         """
         Where to connect for ``peer``.  An address is dialled at once; only
-        a host name goes through a resolver (HostnameEndpoint's, a thread),
-        whose delay would otherwise let a later attempt overtake it in the race.
+        a host name goes through a resolver (a thread), whose delay would
+        otherwise let a later attempt overtake it in the race.  Plain TCP
+        never imports twisted.internet.endpoints (and with it the TLS stack).
         """
-        if isIPAddress(peer.host) or isIPv6Address(peer.host):
-            from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-
-            kind = TCP4ClientEndpoint if isIPAddress(peer.host) else TCP6ClientEndpoint
-            return kind(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
-        return tcpEndpoint(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
+        return TCPClient(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
 
     async def ask(self, payload: bytes):
         try:
@@ -264,12 +260,17 @@ class Fetcher:
             self.log.debug("could not report {peer}: {error}", peer=str(peer), error=e)
 
     async def transferUDP(
-        self, peer: PeerAddress, name: str, sink: Download, blockSize: int = udp.DEFAULT_BLOCK
+        self, peer: PeerAddress, name: str, sink: Download, blockSize: Optional[int] = None
     ) -> None:
         """
-        One attempt over UDP.  Silence is not reported to the relay as a
+        One attempt over UDP (``blockSize`` bytes a block, by default
+        ``udp.DEFAULT_BLOCK``).  Silence is not reported to the relay as a
         dead peer: UDP may be filtered where TCP is not.
         """
+        from .. import udp  # only a UDP fetch needs the UDP code
+
+        if blockSize is None:
+            blockSize = udp.DEFAULT_BLOCK
         if peer.udp is None:
             raise NoUDP("peer serves no UDP")
         host = peer.host
