@@ -316,8 +316,11 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
             f"both ways, loss on the data direction; {os.cpu_count()} cores",
             flush=True,
         )
-        lossy = Network(scratch, share, link.client, link.node, CLIENT_ADDRESS, NODE_ADDRESS, "link")
-        nets.append(lossy)
+        if args.loss:
+            lossy = Network(
+                scratch, share, link.client, link.node, CLIENT_ADDRESS, NODE_ADDRESS, "link"
+            )
+            nets.append(lossy)
         for percent in args.loss:
             link.setLoss(percent)
             results[f"link {percent}%"] = compare(lossy, "bench.bin", args.runs, size, f"{percent}% loss")
@@ -345,7 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=float, default=32, help="file size in MiB (default 32)")
     parser.add_argument("--runs", type=int, default=5, help="runs of each (default 5)")
-    parser.add_argument("--loss", type=int, nargs="+", default=[0, 1, 5], help="loss rates in %%")
+    parser.add_argument("--loss", type=int, nargs="*", default=[0, 1, 5],
+                        help="loss rates in %% on the link (none: loopback only)")  # fmt: skip
     parser.add_argument("--loopback-size", type=float, default=None,
                         help="loopback file size in MiB (default: --size)")  # fmt: skip
     parser.add_argument("--loss-at", choices=("receiver", "sender"), default="receiver",
