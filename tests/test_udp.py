@@ -1552,6 +1552,40 @@ class RealReactorTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_readsAreAnnounced(self) -> defer.Deferred:
+        """The client's port tells its protocol where one wake-up's reads begin and end."""
+        from twisted.internet import reactor
+
+        events: List[object] = []
+        done: defer.Deferred = defer.Deferred()
+
+        class Reader(DatagramProtocol):
+            def readStarted(self):
+                events.append("started")
+
+            def datagramReceived(self, data, addr):
+                events.append(data)
+
+            def segmentsReceived(self, data, size, addr):
+                events.extend(data[at : at + size] for at in range(0, len(data), size))
+
+            def readFinished(self):
+                events.append("finished")
+                if len([e for e in events if isinstance(e, bytes)]) == 3 and not done.called:
+                    done.callback(None)
+
+        port = offload.listenEphemeral(reactor, Reader(), "127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        for datagram in (b"one", b"two", b"three"):  # all queued before the reactor reads
+            sender.sendto(datagram, ("127.0.0.1", port.getHost().port))
+
+        def check(_):
+            self.assertEqual(events, ["started", b"one", b"two", b"three", "finished"])
+
+        return done.addCallback(check)
+
     def test_coalescedRunsReceived(self) -> defer.Deferred:
         """A GSO run sent over loopback reaches segmentsReceived whole, with its segment size."""
         from twisted.internet import reactor
@@ -1649,6 +1683,24 @@ class AckPacingTests(UDPTestCase):
             self.block(n)
         self.assertEqual(self.acks()[-1], (4, []))
         self.assertEqual(len(self.acks()), 3)
+
+
+    def test_oneAckPerRead(self) -> None:
+        """Everything one read of the socket hands over is acknowledged once, after it."""
+        self.receiver.readStarted()
+        for n in range(7):
+            self.block(n)
+        run = b"".join(packets.encodeData(self.receiver.tid, n, bytes([n]) * 4) for n in (7, 8))
+        self.receiver.segmentsReceived(run, packets.DATA_HEADER_SIZE + 4, SERVER)
+        self.assertEqual(self.acks(), [])
+        self.receiver.readFinished()
+        self.assertEqual(self.acks(), [(9, [])])
+
+    def test_readWithoutDataSendsNothing(self) -> None:
+        """A read that held no DATA sends no ACK."""
+        self.receiver.readStarted()
+        self.receiver.readFinished()
+        self.assertEqual(self.acks(), [])
 
 
 class RandomLossWindowTests(UDPTestCase):

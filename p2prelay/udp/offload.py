@@ -175,6 +175,25 @@ class SegmentingPort(twistedUDP.Port):
                 pass
 
     def doRead(self) -> None:
+        """
+        Read what the socket holds (up to ``maxThroughput`` bytes), telling
+        a protocol that wants to know (``readStarted``/``readFinished``)
+        where a wake-up's reads begin and end, so it can answer all of them
+        at once.
+        """
+        started = getattr(self.protocol, "readStarted", None)
+        if started is None:
+            return self._read()
+        started()
+        try:
+            return self._read()
+        finally:
+            try:
+                self.protocol.readFinished()
+            except BaseException:
+                self.log.failure("UDP: unhandled error after reading datagrams")
+
+    def _read(self) -> None:
         if not self.gro:
             return super().doRead()
         read = 0
