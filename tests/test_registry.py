@@ -13,7 +13,18 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.relay.registry import AddressTaken, Peer, Registry, RegistryFull, SearchHit
+import random
+
+from p2prelay.relay.registry import (
+    SEARCH_STEP,
+    AddressTaken,
+    FileTable,
+    Listener,
+    Peer,
+    Registry,
+    RegistryFull,
+    SearchHit,
+)
 from p2prelay.relay.store import SCHEMA_VERSION, NewerSchema, StateStore
 from p2prelay.wire import FileEntry
 
@@ -288,7 +299,7 @@ class CapTests(SynchronousTestCase):
 
 class HoldersTests(RegistryTestCase):
     def test_holders(self):
-        """holders() lists every active peer with the name, with its entry."""
+        """holders() lists every active peer with the name, with its entry, oldest first."""
         self.registry.register("n1", "h1", 1, [entry("a.txt", 3, "b")])
         self.registry.register("n2", "h2", 1, [entry("b.txt")])
         self.registry.register("n3", "h3", 1, [entry("a.txt", 4, "c")])
@@ -299,6 +310,199 @@ class HoldersTests(RegistryTestCase):
         """holders() matches whole names only, case-sensitively."""
         self.registry.register("n1", "h1", 1, [entry("dir/a.txt"), entry("A.TXT")])
         self.assertEqual(self.registry.holders("a.txt"), [])
+
+
+class HolderOrderTests(SynchronousTestCase):
+    """WHOHAS's list: who comes first, and how many."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, TTL, maxHolders=3, rng=random.Random(7))
+
+    def holders(self, name: str = "a") -> list[str]:
+        return [p.node for p, _ in self.registry.holders(name)]
+
+    def test_oldestHolderFirst(self):
+        """Up to the cap, holders come in the order they began to hold the name."""
+        for node in ["c", "a", "b"]:
+            self.registry.register(node, node, 1, [entry("a")])
+        self.assertEqual(self.holders(), ["c", "a", "b"])
+
+    def test_reregisterKeepsPlaceAmongHolders(self):
+        """A holder registering again with the name keeps its place for it."""
+        for node in ["a", "b"]:
+            self.registry.register(node, node, 1, [entry("a")])
+        self.registry.register("a", "a", 1, [entry("x"), entry("a", 2)])
+        self.assertEqual(self.holders(), ["a", "b"])
+        self.assertEqual(self.registry.holders("a")[0][1].size, 2)
+
+    def test_capped(self):
+        """Never more holders than the cap, all of them distinct live holders."""
+        for i in range(10):
+            self.registry.register(f"n{i}", f"h{i}", 1, [entry("a")])
+        found = self.holders()
+        self.assertEqual(len(found), 3)
+        self.assertEqual(len(set(found)), 3)
+        self.assertLessEqual(set(found), {f"n{i}" for i in range(10)})
+
+    def test_cappedSampleSpreads(self):
+        """Over the cap, repeated answers name different holders (a random sample, in order)."""
+        for i in range(10):
+            self.registry.register(f"n{i:02}", f"h{i}", 1, [entry("a")])
+        answers = [self.holders() for _ in range(20)]
+        self.assertGreater(len({n for a in answers for n in a}), 3)
+        for answer in answers:
+            self.assertEqual(answer, sorted(answer))
+
+    def test_cappedSkipsHidden(self):
+        """Hidden or expired holders never fill the cap while listed ones are left out."""
+        for i in range(6):
+            self.registry.register(f"n{i}", f"h{i}", 1, [entry("a")], reachable=i >= 4)
+        for _ in range(10):
+            self.assertEqual(sorted(self.holders()), ["n4", "n5"])
+
+    def test_explicitLimit(self):
+        """holders() takes a smaller limit."""
+        for node in ["a", "b"]:
+            self.registry.register(node, node, 1, [entry("a")])
+        self.assertEqual(len(self.registry.holders("a", 1)), 1)
+
+
+class IndexTests(RegistryTestCase):
+    """The indexes stay exact as entries come and go."""
+
+    def test_namesForgotten(self):
+        """A name nobody holds any more leaves the index."""
+        self.registry.register("n1", "h", 1, [entry("a"), entry("b")])
+        self.registry.register("n1", "h", 1, [entry("b")])
+        self.assertEqual(self.registry.names, 1)
+        self.registry.unregister("n1")
+        self.assertEqual(self.registry.names, 0)
+
+    def test_namesShared(self):
+        """A name held by many peers is one string object."""
+        self.registry.register("n1", "h1", 1, [FileEntry("".join(["sha", "red"]), 1, "a" * 64)])
+        self.registry.register("n2", "h2", 1, [FileEntry("".join(["sh", "ared"]), 1, "a" * 64)])
+        [first] = self.registry.get("n1").files.names
+        [second] = self.registry.get("n2").files.names
+        self.assertIs(first, second)
+
+    def test_digestsAsBytes(self):
+        """A peer's digests are kept as raw bytes, and read back as hex."""
+        peer = self.registry.register("n1", "h", 1, [entry("a", 1, "b"), entry("c", 2, "d")])
+        self.assertEqual(peer.files.digests, bytes.fromhex("b" * 64 + "d" * 64))
+        self.assertEqual(peer.files["c"], entry("c", 2, "d"))
+
+    def test_duplicateNameKeepsLast(self):
+        """A name announced twice in one registration holds its last entry."""
+        peer = self.registry.register("n1", "h", 1, [entry("a", 1), entry("a", 2)])
+        self.assertEqual(dict(peer.files), {"a": entry("a", 2)})
+
+    def test_hugeSize(self):
+        """A size beyond 64 bits still fits (sizes fall back to a tuple)."""
+        peer = self.registry.register("n1", "h", 1, [entry("a", 2**64)])
+        self.assertEqual(peer.files["a"].size, 2**64)
+
+    def test_missingFile(self):
+        """Looking up a name a peer does not hold is a KeyError."""
+        peer = self.registry.register("n1", "h", 1, [entry("a")])
+        self.assertRaises(KeyError, peer.files.__getitem__, "b")
+        self.assertNotIn("b", peer.files)
+
+    def test_tableEqualsMapping(self):
+        """A FileTable equals the dict of the same entries."""
+        table = FileTable.of([entry("a"), entry("b", 2)])
+        self.assertEqual(table, {"a": entry("a"), "b": entry("b", 2)})
+
+    def test_expiryHeapSkipsRefreshed(self):
+        """A sweep drops only peers whose latest lifetime passed, however often they beat."""
+        self.registry.register("n1", "h1", 1, [])
+        self.registry.register("n2", "h2", 1, [])
+        for _ in range(5):
+            self.clock.advance(TTL / 2)
+            self.registry.refresh("n1")
+        self.assertEqual([p.node for p in self.registry.expire()], ["n2"])
+        self.assertLessEqual(len(self.registry._expiry), 3)
+        self.assertEqual(self.nodes(), ["n1"])
+
+    def test_addressIndexFollowsMoves(self):
+        """A node that re-registers elsewhere is no longer found at its old address."""
+        self.registry.register("n1", "h1", 1, [])
+        self.registry.register("n1", "h2", 1, [])
+        self.assertEqual(self.registry.at("h1", 1), [])
+        self.assertEqual([p.node for p in self.registry.at("h2", 1)], ["n1"])
+
+    def test_totalCapSweepsExpired(self):
+        """At the total cap, expired entries not yet swept make room."""
+        registry = Registry(self.clock.seconds, TTL, maxTotal=1)
+        registry.register("n1", "h1", 1, [])
+        self.clock.advance(TTL)
+        registry.register("n2", "h2", 1, [])
+        self.assertEqual([p.node for p in registry.active()], ["n2"])
+
+
+class RecordingListener(Listener):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def upserted(self, peer: Peer) -> None:
+        self.events.append(("upserted", peer.node))
+
+    def refreshed(self, peer: Peer) -> None:
+        self.events.append(("refreshed", peer.node))
+
+    def removed(self, node: str) -> None:
+        self.events.append(("removed", node))
+
+
+class ListenerTests(RegistryTestCase):
+    """What persistence hears: one event per change, none for a read."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.heard = RecordingListener()
+        self.registry.listener = self.heard
+
+    def test_register(self):
+        """A registration is an upsert."""
+        self.registry.register("n1", "h", 1, [])
+        self.assertEqual(self.heard.events, [("upserted", "n1")])
+
+    def test_heartbeat(self):
+        """A heartbeat is a refresh, nothing more."""
+        self.registry.register("n1", "h", 1, [])
+        self.registry.refresh("n1")
+        self.assertEqual(self.heard.events[1:], [("refreshed", "n1")])
+
+    def test_unregisterAndExpiry(self):
+        """Unregistering and expiry are removals."""
+        self.registry.register("n1", "h", 1, [])
+        self.registry.register("n2", "h2", 1, [])
+        self.registry.unregister("n1")
+        self.clock.advance(TTL)
+        self.registry.expire()
+        self.assertEqual(self.heard.events[2:], [("removed", "n1"), ("removed", "n2")])
+
+    def test_takeover(self):
+        """A verified takeover removes the old entry and upserts the new."""
+        self.registry.register("n1", "h", 1, [])
+        self.registry.register("n2", "h", 1, [])
+        self.assertEqual(self.heard.events[1:], [("removed", "n1"), ("upserted", "n2")])
+
+    def test_reachability(self):
+        """A change of reachability is an upsert; no change is nothing."""
+        self.registry.register("n1", "h", 1, [])
+        self.registry.setReachable("n1", True)
+        self.registry.setReachable("n1", False)
+        self.assertEqual(self.heard.events[1:], [("upserted", "n1")])
+
+    def test_reads(self):
+        """Lookups and searches change nothing."""
+        self.registry.register("n1", "h", 1, [entry("a")])
+        self.registry.holders("a")
+        self.registry.search("a", 10)
+        self.registry.active()
+        self.assertEqual(len(self.heard.events), 1)
 
 
 class SearchTests(RegistryTestCase):
@@ -359,6 +563,51 @@ class SearchTests(RegistryTestCase):
     def test_noMatch(self):
         """No match is an empty, untruncated answer."""
         self.assertEqual(self.registry.search("zzz", 10), ([], False))
+
+    def test_globSlashInPattern(self):
+        """A glob with a slash is matched against the whole path, not a later part of it."""
+        self.registry.register("n3", "h3", 1, [entry("a/b/c")])
+        self.assertEqual(self.names("b/*"), [])
+        self.assertEqual(self.names("a/*/c"), ["a/b/c"])
+
+
+class SearchStepTests(RegistryTestCase):
+    """A search over many names runs in steps the relay can interleave."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.count = SEARCH_STEP * 3
+        self.registry.register("n1", "h1", 1, [entry(f"f{i:05}") for i in range(self.count)])
+
+    def drive(self, steps):
+        taken = 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return taken, done.value
+            taken += 1
+
+    def test_yields(self):
+        """Matching many names takes several steps, one per SEARCH_STEP names."""
+        taken, (hits, truncated) = self.drive(self.registry.searchSteps("f", 10))
+        self.assertGreaterEqual(taken, 3)
+        self.assertEqual(([h.name for h in hits][:2], truncated), (["f00000", "f00001"], True))
+
+    def test_sortedAcrossSteps(self):
+        """Hits are sorted by name across every step's share of the names."""
+        self.registry.register("n2", "h2", 1, [entry("e-first"), entry("g-last")])
+        hits, _ = self.registry.search("", 3)
+        self.assertEqual([h.name for h in hits], ["e-first", "f00000", "f00001"])
+
+    def test_changesBetweenSteps(self):
+        """A peer gone between two steps is not counted; the search still ends."""
+        self.registry.register("n2", "h2", 1, [entry("f00001")])
+        steps = self.registry.searchSteps("f0000", 5)
+        next(steps)
+        self.registry.unregister("n2")
+        _, (hits, _) = self.drive(steps)
+        self.assertEqual([h.holders for h in hits], [1] * 5)
 
 
 class StateStoreTests(SynchronousTestCase):

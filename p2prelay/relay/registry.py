@@ -11,12 +11,33 @@ key is the protocol's job, the registry only refuses what no proof can
 allow: another key under a known id, or a verified address taken by an
 unverified newcomer.  Only entries the relay could reach itself
 (``reachable``) are ever handed to clients.
+
+Sized for a million files (10,000 peers of 100 files): every lookup goes
+through an index, so a registration, a heartbeat and a ``WHOHAS`` cost the
+same at ten peers and at ten thousand.
+
+- node -> :class:`Peer` (a dict in first-registration order),
+- file name -> {node: position of the name in that peer's :class:`FileTable`},
+  in the order the nodes began to hold the name,
+- (host, port) -> nodes, source address -> nodes,
+- a heap of (expiry, node), so a sweep touches only what has expired.
+
+A peer's files are one :class:`FileTable`: the names (interned, so a name
+held by a thousand peers is one string), the sizes in an array and the
+digests as 32 raw bytes each in one ``bytes``.  ``search`` is a generator
+(:meth:`Registry.searchSteps`) that yields every few thousand names, so the
+relay answers other requests between its steps.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Dict, Iterable, List, Mapping, Tuple
+import heapq
+import random
+import sys
+from array import array
+from collections.abc import Mapping
+from typing import Callable, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import attrs
 
@@ -25,6 +46,9 @@ from ..wire import FileEntry
 DEFAULT_TTL = 90.0
 MAX_PER_SOURCE = 64  # live registrations made from one source address
 MAX_TOTAL = 100_000  # live registrations in all
+MAX_HOLDERS = 64  # holders one WHOHAS answer lists at most
+SEARCH_STEP = 2000  # names matched (or holders counted) between two steps of a search
+DIGEST = 32  # bytes of one SHA-256 digest
 
 
 class RegistryFull(Exception):
@@ -35,14 +59,83 @@ class AddressTaken(Exception):
     """The address is held by a live, verified node with another key."""
 
 
-@attrs.frozen
+class FileTable(Mapping):
+    """
+    One peer's files, compactly: a Mapping of name to :class:`FileEntry`
+    whose entries are made on demand from three flat sequences.
+
+    ``names`` are the registry's shared string objects; ``sizes`` an
+    ``array('q')`` (a tuple if a size does not fit); ``digests`` every
+    SHA-256 as 32 raw bytes, end to end.
+    """
+
+    __slots__ = ("names", "sizes", "digests")
+
+    def __init__(self, names: Tuple[str, ...], sizes: Sequence[int], digests: bytes) -> None:
+        self.names = names
+        self.sizes = sizes
+        self.digests = digests
+
+    @classmethod
+    def of(cls, entries: Iterable[FileEntry], intern: Callable[[str], str] = sys.intern) -> "FileTable":
+        """A table of ``entries``; a name given twice keeps its last entry."""
+        unique: Dict[str, FileEntry] = {}
+        for entry in entries:
+            unique[entry.name] = entry
+        values = unique.values()
+        sizes = [e.size for e in values]
+        try:
+            packed: Sequence[int] = array("q", sizes)
+        except OverflowError:
+            packed = tuple(sizes)
+        return cls(
+            tuple(intern(name) for name in unique),
+            packed,
+            b"".join(bytes.fromhex(e.sha256) for e in values),
+        )
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index * DIGEST : (index + 1) * DIGEST]
+
+    def entry(self, index: int) -> FileEntry:
+        return FileEntry(self.names[index], self.sizes[index], self.digest(index).hex())
+
+    def __getitem__(self, name: str) -> FileEntry:
+        try:
+            return self.entry(self.names.index(name))
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"FileTable({len(self.names)} files)"
+
+
+def _table(files: Mapping[str, FileEntry] | FileTable) -> FileTable:
+    return files if isinstance(files, FileTable) else FileTable.of(files.values())
+
+
+@attrs.define(slots=True, eq=True)
 class Peer:
-    """One registered peer node and the files it announced."""
+    """
+    One registered peer node and the files it announced.
+
+    Only the registry changes a peer (``expires`` on a heartbeat,
+    ``reachable`` after a check); a new registration is a new Peer.
+    """
 
     node: str
     host: str
     port: int
-    files: Mapping[str, FileEntry]
+    files: FileTable = attrs.field(converter=_table)
     expires: float
     udp: int | None = None
     key: str | None = None  # the node's public key (base64url)
@@ -63,6 +156,47 @@ class SearchHit:
     holders: int
 
 
+class Listener:
+    """
+    What a registry tells about its changes (persistence listens): an
+    entry added or replaced, its lifetime extended, an entry gone.
+    """
+
+    def upserted(self, peer: Peer) -> None:
+        pass
+
+    def refreshed(self, peer: Peer) -> None:
+        pass
+
+    def removed(self, node: str) -> None:
+        pass
+
+
+def matcher(pattern: str) -> Optional[Callable[[str], bool]]:
+    """
+    SEARCH's test of one name (None: every name matches): a glob (when the
+    pattern has ``*?[``) against the whole path or its last component, else
+    a substring, both ignoring case.
+    """
+    lowered = pattern.lower()
+    if not any(c in pattern for c in "*?["):
+        if not lowered:
+            return None
+        return lambda name: lowered in name.lower()
+    import re
+
+    match = re.compile(fnmatch.translate(lowered)).match
+
+    def glob(name: str) -> bool:
+        low = name.lower()
+        if match(low) is not None:
+            return True
+        slash = low.rfind("/")
+        return slash >= 0 and match(low, slash + 1) is not None
+
+    return glob
+
+
 class Registry:
     """
     Live peers keyed by node id; every answer leaves out expired peers,
@@ -80,15 +214,30 @@ class Registry:
         *,
         maxPerSource: int = MAX_PER_SOURCE,
         maxTotal: int = MAX_TOTAL,
+        maxHolders: int = MAX_HOLDERS,
+        rng: Optional[random.Random] = None,
     ) -> None:
         self._now = now
         self.ttl = ttl
         self.maxPerSource = maxPerSource
         self.maxTotal = maxTotal
-        self._peers: Dict[str, Peer] = {}
-        self._order: Dict[str, int] = {}
+        self.maxHolders = maxHolders
+        self.listener: Listener = Listener()
+        self._random = rng if rng is not None else random.Random()
+        self._peers: Dict[str, Peer] = {}  # in first-registration order
+        self._names: Dict[str, Dict[str, int]] = {}  # name -> {node: index in its FileTable}
+        self._byAddress: Dict[Tuple[str, int], set[str]] = {}
         self._bySource: Dict[str, set[str]] = {}
-        self._counter = 0
+        self._expiry: List[Tuple[float, str]] = []  # a heap; stale items are skipped
+
+    def __len__(self) -> int:
+        """Entries held, expired ones not yet swept included."""
+        return len(self._peers)
+
+    @property
+    def names(self) -> int:
+        """Distinct file names held."""
+        return len(self._names)
 
     def room(self, node: str, source: str | None) -> str | None:
         """
@@ -97,8 +246,10 @@ class Registry:
         """
         if self.get(node) is not None:
             return None
-        if len(self._peers) >= self.maxTotal and self._live(self._peers) >= self.maxTotal:
-            return f"the relay holds {self.maxTotal} registrations"
+        if len(self._peers) >= self.maxTotal:
+            self.expire()  # expired entries free their place, swept or not
+            if len(self._peers) >= self.maxTotal:
+                return f"the relay holds {self.maxTotal} registrations"
         if source is not None:
             mine = self._bySource.get(source, ())
             if len(mine) >= self.maxPerSource and self._live(mine) >= self.maxPerSource:
@@ -107,7 +258,8 @@ class Registry:
 
     def _live(self, nodes: Iterable[str]) -> int:
         now = self._now()
-        return sum(1 for n in nodes if n in self._peers and self._peers[n].expires > now)
+        peers = self._peers
+        return sum(1 for n in nodes if n in peers and peers[n].expires > now)
 
     def register(
         self,
@@ -141,10 +293,10 @@ class Registry:
         for other in others if reachable else ():
             self._remove(other.node)
         peer = Peer(
-            node=node,
+            node=sys.intern(node),
             host=host,
             port=port,
-            files={entry.name: entry for entry in files},
+            files=FileTable.of(files),
             expires=self._now() + self.ttl,
             udp=udp,
             key=key,
@@ -153,72 +305,99 @@ class Registry:
             tls=tls,
         )
         self._add(peer)
+        self.listener.upserted(peer)
         return peer
 
     def _add(self, peer: Peer) -> None:
-        old = self._peers.get(peer.node)
+        node = peer.node
+        old = self._peers.get(node)
         if old is not None:
-            self._forgetSource(old)
-        if peer.node not in self._order:
-            self._counter += 1
-            self._order[peer.node] = self._counter
-        self._peers[peer.node] = peer
+            self._unlink(old, keep=peer.files)
+        self._peers[node] = peer  # a node already there keeps its place
+        names = self._names
+        for index, name in enumerate(peer.files.names):
+            holders = names.get(name)
+            if holders is None:
+                names[name] = {node: index}
+            else:
+                holders[node] = index  # a holder already there keeps its place
+        self._byAddress.setdefault(peer.address, set()).add(node)
         if peer.source is not None:
-            self._bySource.setdefault(peer.source, set()).add(peer.node)
+            self._bySource.setdefault(peer.source, set()).add(node)
+        heapq.heappush(self._expiry, (peer.expires, node))
 
-    def _forgetSource(self, peer: Peer) -> None:
+    def _unlink(self, peer: Peer, keep: FileTable | None = None) -> None:
+        """Take ``peer`` out of every index (but names also in ``keep``)."""
+        node = peer.node
+        kept = frozenset(keep.names) if keep is not None and len(keep) else frozenset()
+        names = self._names
+        for name in peer.files.names:
+            if name in kept:
+                continue
+            holders = names.get(name)
+            if holders is not None:
+                holders.pop(node, None)
+                if not holders:
+                    del names[name]
+        _discard(self._byAddress, peer.address, node)
         if peer.source is not None:
-            nodes = self._bySource.get(peer.source)
-            if nodes is not None:
-                nodes.discard(peer.node)
-                if not nodes:
-                    del self._bySource[peer.source]
+            _discard(self._bySource, peer.source, node)
 
-    def restore(self, peer: Peer) -> None:
+    def restore(self, peer: Peer) -> bool:
         """Put back a peer loaded from persistent state, if still alive."""
         if peer.expires > self._now():
+            peer.node = sys.intern(peer.node)
             self._add(peer)
+            return True
+        return False
 
     def refresh(self, node: str) -> Peer | None:
         """A heartbeat: extend a live peer's lifetime; None if unknown."""
         peer = self.get(node)
         if peer is None:
             return None
-        peer = attrs.evolve(peer, expires=self._now() + self.ttl)
-        self._peers[node] = peer
+        peer.expires = self._now() + self.ttl
+        heapq.heappush(self._expiry, (peer.expires, peer.node))
+        self.listener.refreshed(peer)
         return peer
 
     def unregister(self, node: str) -> bool:
         return self._remove(node)
 
     def _remove(self, node: str) -> bool:
-        self._order.pop(node, None)
         peer = self._peers.pop(node, None)
         if peer is None:
             return False
-        self._forgetSource(peer)
+        self._unlink(peer)
+        self.listener.removed(peer.node)
         return True
 
     def at(self, host: str, port: int) -> List[Peer]:
         """Every live entry registered at host:port, listed or not."""
         now = self._now()
-        return [p for p in self._peers.values() if p.address == (host, port) and p.expires > now]
+        nodes = self._byAddress.get((host, port), ())
+        return [p for p in map(self._peers.get, nodes) if p is not None and p.expires > now]
 
     def setReachable(self, node: str, reachable: bool) -> Peer | None:
         """Record the outcome of the relay's own check of a live node."""
         peer = self.get(node)
         if peer is None or peer.reachable == reachable:
             return peer
-        peer = attrs.evolve(peer, reachable=reachable)
-        self._peers[node] = peer
+        peer.reachable = reachable
+        self.listener.upserted(peer)
         return peer
 
     def expire(self) -> List[Peer]:
         """Drop every peer whose lifetime has passed; returns them."""
         now = self._now()
-        gone = [p for p in self._peers.values() if p.expires <= now]
-        for peer in gone:
-            self._remove(peer.node)
+        heap = self._expiry
+        gone = []
+        while heap and heap[0][0] <= now:
+            _, node = heapq.heappop(heap)
+            peer = self._peers.get(node)
+            if peer is not None and peer.expires <= now:
+                self._remove(node)
+                gone.append(peer)
         return gone
 
     def all(self) -> List[Peer]:
@@ -229,36 +408,112 @@ class Registry:
     def active(self) -> List[Peer]:
         """Live, reachable peers, oldest registration first."""
         now = self._now()
-        live = [p for p in self._peers.values() if p.expires > now and p.reachable]
-        return sorted(live, key=lambda p: self._order[p.node])
+        return [p for p in self._peers.values() if p.expires > now and p.reachable]
 
     def get(self, node: str) -> Peer | None:
         peer = self._peers.get(node)
         return peer if peer is not None and peer.expires > self._now() else None
 
-    def holders(self, name: str) -> List[Tuple[Peer, FileEntry]]:
-        return [(p, p.files[name]) for p in self.active() if name in p.files]
+    def holders(self, name: str, limit: int | None = None) -> List[Tuple[Peer, FileEntry]]:
+        """
+        Live, reachable peers holding ``name``, with the entry each holds:
+        at most ``limit`` (default ``maxHolders``) of them.
+
+        In the order the nodes began to hold the name, oldest first; when
+        more hold it than fit, a random sample of them (in that order), so
+        the load of a popular file spreads over all its holders.
+        """
+        holders = self._names.get(name)
+        if not holders:
+            return []
+        limit = self.maxHolders if limit is None else limit
+        now = self._now()
+        peers = self._peers
+        found: List[Tuple[Peer, FileEntry]] = []
+
+        def take(node: str) -> bool:
+            peer = peers[node]
+            if peer.reachable and peer.expires > now:
+                found.append((peer, peer.files.entry(holders[node])))
+            return len(found) >= limit
+
+        if len(holders) <= limit:
+            for node in holders:
+                if take(node):
+                    break
+            return found
+        nodes = list(holders)
+        picked = sorted(self._random.sample(range(len(nodes)), limit))
+        for i in picked:
+            take(nodes[i])
+        if len(found) < limit:  # some picks were hidden or expired: fill in order
+            chosen = {nodes[i] for i in picked}
+            for node in nodes:
+                if node not in chosen and take(node):
+                    break
+        return found
 
     def search(self, pattern: str, limit: int) -> Tuple[List[SearchHit], bool]:
         """
         Files whose name matches a glob (when it has ``*?[``) or contains a
-        substring, one hit per (name, size, sha256) version, capped at limit.
+        substring, one hit per (name, size, sha256) version, sorted, capped
+        at limit; and whether more matched.
         """
-        isGlob = any(c in pattern for c in "*?[")
-        lowered = pattern.lower()
+        steps = self.searchSteps(pattern, limit)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
-        def matches(name: str) -> bool:
-            if isGlob:
-                return fnmatch.fnmatchcase(name.lower(), lowered) or fnmatch.fnmatchcase(
-                    name.rsplit("/", 1)[-1].lower(), lowered
-                )
-            return lowered in name.lower()
-
-        counts: Dict[Tuple[str, int, str], int] = {}
-        for peer in self.active():
-            for entry in peer.files.values():
-                if matches(entry.name):
-                    key = (entry.name, entry.size, entry.sha256)
-                    counts[key] = counts.get(key, 0) + 1
-        hits = [SearchHit(n, s, h, c) for (n, s, h), c in sorted(counts.items())]
+    def searchSteps(
+        self, pattern: str, limit: int
+    ) -> Generator[None, None, Tuple[List[SearchHit], bool]]:
+        """
+        :meth:`search` in steps: yields after every ``SEARCH_STEP`` names
+        matched or holders counted (the registry may change in between);
+        returns what ``search`` returns.
+        """
+        matches = matcher(pattern)
+        names = list(self._names)  # this search's snapshot of the names
+        runs: List[List[str]] = []
+        for start in range(0, len(names), SEARCH_STEP):
+            chunk = names[start : start + SEARCH_STEP]
+            if matches is not None:
+                chunk = [n for n in chunk if matches(n)]
+            if chunk:
+                chunk.sort()
+                runs.append(chunk)
+            yield
+        del names
+        hits: List[SearchHit] = []
+        work = 0
+        now = self._now()
+        for name in heapq.merge(*runs):
+            holders = self._names.get(name)
+            if not holders:
+                continue  # gone meanwhile
+            versions: Dict[Tuple[int, bytes], int] = {}
+            for node, index in holders.items():
+                peer = self._peers[node]
+                if peer.reachable and peer.expires > now:
+                    version = (peer.files.sizes[index], peer.files.digest(index))
+                    versions[version] = versions.get(version, 0) + 1
+            for (size, digest), count in sorted(versions.items()):
+                hits.append(SearchHit(name, size, digest.hex(), count))
+            if len(hits) > limit:
+                break
+            work += len(holders)
+            if work >= SEARCH_STEP:
+                work = 0
+                yield
+                now = self._now()
         return hits[:limit], len(hits) > limit
+
+
+def _discard(index: Dict, key: object, node: str) -> None:
+    nodes = index.get(key)
+    if nodes is not None:
+        nodes.discard(node)
+        if not nodes:
+            del index[key]
