@@ -653,6 +653,39 @@ class LossyNetworkTests(UDPTestCase):
         self.dropOnce(lambda s, d, g: kind(g) == packets.META)
         self.assertFetched("many.bin")
 
+    def test_metaLostRepairedInARoundTrip(self) -> None:
+        """
+        DATA arriving without META makes the client ask again at once and
+        keep that DATA: no timer on either end has to expire, nothing is resent.
+        """
+        self.dropOnce(lambda s, d, g: kind(g) == packets.META)
+        expired: List[object] = []
+        self.patch(rtt.RoundTrip, "expired", lambda r: expired.append(r))
+        started = self.reactor.seconds()
+        self.assertFetched("many.bin")
+        requests = [g for src, _, g in self.network.log if src != SERVER and kind(g) == packets.REQUEST]
+        self.assertEqual(len(requests), 3)  # the first, the cookie'd one, the one asking for META
+        self.assertEqual(expired, [])
+        self.assertLess(self.reactor.seconds() - started, 0.5)
+        self.assertServerIdle()
+
+    def test_cookieRequestRepeatedSoon(self) -> None:
+        """A lost cookie'd request is repeated a few round trips later, not after a second."""
+        seen: List[float] = []
+
+        def second(s, d, g):
+            if kind(g) == packets.REQUEST:
+                seen.append(self.reactor.seconds())
+                return len(seen) == 2
+            return False
+
+        self.network.drop = second
+        self.assertFetched("many.bin")
+        self.assertEqual(len(seen), 3)
+        waited = seen[2] - seen[1]
+        self.assertGreaterEqual(waited, receiver.HANDSHAKE_MIN)
+        self.assertLess(waited, receiver.HANDSHAKE_RTTS * 2 * DELAY + receiver.HANDSHAKE_MIN)
+
     def test_metaLostEmptyFile(self) -> None:
         """A lost META of an empty file is repaired too."""
         self.dropOnce(lambda s, d, g: kind(g) == packets.META)

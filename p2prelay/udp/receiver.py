@@ -41,6 +41,9 @@ WRITE_BATCH = 256 * 1024  # in-order bytes gathered into one sink.write
 FINAL_ACKS = 3  # copies of the last ACK, since nothing acknowledges it
 KEEPALIVE = 5.0  # while the sink has us paused: an ACK this often keeps the server's transfer
 PAUSE_LIMIT = 6  # timeouts one pause may last before the download fails
+HANDSHAKE_MIN = 0.05  # seconds: the shortest wait before repeating the cookie'd request
+HANDSHAKE_RTTS = 4  # ... otherwise this many round trips of REQUEST -> RETRY
+EARLY_BYTES = 1024 * 1024  # DATA kept while META is missing, to place once it comes
 
 
 class UDPTransferError(Exception):
@@ -105,6 +108,11 @@ class UDPClient(DatagramProtocol):
         self.deferred: Deferred[UDPResult] = Deferred(self._cancel)
         self._handshakeDelay = RTO_INITIAL
         self._handshakeCall: Any = None
+        self._requestsSent = 0
+        self._requestSentAt = 0.0
+        self._early: List[bytes] = []  # DATA that arrived before META (META was lost)
+        self._earlyBytes = 0
+        self._nudged = False  # the request was repeated at once because META is missing
         self._ackCall: Any = None
         self._progressCall: Any = None
         self._lastProgress = clock.seconds()
@@ -147,6 +155,7 @@ class UDPClient(DatagramProtocol):
         self.buffer.clear()
         self.ranges.clear()
         self._pending.clear()
+        self._early.clear()
         self.deferred.callback(result)
 
     def _fail(self, reason: Exception) -> None:
@@ -170,6 +179,8 @@ class UDPClient(DatagramProtocol):
     # Timers
 
     def _sendRequest(self) -> None:
+        self._requestsSent += 1
+        self._requestSentAt = self.clock.seconds()
         self._write(packets.encodeRequest(self.tid, self.request))
         if self.phase is ClientPhase.HANDSHAKE:
             self._handshakeCall = self.clock.callLater(self._handshakeDelay, self._handshakeTimeout)
@@ -267,7 +278,9 @@ class UDPClient(DatagramProtocol):
                     self._ackDue = True  # sent by readFinished, once for the whole read
                 else:
                     self._acknowledge()
-            return  # before META we cannot place blocks; the server resends META
+            if self.phase is ClientPhase.HANDSHAKE:
+                self._earlyData(data)
+            return
         header = packets.parseHeader(data)
         if header is None or header[1] != self.tid:
             return
@@ -296,6 +309,8 @@ class UDPClient(DatagramProtocol):
         for datagram in offload.segments(data, size):
             if datagram[:HEADER_SIZE] == prefix:
                 if self.phase is not ClientPhase.RECEIVING:
+                    if self.phase is ClientPhase.HANDSHAKE:
+                        self._earlyData(datagram)
                     continue
                 self._dataReceived(datagram)
                 sawData = True
@@ -335,12 +350,35 @@ class UDPClient(DatagramProtocol):
             raise UDPTransferError("malformed RETRY from the server")
         if cookie == self.request.cookie:
             return  # a duplicate
-        self._lastProgress = self.clock.seconds()
+        now = self.clock.seconds()
+        self._lastProgress = now
         self.request = attrs.evolve(self.request, cookie=cookie)
         if self._handshakeCall is not None and self._handshakeCall.active():
             self._handshakeCall.cancel()
-        self._handshakeDelay = RTO_INITIAL
+        if self._requestsSent == 1:
+            # A round trip measured on a request sent once (Karn): the
+            # cookie'd request is repeated after a few of them, not 1 s.
+            rtt = now - self._requestSentAt
+            self._handshakeDelay = min(RTO_INITIAL, max(HANDSHAKE_MIN, HANDSHAKE_RTTS * rtt))
+        else:
+            self._handshakeDelay = RTO_INITIAL
         self._sendRequest()
+
+    def _earlyData(self, datagram: Any) -> None:
+        """
+        DATA before META: the server accepted our cookie'd request but its
+        META was lost.  Ask again at once (a repeated request makes the
+        server resend META) and keep what arrives, up to EARLY_BYTES, to
+        place when META comes, instead of waiting for both ends' timers.
+        """
+        if not self.request.cookie:
+            return  # not from a transfer we asked for
+        if self._earlyBytes + len(datagram) <= EARLY_BYTES:
+            self._early.append(bytes(datagram))
+            self._earlyBytes += len(datagram)
+        if not self._nudged:
+            self._nudged = True
+            self._write(packets.encodeRequest(self.tid, self.request))
 
     def _errorReceived(self, data: bytes) -> None:
         answer = packets.decodeError(data)
@@ -380,7 +418,16 @@ class UDPClient(DatagramProtocol):
         if self._handshakeCall is not None and self._handshakeCall.active():
             self._handshakeCall.cancel()
         self._sendAck()
-        self._checkDone()
+        early, self._early, self._earlyBytes = self._early, [], 0
+        for datagram in early:
+            self._dataReceived(datagram)
+            if self.phase is not ClientPhase.RECEIVING:
+                return
+        if early:
+            self._ackNow = True
+            self._acknowledge()
+        else:
+            self._checkDone()
 
     def _dataReceived(self, data: Any) -> None:
         """
