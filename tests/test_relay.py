@@ -22,8 +22,8 @@ from p2prelay.client.relay import IncompleteReply, QueryProtocol, Reply, keyProv
 from p2prelay.identity import NodeKey
 from p2prelay.negotiation import IDLE_TIMEOUT, NEGOTIATION_DEADLINE
 from p2prelay.relay.dialback import DialBack
-from p2prelay.relay.protocol import RelayFactory
-from p2prelay.relay.registry import Registry
+from p2prelay.relay.protocol import SEARCH_SLICE, RelayFactory
+from p2prelay.relay.registry import MAX_HOLDERS, SEARCH_STEP, Registry
 from p2prelay.wire import FileEntry
 
 TTL = 90.0
@@ -362,9 +362,17 @@ class QueryTests(RelayTestCase):
         self.register("n3", "10.0.0.3", 5000, ["a b.txt"])
         status, *items, end = self.answer(wire.request(wire.WHOHAS, name="a b.txt"))
         self.assertEqual(status.get("count"), "2")
-        self.assertEqual([m.get("node") for m in items], ["n1", "n3"])
+        self.assertEqual([m.get("node") for m in items], ["n1", "n3"])  # oldest holder first
         self.assertEqual((items[0].get("size"), items[0].sha256()), ("1", SHA_A))
         self.assertEqual(end.integer("count"), 2)
+
+    def test_whohasCapped(self):
+        """WHOHAS lists at most MAX_HOLDERS holders of a popular file."""
+        for i in range(MAX_HOLDERS + 5):
+            self.register(f"n{i}", f"10.0.{i // 250}.{i % 250}", 5000, ["popular"])
+        status, *items, end = self.answer(wire.request(wire.WHOHAS, name="popular"))
+        self.assertEqual((len(items), end.integer("count")), (MAX_HOLDERS, MAX_HOLDERS))
+        self.assertEqual(len({m.get("node") for m in items}), MAX_HOLDERS)
 
     def test_whohasNobody(self):
         """WHOHAS for a file nobody holds is an empty list, not an error."""
@@ -400,6 +408,35 @@ class QueryTests(RelayTestCase):
         self.register("n1", "10.0.0.1", 5000, ["b", "a"])
         status, *items, end = self.answer(wire.request(wire.SEARCH))
         self.assertEqual([m.get("name") for m in items], ["a", "b"])
+
+    def test_searchInSteps(self):
+        """
+        A SEARCH over more names than one reactor turn's share is answered
+        over several turns, and a WHOHAS arriving meanwhile is answered at once.
+        """
+        names = [f"f{i:06}" for i in range(SEARCH_STEP * SEARCH_SLICE * 2)]
+        self.register("n1", "10.0.0.1", 5000, names)
+        search = wire.request(wire.SEARCH, pattern="f", limit=3)
+        proto, searching = self.connect()
+        proto.dataReceived(search)
+        self.assertEqual(searching.value(), b"")
+        [status, item, end] = self.answer(wire.request(wire.WHOHAS, name="f000001"))
+        self.assertEqual(item.get("node"), "n1")
+        for _ in range(10):
+            self.clock.advance(0)
+        status, *items, end = parse(searching.value())
+        self.assertEqual([m.get("name") for m in items], names[:3])
+        self.assertEqual(end.get("truncated"), "1")
+        self.assertTrue(searching.disconnecting)
+
+    def test_searchAbandoned(self):
+        """A client that leaves during a long SEARCH stops it."""
+        self.register("n1", "10.0.0.1", 5000, [f"f{i:06}" for i in range(SEARCH_STEP * SEARCH_SLICE * 2)])
+        proto, transport = self.connect()
+        proto.dataReceived(wire.request(wire.SEARCH, pattern="f"))
+        proto.connectionLost(None)
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_searchBadLimit(self):
         """SEARCH limit=0 is refused."""

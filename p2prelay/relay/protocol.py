@@ -46,6 +46,7 @@ from .dialback import (
 from .registry import AddressTaken, Peer, Registry, RegistryFull
 
 MAX_SEARCH_RESULTS = 1000
+SEARCH_SLICE = 4  # search steps (SEARCH_STEP names each) run per reactor turn
 NODE_ID_MAX = 64
 INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_BYTES
 
@@ -410,7 +411,25 @@ class RelayProtocol(NegotiationProtocol):
         if len(pattern.encode("utf-8")) > wire.MAX_NAME:
             raise wire.ProtocolError(wire.BAD_REQUEST, "pattern too long")
         limit = message.integer("limit", MAX_SEARCH_RESULTS, low=1, high=MAX_SEARCH_RESULTS)
-        hits, truncated = self.factory.registry.search(pattern, limit)
+        self._phase = _Phase.WORKING
+        self._searchStep(self.factory.registry.searchSteps(pattern, limit))
+
+    def _searchStep(self, steps) -> None:
+        # A few steps per reactor turn, so every other request is answered
+        # between them however many names the search goes through.
+        if self.finished or self._lost:
+            steps.close()
+            return
+        for _ in range(SEARCH_SLICE):
+            try:
+                next(steps)
+            except StopIteration as done:
+                self._searched(*done.value)
+                return
+        self.holdDeadline()  # the relay's own work is not the client's slowness
+        self.factory.clock.callLater(0, self._searchStep, steps)
+
+    def _searched(self, hits, truncated: bool) -> None:
         items = [
             wire.item(wire.FILE, name=h.name, size=h.size, sha256=h.sha256, holders=h.holders)
             for h in hits
