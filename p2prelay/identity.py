@@ -196,14 +196,22 @@ def stateHome() -> Path:
     return Path(base) / "p2prelay"
 
 
-def defaultKeyPath(sharedFolder: str | Path) -> Path:
+def nodeStateDir(sharedFolder: str | Path) -> Path:
     """
-    A node's key file, outside its shared folder and keyed by that folder's
-    real path: two nodes never share a key, and a restart finds its own.
+    Where a node keeps its state (key, manifest cache): outside its shared
+    folder and keyed by that folder's real path.
     """
     real = os.path.realpath(sharedFolder)
     tag = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return stateHome() / "nodes" / tag / "node.key"
+    return stateHome() / "nodes" / tag
+
+
+def defaultKeyPath(sharedFolder: str | Path) -> Path:
+    """
+    A node's key file, in :func:`nodeStateDir`: two nodes never share a
+    key, and a restart finds its own.
+    """
+    return nodeStateDir(sharedFolder) / "node.key"
 
 
 # Shared secrets (--secret-file).
