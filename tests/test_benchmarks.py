@@ -1,0 +1,50 @@
+"""
+Smoke runs of the benchmarks in ``benchmarks/``: each runs end to end on
+tiny inputs, so a change that breaks one is caught here.  The timed runs
+are not part of the suite, and no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def smoke(case: SynchronousTestCase, name: str, *args: str, timeout: float = 180) -> str:
+    """Run ``benchmarks/NAME --smoke ARGS``; its output, or the test fails."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--smoke", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    case.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+    return result.stdout
+
+
+class FetchBenchmarkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        for tool in ("curl", "sha256sum"):
+            if not shutil.which(tool):
+                raise self.skipTest(f"benchmarks/fetch.py needs {tool}")
+
+    def test_smoke(self):
+        """benchmarks/fetch.py --smoke runs every contender and reports every target-2 figure."""
+        out = smoke(self, "fetch.py")
+        for figure in (
+            "p2p-fetch -o (verified)",
+            "curl -o + sha256sum",
+            "sendfile to file",
+            "vs curl -o + sha256sum",
+            "vs curl -o ",
+            "node CPU-s/GiB",
+            "node peak RSS MiB",
+            "client peak RSS MiB",
+        ):
+            self.assertIn(figure, out)
