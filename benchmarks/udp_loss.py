@@ -202,7 +202,15 @@ class Network:
                  relayHost: str, nodeHost: str, tag: str) -> None:  # fmt: skip
         self.scratch, self.clientNs, self.tag = scratch, clientNs, tag
         self.daemons: List[Daemon] = []
-        relay = Daemon(clientNs, ["relay", "--port", f"tcp:0:interface={relayHost}"], str(scratch))
+        try:
+            self._start(share, nodeNs, relayHost, nodeHost)
+        except BaseException:  # a signal or a failed start: stop what did start
+            self.close()
+            raise
+
+    def _start(self, share: Path, nodeNs: str, relayHost: str, nodeHost: str) -> None:
+        scratch, tag = self.scratch, self.tag
+        relay = Daemon(self.clientNs, ["relay", "--port", f"tcp:0:interface={relayHost}"], str(scratch))
         self.daemons.append(relay)
         host, port = relay.waitFor(LISTENING).group("host", "port")
         self.relay = f"{host}:{port}"
