@@ -13,7 +13,7 @@ datagram formats, the handshake and every timer are described in
   receives fewer bytes than the forger sent.
 * A request that echoes the cookie starts the transfer: ``META`` announces
   the whole file's size and SHA-256, then numbered ``DATA`` blocks flow
-  under a congestion window (slow start, halving on loss) bounded by the
+  under a congestion window (slow start, a 0.7 decrease on loss) bounded by the
   receiver's window.
 * The client answers with ``ACK`` datagrams carrying a cumulative block
   number and selective ranges; the server declares a block lost when three
@@ -30,7 +30,7 @@ The modules, one job each:
 ``packets``     the datagram formats and their constants
 ``cookies``     stateless HMAC address cookies (anti-amplification)
 ``rtt``         the RFC 6298 retransmission-timeout estimator
-``congestion``  the congestion window: slow start, halving on loss
+``congestion``  the congestion window: slow start, a 0.7 decrease on loss
 ``ranges``      ``RangeSet``, the block ranges behind SACK on both ends
 ``sender``      one transfer's sending side
 ``server``      ``UDPFileServer``: dispatch, cookies, busy limits
