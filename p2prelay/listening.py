@@ -114,17 +114,28 @@ class ListeningService(_Listening):
     """
     Listen on a server endpoint description; ``whenListening`` fires with
     the bound port, so an OS-chosen port (``tcp:0``) can be read back.
+    With ``backlog``, a ``tcp:``/``tcp6:``/``ssl:`` description that names
+    none gets ``backlog=`` that many (Twisted's default is 50).
     """
 
-    def __init__(self, reactor, description: str, factory, what: str) -> None:
+    def __init__(self, reactor, description: str, factory, what: str, *, backlog: Optional[int] = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.what = what
+        self.backlog = backlog
 
     def _bind(self) -> Deferred[IListeningPort]:
-        return serverFromString(self.reactor, self.description).listen(self.factory)
+        return serverFromString(self.reactor, withBacklog(self.description, self.backlog)).listen(self.factory)
+
+
+def withBacklog(description: str, backlog: Optional[int]) -> str:
+    """``description`` with ``backlog=`` added if it is TCP and has none."""
+    kind = description.split(":", 1)[0]
+    if backlog is None or kind not in ("tcp", "tcp6", "ssl") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class DatagramListeningService(_Listening):

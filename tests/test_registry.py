@@ -25,7 +25,7 @@ from p2prelay.relay.registry import (
     RegistryFull,
     SearchHit,
 )
-from p2prelay.relay.store import SCHEMA_VERSION, NewerSchema, StateStore
+from p2prelay.relay.store import SCHEMA_VERSION, NewerSchema, StateStore, StateWriter
 from p2prelay.wire import FileEntry
 
 TTL = 90.0
@@ -704,3 +704,156 @@ class StateStoreTests(SynchronousTestCase):
         self.assertIn("older relay", formatEvent(events[-1]))
         self.store.save([self.peer("n1")])
         self.assertEqual([p.node for p in self.store.load()], ["n1"])
+
+
+class StateWriterTests(SynchronousTestCase):
+    """Changes written one by one, on the writer's own thread."""
+
+    def setUp(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        self.path = directory / "state.sqlite"
+        self.store = StateStore(self.path)
+        self.writer = StateWriter(self.store)
+        self.addCleanup(self.writer.close)
+
+    def peer(self, node: str = "n1", expires: float = 100.0) -> Peer:
+        return Peer(node, "10.0.0.1", 5000, {"a": entry("a", 3)}, expires=expires, key="K" + node)
+
+    def written(self) -> list[Peer]:
+        self.writer.close()
+        return StateStore(self.path).load()
+
+    def test_upsert(self):
+        """A registration is written as one row, equal when loaded."""
+        peer = self.peer()
+        self.writer.start()
+        self.writer.upserted(peer)
+        self.assertEqual(self.written(), [peer])
+
+    def test_refreshWritesLifetimeOnly(self):
+        """A heartbeat updates the row's lifetime and leaves its file list alone."""
+        peer = self.peer()
+        self.store.save([peer])
+        with closing(sqlite3.connect(self.path)) as db, db:
+            db.execute("UPDATE peers SET files = '[]'")
+        peer.expires = 200.0
+        self.writer.start()
+        self.writer.refreshed(peer)
+        [loaded] = self.written()
+        self.assertEqual((loaded.expires, dict(loaded.files)), (200.0, {}))
+
+    def test_delete(self):
+        """A removal deletes the row and nothing else."""
+        self.store.save([self.peer("n1"), self.peer("n2")])
+        self.writer.start()
+        self.writer.removed("n1")
+        self.assertEqual([p.node for p in self.written()], ["n2"])
+
+    def test_lastChangeWins(self):
+        """Several changes of one node in a batch leave its last state."""
+        first, second = self.peer(), self.peer()
+        second.host = "10.0.0.2"
+        self.writer.upserted(first)
+        self.writer.removed("n1")
+        self.writer.upserted(second)
+        self.writer.refreshed(second)
+        self.writer.start()
+        self.assertEqual(self.written(), [second])
+
+    def test_batched(self):
+        """Changes queued together are committed in one transaction."""
+        for i in range(100):
+            self.writer.upserted(self.peer(f"n{i}"))
+        self.writer.start()
+        self.assertEqual(len(self.written()), 100)
+        self.assertEqual(self.writer.commits, 1)
+
+    def test_orderKept(self):
+        """Rows load in the order they were first written, replaced ones in place."""
+        self.writer.start()
+        for node in ["c", "a", "b"]:
+            self.writer.upserted(self.peer(node))
+        self.writer.close()
+        self.writer = StateWriter(self.store)
+        self.writer.start()
+        self.writer.upserted(self.peer("c", expires=300.0))
+        self.assertEqual([p.node for p in self.written()], ["c", "a", "b"])
+
+    def test_neverWritesOverNewerSchema(self):
+        """A file a newer relay wrote is left untouched, with a warning."""
+        with closing(sqlite3.connect(self.path)) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        with capturedLogs() as events:
+            self.writer.start()
+            self.writer.upserted(self.peer())
+            self.writer.close()
+        self.assertIn("not saved", formatEvent(events[-1]))
+        with closing(sqlite3.connect(self.path)) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION + 1)
+            self.assertEqual(db.execute("SELECT name FROM sqlite_master").fetchall(), [])
+
+    def test_closeWithoutStart(self):
+        """Closing a writer that never started does nothing."""
+        self.writer.close()
+
+
+class RelayServiceStateTests(SynchronousTestCase):
+    """The relay service with --state: loaded at start, written as it changes."""
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        self.path = directory / "state.sqlite"
+        self.reactor = MemoryReactorClock()
+
+    def service(self):
+        from p2prelay.relay.service import RelayService
+
+        service = RelayService(self.reactor, "tcp:0:interface=127.0.0.1", TTL, str(self.path))
+        service.startService()
+        return service
+
+    def test_changesWritten(self):
+        """Registrations and unregistrations reach the file as they happen."""
+        service = self.service()
+        service.registry.register("n1", "10.0.0.1", 5000, [entry("a")], key="K1")
+        service.registry.register("n2", "10.0.0.2", 5000, [entry("b")], key="K2")
+        service.registry.unregister("n1")
+        service.stopService()
+        self.assertEqual([p.node for p in StateStore(self.path).load()], ["n2"])
+
+    def test_restartAnswersAtOnce(self):
+        """A restarted relay holds the saved live peers as soon as it has started."""
+        service = self.service()
+        service.registry.register("n1", "10.0.0.1", 5000, [entry("a")], key="K1")
+        service.stopService()
+        again = self.service()
+        self.addCleanup(again.stopService)
+        self.assertEqual([p.node for p, _ in again.registry.holders("a")], ["n1"])
+
+    def test_expiredRowsDropped(self):
+        """Rows whose lifetime passed while the relay was down are deleted at start."""
+        service = self.service()
+        service.registry.register("n1", "10.0.0.1", 5000, [], key="K1")
+        service.stopService()
+        self.reactor.advance(TTL)
+        again = self.service()
+        again.stopService()
+        self.assertEqual(StateStore(self.path).load(), [])
+
+    def test_heartbeatIsNoRewrite(self):
+        """A heartbeat rewrites no row's file list (only its lifetime)."""
+        service = self.service()
+        service.registry.register("n1", "10.0.0.1", 5000, [entry("a")], key="K1")
+        service.writer.close()
+        with closing(sqlite3.connect(self.path)) as db, db:
+            db.execute("UPDATE peers SET files = '[]'")
+        service.writer.start()
+        self.reactor.advance(10)
+        service.registry.refresh("n1")
+        service.stopService()
+        [peer] = StateStore(self.path).load()
+        self.assertEqual((peer.expires, len(peer.files)), (10 + TTL, 0))

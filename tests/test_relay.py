@@ -873,3 +873,29 @@ class QueryCancelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         clock.advance(10)  # the idle timeout must not fire the Deferred again
         proto.connectionLost(None)
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    """The relay's port queues bursts of connections."""
+
+    def test_defaultBacklog(self):
+        """The relay listens with a backlog of LISTEN_BACKLOG, not Twisted's 50."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from p2prelay.relay.service import LISTEN_BACKLOG, RelayService
+
+        reactor = MemoryReactorClock()
+        service = RelayService(reactor, "tcp:0:interface=127.0.0.1", TTL)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual(backlog, LISTEN_BACKLOG)
+
+    def test_explicitBacklogKept(self):
+        """A description that names a backlog keeps it; non-TCP ones get none."""
+        from p2prelay.listening import withBacklog
+
+        self.assertEqual(withBacklog("tcp:0:backlog=5", 1024), "tcp:0:backlog=5")
+        self.assertEqual(withBacklog("tcp:0", 1024), "tcp:0:backlog=1024")
+        self.assertEqual(withBacklog("unix:/tmp/x", 1024), "unix:/tmp/x")
+        self.assertEqual(withBacklog("tcp:0", None), "tcp:0")

@@ -26,16 +26,18 @@ from .dialback import (
 )
 from .protocol import MAX_INFLIGHT_BYTES, RelayFactory
 from .registry import MAX_PER_SOURCE, MAX_TOTAL, Registry
-from .store import StateStore
+from .store import StateStore, StateWriter
 
 SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
-SAVE_DELAY = 0.5  # coalesce bursts of registrations into one write
+LISTEN_BACKLOG = 1024  # connections the kernel queues for accept (Twisted's default: 50)
 
 
 class RelayService(MultiService):
     """
     The relay: a registry, its expiry sweep, the listening port and,
-    with ``state``, the file that carries the registry across restarts.
+    with ``state``, the file that carries the registry across restarts
+    (loaded at start, then written change by change on the store's own
+    thread).
 
     Every limit is a keyword argument defaulting to its constant (see
     ``docs/limits.rst``): registrations per source address and in total,
@@ -80,10 +82,10 @@ class RelayService(MultiService):
             maxTotal=maxRegistrations,
         )
         self.store = StateStore(state) if state else None
+        self.writer: Optional[StateWriter] = None
         self.factory = RelayFactory(
             self.registry,
             reactor,
-            onChange=self._changed,
             maxConnections=maxConnections,
             maxPerAddress=maxPerAddress,
             secret=secret,
@@ -100,51 +102,40 @@ class RelayService(MultiService):
             reportBurst=reportBurst,
             recheckInterval=recheckInterval,
         )
-        self.listener = ListeningService(reactor, description, self.factory, "relay")
+        self.listener = ListeningService(
+            reactor, description, self.factory, "relay", backlog=LISTEN_BACKLOG
+        )
         self.listener.setServiceParent(self)
         self._sweep = task.LoopingCall(self._expire)
         self._sweep.clock = reactor
-        self._saveCall = None
 
     def startService(self) -> None:
-        if self.store is not None:
+        if self.store is not None and self.writer is None:
             peers = self.store.load()
-            for peer in peers:
-                self.registry.restore(peer)
+            stale = [peer.node for peer in peers if not self.registry.restore(peer)]
             self.log.info(
                 "restored {count} live peers from {path}",
-                count=len(self.registry.all()),
+                count=len(self.registry),
                 path=str(self.store.path),
             )
+            self.writer = StateWriter(self.store)
+            self.writer.start()
+            for node in stale:
+                self.writer.removed(node)
+            self.registry.listener = self.writer
         super().startService()
         self._sweep.start(max(self.registry.ttl / SWEEP_FRACTION, 0.25), now=False)
 
     def stopService(self):
         if self._sweep.running:
             self._sweep.stop()
-        if self._saveCall is not None and self._saveCall.active():
-            self._saveCall.cancel()
-        self._save()
-        return super().stopService()
-
-    def _changed(self) -> None:
-        if self.store is not None and (self._saveCall is None or not self._saveCall.active()):
-            self._saveCall = self.reactor.callLater(SAVE_DELAY, self._save)
-
-    def _save(self) -> None:
-        self._saveCall = None
-        if self.store is None:
-            return
-        try:
-            self.store.save(self.registry.all())
-        except Exception as e:
-            self.log.warn("cannot save state to {path}: {error}", path=str(self.store.path), error=e)
+        d = super().stopService()
+        if self.writer is not None:
+            self.writer.close()  # what is queued is written before the relay exits
+        return d
 
     def _expire(self) -> None:
-        gone = self.registry.expire()
-        for peer in gone:
+        for peer in self.registry.expire():
             self.log.info(
                 "expired {node} at {host}:{port}", node=peer.node, host=peer.host, port=peer.port
             )
-        if gone:
-            self._changed()

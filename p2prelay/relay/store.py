@@ -2,8 +2,13 @@
 The relay's registry on disk (``--state PATH``), so a restart loses nothing.
 
 SQLite, the embedded default: one file, atomic transactions, nothing to
-run.  Every save rewrites the table in one transaction, so the file always
-holds one consistent snapshot.  A file that cannot be read, or that a relay
+run.  Changes are written as they happen, incrementally, by a
+:class:`StateWriter`: one thread that owns its own connection and takes
+changes from a queue -- an upsert of one row on a registration, a new
+``expires`` on a heartbeat, a delete on an unregistration or expiry --
+and commits them in batches (one transaction per ``BATCH_DELAY``), so the
+reactor thread never waits on the disk.  A relay that starts loads the
+file at once (:meth:`StateStore.load`).  A file that cannot be read, or that a relay
 with a newer schema (``PRAGMA user_version``) wrote, is moved aside with a
 warning and the relay starts empty -- it never refuses to start over its own
 cache, and never rewrites a newer relay's file.
@@ -18,17 +23,27 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 from twisted.logger import Logger
 
 from ..wire import FileEntry
-from .registry import Peer
+from .registry import Listener, Peer
 
 SCHEMA_VERSION = 3  # PRAGMA user_version of the files this code writes
+BATCH_DELAY = 0.2  # seconds the writer gathers changes before one commit
+COLUMNS = "node, host, port, udp, expires, files, key, reachable, source, tls"
+UPSERT = (
+    f"INSERT INTO peers ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT(node) DO UPDATE SET host=excluded.host, port=excluded.port,"
+    " udp=excluded.udp, expires=excluded.expires, files=excluded.files, key=excluded.key,"
+    " reachable=excluded.reachable, source=excluded.source, tls=excluded.tls"
+)
 
 
 class NewerSchema(Exception):
@@ -41,8 +56,8 @@ class StateStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5)
+    def _connect(self, **options) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5, **options)
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             db.close()
@@ -79,10 +94,8 @@ class StateStore:
         try:
             db = self._connect()
             try:
-                rows = db.execute(
-                    "SELECT node, host, port, udp, expires, files, key, reachable, source, tls"
-                    " FROM peers"
-                ).fetchall()
+                # In the order rows were first written: first registration first.
+                rows = db.execute(f"SELECT {COLUMNS} FROM peers ORDER BY rowid").fetchall()
             finally:
                 db.close()
             return [self._peer(*row) for row in rows]
@@ -122,25 +135,123 @@ class StateStore:
         )
 
     def save(self, peers: Iterable[Peer]) -> None:
-        rows = [
-            (
-                p.node,
-                p.host,
-                p.port,
-                p.udp,
-                p.expires,
-                json.dumps([[e.name, e.size, e.sha256] for e in p.files.values()]),
-                p.key,
-                int(p.reachable),
-                p.source,
-                p.tls,
-            )
-            for p in peers
-        ]
+        """Replace the whole file's contents with ``peers`` (one transaction)."""
+        rows = [_row(p) for p in peers]
         db = self._connect()
         try:
             with db:
                 db.execute("DELETE FROM peers")
-                db.executemany("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany(UPSERT, rows)
         finally:
             db.close()
+
+
+def _row(p: Peer) -> tuple:
+    files = p.files
+    listed = [[name, files.sizes[i], files.digest(i).hex()] for i, name in enumerate(files.names)]
+    return (
+        p.node, p.host, p.port, p.udp, p.expires, json.dumps(listed),
+        p.key, int(p.reachable), p.source, p.tls,
+    )
+
+
+_STOP = object()
+
+
+class StateWriter(Listener):
+    """
+    Writes a registry's changes to a :class:`StateStore` as they happen, on
+    one thread of its own that owns the only writing connection.
+
+    Set it as ``registry.listener``; the reactor thread only puts each
+    change on a queue.  The thread commits every change it gathered within
+    ``batchDelay`` in one transaction (a row a node re-registered or beat
+    several times in a batch is written once).  :meth:`close` writes what
+    is left and waits for the thread.  A file a newer relay wrote is never
+    written (its changes are dropped, with one warning).
+    """
+
+    log = Logger()
+
+    def __init__(self, store: StateStore, batchDelay: float = BATCH_DELAY) -> None:
+        self.store = store
+        self.batchDelay = batchDelay
+        self._queue: "queue.SimpleQueue[object]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self.commits = 0  # transactions written (for tests and benchmarks)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="p2prelay-state", daemon=True)
+        self._thread.start()
+
+    def upserted(self, peer: Peer) -> None:
+        self._queue.put(("upsert", peer))
+
+    def refreshed(self, peer: Peer) -> None:
+        self._queue.put(("expires", peer))
+
+    def removed(self, node: str) -> None:
+        self._queue.put(("delete", node))
+
+    def close(self) -> None:
+        """Write every change queued so far, then end the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        db = None
+        try:
+            db = self.store._connect(check_same_thread=True)
+            db.execute("PRAGMA synchronous = NORMAL")
+        except (NewerSchema, sqlite3.Error) as e:
+            self.log.warn(
+                "cannot write state to {path}: {error}; changes are not saved",
+                path=str(self.store.path),
+                error=str(e),
+            )
+            if db is not None:
+                db.close()
+            db = None
+        try:
+            stopping = False
+            while not stopping:
+                batch = [self._queue.get()]
+                deadline = time.monotonic() + self.batchDelay
+                while batch[-1] is not _STOP:
+                    left = deadline - time.monotonic()
+                    try:
+                        batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stopping = batch[-1] is _STOP
+                if db is not None:
+                    self._write(db, [change for change in batch if change is not _STOP])
+        finally:
+            if db is not None:
+                db.close()
+
+    def _write(self, db: sqlite3.Connection, batch: list) -> None:
+        # The last change of a node decides; its peer object holds the
+        # latest lifetime and reachability.
+        last: dict = {}
+        for what, subject in batch:
+            node = subject if what == "delete" else subject.node
+            previous = last.pop(node, None)
+            if what == "expires" and previous is not None and previous[0] == "upsert":
+                what = "upsert"  # an upsert's row already carries the lifetime
+            last[node] = (what, subject)
+        try:
+            with db:
+                for what, subject in last.values():
+                    if what == "upsert":
+                        db.execute(UPSERT, _row(subject))
+                    elif what == "expires":
+                        db.execute("UPDATE peers SET expires = ? WHERE node = ?", (subject.expires, subject.node))
+                    else:
+                        db.execute("DELETE FROM peers WHERE node = ?", (subject,))
+            self.commits += 1
+        except sqlite3.Error as e:
+            self.log.warn("cannot save state to {path}: {error}", path=str(self.store.path), error=str(e))
