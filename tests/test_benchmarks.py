@@ -48,3 +48,14 @@ class FetchBenchmarkTests(SynchronousTestCase):
             "client peak RSS MiB",
         ):
             self.assertIn(figure, out)
+
+
+class StartupBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self):
+        """benchmarks/startup.py --smoke times every command and finds no TLS or UDP code loaded."""
+        out = smoke(self, "startup.py")
+        for figure in ("python -c pass", "import the reactor", "p2p-fetch 1 KiB", "p2p-fetch -o"):
+            self.assertIn(figure, out)
+        if shutil.which("curl"):
+            self.assertIn("x p2p-fetch -o / 3 x curl -o", out)
+        self.assertIn("heavy ones loaded: none", out)
