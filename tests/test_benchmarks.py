@@ -59,3 +59,21 @@ class StartupBenchmarkTests(SynchronousTestCase):
         if shutil.which("curl"):
             self.assertIn("x p2p-fetch -o / 3 x curl -o", out)
         self.assertIn("heavy ones loaded: none", out)
+
+
+class RelayBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self):
+        """benchmarks/relay.py --smoke registers fake nodes and reports every target-1 figure."""
+        out = smoke(self, "relay.py")
+        for figure in (
+            "registered 100/100",
+            "relay RSS",
+            "WHOHAS c= 1:",
+            "WHOHAS c=16:",
+            "no-op server",
+            "SEARCH",
+            "WHOHAS during",
+            "heartbeats:",
+            "Ed25519 verification",
+        ):
+            self.assertIn(figure, out)
