@@ -289,7 +289,7 @@ class CorruptJournalTests(JournalTestCase):
         self.assertEqual(j.verified, set())
         self.assertIsNotNone(self.stored())  # rewritten in good order
 
-    def validDoc(self, **changes) -> dict:
+    def validDoc(self) -> dict:
         fields = dict(
             name="big.bin", size=SIZE, sha256=SHA, root=ROOT, pieceSize=PIECE,
             partSize=SIZE, partMtimeNs=1,

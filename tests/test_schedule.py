@@ -55,7 +55,7 @@ class Swarm:
         speed = self.speeds[holder]
         if speed is None or not self.queues[holder]:
             return None
-        piece, asked = self.queues[holder][0]
+        _, asked = self.queues[holder][0]
         start = max(asked, self.lastEnd.get(holder, 0.0))
         return start + PIECE / speed
 

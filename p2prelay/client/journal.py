@@ -176,10 +176,10 @@ def _unlink(path: Path) -> None:
         pass
     except IsADirectoryError:
         raise DestinationError(f"{path} is a folder; remove it to download here") from None
-    except PermissionError as e:
+    except PermissionError:
         if path.is_dir():  # unlink() of a folder is EPERM on some systems
             raise DestinationError(f"{path} is a folder; remove it to download here") from None
-        raise e
+        raise
 
 
 def _lock(fd: int, part: Path) -> None:
