@@ -164,7 +164,7 @@ class ParseArgsTests(SynchronousTestCase):
         args = parseArgs([])
         self.assertEqual(
             (args.names, args.relay, args.parallel, args.timeout, args.udp, args.udp_block, args.output),
-            ([], fetch.DEFAULT_RELAY, 4, PEER_TIMEOUT, False, udp.DEFAULT_BLOCK, None),
+            ([], fetch.DEFAULT_RELAY, 4, PEER_TIMEOUT, False, None, None),  # block: fetchUDP's
         )
 
     def test_relayFromEnvironment(self) -> None:

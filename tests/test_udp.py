@@ -1580,7 +1580,9 @@ class RealReactorTests(unittest.TestCase):
         sink = io.BytesIO()
 
         async def go():
-            await udp.fetchUDP(reactor, "127.0.0.1", port.getHost().port, "big.bin", sink)
+            await udp.fetchUDP(
+                reactor, "127.0.0.1", port.getHost().port, "big.bin", sink, blockSize=udp.DEFAULT_BLOCK
+            )
             self.assertEqual(sink.getvalue(), content)
 
         return defer.ensureDeferred(go())
@@ -1734,6 +1736,35 @@ class AckPacingTests(UDPTestCase):
         self.receiver.readStarted()
         self.receiver.readFinished()
         self.assertEqual(self.acks(), [])
+
+
+class DefaultBlockTests(unittest.SynchronousTestCase):
+    """The block size a client asks for when its caller names none."""
+
+    def test_network(self) -> None:
+        """Towards another machine: DEFAULT_BLOCK, which fits a 1500-byte MTU."""
+        for host in ("10.0.0.1", "192.0.2.7", "2001:db8::1", "fe80::1%eth0", "example.org"):
+            self.assertEqual(receiver.defaultBlock(host), udp.DEFAULT_BLOCK, host)
+
+    def test_loopback(self) -> None:
+        """Towards a loopback address: LOOPBACK_BLOCK, since no MTU is in the way."""
+        for host in ("127.0.0.1", "127.1.2.3", "::1"):
+            self.assertEqual(receiver.defaultBlock(host), receiver.LOOPBACK_BLOCK, host)
+        self.assertLessEqual(receiver.LOOPBACK_BLOCK, udp.MAX_BLOCK)
+
+    def test_askedFor(self) -> None:
+        """fetchUDP without blockSize asks for the default block of its host."""
+        clock = FakeReactor()
+        for host in ("127.0.0.1", "10.0.0.1"):
+            d = defer.ensureDeferred(udp.fetchUDP(clock, host, 1, "x", Sink()))
+            d.cancel()
+            self.failureResultOf(d, defer.CancelledError)
+        requests = [
+            packets.decodeRequest(g) for _, _, g in clock.network.log if kind(g) == packets.REQUEST
+        ]
+        self.assertEqual(
+            [r.blockSize for r in requests], [receiver.LOOPBACK_BLOCK, udp.DEFAULT_BLOCK]
+        )
 
 
 class RandomLossWindowTests(UDPTestCase):

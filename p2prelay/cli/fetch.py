@@ -164,10 +164,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--udp-block",
         type=int,
-        default=UDP_DEFAULT_BLOCK,
+        default=None,
         metavar="BYTES",
-        help=f"UDP block size (default {UDP_DEFAULT_BLOCK}, fits a 1500-byte Ethernet MTU; "
-        f"up to {UDP_MAX_BLOCK} on loopback or jumbo-frame links)",
+        help=f"UDP block size (default {UDP_DEFAULT_BLOCK}, fits a 1500-byte Ethernet MTU, "
+        f"or {UDP_MAX_BLOCK} towards a loopback address; up to {UDP_MAX_BLOCK} on "
+        "jumbo-frame links)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="narrate each phase on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -198,7 +199,7 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
             args.secret = loadSecret(args.secret_file)
         except IdentityError as e:
             p.error(f"--secret-file: {e}")
-    if not UDP_MIN_BLOCK <= args.udp_block <= UDP_MAX_BLOCK:
+    if args.udp_block is not None and not UDP_MIN_BLOCK <= args.udp_block <= UDP_MAX_BLOCK:
         p.error(f"--udp-block must be {UDP_MIN_BLOCK}..{UDP_MAX_BLOCK}")
     if args.tls and args.udp:
         p.error("--tls and --udp exclude each other")

@@ -264,13 +264,12 @@ class Fetcher:
     ) -> None:
         """
         One attempt over UDP (``blockSize`` bytes a block, by default
-        ``udp.DEFAULT_BLOCK``).  Silence is not reported to the relay as a
-        dead peer: UDP may be filtered where TCP is not.
+        ``udp.fetchUDP``'s: 1400, or 60 KiB towards a loopback address).
+        Silence is not reported to the relay as a dead peer: UDP may be
+        filtered where TCP is not.
         """
         from .. import udp  # only a UDP fetch needs the UDP code
 
-        if blockSize is None:
-            blockSize = udp.DEFAULT_BLOCK
         if peer.udp is None:
             raise NoUDP("peer serves no UDP")
         host = peer.host
