@@ -1,12 +1,14 @@
 """
-The threaded Download: writes and hashes off the reactor thread, and pauses
-its producer while the writer thread is behind.
+The threaded Download: writes and hashes off the reactor thread, on two
+threads side by side, in batches; pauses its producer while either thread
+is behind; truncates its file only when an attempt wrote into it.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -32,6 +34,20 @@ class FakeProducer:
         pass
 
 
+def blockWhile(case: TestCase, sink: Download, method: str) -> threading.Event:
+    """Hold ``sink``'s ``method`` (one thread's work) until the returned event is set."""
+    gate = threading.Event()
+    case.addCleanup(gate.set)
+    real = getattr(sink, method)
+
+    def held(batch: list[bytes]) -> int:
+        gate.wait(10)
+        return real(batch)
+
+    setattr(sink, method, held)
+    return gate
+
+
 class ThreadedDownloadTests(TestCase):
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
@@ -53,13 +69,13 @@ class ThreadedDownloadTests(TestCase):
         """Past HIGH_WATER queued bytes the producer is paused, and resumed once drained."""
         gate = threading.Event()
         self.addCleanup(gate.set)
-        store = self.sink._store
+        store = self.sink._writeBatch
 
-        def slowStore(data: bytes) -> None:
+        def slowStore(batch: list[bytes]) -> int:
             gate.wait(10)
-            store(data)
+            return store(batch)
 
-        self.sink._store = slowStore
+        self.sink._writeBatch = slowStore
         producer = FakeProducer()
         self.sink.registerProducer(producer, True)
         chunk = b"x" * (1024 * 1024)
@@ -85,8 +101,8 @@ class ThreadedDownloadTests(TestCase):
         """A producer registered while the writer is still behind starts paused."""
         gate = threading.Event()
         self.addCleanup(gate.set)
-        store = self.sink._store
-        self.sink._store = lambda data: (gate.wait(10), store(data))
+        store = self.sink._writeBatch
+        self.sink._writeBatch = lambda batch: (gate.wait(10), store(batch))[1]
         first = FakeProducer()
         self.sink.registerProducer(first, True)
         for _ in range(download.HIGH_WATER // (1024 * 1024) + 1):
@@ -121,3 +137,75 @@ class ThreadedDownloadTests(TestCase):
         await self.sink.flushed()
         self.sink.verify()
         self.assertEqual(self.sink.path.read_bytes(), b"good")
+
+    async def test_slowHasherPausesProducer(self) -> None:
+        """The hashing thread falling behind pauses the producer as a slow disk does."""
+        gate = blockWhile(self, self.sink, "_hashBatch")
+        producer = FakeProducer()
+        self.sink.registerProducer(producer, True)
+        for _ in range(download.HIGH_WATER // (1024 * 1024) + 1):
+            self.sink.write(b"x" * 1024 * 1024)
+        self.assertEqual((producer.paused, producer.resumed), (1, 0))
+        gate.set()
+        await self.sink.flushed()
+        self.assertEqual((producer.paused, producer.resumed), (1, 1))
+
+    async def test_writeAndHashOverlap(self) -> None:
+        """While the writer thread is held, the hashing thread still hashes what was handed off."""
+        gate = blockWhile(self, self.sink, "_writeBatch")
+        hashed = threading.Event()
+        real = self.sink._hashBatch
+
+        def hashing(batch: list[bytes]) -> int:
+            count = real(batch)
+            hashed.set()
+            return count
+
+        self.sink._hashBatch = hashing
+        self.sink.write(b"y" * download.BATCH)
+        self.assertTrue(hashed.wait(10), "hashed while the write was still held")
+        gate.set()
+        await self.sink.flushed()
+
+    async def test_smallWritesBatched(self) -> None:
+        """Small writes reach the threads gathered into batches of about BATCH bytes, not one by one."""
+        batches = []
+        real = self.sink._writeBatch
+
+        def recording(batch: list[bytes]) -> int:
+            batches.append(sum(map(len, batch)))
+            return real(batch)
+
+        self.sink._writeBatch = recording
+        chunk = b"z" * (64 * 1024)
+        count = 3 * download.BATCH // len(chunk) + 1
+        for _ in range(count):
+            self.sink.write(chunk)
+        await self.sink.flushed()
+        self.assertEqual(batches, [download.BATCH] * 3 + [len(chunk)])
+
+    async def test_freshFileNotTruncated(self) -> None:
+        """A reset with nothing written since the file was made never truncates it (that costs a flush on ext4)."""
+        truncated = []
+        real = self.sink._file.truncate
+        self.sink._file.truncate = lambda *args: (truncated.append(args), real(*args))[1]
+        await self.sink.flushed()
+        self.sink.reset()
+        self.sink.reset()
+        self.assertEqual(truncated, [])
+
+    def test_newDownloadNotTruncated(self) -> None:
+        """Making a download does not truncate its fresh temporary file."""
+        truncated = []
+        fdopen = os.fdopen
+
+        def recording(*args, **kwargs):
+            f = fdopen(*args, **kwargs)
+            real = f.truncate
+            f.truncate = lambda *a: (truncated.append(a), real(*a))[1]
+            return f
+
+        self.patch(os, "fdopen", recording)
+        sink = Download(Path(self.mktemp()))
+        self.addCleanup(sink.discard)
+        self.assertEqual(truncated, [])

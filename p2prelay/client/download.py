@@ -29,6 +29,10 @@ TEMP_PREFIX = ".p2prelay-"
 # the level at which it resumes: the disk, not memory, sets the pace.
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
+# Bytes the reactor thread gathers before handing them to the writing and
+# hashing threads: fewer, larger handoffs (below LOW_WATER, so what is
+# still gathered never holds a paused transfer).
+BATCH = 1024 * 1024
 
 
 class VerificationError(Exception):
@@ -81,6 +85,23 @@ def destination(directory: Path, name: str) -> Path:
     return Path(final)
 
 
+class _Flush:
+    """A marker both worker threads pass; the last to arrive fires ``deferred``."""
+
+    def __init__(self, reactor, deferred: Deferred, parties: int) -> None:
+        self._reactor = reactor
+        self._deferred = deferred
+        self._parties = parties
+        self._lock = threading.Lock()
+
+    def arrive(self) -> None:
+        with self._lock:
+            self._parties -= 1
+            last = self._parties == 0
+        if last:
+            self._reactor.callFromThread(self._deferred.callback, None)
+
+
 @implementer(IConsumer)
 class Download:
     """
@@ -90,11 +111,14 @@ class Download:
     :meth:`reset` before the next peer is tried, so failover reuses one
     temporary file.
 
-    Given a reactor, writing and hashing happen on a thread of the
-    download's own (both release the GIL), so the reactor thread only
-    receives; when that thread falls ``HIGH_WATER`` bytes behind, the
-    registered producer (the transport) is paused until it catches up.
-    Await :meth:`flushed` before :meth:`verify` or :meth:`reset`.
+    Given a reactor, writing and hashing happen on two threads of the
+    download's own, side by side (both release the GIL), so the reactor
+    thread only receives: it gathers what arrives into batches of about
+    ``BATCH`` bytes and hands each to both threads at once.  When the
+    slower of them falls ``HIGH_WATER`` bytes behind, the registered
+    producer (the transport) is paused until it is back under
+    ``LOW_WATER``.  Await :meth:`flushed` before :meth:`verify` or
+    :meth:`reset`.
 
     The folders it had to create for ``directory`` are removed again by
     :meth:`discard` (if still empty), so a failed nested fetch leaves no
@@ -111,25 +135,42 @@ class Download:
         fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=directory)
         self.path = Path(path)
         self._file = os.fdopen(fd, "w+b")
+        self._dirty = False  # an attempt has written into the file
         self.producer = None
         self._reactor = reactor
-        self._queue: Optional[queue.SimpleQueue] = None
-        self._thread: Optional[threading.Thread] = None
-        self._backlog = 0
+        self._lock = threading.Lock()  # the counters and the pause, shared with the threads
         self._paused = False
-        self._error: Optional[OSError] = None
+        self._resuming = False
+        self._queues: list[queue.SimpleQueue] = []
+        self._threads: list[threading.Thread] = []
         if reactor is not None:
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="p2prelay-download", daemon=True)
-            self._thread.start()
-        self.reset()
+            for work in ("_writeBatch", "_hashBatch"):
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                thread = threading.Thread(
+                    target=self._run, args=(q, work), name=f"p2prelay-download{work}", daemon=True
+                )
+                self._queues.append(q)
+                self._threads.append(thread)
+                thread.start()
+        # Not reset(): truncating a file just made costs a synchronous flush
+        # of the whole file at close() on ext4.
+        self._newAttempt()
 
     def reset(self) -> None:
         """Start a new attempt: no bytes, no expectations, no earlier error."""
-        self._file.seek(0)
-        self._file.truncate()
+        if self._dirty:
+            self._file.seek(0)
+            self._file.truncate()
+            self._dirty = False
+        self._newAttempt()
+
+    def _newAttempt(self) -> None:
         self._hash = hashlib.sha256()
-        self._error = None
+        self._error: Optional[OSError] = None
+        self._pending: list[bytes] = []  # received, not yet handed to the threads
+        self._pendingBytes = 0
+        self._written = 0  # bytes of this attempt each thread is done with
+        self._hashed = 0
         self.received = 0
         self.expectedSize: Optional[int] = None
         self.expectedHash: Optional[str] = None
@@ -162,56 +203,100 @@ class Download:
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
-        if self._queue is None:
-            self._store(data)
+        if not self._queues:
+            self._writeBatch([data])
+            self._hashBatch([data])
             return
-        self._backlog += len(data)
-        self._queue.put(data)
-        if self._backlog > HIGH_WATER and self.producer is not None and not self._paused:
-            self._paused = True
-            self.producer.pauseProducing()
+        self._pending.append(data)
+        self._pendingBytes += len(data)
+        if self._pendingBytes >= BATCH:
+            self._handOff()
+            with self._lock:
+                behind = not self._paused and self._backlog() > HIGH_WATER
+                if behind:
+                    self._paused = True
+            if behind and self.producer is not None:
+                self.producer.pauseProducing()
 
-    def _store(self, data: bytes) -> None:
-        if self._error is None:
-            try:
-                self._file.write(data)
-            except OSError as e:  # a full disk fails the download, not the client
-                self._error = e
-        self._hash.update(data)
+    def _handOff(self) -> None:
+        """Give the gathered bytes to both threads."""
+        if self._pending:
+            batch, self._pending, self._pendingBytes = self._pending, [], 0
+            for q in self._queues:
+                q.put(batch)
 
-    def _run(self) -> None:
-        """The writer thread: store queued chunks, fire flush markers."""
-        assert self._queue is not None
+    def _backlog(self) -> int:
+        """Bytes received that one thread or the other has still to handle (under the lock)."""
+        return self.received - min(self._written, self._hashed)
+
+    # The threads' work: each runs on one thread only (or, without a
+    # reactor, on the caller's).
+
+    def _writeBatch(self, batch: list[bytes]) -> int:
+        count = 0
+        for data in batch:
+            count += len(data)
+            if self._error is None:
+                self._dirty = True
+                try:
+                    self._file.write(data)
+                except OSError as e:  # a full disk fails the download, not the client
+                    self._error = e
+        with self._lock:
+            self._written += count
+        return count
+
+    def _hashBatch(self, batch: list[bytes]) -> int:
+        digest = self._hash
+        count = 0
+        for data in batch:
+            digest.update(data)  # releases the GIL: the writer and the reactor go on
+            count += len(data)
+        with self._lock:
+            self._hashed += count
+        return count
+
+    def _run(self, q: queue.SimpleQueue, work: str) -> None:
+        """One worker thread: batches for method ``work``, flush markers, and None to stop."""
         while True:
-            item = self._queue.get()
+            item = q.get()
             if item is None:
                 return
-            if isinstance(item, Deferred):
-                self._reactor.callFromThread(item.callback, None)
+            if isinstance(item, _Flush):
+                item.arrive()
                 continue
-            self._store(item)
-            self._reactor.callFromThread(self._stored, len(item))
+            getattr(self, work)(item)
+            with self._lock:
+                resume = self._paused and not self._resuming and self._backlog() < LOW_WATER
+                if resume:
+                    self._resuming = True
+            if resume:
+                self._reactor.callFromThread(self._resume)
 
-    def _stored(self, count: int) -> None:
-        self._backlog -= count
-        if self._paused and self._backlog < LOW_WATER:
+    def _resume(self) -> None:
+        with self._lock:
+            self._resuming = False
             self._paused = False
-            if self.producer is not None:
-                self.producer.resumeProducing()
+        if self.producer is not None:
+            self.producer.resumeProducing()
 
     def flushed(self) -> "Deferred[None]":
         """Fires once every byte written so far is stored and hashed."""
-        if self._queue is None:
+        if not self._queues:
             return succeed(None)
+        self._handOff()
         d: Deferred[None] = Deferred()
-        self._queue.put(d)
+        marker = _Flush(self._reactor, d, len(self._queues))
+        for q in self._queues:
+            q.put(marker)
         return d
 
     def _stop(self) -> None:
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = self._thread = None
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._queues, self._threads = [], []
 
     # Verification and commit.
 
