@@ -26,7 +26,8 @@ interleaved, and the medians' ratio is printed (UDP time / TCP time
 inverted: above 1 is UDP faster); the client's own figure (``--json``
 "seconds": lookup, transfer, check) is printed beside it.  The loopback
 pair runs in the client's namespace too (relay and node on 127.0.0.1),
-with the default block size.
+with the default block size (60 KiB towards a loopback address) and with
+``--udp-block 1400`` named.
 
 Everything made here (namespaces, and with them the veth pair, the
 qdiscs, the nft table and the processes inside) is removed in a
@@ -256,12 +257,20 @@ def makeFile(path: Path, size: int) -> None:
             left -= n
 
 
-def compare(net: Network, name: str, runs: int, size: int, label: str) -> Dict[str, float]:
+UDP_1400 = "UDP 1400"  # the Ethernet-sized blocks, named, on loopback
+
+
+def compare(
+    net: Network, name: str, runs: int, size: int, label: str, blocks1400: bool = False
+) -> Dict[str, float]:
     """TCP and UDP interleaved ``runs`` times; prints and returns the medians."""
-    samples: Dict[str, List[tuple[float, float]]] = {"TCP": [], "UDP": []}
-    failed = {"TCP": 0, "UDP": 0}
+    variants: Dict[str, List[str]] = {"TCP": [], "UDP": ["--udp"]}
+    if blocks1400:
+        variants[UDP_1400] = ["--udp", "--udp-block", "1400"]
+    samples: Dict[str, List[tuple[float, float]]] = {v: [] for v in variants}
+    failed = {v: 0 for v in variants}
     for _ in range(runs):
-        for variant, extra in (("TCP", []), ("UDP", ["--udp"])):
+        for variant, extra in variants.items():
             try:
                 samples[variant].append(net.fetch(name, extra))
             except RuntimeError as e:
@@ -283,10 +292,17 @@ def compare(net: Network, name: str, runs: int, size: int, label: str) -> Dict[s
             f"{size / inside / MiB:7.1f} MiB/s in-process",
             flush=True,
         )
-    ratio = medians["TCP"] / medians["UDP"]
-    inside = medians["TCP inside"] / medians["UDP inside"]
-    print(f"  {label:<14} UDP/TCP  {ratio:5.2f}x whole command, {inside:5.2f}x in-process", flush=True)
-    medians["ratio"], medians["ratio inside"] = ratio, inside
+    for variant in variants:
+        if variant == "TCP":
+            continue
+        ratio = medians["TCP"] / medians[variant]
+        inside = medians["TCP inside"] / medians[variant + " inside"]
+        print(
+            f"  {label:<14} {variant}/TCP  {ratio:5.2f}x whole command, {inside:5.2f}x in-process",
+            flush=True,
+        )
+    medians["ratio"] = medians["TCP"] / medians["UDP"]
+    medians["ratio inside"] = medians["TCP inside"] / medians["UDP inside"]
     return medians
 
 
@@ -341,7 +357,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
                 makeFile(share / "loop.bin", loopSize)
                 loop.daemons[-1].waitFor(REGISTERED, timeout=120)  # after its rescan
             name = "loop.bin" if loopSize != size else "bench.bin"
-            results["loopback"] = compare(loop, name, args.runs, loopSize, "loopback")
+            results["loopback"] = compare(loop, name, args.runs, loopSize, "loopback", True)
     finally:
         for net in reversed(nets):
             net.close()
