@@ -187,7 +187,12 @@ class Exchange(asyncio.Protocol):
         self.buffer += data
         while b"\n" in self.buffer and not self.done.done():
             line, self.buffer = self.buffer.split(b"\n", 1)
-            result = self.onLine(line.rstrip(b"\r"))
+            try:
+                result = self.onLine(line.rstrip(b"\r"))
+            except Exception as e:
+                self.done.set_exception(e)
+                self.transport.close()
+                return
             if result is True:
                 self.done.set_result(True)
                 self.transport.close()
@@ -506,13 +511,22 @@ def queryRound(gens: Generators, workers: int, concurrency: int, duration: float
 def run(args) -> dict:
     tree = Path(args.tree).resolve() if args.tree else ROOT
     folder = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    extra = list(args.relay_arg or [])
+    # A lifetime longer than the run, so the first peers are still there when
+    # the last register (heartbeats are measured on their own, every 30 s).
+    extra = ["--ttl", str(args.ttl), *(args.relay_arg or [])]
     if args.state:
         extra += ["--state", str(folder / "state.sqlite")]
     relay = Relay(tree, folder, extra)
     report: dict = {"peers": args.peers, "files": args.files, "tree": str(tree)}
     gens = None
     noop = None
+    profiler = None
+    if args.profile:
+        spy = Path(sys.executable).with_name("py-spy")
+        profiler = subprocess.Popen(
+            [str(spy), "record", "--pid", str(relay.process.pid), "--format", "raw", "-o", args.profile],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
     try:
         rss0 = relay.rss()
         gens = Generators(args.workers, args, relay.port)
@@ -627,6 +641,10 @@ def run(args) -> dict:
         print(f"one Ed25519 verification (identity.verify): {report['verify'] * 1e6:.0f} us", flush=True)
         report["rssEnd"] = relay.rss()
     finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
+            print(f"py-spy profile (collapsed stacks) in {args.profile}")
         if gens is not None:
             gens.stop()
         if noop is not None:
@@ -660,10 +678,12 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", type=float, default=HEARTBEAT_INTERVAL)
     parser.add_argument("--heartbeat-duration", type=float, default=60.0)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
+    parser.add_argument("--ttl", type=float, default=900.0, help="the relay's --ttl")
     parser.add_argument("--state", action="store_true", help="run the relay with --state")
     parser.add_argument("--tree", help="checkout whose relay to run (default: this one)")
     parser.add_argument("--relay-arg", action="append", help="extra relay option (repeatable)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--profile", help="record the relay with py-spy (collapsed stacks) into this file")
     parser.add_argument("--smoke", action="store_true", help="100 peers x 10 files, a few seconds")
     args = parser.parse_args(argv)
     if args.smoke:

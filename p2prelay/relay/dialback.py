@@ -125,9 +125,11 @@ class ProveClient(OneShotClient[tuple[str, str]]):
 
 
 def defaultConnector(reactor, timeout: float = DIALBACK_TIMEOUT) -> Connector:
-    from twisted.internet.endpoints import HostnameEndpoint
+    # An address is dialled at once (no resolver thread, no happy-eyeballs
+    # machinery per dial-back); a name is resolved on the thread pool.
+    from ..addresses import tcpEndpoint
 
-    return lambda host, port: HostnameEndpoint(reactor, host, port, timeout=timeout)
+    return lambda host, port: tcpEndpoint(reactor, host, port, timeout=timeout)
 
 
 class DialBack:

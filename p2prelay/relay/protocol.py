@@ -46,7 +46,7 @@ from .dialback import (
 from .registry import AddressTaken, Peer, Registry, RegistryFull
 
 MAX_SEARCH_RESULTS = 1000
-SEARCH_SLICE = 4  # search steps (SEARCH_STEP names each) run per reactor turn
+SEARCH_SLICE = 1  # search steps (SEARCH_STEP names each) run per reactor turn
 NODE_ID_MAX = 64
 INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_BYTES
 

@@ -47,7 +47,7 @@ DEFAULT_TTL = 90.0
 MAX_PER_SOURCE = 64  # live registrations made from one source address
 MAX_TOTAL = 100_000  # live registrations in all
 MAX_HOLDERS = 64  # holders one WHOHAS answer lists at most
-SEARCH_STEP = 2000  # names matched (or holders counted) between two steps of a search
+SEARCH_STEP = 1000  # names matched (or holders counted) between two steps of a search
 DIGEST = 32  # bytes of one SHA-256 digest
 
 
