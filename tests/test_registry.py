@@ -589,9 +589,9 @@ class SearchStepTests(RegistryTestCase):
             taken += 1
 
     def test_yields(self):
-        """Matching many names takes several steps, one per SEARCH_STEP names."""
+        """Matching many names takes several steps, one more per SEARCH_STEP names."""
         taken, (hits, truncated) = self.drive(self.registry.searchSteps("f", 10))
-        self.assertGreaterEqual(taken, 3)
+        self.assertEqual(taken, 2)
         self.assertEqual(([h.name for h in hits][:2], truncated), (["f00000", "f00001"], True))
 
     def test_sortedAcrossSteps(self):
@@ -599,6 +599,13 @@ class SearchStepTests(RegistryTestCase):
         self.registry.register("n2", "h2", 1, [entry("e-first"), entry("g-last")])
         hits, _ = self.registry.search("", 3)
         self.assertEqual([h.name for h in hits], ["e-first", "f00000", "f00001"])
+
+    def test_fewNamesOneStep(self):
+        """A search over at most SEARCH_STEP names is done without yielding."""
+        registry = Registry(self.clock.seconds, TTL)
+        registry.register("n1", "h1", 1, [entry(f"g{i}") for i in range(SEARCH_STEP)])
+        taken, (hits, _) = self.drive(registry.searchSteps("g", 10))
+        self.assertEqual((taken, len(hits)), (0, 10))
 
     def test_changesBetweenSteps(self):
         """A peer gone between two steps is not counted; the search still ends."""

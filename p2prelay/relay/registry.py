@@ -484,7 +484,8 @@ class Registry:
             if chunk:
                 chunk.sort()
                 runs.append(chunk)
-            yield
+            if start + SEARCH_STEP < len(names):
+                yield  # a search of a few names is done in one step
         del names
         hits: List[SearchHit] = []
         work = 0
