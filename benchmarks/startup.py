@@ -31,6 +31,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -149,6 +150,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.smoke:
         args.rounds, args.concurrent, args.size, args.concurrent_rounds = 2, 3, 0.25, 1
 
+    # Stopped with SIGTERM, still stop the daemons and remove the scratch folder.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     env = childEnv()
     curl = shutil.which("curl")
     scratch = Path(tempfile.mkdtemp(prefix="p2p-startup-"))
