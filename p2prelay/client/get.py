@@ -21,7 +21,10 @@ from .. import wire
 from ..negotiation import IncompleteAnswer, OneShotClient
 from .download import Download, VerificationError
 
-RECEIVE_SIZE = 256 * 1024  # bytes per recv(); Twisted's default is 64 KiB
+# Bytes per recv(); Twisted's default is 64 KiB.  Measured on a 1 GiB fetch:
+# 1 MiB took 18 % less client CPU than 256 KiB; 2 and 4 MiB more (each
+# buffer is then a fresh mmap, page-faulted in).
+RECEIVE_SIZE = 1024 * 1024
 SPEED_LIMIT = 1024  # bytes/s a body must keep up ...
 SPEED_TIME = 20.0  # ... over this many seconds, else the attempt is abandoned
 SPEED_CHECK = 1.0  # seconds between looks at the rate
@@ -100,7 +103,7 @@ class GetProtocol(OneShotClient[None]):
     def connectionMade(self) -> None:
         super().connectionMade()
         if hasattr(self.transport, "bufferSize"):
-            # Fewer, larger reads: measured 4x fewer reactor turns per MiB.
+            # Fewer, larger reads: fewer reactor turns and handoffs per MiB.
             self.transport.bufferSize = RECEIVE_SIZE
         if self.start:
             self.begin()
