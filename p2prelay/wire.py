@@ -25,6 +25,8 @@ from urllib.parse import quote, unquote
 
 import attrs
 
+from .pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, PIECE_SIZE, checkLayout
+
 PROTOCOL = "P2P/1"
 
 # Limits.  A peer that exceeds one is answered with the 4xx status named
@@ -77,10 +79,11 @@ WHOHAS = "WHOHAS"
 SEARCH = "SEARCH"
 DEAD = "DEAD"
 GET = "GET"
+MANIFEST = "MANIFEST"  # node: a file's piece digests
 PROOF = "PROOF"  # the answer to a 100 challenge
 PROVE = "PROVE"  # relay to node: the dial-back challenge
 VERBS = frozenset(
-    {REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, PROOF, PROVE}
+    {REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, MANIFEST, PROOF, PROVE}
 )
 
 # Item tags inside lists.
@@ -119,12 +122,57 @@ class ProtocolError(Exception):
 
 @attrs.frozen
 class FileEntry:
-    """One shared file as announced to the relay (and listed by it)."""
+    """
+    One shared file as announced to the relay (and listed by it).
+
+    ``root`` is its piece manifest's root (64 hex digits, see
+    ``p2prelay/pieces.py``) for pieces of ``pieceSize`` bytes, or None when
+    the announcer did not give one (an older node).
+    """
 
     name: str
     size: int
     sha256: str
     mtime_ns: int = 0
+    root: str | None = None
+    pieceSize: int = PIECE_SIZE
+
+
+def pieceFields(entry: FileEntry) -> dict[str, object]:
+    """
+    The ``root=`` and ``piece=`` fields describing ``entry``'s pieces on a
+    FILE or PEER line: none without a root, ``piece=`` only when it is not
+    the default.
+    """
+    if entry.root is None:
+        return {}
+    return {"root": entry.root, "piece": entry.pieceSize if entry.pieceSize != PIECE_SIZE else None}
+
+
+def pieceLayout(message: "Message", size: int) -> tuple[str | None, int]:
+    """
+    The ``(root, pieceSize)`` a FILE or PEER line gives for a file of
+    ``size`` bytes: ``(None, PIECE_SIZE)`` without ``root=`` (``piece=``
+    alone is ignored), the default piece size without ``piece=``.  A
+    malformed value, a piece size outside MIN_PIECE_SIZE..MAX_PIECE_SIZE
+    or a layout of too many pieces is a 400.
+    """
+    if message.get("root") is None:
+        return None, PIECE_SIZE
+    root = message.sha256("root")
+    pieceSize = message.integer("piece", PIECE_SIZE, low=MIN_PIECE_SIZE, high=MAX_PIECE_SIZE)
+    try:
+        checkLayout(size, pieceSize)
+    except ValueError as e:
+        raise ProtocolError(BAD_REQUEST, str(e)) from None
+    return root, pieceSize
+
+
+def fileEntry(message: "Message") -> FileEntry:
+    """The FileEntry a FILE line describes (``name``, ``size``, ``sha256``, ``root``, ``piece``)."""
+    size = message.integer("size")
+    root, pieceSize = pieceLayout(message, size)
+    return FileEntry(message.name(), size, message.sha256(), root=root, pieceSize=pieceSize)
 
 
 @attrs.frozen

@@ -52,15 +52,15 @@ class SlowThreads:
 
 def growWhileHashing(case: SynchronousTestCase, path: Path) -> None:
     """Make the next hashes see the file grow as they read it."""
-    real = share_module.sha256File
+    real = share_module.hashFile
 
-    def growing(p):
-        digest = real(p)
+    def growing(p, pieceSize):
+        hashes = real(p, pieceSize)
         with open(path, "ab") as f:
             f.write(b" more")
-        return digest
+        return hashes
 
-    case.patch(share_module, "sha256File", growing)
+    case.patch(share_module, "hashFile", growing)
 
 
 class SlowClientTransport(StringTransport):
@@ -489,7 +489,7 @@ class ScanTests(SynchronousTestCase):
         return self.successResultOf(self.share.scan())
 
     def hashes(self) -> int:
-        return self.calls.count(share_module._hashIfStable)
+        return self.calls.count(share_module._hashAndRecord)
 
     def test_touchedFileIsNoChange(self):
         """A file whose modification time moved but whose bytes did not is no change to announce."""
@@ -590,11 +590,11 @@ class ScanTests(SynchronousTestCase):
 
     def test_changingFileNotAnnounced(self):
         """A file that changes while it is hashed is left out until it is stable."""
-        real = share_module.sha256File
+        real = share_module.hashFile
         growWhileHashing(self, self.write("growing.log", b"first"))
         self.scan()
         self.assertNotIn("growing.log", self.share.entries)
-        self.patch(share_module, "sha256File", real)
+        self.patch(share_module, "hashFile", real)
         self.assertTrue(self.scan())
         self.assertEqual(self.share.entries["growing.log"].sha256, sha(b"first more"))
 
@@ -602,14 +602,14 @@ class ScanTests(SynchronousTestCase):
         """A file that cannot be read is skipped; the others are announced."""
         self.write("a", b"a")
         self.write("b", b"b")
-        real = share_module.sha256File
+        real = share_module.hashFile
 
-        def failing(p):
+        def failing(p, pieceSize):
             if p.name == "a":
                 raise PermissionError(13, "Permission denied")
-            return real(p)
+            return real(p, pieceSize)
 
-        self.patch(share_module, "sha256File", failing)
+        self.patch(share_module, "hashFile", failing)
         self.scan()
         self.assertEqual(list(self.share.entries), ["b"])
 
@@ -628,3 +628,37 @@ class ScanTests(SynchronousTestCase):
         self.assertEqual((self.root / "linkdir" / "secret.txt").read_bytes(), SECRET, "the link works")
         for name in ["../x", "/etc/passwd", "linkdir/secret.txt", "a//b"]:
             self.assertRaises(wire.ProtocolError, self.share.resolve, name)
+
+
+class RegistrationLineTests(SynchronousTestCase):
+    """The FILE lines a node registers carry each file's root (and a piece size that is not the default)."""
+
+    def registration(self, pieceSize: int) -> list[wire.Message]:
+        from p2prelay.identity import NodeKey
+        from p2prelay.node.upkeep import Registrar
+
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        (root / "a.txt").write_bytes(b"alpha" * 10_000)
+        share = SharedDirectory(root, runInThread=syncThread, pieceSize=pieceSize)
+        self.successResultOf(share.scan())
+        registrar = Registrar(Clock(), None, share, NodeKey.generate(), 7000)
+        payload, count = registrar._registration()
+        return [wire.parseLine(line) for line in payload.splitlines()], share.entries["a.txt"]
+
+    def test_rootOnFileLine(self):
+        """With the default piece size a FILE line has root= and no piece=."""
+        from p2prelay.pieces import PIECE_SIZE
+
+        lines, entry = self.registration(PIECE_SIZE)
+        [line] = [m for m in lines if m.word == wire.FILE]
+        self.assertEqual(line.get("root"), entry.root)
+        self.assertIsNone(line.get("piece"))
+        self.assertEqual(wire.fileEntry(line), FileEntry("a.txt", entry.size, entry.sha256, root=entry.root))
+
+    def test_pieceSizeOnFileLine(self):
+        """Another piece size is named on the FILE line as piece=."""
+        lines, entry = self.registration(16384)
+        [line] = [m for m in lines if m.word == wire.FILE]
+        self.assertEqual((line.get("root"), line.get("piece")), (entry.root, "16384"))
+        self.assertEqual(wire.fileEntry(line).pieceSize, 16384)

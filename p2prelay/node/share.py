@@ -7,58 +7,95 @@ regular file inside the folder (``../x``, absolute paths, symlinks that
 point outside), so no other module joins untrusted names to paths.
 
 Hashing is slow and blocking, so it runs off the reactor thread through an
-injected ``runInThread`` (tests pass a synchronous one).
+injected ``runInThread`` (tests pass a synchronous one).  One read of a
+file gives both its whole-file SHA-256 and its piece manifest
+(:func:`manifest.hashFile`); a :class:`manifest.ManifestCache`, kept
+beside the node's key, spares a restarted node from reading an unchanged
+file again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from .. import wire
+from ..pieces import PIECE_SIZE
 from ..wire import FileEntry
+from .manifest import FileHashes, ManifestCache, hashFile
 
-HASH_CHUNK = 1024 * 1024
 SKIPPED_SHOWN = 5  # names quoted in the one warning about unshareable names
+BIG_FILE = 64 * 1024 * 1024  # a file this large gets its own "hashing ..." line
 
 RunInThread = Callable[..., "Deferred[Any]"]
 _open = open  # the one place shared files are opened (tests replace it)
 
 
-def sha256File(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _hashIfStable(path: Path, size: int, mtime_ns: int) -> str | None:
+def _hashIfStable(path: Path, size: int, mtime_ns: int, pieceSize: int) -> FileHashes | None:
     """
-    Hash a file, or None when it changed while we read it.
+    Hash a file (whole and by pieces), or None when it changed while we
+    read it.
 
     A file still being written must not be announced with a hash of half
     its bytes; the next scan tries again.
     """
-    digest = sha256File(path)
+    hashes = hashFile(path, pieceSize)
     try:
         after = path.stat()
     except OSError:
         return None
-    if after.st_size != size or after.st_mtime_ns != mtime_ns:
+    if after.st_size != size or after.st_mtime_ns != mtime_ns or hashes.size != size:
         return None
-    return digest
+    return hashes
 
 
-def _announced(entries: Dict[str, "FileEntry"]) -> Dict[str, tuple[int, str]]:
-    return {name: (e.size, e.sha256) for name, e in entries.items()}
+def _cached(
+    cache: ManifestCache, pieceSize: int, wanted: List[tuple[str, os.stat_result]]
+) -> Dict[str, FileHashes]:
+    """The hashes ``cache`` holds for each (name, stat) in ``wanted`` (a worker thread's job)."""
+    found = {}
+    for name, st in wanted:
+        hashes = cache.get(name, st.st_size, st.st_mtime_ns, pieceSize)
+        if hashes is not None:
+            found[name] = hashes
+    return found
+
+
+def _hashAndRecord(
+    cache: Optional[ManifestCache], name: str, path: Path, size: int, mtime_ns: int, pieceSize: int
+) -> FileHashes | None:
+    """:func:`_hashIfStable`, and the result put in ``cache`` (a worker thread's job)."""
+    hashes = _hashIfStable(path, size, mtime_ns, pieceSize)
+    if hashes is not None and cache is not None:
+        cache.put(name, size, mtime_ns, hashes)
+    return hashes
+
+
+def _entry(name: str, st: os.stat_result, hashes: FileHashes) -> FileEntry:
+    return FileEntry(
+        name, st.st_size, hashes.sha256, st.st_mtime_ns, root=hashes.root, pieceSize=hashes.pieceSize
+    )
+
+
+def _announced(entries: Dict[str, "FileEntry"]) -> Dict[str, tuple]:
+    return {name: (e.size, e.sha256, e.root, e.pieceSize) for name, e in entries.items()}
+
+
+def humanSize(size: int) -> str:
+    """``2.0 GiB``, ``512.0 KiB``, ``17 bytes``: a size for a log line."""
+    if size < 1024:
+        return f"{size} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def checkShareableName(name: str) -> str:
@@ -86,16 +123,31 @@ def _within(root: str, path: str) -> bool:
 
 class SharedDirectory:
     """
-    The files under one folder, with their sizes and SHA-256 digests.
+    The files under one folder, with their sizes, SHA-256 digests and piece
+    manifests (in pieces of ``pieceSize`` bytes).
+
+    ``cache``, a :class:`ManifestCache` (default: none), keeps the hashes
+    across restarts; it must live outside the folder.
     """
 
     log = Logger()
 
-    def __init__(self, root: str | Path, runInThread: RunInThread = threads.deferToThread):
+    def __init__(
+        self,
+        root: str | Path,
+        runInThread: RunInThread = threads.deferToThread,
+        cache: Optional[ManifestCache] = None,
+        pieceSize: int = PIECE_SIZE,
+    ):
         self.root = Path(root)
         self._realRoot = os.path.realpath(self.root)
         self._runInThread = runInThread
+        self.cache = cache
+        self.pieceSize = pieceSize
         self.entries: Dict[str, FileEntry] = {}
+        # The piece digests behind each entry's root, by name.
+        self.hashes: Dict[str, FileHashes] = {}
+        self._pruned = False
 
     def resolve(self, name: str) -> Path:
         """
@@ -144,12 +196,25 @@ class SharedDirectory:
         skipped: List[str] = []
         return list(self._walk(skipped)), skipped
 
+    def _current(self, name: str, st: os.stat_result) -> Optional[FileEntry]:
+        """The entry for ``name`` if it describes the file as ``st`` finds it, with its pieces."""
+        entry = self.entries.get(name)
+        if (
+            entry is None
+            or (entry.size, entry.mtime_ns) != (st.st_size, st.st_mtime_ns)
+            or entry.root is None
+            or name not in self.hashes
+        ):
+            return None
+        return entry
+
     def scan(self) -> "Deferred[bool]":
         """
         Re-read the folder; fires with True when the set of files changed.
 
         Only new or changed files (by size and modification time) are hashed
-        again, each in a worker thread.
+        again, each in a worker thread; a file the cache knows at its size
+        and modification time is not read at all.
         """
         return ensureDeferred(self._scan())
 
@@ -166,31 +231,69 @@ class SharedDirectory:
                 + (", ..." if len(skipped) > SKIPPED_SHOWN else ""),
             )
         fresh: Dict[str, FileEntry] = {}
+        hashes: Dict[str, FileHashes] = {}
+        unknown = []
         for name, path, st in listing:
-            old = self.entries.get(name)
-            if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                fresh[name] = old
-                continue
-            try:
-                digest = await self._runInThread(
-                    _hashIfStable, path, st.st_size, st.st_mtime_ns
-                )
-            except OSError as e:
-                self.log.warn("cannot read {name}: {error}", name=name, error=e)
-                continue
-            if digest is None:
-                self.log.info("{name} changed while hashing; retrying later", name=name)
-                continue
-            fresh[name] = FileEntry(name, st.st_size, digest, st.st_mtime_ns)
+            old = self._current(name, st)
+            if old is not None:
+                fresh[name], hashes[name] = old, self.hashes[name]
+            else:
+                unknown.append((name, path, st))
+        cached: Dict[str, FileHashes] = {}
+        if unknown and self.cache is not None:
+            cached = await self._runInThread(
+                _cached, self.cache, self.pieceSize, [(name, st) for name, _, st in unknown]
+            )
+        hashed = hashedBytes = 0
+        for name, path, st in unknown:
+            found = cached.get(name)
+            if found is None:
+                if st.st_size >= BIG_FILE:
+                    self.log.info(
+                        "hashing {name} ({size})", name=_shown(name), size=humanSize(st.st_size)
+                    )
+                try:
+                    found = await self._runInThread(
+                        _hashAndRecord, self.cache, name, path, st.st_size, st.st_mtime_ns, self.pieceSize
+                    )
+                except OSError as e:
+                    self.log.warn("cannot read {name}: {error}", name=name, error=e)
+                    continue
+                if found is None:
+                    self.log.info("{name} changed while hashing; retrying later", name=name)
+                    continue
+                hashed += 1
+                hashedBytes += st.st_size
+            fresh[name] = _entry(name, st, found)
+            hashes[name] = found
+        if hashed:
+            self.log.info(
+                "hashed {count} files ({size}); {known} known from earlier",
+                count=hashed,
+                size=humanSize(hashedBytes),
+                known=len(fresh) - hashed,
+            )
+        if self.cache is not None and (not self._pruned or set(fresh) != set(self.entries)):
+            # Files that are gone leave the cache too.
+            await self._runInThread(self.cache.prune, list(fresh))
+            self._pruned = True
         # Only what the relay is told counts: a touched but unchanged file
         # is no reason to register again.
         changed = _announced(fresh) != _announced(self.entries)
         self.entries = fresh
+        self.hashes = hashes
         return changed
 
-    def add(self, entry: FileEntry) -> None:
-        """Record a file we just wrote and verified (no need to hash again)."""
+    def add(self, entry: FileEntry, hashes: Optional[FileHashes] = None) -> None:
+        """
+        Record a file we just wrote and verified.  Without its ``hashes``
+        (piece digests) the next scan reads it once to make its manifest.
+        """
         self.entries[entry.name] = entry
+        if hashes is not None and entry.root == hashes.root:
+            self.hashes[entry.name] = hashes
+        else:
+            self.hashes.pop(entry.name, None)
 
     async def open(self, name: str) -> tuple[IO[bytes], FileEntry]:
         """
@@ -209,14 +312,30 @@ class SharedDirectory:
             ) from None
         try:
             st = os.fstat(f.fileno())
-            entry = self.entries.get(name)
-            if entry is None or (entry.size, entry.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                digest = await self._runInThread(_hashIfStable, path, st.st_size, st.st_mtime_ns)
-                if digest is None:
+            entry = self._current(name, st)
+            if entry is None:
+                hashes = await self._runInThread(
+                    _hashAndRecord, self.cache, name, path, st.st_size, st.st_mtime_ns, self.pieceSize
+                )
+                if hashes is None:
                     raise wire.ProtocolError(wire.BUSY, "file is changing; try again later")
-                entry = FileEntry(name, st.st_size, digest, st.st_mtime_ns)
+                entry = _entry(name, st, hashes)
                 self.entries[name] = entry
+                self.hashes[name] = hashes
             return f, entry
         except BaseException:
             f.close()
             raise
+
+    async def manifest(self, name: str) -> tuple[FileEntry, FileHashes]:
+        """
+        A shared file's entry and piece digests, as :meth:`open` finds it
+        (hashed again if it changed since the last scan).
+        """
+        f, entry = await self.open(name)
+        f.close()
+        hashes = self.hashes.get(name)
+        if hashes is None or hashes.root != entry.root:
+            # Replaced meanwhile by another request's hashing: ask again.
+            raise wire.ProtocolError(wire.BUSY, "file is changing; try again later")
+        return entry, hashes

@@ -349,7 +349,9 @@ class Registrar:
                     files=len(entries),
                 ),
                 *(
-                    wire.item(wire.FILE, name=e.name, size=e.size, sha256=e.sha256)
+                    wire.item(
+                        wire.FILE, name=e.name, size=e.size, sha256=e.sha256, **wire.pieceFields(e)
+                    )
                     for e in entries
                 ),
                 wire.end(len(entries)),
