@@ -26,6 +26,7 @@ from p2prelay.relay.registry import (
     SearchHit,
 )
 from p2prelay.relay.store import SCHEMA_VERSION, NewerSchema, StateStore, StateWriter
+from p2prelay.pieces import PIECE_SIZE
 from p2prelay.wire import FileEntry
 
 TTL = 90.0
@@ -310,6 +311,39 @@ class HoldersTests(RegistryTestCase):
         """holders() matches whole names only, case-sensitively."""
         self.registry.register("n1", "h1", 1, [entry("dir/a.txt"), entry("A.TXT")])
         self.assertEqual(self.registry.holders("a.txt"), [])
+
+
+class RootTests(RegistryTestCase):
+    """Each holder's manifest root, kept in the compact file table."""
+
+    def test_holdersCarryRoot(self):
+        """holders() gives each holder's entry with the root and piece size it registered."""
+        self.registry.register("n1", "h1", 1, [FileEntry("f", 5, "a" * 64, root="b" * 64)])
+        self.registry.register("n2", "h2", 1, [FileEntry("f", 5, "a" * 64, root="c" * 64, pieceSize=16384)])
+        self.registry.register("n3", "h3", 1, [FileEntry("f", 5, "a" * 64)])
+        found = {p.node: (e.root, e.pieceSize) for p, e in self.registry.holders("f")}
+        self.assertEqual(
+            found,
+            {"n1": ("b" * 64, PIECE_SIZE), "n2": ("c" * 64, 16384), "n3": (None, PIECE_SIZE)},
+        )
+
+    def test_mixedTable(self):
+        """In one peer's table, files with and without a root keep theirs apart."""
+        files = [FileEntry("x", 1, "a" * 64), FileEntry("y", 2, "b" * 64, root="d" * 64)]
+        table = FileTable.of(files)
+        self.assertEqual(list(table.values()), files)
+
+    def test_noRootsNoBytes(self):
+        """A table of files without roots spends nothing on them."""
+        table = FileTable.of([FileEntry("x", 1, "a" * 64), FileEntry("y", 2, "b" * 64)])
+        self.assertEqual((table.roots, table.pieces), (b"", None))
+
+    def test_searchIgnoresRoot(self):
+        """SEARCH counts holders by size and SHA-256, whatever piece size they hashed with."""
+        self.registry.register("n1", "h1", 1, [FileEntry("f", 5, "a" * 64, root="b" * 64)])
+        self.registry.register("n2", "h2", 1, [FileEntry("f", 5, "a" * 64, root="c" * 64, pieceSize=16384)])
+        hits, _ = self.registry.search("f", 10)
+        self.assertEqual([h.holders for h in hits], [2])
 
 
 class HolderOrderTests(SynchronousTestCase):
@@ -711,6 +745,41 @@ class StateStoreTests(SynchronousTestCase):
         self.assertIn("older relay", formatEvent(events[-1]))
         self.store.save([self.peer("n1")])
         self.assertEqual([p.node for p in self.store.load()], ["n1"])
+
+
+    def test_rootsRoundTrip(self):
+        """Roots and piece sizes load back as saved; files without a root stay without."""
+        files = [
+            FileEntry("plain", 3, "a" * 64),
+            FileEntry("pieces", 5, "b" * 64, root="c" * 64),
+            FileEntry("small", 9, "d" * 64, root="e" * 64, pieceSize=16384),
+        ]
+        peer = Peer("n1", "10.0.0.1", 5000, {e.name: e for e in files}, expires=1.0, key="K")
+        self.store.save([peer])
+        [loaded] = StateStore(self.path).load()
+        self.assertEqual(sorted(loaded.files.values(), key=lambda e: e.name), sorted(files, key=lambda e: e.name))
+
+    def test_schema3Migrated(self):
+        """
+        A schema-3 file (files without roots) loads as it is and is marked
+        schema 4 from then on.
+        """
+        with closing(sqlite3.connect(self.path)) as db:
+            db.execute(
+                "CREATE TABLE peers (node TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,"
+                " udp INTEGER, expires REAL NOT NULL, files TEXT NOT NULL,"
+                " key TEXT, reachable INTEGER NOT NULL, source TEXT, tls INTEGER)"
+            )
+            db.execute(
+                "INSERT INTO peers VALUES ('old', 'h', 1, NULL, 9e9, ?, 'K', 1, NULL, NULL)",
+                ('[["a.txt", 3, "' + "a" * 64 + '"]]',),
+            )
+            db.execute("PRAGMA user_version = 3")
+            db.commit()
+        [peer] = self.store.load()
+        self.assertEqual(dict(peer.files), {"a.txt": FileEntry("a.txt", 3, "a" * 64)})
+        with closing(sqlite3.connect(self.path)) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 4)
 
 
 class StateWriterTests(SynchronousTestCase):

@@ -24,6 +24,7 @@ from p2prelay.negotiation import IDLE_TIMEOUT, NEGOTIATION_DEADLINE
 from p2prelay.relay.dialback import DialBack
 from p2prelay.relay.protocol import SEARCH_SLICE, RelayFactory
 from p2prelay.relay.registry import MAX_HOLDERS, SEARCH_STEP, Registry
+from p2prelay.pieces import MAX_PIECE_SIZE, MAX_PIECES, MIN_PIECE_SIZE, PIECE_SIZE
 from p2prelay.wire import FileEntry
 
 TTL = 90.0
@@ -325,7 +326,80 @@ class RegisterTests(RelayTestCase):
         self.assertEqual(parse(transport.value())[0].status, wire.CONTINUE)
 
 
+class RootRegisterTests(RelayTestCase):
+    """FILE lines with a manifest root (root=, piece=), and the old ones without."""
+
+    def registerLines(self, *lines: bytes) -> bytes:
+        return b"".join(
+            [
+                wire.request(wire.REGISTER, key=KEY.public, port=5000, files=len(lines)),
+                *lines,
+                wire.end(len(lines)),
+            ]
+        )
+
+    def test_rootRecorded(self):
+        """A FILE line's root= is recorded with the default piece size when piece= is absent."""
+        line = wire.item(wire.FILE, name="a", size=10, sha256=SHA_A, root=SHA_B)
+        [reply] = self.answer(self.registerLines(line))
+        self.assertEqual(reply.status, wire.OK)
+        entry = self.registry.get(KEY.node).files["a"]
+        self.assertEqual((entry.root, entry.pieceSize), (SHA_B, PIECE_SIZE))
+
+    def test_pieceRecorded(self):
+        """piece= beside root= is recorded."""
+        line = wire.item(wire.FILE, name="a", size=10, sha256=SHA_A, root=SHA_B, piece=MIN_PIECE_SIZE)
+        self.answer(self.registerLines(line))
+        self.assertEqual(self.registry.get(KEY.node).files["a"].pieceSize, MIN_PIECE_SIZE)
+
+    def test_withoutRootStillValid(self):
+        """An older node's FILE line without root= registers, with no root recorded."""
+        [reply] = self.answer(self.registerLines(fileLine("a")))
+        self.assertEqual(reply.status, wire.OK)
+        self.assertIsNone(self.registry.get(KEY.node).files["a"].root)
+
+    def test_pieceWithoutRootIgnored(self):
+        """piece= without root= describes nothing and is ignored."""
+        line = wire.item(wire.FILE, name="a", size=10, sha256=SHA_A, piece=12345)
+        self.answer(self.registerLines(line))
+        self.assertEqual(self.registry.get(KEY.node).files["a"], FileEntry("a", 10, SHA_A))
+
+    def test_malformedRoot(self):
+        """A root= that is not 64 lower-case hex digits is refused and nothing is registered."""
+        line = wire.item(wire.FILE, name="a", size=10, sha256=SHA_A, root="XYZ")
+        self.assertRefused(self.registerLines(line), wire.BAD_REQUEST)
+        self.assertIsNone(self.registry.get(KEY.node))
+
+    def test_pieceSizeOutOfRange(self):
+        """A piece size outside what clients work with is refused."""
+        for piece in (MIN_PIECE_SIZE - 1, MAX_PIECE_SIZE + 1, 0):
+            line = wire.item(wire.FILE, name="a", size=10, sha256=SHA_A, root=SHA_B, piece=piece)
+            self.assertRefused(self.registerLines(line), wire.BAD_REQUEST)
+
+    def test_tooManyPieces(self):
+        """A layout of more than MAX_PIECES pieces is refused."""
+        size = MIN_PIECE_SIZE * (MAX_PIECES + 1)
+        line = wire.item(wire.FILE, name="a", size=size, sha256=SHA_A, root=SHA_B, piece=MIN_PIECE_SIZE)
+        self.assertRefused(self.registerLines(line), wire.BAD_REQUEST)
+
+
 class QueryTests(RelayTestCase):
+    def test_whohasRoot(self):
+        """WHOHAS items carry each holder's root= and piece=; a holder without a root has neither."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("f", 5, SHA_A, root=SHA_B)])
+        self.registry.register(
+            "n2", "10.0.0.2", 5000, [FileEntry("f", 5, SHA_A, root=SHA_A, pieceSize=MIN_PIECE_SIZE)]
+        )
+        self.registry.register("n3", "10.0.0.3", 5000, [FileEntry("f", 5, SHA_A)])
+        status, *items, end = self.answer(wire.request(wire.WHOHAS, name="f"))
+        self.assertEqual(
+            [(m.get("root"), m.get("piece")) for m in items],
+            [(SHA_B, str(PIECE_SIZE)), (SHA_A, str(MIN_PIECE_SIZE)), (None, None)],
+        )
+        self.assertEqual(wire.pieceLayout(items[1], 5), (SHA_A, MIN_PIECE_SIZE))
+        self.assertEqual(wire.pieceLayout(items[2], 5), (None, PIECE_SIZE))
+
+
     def test_peers(self):
         """PEERS lists active peers between a counted status line and END."""
         self.register("n1", "10.0.0.1", 5000, ["a", "b"])

@@ -223,9 +223,7 @@ class RelayProtocol(NegotiationProtocol):
         if len(self._files) < self._expected:
             if message.word != wire.FILE:
                 raise wire.ProtocolError(wire.BAD_REQUEST, "expected a FILE line")
-            self._files.append(
-                FileEntry(message.name(), message.integer("size"), message.sha256())
-            )
+            self._files.append(wire.fileEntry(message))
             return
         if message.word != wire.END:
             raise wire.ProtocolError(wire.TOO_LARGE, "more FILE lines than announced")
@@ -401,7 +399,7 @@ class RelayProtocol(NegotiationProtocol):
         name = message.name()
         holders = self.factory.registry.holders(name)
         items = [
-            wire.item(wire.PEER, **peerFields(p), size=e.size, sha256=e.sha256)
+            wire.item(wire.PEER, **peerFields(p), size=e.size, sha256=e.sha256, **_layout(e))
             for p, e in holders
         ]
         self._answerList(items, f"{len(items)} peers hold {name}")
@@ -463,6 +461,13 @@ class RelayProtocol(NegotiationProtocol):
         super().connectionLost(reason)
         self._lost = True
         self._release()
+
+
+def _layout(entry: FileEntry) -> dict[str, object]:
+    """A WHOHAS item's root= and piece= (always both, when the holder gave a root)."""
+    if entry.root is None:
+        return {}
+    return {"root": entry.root, "piece": entry.pieceSize}
 
 
 def nodeId(message: wire.Message) -> str:

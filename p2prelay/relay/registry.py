@@ -41,6 +41,7 @@ from typing import Callable, Dict, Generator, Iterable, Iterator, List, Optional
 
 import attrs
 
+from ..pieces import PIECE_SIZE
 from ..wire import FileEntry
 
 DEFAULT_TTL = 90.0
@@ -49,6 +50,7 @@ MAX_TOTAL = 100_000  # live registrations in all
 MAX_HOLDERS = 64  # holders one WHOHAS answer lists at most
 SEARCH_STEP = 1000  # names matched (or holders counted) between two steps of a search
 DIGEST = 32  # bytes of one SHA-256 digest
+_NO_ROOT = bytes(DIGEST)  # in FileTable.roots: a file announced without a root
 
 
 class RegistryFull(Exception):
@@ -62,19 +64,31 @@ class AddressTaken(Exception):
 class FileTable(Mapping):
     """
     One peer's files, compactly: a Mapping of name to :class:`FileEntry`
-    whose entries are made on demand from three flat sequences.
+    whose entries are made on demand from flat sequences.
 
     ``names`` are the registry's shared string objects; ``sizes`` an
     ``array('q')`` (a tuple if a size does not fit); ``digests`` every
-    SHA-256 as 32 raw bytes, end to end.
+    SHA-256 as 32 raw bytes, end to end; ``roots`` every manifest root
+    the same way (32 zero bytes for a file announced without one, and
+    empty when no file has one); ``pieces`` the piece sizes, or None when
+    every file has the default.
     """
 
-    __slots__ = ("names", "sizes", "digests")
+    __slots__ = ("names", "sizes", "digests", "roots", "pieces")
 
-    def __init__(self, names: Tuple[str, ...], sizes: Sequence[int], digests: bytes) -> None:
+    def __init__(
+        self,
+        names: Tuple[str, ...],
+        sizes: Sequence[int],
+        digests: bytes,
+        roots: bytes = b"",
+        pieces: Optional[Sequence[int]] = None,
+    ) -> None:
         self.names = names
         self.sizes = sizes
         self.digests = digests
+        self.roots = roots
+        self.pieces = pieces
 
     @classmethod
     def of(cls, entries: Iterable[FileEntry], intern: Callable[[str], str] = sys.intern) -> "FileTable":
@@ -88,17 +102,39 @@ class FileTable(Mapping):
             packed: Sequence[int] = array("q", sizes)
         except OverflowError:
             packed = tuple(sizes)
+        roots = b""
+        if any(e.root is not None for e in values):
+            roots = b"".join(_NO_ROOT if e.root is None else bytes.fromhex(e.root) for e in values)
+        pieces = None
+        if any(e.pieceSize != PIECE_SIZE for e in values):
+            pieces = array("q", [e.pieceSize for e in values])
         return cls(
             tuple(intern(name) for name in unique),
             packed,
             b"".join(bytes.fromhex(e.sha256) for e in values),
+            roots,
+            pieces,
         )
 
     def digest(self, index: int) -> bytes:
         return self.digests[index * DIGEST : (index + 1) * DIGEST]
 
+    def root(self, index: int) -> Optional[str]:
+        """The manifest root of file ``index`` (hex), or None if it was announced without."""
+        raw = self.roots[index * DIGEST : (index + 1) * DIGEST]
+        return None if not raw or raw == _NO_ROOT else raw.hex()
+
+    def pieceSize(self, index: int) -> int:
+        return PIECE_SIZE if self.pieces is None else self.pieces[index]
+
     def entry(self, index: int) -> FileEntry:
-        return FileEntry(self.names[index], self.sizes[index], self.digest(index).hex())
+        return FileEntry(
+            self.names[index],
+            self.sizes[index],
+            self.digest(index).hex(),
+            root=self.root(index),
+            pieceSize=self.pieceSize(index),
+        )
 
     def __getitem__(self, name: str) -> FileEntry:
         try:

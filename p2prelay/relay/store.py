@@ -16,7 +16,12 @@ cache, and never rewrites a newer relay's file.
 Schema 2 added each node's public key, whether the relay reached it, and
 the address it registered from.  A schema-1 file holds keyless entries no
 node could ever prove again, so its table is dropped (with a warning) and
-the nodes simply register again.
+the nodes simply register again.  Schema 4 added each file's manifest root
+and piece size (``[name, size, sha256, root, piece]`` in the ``files`` JSON,
+the plain three for a file announced without a root); a schema-3 file's
+rows are all of the plain kind, so it is read as it is and carries on as
+schema 4 (a schema-3 relay then moves the file aside as newer, rather than
+misreading it).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from twisted.logger import Logger
 from ..wire import FileEntry
 from .registry import Listener, Peer
 
-SCHEMA_VERSION = 3  # PRAGMA user_version of the files this code writes
+SCHEMA_VERSION = 4  # PRAGMA user_version of the files this code writes
 BATCH_DELAY = 0.2  # seconds the writer gathers changes before one commit
 COLUMNS = "node, host, port, udp, expires, files, key, reachable, source, tls"
 UPSERT = (
@@ -120,7 +125,7 @@ class StateStore:
 
     @staticmethod
     def _peer(node, host, port, udp, expires, files, key, reachable, source, tls) -> Peer:
-        entries = [FileEntry(str(n), int(s), str(h)) for n, s, h in json.loads(files)]
+        entries = [_entry(*item) for item in json.loads(files)]
         return Peer(
             node=str(node),
             host=str(host),
@@ -146,9 +151,21 @@ class StateStore:
             db.close()
 
 
+def _entry(name, size, sha256, root=None, piece=None) -> FileEntry:
+    if root is None:
+        return FileEntry(str(name), int(size), str(sha256))
+    return FileEntry(str(name), int(size), str(sha256), root=str(root), pieceSize=int(piece))
+
+
 def _row(p: Peer) -> tuple:
     files = p.files
-    listed = [[name, files.sizes[i], files.digest(i).hex()] for i, name in enumerate(files.names)]
+    listed = []
+    for i, name in enumerate(files.names):
+        item = [name, files.sizes[i], files.digest(i).hex()]
+        root = files.root(i)
+        if root is not None:
+            item += [root, files.pieceSize(i)]
+        listed.append(item)
     return (
         p.node, p.host, p.port, p.udp, p.expires, json.dumps(listed),
         p.key, int(p.reachable), p.source, p.tls,
