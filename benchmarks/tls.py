@@ -159,7 +159,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="MiB (default 256)")
     parser.add_argument("--runs", type=int, default=5, help="runs per transport (default 5)")
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="1 MiB, one run each: does it work")
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.runs = 1, 1
     if args.serve:
         serve(args.serve)
         return

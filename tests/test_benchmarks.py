@@ -77,3 +77,19 @@ class RelayBenchmarkTests(SynchronousTestCase):
             "Ed25519 verification",
         ):
             self.assertIn(figure, out)
+
+
+class TransferBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self) -> None:
+        """benchmarks/transfer.py --smoke moves a file by sendfile, TCP and UDP and prints the ratios."""
+        out = smoke(self, "transfer.py")
+        self.assertIn("TCP against sendfile", out)
+        self.assertIn("UDP, 1400 B blocks against TCP", out)
+
+
+class TLSBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self) -> None:
+        """benchmarks/tls.py --smoke fetches over the plain and the TLS port and prints the ratio."""
+        out = smoke(self, "tls.py")
+        self.assertIn("TLS / plain:", out)
+
