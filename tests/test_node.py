@@ -20,9 +20,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2prelay.node import share as share_module
 from p2prelay import wire
 from p2prelay.negotiation import IDLE_TIMEOUT
-from p2prelay.node.server import CHUNK, FileServerFactory
+from p2prelay.node.ratelimit import UploadLimiter
+from p2prelay.node.server import (
+    CHUNK,
+    UPLOAD_RETRY,
+    FileBodyProducer,
+    FileServerFactory,
+    SendfileProducer,
+)
 from p2prelay.node.share import SharedDirectory
+from p2prelay.pieces import MIN_PIECE_SIZE, decodeDigests, rootOf
 from p2prelay.wire import FileEntry
+from tests import test_sendfile
 
 SECRET = b"TOP SECRET: the outside file"
 CLIENT = IPv4Address("TCP", "10.1.2.3", 40000)
@@ -662,3 +671,293 @@ class RegistrationLineTests(SynchronousTestCase):
         [line] = [m for m in lines if m.word == wire.FILE]
         self.assertEqual((line.get("root"), line.get("piece")), (entry.root, "16384"))
         self.assertEqual(wire.fileEntry(line).pieceSize, 16384)
+
+
+class ManifestTests(ServerTestCase):
+    """MANIFEST name=: a file's piece digests, under the same caps and deadlines as GET."""
+
+    PIECE = MIN_PIECE_SIZE
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.share.pieceSize = self.PIECE
+        self.data = os.urandom(3 * self.PIECE + 7)
+        self.write("big.bin", self.data)
+
+    def digests(self, data: bytes) -> list[bytes]:
+        return [hashlib.sha256(data[i : i + self.PIECE]).digest() for i in range(0, len(data), self.PIECE)]
+
+    def manifest(self, name: str = "big.bin", transport=None) -> tuple[wire.Message, bytes, StringTransport]:
+        transport = self.get(wire.request(wire.MANIFEST, name=name), transport)
+        message, body = splitResponse(transport.value())
+        return message, body, transport
+
+    def test_answer(self):
+        """The status line gives size, sha256, root, piece and count; exactly count*32 digest bytes follow; then a close."""
+        self.successResultOf(self.share.scan())
+        message, body, transport = self.manifest()
+        self.assertEqual(message.status, wire.OK)
+        count = message.integer("count")
+        self.assertEqual(count, 4)
+        self.assertEqual(message.integer("size"), len(self.data))
+        self.assertEqual(message.sha256(), sha(self.data))
+        self.assertEqual(message.integer("piece"), self.PIECE)
+        digests = decodeDigests(body, count)
+        self.assertEqual(digests, self.digests(self.data))
+        self.assertEqual(message.sha256("root"), rootOf(len(self.data), self.PIECE, digests))
+        self.assertEqual(message.sha256("root"), self.share.entries["big.bin"].root)
+        self.assertTrue(transport.disconnecting)
+
+    def test_emptyFile(self):
+        """An empty file has a manifest of no pieces: count=0 and no body."""
+        self.write("empty", b"")
+        message, body, _ = self.manifest("empty")
+        self.assertEqual((message.status, message.integer("count"), body), (wire.OK, 0, b""))
+        self.assertEqual(message.sha256("root"), rootOf(0, self.PIECE, []))
+
+    def test_unknownName(self):
+        """MANIFEST of a name the share does not hold is 404."""
+        self.assertRefused(wire.request(wire.MANIFEST, name="nope"), wire.NOT_FOUND)
+
+    def test_escapingName(self):
+        """MANIFEST refuses an escaping name as GET does."""
+        self.assertRefused(wire.request(wire.MANIFEST, name="../x"), wire.BAD_REQUEST)
+
+    def test_missingName(self):
+        """MANIFEST without name= is 400."""
+        self.assertRefused(wire.request(wire.MANIFEST), wire.BAD_REQUEST)
+
+    def test_changedFileHashedAgain(self):
+        """A file changed since the scan is hashed again: the manifest describes what is there now."""
+        self.successResultOf(self.share.scan())
+        new = os.urandom(self.PIECE + 1)
+        self.write("big.bin", new)
+        message, body, _ = self.manifest()
+        self.assertEqual(message.sha256(), sha(new))
+        self.assertEqual(decodeDigests(body, message.integer("count")), self.digests(new))
+
+    def test_changingFileIsBusy(self):
+        """A file that changes while it is hashed for the manifest is answered 503."""
+        growWhileHashing(self, self.write("big.bin", b"growing"))
+        self.assertRefused(wire.request(wire.MANIFEST, name="big.bin"), wire.BUSY)
+
+    def test_countsAsARequest(self):
+        """A MANIFEST holds one of its address's --max-gets-per-address slots while it runs."""
+        self.factory = FileServerFactory(self.share, self.clock, self.cooperator, maxGetsPerAddress=1)
+        threads = SlowThreads()
+        self.factory.share = SharedDirectory(self.root, runInThread=threads, pieceSize=self.PIECE)
+        first = self.get(wire.request(wire.MANIFEST, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        self.assertEqual(first.value(), b"")
+        second = self.get(wire.request(wire.GET, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        message, _ = splitResponse(second.value())
+        self.assertEqual(message.status, wire.BUSY)
+
+    def test_hashingIsNotIdleness(self):
+        """Hashing for a MANIFEST longer than the idle timeout is not the client's idleness."""
+        threads = SlowThreads()
+        self.factory.share = SharedDirectory(self.root, runInThread=threads, pieceSize=self.PIECE)
+        transport = self.get(wire.request(wire.MANIFEST, name="big.bin"))
+        self.clock.advance(IDLE_TIMEOUT * 3)
+        self.assertEqual(transport.value(), b"")
+        threads.pending[0].callback(None)
+        for _ in range(5):
+            self.clock.advance(0)
+        message, body = splitResponse(transport.value())
+        self.assertEqual((message.status, len(body)), (wire.OK, 4 * 32))
+
+    def test_stalledClientDropped(self):
+        """A client that stops reading a large manifest is dropped after the idle timeout."""
+        self.write("huge", b"")
+        self.patch(
+            self.share, "manifest",
+            lambda name: _succeeded((FileEntry("huge", 0, sha(b""), root="a" * 64), _FakeHashes(4 * CHUNK))),
+        )
+        transport = SlowClientTransport()
+        self.get(wire.request(wire.MANIFEST, name="huge"), transport)
+        self.clock.advance(IDLE_TIMEOUT)
+        self.assertTrue(transport.disconnected)
+        self.assertLess(len(transport.value()), 2 * CHUNK)
+
+
+async def _succeeded(value):
+    return value
+
+
+class _FakeHashes:
+    """Hashes with many digests, without hashing a big file."""
+
+    def __init__(self, count: int) -> None:
+        self.digests = [bytes(32)] * count
+
+
+class UploadCapTests(ServerTestCase):
+    """--max-uploads: GETs sending at once, all addresses together."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory = FileServerFactory(self.share, self.clock, self.cooperator, maxUploads=1)
+        self.data = os.urandom(CHUNK * 3)
+        self.write("big.bin", self.data)
+
+    def test_overCapBusy(self):
+        """A GET while N uploads are sending is answered 503 with a retry= hint, and closed."""
+        first = SlowClientTransport(peerAddress=CLIENT)
+        self.get(wire.request(wire.GET, name="big.bin"), first)
+        other = StringTransport(peerAddress=IPv4Address("TCP", "10.9.9.9", 1))
+        self.get(wire.request(wire.GET, name="big.bin"), other)
+        message, rest = splitResponse(other.value())
+        self.assertEqual((message.status, message.retry(), rest), (wire.BUSY, UPLOAD_RETRY, b""))
+        self.assertTrue(other.disconnecting)
+        self.assertEqual(splitResponse(first.value())[0].status, wire.OK)
+
+    def test_slotFreedOnClose(self):
+        """Once an upload's connection closes, the next GET is served."""
+        proto, first = self.connect(SlowClientTransport(peerAddress=CLIENT))
+        proto.dataReceived(wire.request(wire.GET, name="big.bin"))
+        self.clock.advance(0)
+        proto.connectionLost(Failure(ConnectionLost()))
+        second = self.get(wire.request(wire.GET, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        message, body = splitResponse(second.value())
+        self.assertEqual((message.status, body), (wire.OK, self.data))
+
+    def test_manifestNotAnUpload(self):
+        """A MANIFEST is not counted as an upload: it is answered while the cap is full."""
+        self.get(wire.request(wire.GET, name="big.bin"), SlowClientTransport(peerAddress=CLIENT))
+        transport = self.get(wire.request(wire.MANIFEST, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        self.assertEqual(splitResponse(transport.value())[0].status, wire.OK)
+
+    def test_noCapByDefault(self):
+        """Without --max-uploads any number of GETs send at once (within the other caps)."""
+        self.factory = FileServerFactory(self.share, self.clock, self.cooperator)
+        transports = [SlowClientTransport(peerAddress=IPv4Address("TCP", f"10.0.0.{i}", 1)) for i in range(5)]
+        for transport in transports:
+            self.get(wire.request(wire.GET, name="big.bin"), transport)
+        self.assertEqual([splitResponse(t.value())[0].status for t in transports], [wire.OK] * 5)
+
+
+class RateCapTests(ServerTestCase):
+    """--max-rate: one token bucket paces every body the node sends."""
+
+    RATE = 256 * 1024  # bytes per second
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.limiter = UploadLimiter(self.clock, self.RATE)
+        self.factory = FileServerFactory(self.share, self.clock, self.cooperator, limiter=self.limiter)
+        self.data = os.urandom(4 * self.RATE)
+        self.write("big.bin", self.data)
+
+    def start(self, peer=CLIENT) -> StringTransport:
+        transport = StringTransport(peerAddress=peer)
+        self.get(wire.request(wire.GET, name="big.bin"), transport)
+        return transport
+
+    def assertWithin(self, value: float, expected: float, margin: float) -> None:
+        # trial's assertAlmostEqual ignores delta=
+        self.assertLessEqual(abs(value - expected), margin, f"{value} is not {expected} +- {margin}")
+
+    def elapse(self, seconds: float, step: float = 0.05) -> None:
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def body(self, transport) -> bytes:
+        return splitResponse(transport.value())[1]
+
+    def test_rateHolds(self):
+        """A body goes out at the capped rate, within 10 %, and arrives whole."""
+        transport = self.start()
+        self.elapse(3)
+        self.assertWithin(len(self.body(transport)) / 3, self.RATE, self.RATE * 0.1)
+        self.elapse(2)
+        self.assertEqual(self.body(transport), self.data)
+        self.assertTrue(transport.disconnecting)
+
+    def test_sharedFairly(self):
+        """Two clients share the cap: together at the rate, each about half."""
+        one = self.start(IPv4Address("TCP", "10.0.0.1", 1))
+        two = self.start(IPv4Address("TCP", "10.0.0.2", 1))
+        self.elapse(3)
+        a, b = len(self.body(one)), len(self.body(two))
+        self.assertWithin((a + b) / 3, self.RATE, self.RATE * 0.1)
+        # The first to start has the burst to itself: a chunk or two ahead.
+        self.assertWithin(a, b, (a + b) / 2 * 0.15)
+
+    def test_manifestPaced(self):
+        """A MANIFEST's body is paced by the same bucket."""
+        self.start()
+        self.elapse(1)
+        sent = self.limiter.sent
+        self.share.pieceSize = MIN_PIECE_SIZE
+        self.get(wire.request(wire.MANIFEST, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        self.assertGreater(self.limiter.sent, sent)
+
+    def test_pausedIsNotIdle(self):
+        """Waiting on the bucket is not a stalled client: a body paced slower than the idle timeout is never cut."""
+        self.factory = FileServerFactory(
+            self.share, self.clock, self.cooperator, idleTimeout=0.5,
+            limiter=UploadLimiter(self.clock, 16 * 1024),  # a 16 KiB chunk per second
+        )
+        self.data = os.urandom(16 * 1024 * 4)
+        self.write("big.bin", self.data)
+        transport = self.start()
+        self.elapse(6)
+        self.assertEqual(self.body(transport), self.data)
+
+    def test_stalledClientStillDropped(self):
+        """A client that stops reading is dropped after the idle timeout even under a rate cap."""
+        transport = SlowClientTransport(peerAddress=CLIENT)
+        self.get(wire.request(wire.GET, name="big.bin"), transport)
+        self.elapse(IDLE_TIMEOUT + 1, step=0.5)
+        self.assertTrue(transport.disconnected)
+        self.assertLess(len(self.body(transport)), len(self.data))
+
+
+class RealConnectionTests(test_sendfile.ProducerTestCase):
+    """On a real TCP connection: piece-sized ranges by sendfile, and the read path under a rate cap."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        root = self.path.parent / "share"
+        root.mkdir()
+        (root / "big.bin").write_bytes(self.data)
+        self.share = SharedDirectory(root, runInThread=syncThread, pieceSize=MIN_PIECE_SIZE * 64)
+        cooperator = Cooperator(scheduler=lambda f: self.reactor.callLater(0, f))
+        self.addCleanup(cooperator.stop)
+        self.factory = FileServerFactory(self.share, self.reactor, cooperator)
+
+    def get(self, request: bytes) -> None:
+        self.connect()
+        self.proto = self.factory.buildProtocol(CLIENT)
+        self.connection.protocol = self.proto
+        self.proto.makeConnection(self.connection)
+        self.proto.dataReceived(request)
+        self.reactor.advance(0)
+
+    def test_pieceRangeBySendfile(self):
+        """A GET of one piece (offset= and length= of a piece) goes out by sendfile, exactly its bytes."""
+        piece = self.share.pieceSize
+        self.get(wire.request(wire.GET, name="big.bin", offset=piece, length=piece))
+        self.assertIsInstance(self.proto._producer, SendfileProducer)
+        self.pump()
+        head, _, body = bytes(self.peer.received).partition(b"\n")
+        self.assertEqual(wire.parseLine(head).integer("length"), piece)
+        self.assertEqual(body, self.data[piece : 2 * piece])
+        self.assertGreater(self.calls, 0)
+
+    def test_rateCapReads(self):
+        """Under a rate cap a plain TCP body is read and written (sendfile's bytes could not be paced)."""
+        self.factory.limiter = UploadLimiter(self.reactor, 1024 * 1024)
+        self.get(wire.request(wire.GET, name="big.bin"))
+        self.assertIsInstance(self.proto._producer, FileBodyProducer)
+        self.assertEqual(self.calls, 0)
+
+    def test_manifestOnTCP(self):
+        """A MANIFEST on plain TCP arrives whole (its body is in memory, never by sendfile)."""
+        self.get(wire.request(wire.MANIFEST, name="big.bin"))
+        for _ in range(10):
+            self.reactor.advance(0)
+            self.pump()
+        head, _, body = bytes(self.peer.received).partition(b"\n")
+        message = wire.parseLine(head)
+        self.assertEqual(len(body), 32 * message.integer("count"))
+        self.assertEqual(message.integer("count"), 4)  # 3 MiB and a bit, in 1 MiB pieces

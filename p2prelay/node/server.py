@@ -1,5 +1,7 @@
 """
-The peer node's file server: one GET per connection, the body streamed raw.
+The peer node's file server: one request per connection -- ``GET`` (a file
+or a range of it) or ``MANIFEST`` (a file's piece digests) -- the body
+streamed raw.
 
 It also answers a relay's dial-back, ``PROVE nonce=N``, with the node's
 public key and its signature over the nonce (see ``relay/dialback.py``).
@@ -11,11 +13,19 @@ kernel (``os.sendfile``) whenever the socket is writable; anywhere else (TLS,
 test transports, no ``sendfile``) :class:`FileBodyProducer` pushes chunks
 read in Python.  Either way the file is never read into memory and a slow
 client throttles the sender through the transport's flow control.
+
+Two node-wide caps apply to bodies: ``maxUploads`` (GETs sending at once;
+one more is answered ``503 retry=``) and ``limiter``, an
+:class:`~p2prelay.node.ratelimit.UploadLimiter` every body is written
+through.  The limiter paces push producers by pausing them, and sendfile
+moves bytes without a write the limiter could count, so with a rate cap
+bodies take the read path in chunks of about the limiter's burst.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 from typing import IO, Callable, Optional
 
@@ -27,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .. import identity, wire
+from .. import identity, pieces, wire
 from ..limits import (
     NODE_MAX_CONNECTIONS,
     NODE_MAX_GETS_PER_ADDRESS,
@@ -36,6 +46,7 @@ from ..limits import (
     ConnectionLimit,
 )
 from ..negotiation import CLOSE_DEADLINE, IDLE_TIMEOUT, REQUEST_DEADLINE, NegotiationProtocol
+from .ratelimit import LimitedConsumer, UploadLimiter
 from .share import SharedDirectory
 
 CHUNK = 256 * 1024  # measured: 256 KiB writes cost far less CPU than 16 KiB ones
@@ -46,6 +57,8 @@ SENDFILE_BATCH = 4 * 1024 * 1024
 _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK, errno.EBADF}
 _TRY_LATER = {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR}
 HAVE_SENDFILE = hasattr(os, "sendfile")
+MIN_CHUNK = 16 * 1024  # the smallest read under a rate cap
+UPLOAD_RETRY = 2  # seconds (retry=) told to a GET refused over --max-uploads
 
 
 def sendfileSocket(transport: object, f: IO[bytes]) -> Optional[int]:
@@ -288,7 +301,8 @@ class FileBodyProducer:
 
 class FileServerProtocol(NegotiationProtocol):
     """
-    Serve one ``GET name=... [offset=...] [length=...]`` and close.
+    Serve one ``GET name=... [offset=...] [length=...]`` or
+    ``MANIFEST name=...`` (or a relay's ``PROVE``) and close.
     """
 
     log = Logger()
@@ -300,6 +314,7 @@ class FileServerProtocol(NegotiationProtocol):
         self.deadline = factory.requestDeadline
         self.closeDeadline = factory.closeDeadline
         self._producer: FileBodyProducer | SendfileProducer | None = None
+        self._stopper: object = None  # what connectionLost stops: the producer, or its limited consumer
         self._requested = False
         self._lost = False
 
@@ -320,9 +335,18 @@ class FileServerProtocol(NegotiationProtocol):
             if message.word == wire.PROVE and self.factory.key is not None:
                 self._prove(message)
                 return
+            if message.word == wire.MANIFEST:
+                await self._manifest(message)
+                return
             if message.word != wire.GET:
-                raise wire.ProtocolError(wire.BAD_REQUEST, f"a peer node answers GET, not {message.word}")
+                raise wire.ProtocolError(
+                    wire.BAD_REQUEST, f"a peer node answers GET and MANIFEST, not {message.word}"
+                )
             name = message.name()
+            if self.factory.uploads is not None and not self.takeSlot(
+                self.factory.uploads, "too many uploads at once", retry=UPLOAD_RETRY
+            ):
+                return
             # Hashing a changed file is the server's wait, not client idleness.
             self.setTimeout(None)
             f, entry = await self.factory.share.open(name)
@@ -366,12 +390,56 @@ class FileServerProtocol(NegotiationProtocol):
                 length=length,
             )
         )
-        if sendfileSocket(self.transport, f) is not None:
+        await self._sendBody(name, f, offset, length)
+
+    async def _manifest(self, message: wire.Message) -> None:
+        """
+        ``MANIFEST name=``: the file's size, digest, root, piece size and
+        count on the status line, then the count's 32-byte piece digests.
+        """
+        name = message.name()
+        self.setTimeout(None)  # hashing a changed file is our wait
+        entry, hashes = await self.factory.share.manifest(name)
+        if self.finished or self._lost:
+            return
+        self.setTimeout(self.idleTimeout)
+        body = pieces.encodeDigests(hashes.digests)
+        count = len(hashes.digests)
+        self.log.info(
+            "sending the manifest of {name} ({count} pieces) to {peer}",
+            name=name,
+            count=count,
+            peer=self.peerName(),
+        )
+        self.transport.write(
+            wire.status(
+                wire.OK,
+                f"{count} pieces",
+                size=entry.size,
+                sha256=entry.sha256,
+                root=entry.root,
+                piece=entry.pieceSize,
+                count=count,
+            )
+        )
+        await self._sendBody(name, io.BytesIO(body), 0, len(body))
+
+    async def _sendBody(self, name: str, f: IO[bytes], offset: int, length: int) -> None:
+        """``length`` bytes of ``f`` from ``offset``, by sendfile when it can, then close."""
+        limiter = self.factory.limiter
+        if limiter is None and sendfileSocket(self.transport, f) is not None:
             self._producer = SendfileProducer(f, offset, length, self.resetTimeout)
+            self._stopper = self._producer
             started = self._producer.start(self.transport)
         else:
-            self._producer = FileBodyProducer(f, offset, length, self.factory.cooperator)
-            started = self._producer.start(_ResettingConsumer(self))
+            consumer = _ResettingConsumer(self)
+            chunk = CHUNK
+            if limiter is not None:
+                consumer = limiter.wrap(consumer)
+                chunk = max(MIN_CHUNK, min(CHUNK, int(limiter.burst)))
+            self._producer = FileBodyProducer(f, offset, length, self.factory.cooperator, chunk=chunk)
+            self._stopper = consumer if limiter is not None else self._producer
+            started = self._producer.start(consumer)
         try:
             await started
         except Exception as e:
@@ -401,6 +469,11 @@ class FileServerProtocol(NegotiationProtocol):
         if self._producer is None:
             super().timeoutConnection()
             return
+        stopper = self._stopper
+        if isinstance(stopper, LimitedConsumer) and stopper.bucketPaused and not stopper.transportPaused:
+            # Waiting for the upload cap's turn: our wait, not the client's.
+            self.resetTimeout()
+            return
         # The status line is out: a 408 now would land inside the body, and a
         # graceful close would wait forever on a client that stopped reading.
         self.log.info("dropping stalled transfer to {peer}", peer=self.peerName())
@@ -414,8 +487,8 @@ class FileServerProtocol(NegotiationProtocol):
     def connectionLost(self, reason: Failure = None) -> None:
         super().connectionLost(reason)
         self._lost = True
-        if self._producer is not None:
-            self._producer.stopProducing()
+        if self._stopper is not None:
+            self._stopper.stopProducing()
 
 
 class _ResettingConsumer:
@@ -454,6 +527,8 @@ class FileServerFactory(Factory):
         requestDeadline: float = REQUEST_DEADLINE,
         idleTimeout: float = IDLE_TIMEOUT,
         closeDeadline: float = CLOSE_DEADLINE,
+        maxUploads: Optional[int] = None,
+        limiter: Optional[UploadLimiter] = None,
     ) -> None:
         self.share = share
         self.requestDeadline = requestDeadline  # seconds for the request line
@@ -464,6 +539,9 @@ class FileServerFactory(Factory):
         self.key = key  # answers a relay's PROVE; None: PROVE is refused like any non-GET
         self.connections = ConnectionLimit(clock, maxConnections, maxPerAddress, what="peernode")
         self.gets = AddressCounter(maxGetsPerAddress)
+        # GETs sending at once, all addresses together (None: no cap).
+        self.uploads = None if maxUploads is None else AddressCounter(maxUploads, maxUploads)
+        self.limiter = limiter  # the node's upload cap, shared by every body (None: none)
 
     def buildProtocol(self, addr: object):
         return self.connections.build(addr, lambda: FileServerProtocol(self))
