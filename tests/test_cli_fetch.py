@@ -64,6 +64,9 @@ class FakeFetcher:
 
     reactor = None  # so the real save() writes its Download in this thread
     save = Fetcher.save
+    stream = Fetcher.stream
+    transfer = None
+    sources = 4
 
     def __init__(
         self,
@@ -100,7 +103,11 @@ class FakeFetcher:
             raise self.errors["search"]
         return self.listing, self.truncated
 
-    async def fetch(self, name: str, sink) -> Fetched:
+    async def holders(self, name: str) -> List[PeerAddress]:
+        """Nobody listed with a root: save() and stream() go the single-source way, to fetch()."""
+        return []
+
+    async def fetch(self, name: str, sink, holders=None) -> Fetched:
         self.asked.append(("fetch", name))
         self.inFlight += 1
         self.mostInFlight = max(self.mostInFlight, self.inFlight)
@@ -913,7 +920,7 @@ class VisibleOutputTests(CommandTestCase):
         """The "saved" line shows the peer's address escaped."""
 
         class HostileHost(FakeFetcher):
-            async def fetch(inner, name, sink):
+            async def fetch(inner, name, sink, holders=None):
                 fetched = await FakeFetcher.fetch(inner, name, sink)
                 return attrs.evolve(fetched, peer=f"h{ESC}[2J:5001")
 

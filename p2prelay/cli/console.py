@@ -15,7 +15,7 @@ import sys
 from typing import IO, Any, Callable, Iterable, Optional
 
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.stdio import StandardIO
 from twisted.protocols.basic import FileSender, LineReceiver
 from zope.interface import implementer
@@ -65,6 +65,51 @@ class _StdoutSender(FileSender):
     """
 
     CHUNK_SIZE = 256 * 1024
+
+
+@implementer(IPushProducer)
+class StdoutStream:
+    """
+    Bytes to stdout as they come (a download printed piece by piece): a
+    push producer to the stdout transport, so :attr:`paused` says when the
+    reader is behind (the writer should then stop fetching more) and
+    :attr:`onResume` is called when it has caught up.  :attr:`closed` is
+    set once the reader went away ('| head'); later writes are dropped.
+    """
+
+    def __init__(self, console: "Console") -> None:
+        self.console = console
+        self.paused = False
+        self.closed = console.stdoutClosed
+        self.onResume: Callable[[], None] = lambda: None
+        self.registered = False
+        if not self.closed:
+            console.stdio.registerProducer(self, True)
+            self.registered = True
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.console.stdio.write(data)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.onResume()
+
+    def stopProducing(self) -> None:
+        # The reader closed stdout.
+        self.closed = True
+        self.registered = False
+        self.console.stdoutClosed = True
+        self.onResume()
+
+    def close(self) -> None:
+        """Done writing: let go of stdout (its bytes still drain)."""
+        if self.registered:
+            self.registered = False
+            self.console.stdio.unregisterProducer()
 
 
 def writeStderr(text: str) -> None:
@@ -185,6 +230,10 @@ class Console:
 
     async def readLine(self) -> object:
         return await self.terminal.lines.get()
+
+    def stream(self) -> StdoutStream:
+        """stdout as a stream to write bytes into as they come; :meth:`StdoutStream.close` it."""
+        return StdoutStream(self)
 
     async def send(self, f: IO[bytes]) -> None:
         """Stream an open file to stdout; returns once it is all written. Closes f."""

@@ -12,24 +12,26 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, gatherResults
 from twisted.internet.interfaces import IReactorThreads, IStreamClientEndpoint
 from zope.interface import implementer
 
 from .. import __version__, wire
 from ..addresses import AddressError, checkClientAddress, clientEndpoint, parseHostPort
-from ..client.download import DestinationError, Download, destination
+from ..client.download import DestinationError, Download, VerificationError, destination
 from ..client.relay import secretProver
 from ..client.fetcher import (
     CONNECT_TIMEOUT,
     MAX_HOLDERS,
     PEER_TIMEOUT,
+    SOURCES,
     SPEED_LIMIT,
     SPEED_TIME,
     Fetched,
@@ -38,12 +40,14 @@ from ..client.fetcher import (
     PeerAddress,
     RelayUnreachable,
 )
+from ..client.swarm import Interrupted, keptMessage
 from .console import EOF, Console, splitNames, visible
 
 EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
 EXIT_USAGE = 2  # argparse exits with this status on usage errors
 EXIT_RELAY = 3
+EXIT_SIGNAL = 128  # + the signal's number: 130 after Ctrl-C (SIGINT), 143 after SIGTERM
 
 # The UDP block sizes, as p2prelay.udp has them (test_cli_fetch checks): the
 # UDP code is imported only by a fetch that uses it.
@@ -61,10 +65,18 @@ exit status:
   1  some file could not be fetched (not found, every peer failed, exists)
   2  usage error
   3  the relay could not be reached
+  130  interrupted (Ctrl-C; 143 after SIGTERM)
 
 With one NAME and no -o, the verified file's bytes are written to stdout and
-nothing else is. With no NAME, an interactive prompt (on stderr) asks for
-names until EOF or 'quit'.
+nothing else is; a file of several pieces is written piece by piece, each as
+soon as it is verified (several NAMEs are each fetched whole first, and
+printed in the order given). With no NAME, an interactive prompt (on stderr)
+asks for names until EOF or 'quit'.
+
+With -o, a file of several pieces is downloaded into NAME.part beside its
+final name, with a journal of the verified pieces (NAME.part.journal); an
+interrupted or failed download keeps both, and the next p2p-fetch -o of the
+same name resumes with only the missing pieces (--no-resume starts over).
 """
 
 
@@ -90,6 +102,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", metavar="DIR", help="save files into DIR instead of printing")
     p.add_argument("--force", action="store_true", help="with -o, replace files that exist")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="with -o, ignore (and remove) what an interrupted download of the same file kept",
+    )
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=SOURCES,
+        metavar="N",
+        help=f"holders a file of several pieces is fetched from at once (default {SOURCES}; "
+        "1: one peer at a time)",
+    )
     p.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="files fetched at once (default 4)"
     )
@@ -191,6 +216,8 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--speed-time must be positive")
     if args.max_holders < 1:
         p.error("--max-holders must be at least 1")
+    if args.sources < 1:
+        p.error("--sources must be at least 1")
     args.secret = None
     if args.secret_file:
         from ..identity import IdentityError, loadSecret
@@ -214,6 +241,8 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
             p.error("--relay: with --relay-ca, give the relay as HOST:PORT")
     if args.force and not args.output:
         p.error("--force only makes sense with -o DIR")
+    if args.no_resume and not args.output:
+        p.error("--no-resume only makes sense with -o DIR")
     if args.json and args.names and not args.output:
         p.error("--json with file names needs -o DIR (stdout carries the JSON)")
     if (args.peers or args.list is not None) and args.names:
@@ -289,6 +318,7 @@ def buildFetcher(
         speedTime=args.speed_time,
         maxHolders=args.max_holders,
         prover=secretProver(args.secret) if getattr(args, "secret", None) else None,
+        sources=getattr(args, "sources", SOURCES),
     )
     if args.udp:
         fetcher.transfer = functools.partial(fetcher.transferUDP, blockSize=args.udp_block)
@@ -314,6 +344,11 @@ class Client:
         self.failed = 0
         self.fetcher = fetcher if fetcher is not None else buildFetcher(reactor, args, console.err)
         self.semaphore = DeferredSemaphore(args.parallel)
+        # Ctrl-C: the signal's number, the work to cancel, what stays for a resume.
+        self.interrupted: Optional[int] = None
+        self.running: set[Deferred] = set()
+        self.kept = 0
+        self.total = 0
 
     def out(self, line: str) -> None:
         """A line of a listing on stdout, made visible."""
@@ -355,38 +390,59 @@ class Client:
 
     # Fetching.
 
-    async def fetchOne(self, name: str) -> Optional[tuple[Fetched, Download]]:
+    async def fetchOne(self, name: str, stream: bool = False) -> Optional[tuple[Fetched, Optional[Download]]]:
         """Fetch one file; report and count a failure instead of raising."""
-        async with self.semaphore:
-            try:
-                return await self._fetchOne(name)
-            except RelayUnreachable as e:
-                self.relayUnreachable = True
-                self._failure(name, f"relay {self.args.relay} unreachable: {e}")
-            except NotFetched as e:
-                self._failure(name, e.why, e.attempts)
-            except (DestinationError, OSError) as e:
-                self._failure(name, str(e))
-            except wire.ProtocolError as e:
-                self._failure(name, f"relay answered {e}")
-            return None
+        try:
+            async with self.semaphore:
+                return await self._fetchOne(name, stream)
+        except Interrupted as e:
+            self.kept += e.kept
+            self.total += e.total
+        except CancelledError:
+            pass  # interrupted before it began
+        except RelayUnreachable as e:
+            self.relayUnreachable = True
+            self._failure(name, f"relay {self.args.relay} unreachable: {e}")
+        except NotFetched as e:
+            self._failure(name, e.why, e.attempts)
+        except (DestinationError, OSError, VerificationError) as e:
+            self._failure(name, str(e))
+        except wire.ProtocolError as e:
+            self._failure(name, f"relay answered {e}")
+        return None
 
-    async def _fetchOne(self, name: str) -> tuple[Fetched, Optional[Download]]:
-        """Save into -o DIR, or fetch into a temporary file kept for printing."""
+    def _tempSink(self) -> Download:
+        # Written on a thread of its own when the reactor can take calls from one.
+        threads = self.reactor if IReactorThreads.providedBy(self.reactor) else None
+        return Download(Path(tempfile.gettempdir()), threads)
+
+    async def _fetchOne(self, name: str, stream: bool = False) -> tuple[Fetched, Optional[Download]]:
+        """
+        Save into -o DIR; or print, piece by piece as they verify when
+        ``stream`` and the file has pieces; or fetch into a temporary file
+        kept for printing.
+        """
         if not self.args.output:
-            # Written on a thread of its own when the reactor can take calls from one.
-            threads = self.reactor if IReactorThreads.providedBy(self.reactor) else None
-            sink = Download(Path(tempfile.gettempdir()), threads)
+            if not stream:
+                sink = self._tempSink()
+                try:
+                    return await self.fetcher.fetch(name, sink), sink
+                except BaseException:
+                    sink.discard()
+                    raise
+            writer = self.console.stream()
             try:
-                return await self.fetcher.fetch(name, sink), sink
-            except BaseException:
-                sink.discard()
-                raise
+                return await self.fetcher.stream(name, writer, self._tempSink)
+            finally:
+                writer.close()
         final = destination(Path(self.args.output), name)
         if final.exists() and not self.args.force:
             raise DestinationError(f"{final} exists (use --force to replace it)")
-        result = await self.fetcher.save(name, final, force=self.args.force)
-        self.err(f"saved {name} ({result.size} bytes from {result.peer}) to {final}")
+        result = await self.fetcher.save(
+            name, final, force=self.args.force, resume=not self.args.no_resume
+        )
+        source = result.peer if len(result.peers) < 2 else f"{len(result.peers)} peers"
+        self.err(f"saved {name} ({result.size} bytes from {source}) to {final}")
         if self.args.json:
             self.outJSON(self._record(result, path=str(final)))
         return result, None
@@ -416,26 +472,52 @@ class Client:
                 }
             )
 
+    def _start(self, coroutine) -> Deferred:
+        """Run ``coroutine``, cancelled should the run be interrupted."""
+        d = Deferred.fromCoroutine(coroutine)
+        if not d.called:
+            self.running.add(d)
+            d.addBoth(lambda result: (self.running.discard(d), result)[1])
+        return d
+
+    def interrupt(self, signum: int) -> None:
+        """Ctrl-C (or SIGTERM): cancel what runs; what can be resumed is kept."""
+        if self.interrupted is not None:
+            return
+        self.interrupted = signum
+        for d in list(self.running):
+            d.cancel()
+
     async def fetchAll(self, names: List[str]) -> None:
-        """Fetch in parallel; print to stdout in the order asked."""
-        results = await gatherResults(
-            [Deferred.fromCoroutine(self.fetchOne(n)) for n in names]
-        )
-        for outcome in results:
-            if outcome is None or self.args.output:
-                continue
-            result, sink = outcome
-            try:
+        """
+        Fetch in parallel; print to stdout in the order asked.  One name
+        alone is streamed (a file of pieces is printed as they verify);
+        several are each fetched whole into a temporary file first.
+        """
+        stream = len(names) == 1 and not self.args.output
+        results = await gatherResults([self._start(self.fetchOne(n, stream)) for n in names])
+        outcomes = [o for o in results if o is not None and o[1] is not None]
+        try:
+            for result, sink in outcomes:
+                if self.interrupted is not None:
+                    break
                 if len(names) > 1:
                     self.err(f"==> {result.name} <==")
-                await self.console.send(sink.open())
-            finally:
+                await self._start(self.console.send(sink.open()))
+        except CancelledError:
+            pass
+        finally:
+            for _, sink in outcomes:
                 sink.discard()
 
     async def interact(self) -> None:
-        while True:
+        while self.interrupted is None:
             self.console.prompt(PROMPT)
-            line = await self.console.readLine()
+            try:
+                line = await self._start(self.console.readLine())
+            except CancelledError:
+                self.err("")
+                return
             if line is EOF:
                 self.err("")
                 return
@@ -452,7 +534,14 @@ class Client:
             if good:
                 await self.fetchAll(good)
 
+    def interruptedMessage(self) -> str:
+        if not self.args.output:
+            return "interrupted"
+        return f"interrupted; {keptMessage(self.kept, self.total)}"
+
     def exitCode(self) -> int:
+        if self.interrupted is not None:
+            return EXIT_SIGNAL + self.interrupted
         if self.relayUnreachable:
             return EXIT_RELAY
         return EXIT_NOT_FETCHED if self.failed else EXIT_OK
@@ -463,18 +552,24 @@ async def run(
     args: argparse.Namespace,
     console: Optional[Console] = None,
     fetcher: Optional[Fetcher] = None,
+    interrupt: Optional[Deferred] = None,
 ) -> int:
     """
     One p2p-fetch run of parsed ``args``; returns the exit status.
 
     ``console`` (the terminal) and ``fetcher`` (the network) default to the
-    real ones; tests pass fakes.
+    real ones; tests pass fakes.  When ``interrupt`` fires (with a signal's
+    number), the run stops: downloads in progress are cancelled, what they
+    verified stays for a resume (with -o), ``interrupted; N of M MiB kept
+    for resume`` goes to stderr and the status is 128 + the number.
     """
     if console is None:
         interactive = not (args.names or args.peers or args.list is not None)
         console = Console(reactor, interactive)
     client = Client(reactor, args, console, fetcher)  # parseArgs has checked --relay
     err = console.err
+    if interrupt is not None:
+        interrupt.addCallback(client.interrupt)
     try:
         if args.peers:
             await client.listPeers()
@@ -490,7 +585,11 @@ async def run(
     except wire.ProtocolError as e:
         err(f"p2p-fetch: relay answered {e}")
         client.failed += 1
+    except CancelledError:
+        pass  # interrupted while asking the relay
     finally:
+        if client.interrupted is not None:
+            err(f"p2p-fetch: {client.interruptedMessage()}")
         await console.close()
     return client.exitCode()
 
@@ -532,12 +631,35 @@ def installReactor(tls: bool) -> None:
         sys.meta_path.remove(finder)
 
 
+def catchSignals(reactor, interrupt: Deferred) -> None:
+    """
+    SIGINT and SIGTERM fire ``interrupt`` with their number (in place of
+    the reactor's own handlers, which would just stop it and have every
+    transfer in flight fail as if its peer had).  A second one ends the
+    process at once.
+    """
+
+    def fire(signum: int) -> None:
+        if not interrupt.called:
+            interrupt.callback(signum)
+
+    def handler(signum: int, frame: object) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        reactor.callFromThread(fire, signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parseArgs(sys.argv[1:] if argv is None else argv)
     installReactor(needsTLS(args))
 
     async def start(reactor) -> None:
-        code = await run(reactor, args)
+        interrupt: Deferred = Deferred()
+        reactor.callWhenRunning(catchSignals, reactor, interrupt)
+        code = await run(reactor, args, interrupt=interrupt)
         if code:
             raise SystemExit(code)
 

@@ -34,8 +34,9 @@ from twisted.python.failure import Failure
 
 from .. import wire
 from ..addresses import TCPClient
-from ..negotiation import IncompleteAnswer, _OneShotFactory
-from .download import Download, VerificationError
+from ..negotiation import IncompleteAnswer, _OneShotFactory, negotiate
+from ..pieces import PIECE_SIZE
+from .download import Download, NoSpace, VerificationError, freeSpace, human
 from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol, TooSlow
 from .relay import IncompleteReply, ProofNeeded, Prover, query
 
@@ -44,6 +45,8 @@ CONNECT_TIMEOUT = 3.0  # seconds to connect to a peer, and again for its status 
 STAGGER = 0.25  # seconds between the starts of two connection attempts (RFC 8305)
 ATTEMPTS_AT_ONCE = 3  # connection attempts in flight at once
 MAX_HOLDERS = 16  # peers contacted per file, at most
+SOURCES = 4  # holders a multi-piece file is fetched from at once (--sources)
+MIN_PIECES = 2  # files of fewer pieces are fetched in one request, from one peer
 
 
 class NoUDP(Exception):
@@ -88,6 +91,9 @@ class PeerAddress:
     sha256: Optional[str] = attrs.field(default=None, eq=False)
     tls: Optional[int] = attrs.field(default=None, eq=False)
     key: Optional[str] = attrs.field(default=None, eq=False)
+    # The root of the pieces it holds, and their size (WHOHAS, when listed).
+    root: Optional[str] = attrs.field(default=None, eq=False)
+    piece: int = attrs.field(default=PIECE_SIZE, eq=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -97,15 +103,19 @@ class PeerAddress:
     def fromMessage(cls, message: wire.Message) -> "PeerAddress":
         udp = message.get("udp")
         listed = message.get("sha256") is not None
+        size = message.integer("size") if listed else None
+        root, piece = wire.pieceLayout(message, size) if listed else (None, PIECE_SIZE)
         return cls(
             host=message.require("host"),
             port=message.port(),
             node=message.get("node", "") or "",
             udp=message.port("udp") if udp else None,
-            size=message.integer("size") if listed else None,
+            size=size,
             sha256=message.sha256() if listed else None,
             tls=message.port("tls") if message.get("tls") else None,
             key=message.publicKey() if message.get("tls") else None,
+            root=root,
+            piece=piece,
         )
 
     @property
@@ -130,6 +140,9 @@ class Fetched:
     peer: str
     attempts: List[Attempt]
     seconds: float
+    # Every peer that sent pieces (a multi-source download), else just ``peer``.
+    peers: List[str] = attrs.field(factory=list)
+    resumed: int = 0  # bytes already on disk from an earlier run
 
 
 def describe(e: BaseException) -> str:
@@ -202,6 +215,8 @@ class Fetcher:
         attemptsAtOnce: int = ATTEMPTS_AT_ONCE,
         stagger: float = STAGGER,
         prover: Optional[Prover] = None,
+        sources: int = SOURCES,
+        runInThread: Optional[Callable[..., Deferred]] = None,
     ) -> None:
         self.reactor = reactor
         self.relay = relay
@@ -219,6 +234,8 @@ class Fetcher:
         # Node ids never to fetch from: a peer's own node, in p2p-peer.
         self.exclude = frozenset(exclude)
         self.peerEndpoint = peerEndpoint or self._endpoint
+        self.sources = sources
+        self.runInThread = runInThread or _threadRunner(reactor)
 
     def _endpoint(self, peer: PeerAddress):
         """
@@ -292,27 +309,79 @@ class Fetcher:
         *,
         force: bool = False,
         onStart: Callable[[Download], None] = lambda sink: None,
+        resume: Optional[bool] = None,
     ) -> Fetched:
         """
-        Fetch ``name`` to ``final``: into a temporary file beside it, renamed
-        into place only once verified (never over an existing file unless
-        ``force``).  Nothing is left behind when it fails, not even the
-        folders made for it.  ``onStart`` sees the download, e.g. to show
-        its progress.
+        Fetch ``name`` to ``final``, never over an existing file unless
+        ``force``.
+
+        With ``resume`` True or False (p2p-fetch -o), a file of two pieces
+        or more whose holders list a root goes piece by piece (from up to
+        :attr:`sources` holders at once) into ``NAME.part`` beside
+        ``final``, with a journal of the verified pieces: a failed or
+        interrupted download keeps both, and the next save of the same name
+        and root with ``resume`` fetches only the missing pieces;
+        ``resume=False`` (``--no-resume``) starts over.  With ``resume``
+        None (p2p-peer, saving into a folder its node shares, whose scan
+        would announce a ``NAME.part``), and for anything else, it goes as before: into a temporary file, renamed into
+        place only once verified, nothing left behind when it fails, not
+        even the folders made for it; ``onStart`` sees that download, e.g.
+        to show its progress.  Cancelling raises :class:`~.swarm.Interrupted`.
         """
+        wire.checkName(name)
+        holders = await self.holders(name)
+        if self.transfer is None and resume is not None:
+            attempt = _FetchAttempt(self, name, None)
+            plan = await attempt.plan(holders)
+            if plan is not None:
+                return await attempt.savePieces(*plan, final, force=force, resume=resume)
         sink = Download(final.parent, self.reactor, name=name)
         onStart(sink)
         try:
-            result = await self.fetch(name, sink)
+            result = await self.fetch(name, sink, holders=holders)
             sink.commit(final, force=force)
+        except CancelledError:
+            sink.discard()
+            raise _interrupted(name, sink) from None
         except BaseException:
             sink.discard()
             raise
         return result
 
-    async def fetch(self, name: str, sink: Download) -> Fetched:
+    async def stream(
+        self, name: str, writer, makeSink: Callable[[], Download]
+    ) -> Tuple[Fetched, Optional[Download]]:
         """
-        Fetch ``name`` into ``sink``, verified, trying peer after peer.
+        Fetch ``name`` for stdout.  A file of two pieces or more whose
+        holders list a root, with :attr:`sources` above 1, is written to
+        ``writer`` (the console's stdout stream) piece by piece in order as
+        each verifies, and ``(result, None)`` returned; anything else goes
+        into ``makeSink()`` as before, returned verified for the caller to
+        print.  Cancelling raises :class:`~.swarm.Interrupted`.
+        """
+        wire.checkName(name)
+        holders = await self.holders(name)
+        if self.transfer is None and self.sources > 1:
+            attempt = _FetchAttempt(self, name, None)
+            plan = await attempt.plan(holders)
+            if plan is not None:
+                return await attempt.streamPieces(*plan, writer), None
+        sink = makeSink()
+        try:
+            return await self.fetch(name, sink, holders=holders), sink
+        except CancelledError:
+            sink.discard()
+            raise _interrupted(name, sink) from None
+        except BaseException:
+            sink.discard()
+            raise
+
+    async def fetch(
+        self, name: str, sink: Download, holders: Optional[List[PeerAddress]] = None
+    ) -> Fetched:
+        """
+        Fetch ``name`` into ``sink``, verified, trying peer after peer
+        (the ``holders`` the relay lists, asked for unless given).
 
         Raises :class:`RelayUnreachable`, :class:`NotFetched`, or
         :class:`~p2prelay.client.download.NoSpace` when no listed copy fits.
@@ -320,13 +389,32 @@ class Fetcher:
         wire.checkName(name)
         sink.name = sink.name or name
         attempt = _FetchAttempt(self, name, sink)
-        return await attempt.run()
+        return await attempt.run(holders)
+
+
+def _threadRunner(reactor) -> Callable[..., Deferred]:
+    """Run blocking work on the reactor's thread pool, or at once without threads (tests)."""
+    from twisted.internet.interfaces import IReactorThreads
+
+    if IReactorThreads.providedBy(reactor):
+        from twisted.internet.threads import deferToThreadPool
+
+        return lambda f, *args, **kw: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kw)
+    from twisted.internet.defer import maybeDeferred
+
+    return maybeDeferred
+
+
+def _interrupted(name: str, sink: Download):
+    from .swarm import Interrupted
+
+    return Interrupted(name, 0, sink.expectedSize or 0)
 
 
 class _FetchAttempt:
     """One file's fetch: the candidates, the budget, the failed attempts."""
 
-    def __init__(self, fetcher: Fetcher, name: str, sink: Download) -> None:
+    def __init__(self, fetcher: Fetcher, name: str, sink: Optional[Download]) -> None:
         self.fetcher = fetcher
         self.clock = fetcher.reactor
         self.name = name
@@ -335,6 +423,7 @@ class _FetchAttempt:
         self.attempts: List[Attempt] = []
         self.contacted: set[Tuple[str, int]] = set()
         self.reports: List[Deferred] = []
+        self.reported: set[Tuple[str, int]] = set()
         # Every (size, sha256) the index lists for the name.
         self.indexed: frozenset = frozenset()
 
@@ -356,10 +445,11 @@ class _FetchAttempt:
             return frozenset([peer.listed])
         return self.indexed or None
 
-    async def run(self) -> Fetched:
+    async def run(self, holders: Optional[List[PeerAddress]] = None) -> Fetched:
         f = self.fetcher
         name = self.name
-        holders = await f.holders(name)
+        if holders is None:
+            holders = await f.holders(name)
         self.indexed = frozenset(p.listed for p in holders if p.listed is not None)
         candidates = self.budget(holders)
         if holders:
@@ -424,7 +514,20 @@ class _FetchAttempt:
         self.attempts.append(Attempt(str(peer), reason))
         self.fetcher.report(f"peer {peer}: {reason}, trying next")
         if unreachable(e):
+            self.reportUnreachable(peer)
+
+    def reportUnreachable(self, peer: PeerAddress) -> None:
+        """Tell the relay (once) that nothing answers at ``peer``."""
+        key = (peer.host, peer.port)
+        if key not in self.reported:
+            self.reported.add(key)
             self.reports.append(Deferred.fromCoroutine(self.fetcher.reportDead(peer)))
+
+    async def settle(self) -> None:
+        """Wait for the reports to the relay to be sent."""
+        reports, self.reports = self.reports, []
+        for d in reports:
+            await d
 
     def checkIndexed(self, peer: PeerAddress) -> None:
         """The verified copy is what the index lists for ``peer`` (or for the name)."""
@@ -474,6 +577,167 @@ class _FetchAttempt:
             except Exception as e:
                 self.failed(peer, e)
         return None
+
+    # Pieces from several holders.
+
+    async def plan(self, holders: List[PeerAddress]):
+        """
+        ``(manifest, holders)`` when ``name`` goes piece by piece: the
+        holders of the root most of them list, if the file has two pieces
+        or more and one of them sent a manifest that matches the root; else
+        None (the file goes in one request from one peer, as before).
+        """
+        from .swarm import groupByRoot
+
+        f = self.fetcher
+        groups = groupByRoot(holders)
+        if not groups:
+            return None
+        (root, size, sha256), group = groups[0]
+        if size < MIN_PIECES * group[0].piece:
+            return None
+        group = group[: f.maxHolders]
+        if len(groups) > 1:
+            f.verbose(
+                f"relay: {len(groups[0][1])} holder(s) of {self.name} hold the version most do "
+                f"(root {root[:12]}...); the others hold another version and are not used"
+            )
+        return await self.manifest(group, size, sha256, root)
+
+    async def manifest(self, group: List[PeerAddress], size: int, sha256: str, root: str):
+        """The manifest from the first holder in ``group`` that sends one matching ``root``."""
+        from .swarm import ManifestProtocol
+
+        f = self.fetcher
+        good = list(group)
+        for peer in group:
+            proto = ManifestProtocol(
+                self.clock, self.name, size, sha256, root, f.timeout, answerTimeout=f.connectTimeout
+            )
+            try:
+                manifest = await negotiate(f.peerEndpoint(peer), proto)
+            except CancelledError:
+                raise
+            except VerificationError as e:
+                self.failed(peer, e)  # a bad manifest: a failed holder
+                good.remove(peer)
+                continue
+            except Exception as e:
+                if unreachable(e):
+                    self.failed(peer, e)
+                    good.remove(peer)
+                else:  # no manifest here (an older node, a busy one): it may still serve pieces
+                    f.verbose(f"peer {peer}: no manifest ({describe(e)})")
+                continue
+            f.verbose(
+                f"manifest of {self.name} from {peer}: {manifest.count} pieces of {human(manifest.pieceSize)}"
+            )
+            return manifest, good
+        await self.settle()
+        return None
+
+    def fetched(self, manifest, engine, started: float, resumed: int = 0) -> Fetched:
+        peers = [str(engine.peers[h]) for h in engine.peers if engine.delivered.get(h)]
+        return Fetched(
+            name=self.name,
+            size=manifest.size,
+            sha256=manifest.sha256,
+            peer=", ".join(peers) if peers else "(earlier run)",
+            attempts=self.attempts,
+            seconds=time.monotonic() - started,
+            peers=peers,
+            resumed=resumed,
+        )
+
+    async def savePieces(self, manifest, holders, final: Path, *, force: bool, resume: bool) -> Fetched:
+        """The pieces into ``NAME.part`` and its journal, then renamed to ``final``."""
+        import functools
+
+        from .journal import CHANGED, NEW, RECHECKED, RESUMED, Journal
+        from .swarm import Interrupted, JournalOutput, PieceFetch, keptMessage
+
+        f = self.fetcher
+        m = manifest
+        journal = await f.runInThread(
+            functools.partial(
+                Journal.open,
+                final,
+                m.size,
+                m.sha256,
+                m.root,
+                m.pieceSize,
+                name=self.name,
+                digests=m.digests,
+                resume=resume,
+            )
+        )
+        kept = journal.keptBytes
+        if journal.status == RESUMED:
+            f.report(f"resuming {self.name}: {human(kept)} of {human(m.size)} already verified in {journal.part}")
+        elif journal.status == RECHECKED:
+            f.report(
+                f"resuming {self.name}: {journal.part} changed since the last run; "
+                f"{len(journal.dropped)} piece(s) failed a re-check and are fetched again"
+            )
+        elif journal.status == CHANGED:
+            f.report(f"{journal.part} holds another version of {self.name}; starting over")
+        free = freeSpace(final.parent)
+        if m.size - kept > free:
+            if journal.status in (NEW, CHANGED) and not journal.verified:
+                journal.remove()
+            else:
+                journal.close()
+            raise NoSpace(
+                f"not enough space in {final.parent}: {self.name} needs {human(m.size - kept)} more, "
+                f"{human(free)} free"
+            )
+        output = JournalOutput(journal, self.clock, f.runInThread, force=force)
+        engine = PieceFetch(self, m, holders, output, sources=f.sources)
+        started = time.monotonic()
+        try:
+            try:
+                await engine.run()
+                await output.finish(m)
+            except CancelledError:
+                await output.abandon()
+                raise Interrupted(self.name, output.keptBytes, m.size) from None
+            except NotFetched as e:
+                await output.abandon()
+                e.why += f" ({keptMessage(output.keptBytes, m.size)})"
+                raise
+            except BaseException:
+                await output.abandon()
+                raise
+        finally:
+            await self.settle()
+        return self.fetched(m, engine, started, resumed=kept)
+
+    async def streamPieces(self, manifest, holders, writer) -> Fetched:
+        """The pieces to ``writer`` (stdout) in order, each as soon as it and those before it verify."""
+        from .swarm import STREAM_WINDOW, Interrupted, PieceFetch, ReaderGone, StreamOutput
+
+        f = self.fetcher
+        m = manifest
+        output = StreamOutput(writer, f.runInThread, window=STREAM_WINDOW)
+        engine = PieceFetch(self, m, holders, output, sources=f.sources, window=STREAM_WINDOW)
+        started = time.monotonic()
+        try:
+            try:
+                await engine.run()
+                await output.finish(m)
+            except ReaderGone:
+                pass  # '| head': the reader has what it wanted
+            except CancelledError:
+                await output.abandon()
+                raise Interrupted(self.name, 0, m.size) from None
+            except NotFetched as e:
+                await output.abandon()
+                if output.written:
+                    e.why += f"; the output stops after {output.written} of {m.size} bytes"
+                raise
+        finally:
+            await self.settle()
+        return self.fetched(m, engine, started)
 
     def race(self, queue: List[PeerAddress]) -> "Deferred[Optional[Tuple[PeerAddress, GetProtocol]]]":
         """

@@ -138,7 +138,9 @@ class GetProtocol(OneShotClient[None]):
         if code is None:
             raise wire.ProtocolError(wire.BAD_REQUEST, "peer sent no status line")
         if code != wire.OK:
-            self.fail(wire.ProtocolError(code, message.text or wire.REASONS.get(code, "")))
+            self.fail(
+                wire.ProtocolError(code, message.text or wire.REASONS.get(code, ""), retry=message.retry())
+            )
             return
         size = message.integer("size")
         digest = message.sha256()
