@@ -46,6 +46,7 @@ from .negotiation import (
     REQUEST_DEADLINE,
 )
 from .node.upkeep import DEFAULT_RESCAN
+from .pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, PIECE_SIZE
 from .relay.dialback import (
     DIALBACK_BURST,
     DIALBACK_RATE,
@@ -133,6 +134,15 @@ def byteSize(option: str):
             ) from None
 
     return coerce
+
+
+def _pieceSize(value: str) -> ByteSize:
+    size = byteSize("piece-size")(value)
+    if not MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE:
+        raise ValueError(
+            f"--piece-size {value}: not between {ByteSize(MIN_PIECE_SIZE)} and {ByteSize(MAX_PIECE_SIZE)}"
+        )
+    return size
 
 
 def _server(value: str) -> str:
@@ -250,6 +260,15 @@ class NodeOptions(usage.Options):
          _server],
         ["relay-ca", None, None, "CA certificates (PEM file) to verify the relay with: the relay "
          "(HOST:PORT) is then reached over TLS."],
+        ["max-rate", None, None, "Bytes per second the node uploads at most, all TCP and TLS "
+         "clients together, shared fairly (e.g. 20M; K, M, G: powers of 1024; default: no cap).",
+         byteSize("max-rate")],
+        ["max-uploads", None, None, "Downloads at most sending at once, all clients together; "
+         "one more is answered 503 retry= (default: no cap but --max-connections).",
+         positiveInteger("max-uploads")],
+        ["piece-size", None, ByteSize(PIECE_SIZE), "Advanced: the size of the pieces files are "
+         "hashed in for multi-source downloads (16K to 64M; every node sharing a file should use "
+         "the same, or clients see different versions).", _pieceSize],
     ]
     optFlags = [["no-udp", None, "Do not serve over UDP."]]
 
@@ -379,4 +398,7 @@ def makeNodeService(
         udpMaxPerAddress=config["udp-max-per-address"],
         udpIdleTimeout=config["udp-idle-timeout"],
         udpUnackedTimeout=config["udp-unacked-timeout"],
+        pieceSize=int(config["piece-size"]),
+        maxRate=None if config["max-rate"] is None else int(config["max-rate"]),
+        maxUploads=config["max-uploads"],
     )

@@ -26,6 +26,7 @@ from p2prelay.negotiation import (
 )
 from p2prelay.node.service import NodeService
 from p2prelay.node.upkeep import DEFAULT_RESCAN
+from p2prelay.pieces import PIECE_SIZE
 from p2prelay.relay import dialback
 from p2prelay.relay.registry import DEFAULT_TTL, MAX_PER_SOURCE, MAX_TOTAL
 from p2prelay.relay.service import RelayService
@@ -242,6 +243,58 @@ class NodeOptionsTests(SynchronousTestCase):
         node, reactor = self.node("--no-udp")
         self.successResultOf(node.ready)
         self.assertEqual(reactor.udpPorts, [])
+
+    def test_maxRate(self) -> None:
+        """--max-rate takes a size with a suffix and gives the node one limiter at that rate."""
+        node, reactor = self.node("--max-rate", "20M")
+        self.assertEqual(node.limiter.rate, 20 * 1024 * 1024)
+        self.assertIs(node.files.limiter, node.limiter)
+
+    def test_noRateCapByDefault(self) -> None:
+        """Without --max-rate uploads are not capped."""
+        node, _ = self.node()
+        self.assertIsNone(node.limiter)
+        self.assertIsNone(node.files.limiter)
+
+    def test_badMaxRate(self) -> None:
+        """A --max-rate that is zero or not a size is a usage error."""
+        for value in ("0", "fast", "-1M"):
+            with self.subTest(value=value):
+                self.assertIn("--max-rate", self.usageError("--max-rate", value))
+
+    def test_maxUploads(self) -> None:
+        """--max-uploads caps the file server's uploads in all; none by default."""
+        node, _ = self.node("--max-uploads", "3")
+        self.assertEqual(node.files.uploads.total, 3)
+        plain, _ = self.node()
+        self.assertIsNone(plain.files.uploads)
+
+    def test_badMaxUploads(self) -> None:
+        """A --max-uploads of zero is a usage error."""
+        self.assertIn("--max-uploads", self.usageError("--max-uploads", "0"))
+
+    def test_pieceSize(self) -> None:
+        """--piece-size sets the pieces the share is hashed in; the default is 4 MiB."""
+        node, _ = self.node("--piece-size", "64K")
+        self.assertEqual(node.share.pieceSize, 64 * 1024)
+        plain, _ = self.node()
+        self.assertEqual(plain.share.pieceSize, PIECE_SIZE)
+
+    def test_badPieceSize(self) -> None:
+        """A --piece-size outside 16K..64M is a usage error."""
+        for value in ("1K", "128M", "lots"):
+            with self.subTest(value=value):
+                self.assertIn("--piece-size", self.usageError("--piece-size", value))
+
+    def test_manifestCacheBesideKey(self) -> None:
+        """The node's manifest cache lives in its state folder, beside the key, never in the share."""
+        from p2prelay.identity import nodeStateDir
+
+        node, _ = self.node()
+        self.successResultOf(node.ready)
+        self.assertEqual(node.cache.path.parent, nodeStateDir(node.share.root))
+        self.assertTrue(node.cache.path.exists())
+        self.assertNotIn(str(node.share.root), str(node.cache.path))
 
 
 SECRET = b"a shared secret of some length"

@@ -29,6 +29,9 @@ from ..udp.server import (
     MAX_TRANSFERS_PER_ADDRESS,
     UNACKED_TIMEOUT,
 )
+from ..pieces import PIECE_SIZE
+from .manifest import ManifestCache, defaultCachePath
+from .ratelimit import UploadLimiter
 from .server import FileServerFactory
 from .share import RunInThread, SharedDirectory
 from .upkeep import Registrar
@@ -44,8 +47,13 @@ class NodeService(MultiService):
     key, which clients pin to (see ``p2prelay/tls.py``).  ``key``
     is the node's :class:`identity.NodeKey` (default: a fresh one, for this
     run only); the node's id is the key's.  ``secret`` is the shared secret
-    of a closed network.  The other keyword arguments are the node's limits
-    (see ``docs/limits.rst``), each defaulting to its constant.
+    of a closed network.  ``cache`` is the :class:`ManifestCache` the scan
+    keeps its hashes in (default: the one beside the node's key, see
+    :func:`manifest.defaultCachePath`); ``pieceSize`` the size of the
+    pieces it hashes.  ``maxRate`` (bytes per second) caps the node's TCP
+    uploads together, ``maxUploads`` how many GETs send at once (None: no
+    cap).  The other keyword arguments are the node's limits (see
+    ``docs/limits.rst``), each defaulting to its constant.
     """
 
     log = Logger()
@@ -75,11 +83,20 @@ class NodeService(MultiService):
         udpMaxPerAddress: int = MAX_TRANSFERS_PER_ADDRESS,
         udpIdleTimeout: float = UDP_IDLE_TIMEOUT,
         udpUnackedTimeout: float = UNACKED_TIMEOUT,
+        cache: Optional[ManifestCache] = None,
+        pieceSize: int = PIECE_SIZE,
+        maxRate: Optional[float] = None,
+        maxUploads: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.relay = relay
-        self.share = SharedDirectory(directory, runInThread=runInThread)
+        self.cache = cache if cache is not None else ManifestCache(defaultCachePath(directory))
+        self.share = SharedDirectory(
+            directory, runInThread=runInThread, cache=self.cache, pieceSize=pieceSize
+        )
+        # One bucket for every upload of this node (TCP and TLS).
+        self.limiter = UploadLimiter(reactor, maxRate) if maxRate is not None else None
         self.key = key if key is not None else identity.NodeKey.generate()
         self.node = self.key.node
         self.secret = secret
@@ -96,6 +113,8 @@ class NodeService(MultiService):
             requestDeadline=requestDeadline,
             idleTimeout=idleTimeout,
             closeDeadline=closeDeadline,
+            maxUploads=maxUploads,
+            limiter=self.limiter,
         )
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)
@@ -181,6 +200,9 @@ class NodeService(MultiService):
                 if self.registrar is not None:
                     await self.registrar.stop()
                 await super(NodeService, self).stopService()
+                if self.limiter is not None:
+                    self.limiter.stop()
+                self.cache.close()
 
             self._stopping = ensureDeferred(stop())
         return self._stopping
