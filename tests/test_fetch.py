@@ -449,6 +449,7 @@ class Listed:
     port: int
     files: dict  # name -> (size, sha256)
     udp: int | None = None
+    roots: dict = attrs.Factory(dict)  # name -> (root, piece size), for files listed with pieces
 
 
 class FakeRelayProtocol(LineReceiver):
@@ -499,7 +500,8 @@ class FakeRelayProtocol(LineReceiver):
             name = message.require("name")
             items = [
                 wire.item(wire.PEER, node=p.node, host=p.host, port=p.port, udp=p.udp,
-                          size=p.files[name][0], sha256=p.files[name][1])
+                          size=p.files[name][0], sha256=p.files[name][1],
+                          root=p.roots.get(name, (None, None))[0], piece=p.roots.get(name, (None, None))[1])
                 for p in relay.peers if name in p.files
             ]
         elif message.word == wire.PEERS:
@@ -545,7 +547,14 @@ class FakeRelay(Factory):
         self.refused = 0
 
     def add(self, node: str, host: str, port: int, files, udp=None) -> Listed:
-        listed = Listed(node, host, port, {e.name: (e.size, e.sha256) for e in files}, udp)
+        listed = Listed(
+            node,
+            host,
+            port,
+            {e.name: (e.size, e.sha256) for e in files},
+            udp,
+            {e.name: (e.root, e.pieceSize) for e in files if e.root is not None},
+        )
         self.peers.append(listed)
         return listed
 

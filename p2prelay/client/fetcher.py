@@ -335,7 +335,7 @@ class Fetcher:
             plan = await attempt.plan(holders)
             if plan is not None:
                 return await attempt.savePieces(*plan, final, force=force, resume=resume)
-        sink = Download(final.parent, self.reactor, name=name)
+        sink = Download(final.parent, _threads(self.reactor), name=name)
         onStart(sink)
         try:
             result = await self.fetch(name, sink, holders=holders)
@@ -403,6 +403,13 @@ def _threadRunner(reactor) -> Callable[..., Deferred]:
     from twisted.internet.defer import maybeDeferred
 
     return maybeDeferred
+
+
+def _threads(reactor):
+    """The reactor, if a Download may write on threads of its own and call back into it."""
+    from twisted.internet.interfaces import IReactorThreads
+
+    return reactor if IReactorThreads.providedBy(reactor) else None
 
 
 def _interrupted(name: str, sink: Download):

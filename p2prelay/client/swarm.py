@@ -563,11 +563,13 @@ class PieceFetch:
             return
         if not self.output.full():
             for holder in s.holders:
-                while True:
+                while not self.over:
                     piece = s.assign(holder)
                     if piece is None:
                         break
-                    self._request(piece, holder)
+                    self._request(piece, holder)  # may fail at once, and pump again
+        if self.over:
+            return
         if self.requests or self.checking or self.output.full():
             return
         wake = s.nextWake()
@@ -708,12 +710,14 @@ class PieceFetch:
         )
 
     def _succeed(self) -> None:
-        self._stopAll()
-        self.result.callback(self)
+        if not self.over:
+            self._stopAll()
+            self.result.callback(self)
 
     def _fail(self, e: BaseException) -> None:
-        self._stopAll()
-        self.result.errback(Failure(e))
+        if not self.over:
+            self._stopAll()
+            self.result.errback(Failure(e))
 
     def _cancel(self, d: Deferred) -> None:
         # Deferred's canceller: stop; Deferred itself fails with CancelledError.
