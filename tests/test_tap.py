@@ -703,7 +703,9 @@ def daemonDefaults(options: usage.Options) -> dict[str, object]:
 
 
 def sameDefault(documented: str, actual: object) -> bool:
-    """A default as the docs write it (``5``, ``64M``) is the option's default."""
+    """A default as the docs write it (``5``, ``64M``, ``none``) is the option's default."""
+    if documented == "none":
+        return actual is None
     try:
         return parseSize(documented) == actual
     except ValueError:
