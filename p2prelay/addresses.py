@@ -5,6 +5,11 @@ Users type ``localhost:8000`` and ``8000``; Twisted speaks endpoint
 descriptions (``tcp:8000:interface=127.0.0.1``, ``tls:host:443``).  Both
 are accepted everywhere an address is asked for, and this module is the one
 place that tells them apart.
+
+The relay, wherever a command asks for it (:func:`relayAddress`), may be
+given as a bare port (``8001``: ``localhost:8001``), a bare host
+(``relay.example.org``: port 8000), ``HOST:PORT``, ``[::1]:PORT``, or a
+client endpoint description.
 """
 
 from __future__ import annotations
@@ -34,10 +39,33 @@ CONNECT_TIMEOUT = 10.0
 _HOST_PORT = re.compile(r"\A(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s]+)):(?P<port>\d{1,5})\Z")
 # Endpoint types whose descriptions could look like HOST:PORT.
 _ENDPOINT_TYPES = {"tcp", "tcp6", "ssl", "tls", "unix", "tor", "onion", "systemd"}
+# A host name or IPv4 address typed alone: no port, no description syntax.
+_BARE_HOST = re.compile(r"\A[^\s:/\\\[\]=@]+\Z")
+_BRACKETED = re.compile(r"\A\[(?P<v6>[^\]]+)\]\Z")
+
+DEFAULT_RELAY_HOST = "localhost"  # what a bare --relay port is a port of
+DEFAULT_RELAY_PORT = 8000  # what a bare --relay host listens on (the relay's default)
 
 
 class AddressError(ValueError):
     """An address the user typed that we cannot use; the message says why."""
+
+
+class NoSuchHost(error.DNSLookupError):
+    """
+    A name the resolver says does not exist (or has no addresses):
+    ``NAME:PORT: no such host``.  Distinct from other lookup failures (a
+    resolver that cannot be reached, a temporary failure: the plain
+    ``DNSLookupError``), so a command can say exactly this and exit for it.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"{host}:{port}")  # one argument: OSError reads two as errno, strerror
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"{describePeer(self)}: no such host"
 
 
 def serverDescription(value: str) -> str:
@@ -109,9 +137,62 @@ def describePeer(address: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def relayAddress(
+    value: str, defaultHost: str = DEFAULT_RELAY_HOST, defaultPort: int = DEFAULT_RELAY_PORT
+) -> tuple[str, int] | str:
+    """
+    What a user typed for the relay, as ``(host, port)`` or, for anything
+    else, the text as a client endpoint description (checked only when it is
+    parsed, by :func:`clientEndpoint`).
+
+    ``8001`` is ``(defaultHost, 8001)``; ``relay.example.org`` and
+    ``[::1]`` are that host on ``defaultPort``; ``HOST:PORT`` and
+    ``[V6]:PORT`` are themselves.  An IPv6 address without brackets
+    (``::1:8000``) is ambiguous, so it is refused with the form to type.
+    """
+    text = value.strip()
+    if not text:
+        raise AddressError("no address given")
+    if text.isascii() and text.isdigit():  # '²' is a digit int() refuses
+        port = int(text)
+        if not 0 < port <= 65535:
+            raise AddressError(f"port {text} is out of range 1-65535")
+        return defaultHost, port
+    pair = parseHostPort(text)
+    if pair is not None:
+        return pair
+    bracketed = _BRACKETED.match(text)
+    if bracketed is not None:
+        if not isIPv6Address(bracketed.group("v6")):
+            raise AddressError(f"{value!r}: {bracketed.group('v6')!r} is not an IPv6 address")
+        return bracketed.group("v6"), defaultPort
+    if ":" not in text:
+        if _BARE_HOST.match(text) is None or text.lower() in _ENDPOINT_TYPES:
+            raise AddressError(
+                f"{value!r} is not a port, a host, HOST:PORT or a client endpoint description"
+            )
+        return text, defaultPort
+    unbracketed = _unbracketedIPv6(text, defaultPort)
+    if unbracketed is not None:
+        raise AddressError(f"IPv6 addresses need brackets: {unbracketed}")
+    return text
+
+
+def _unbracketedIPv6(text: str, defaultPort: int) -> Optional[str]:
+    """For an IPv6 address typed without brackets, the bracketed form meant; else None."""
+    if text.count(":") < 2:
+        return None
+    head, _, last = text.rpartition(":")
+    if last.isascii() and last.isdigit() and isIPv6Address(head):
+        return f"[{head}]:{last}"  # '::1:8000' is read as [::1]:8000
+    if isIPv6Address(text):
+        return f"[{text}]:{defaultPort}"
+    return None
+
+
 def checkClientAddress(value: str) -> None:
-    """Raise AddressError unless value names a client endpoint; connects nowhere."""
-    if parseHostPort(value) is None:
+    """Raise AddressError unless value names the relay (see :func:`relayAddress`); connects nowhere."""
+    if isinstance(relayAddress(value), str):
         clientEndpoint(None, value)
 
 
@@ -200,7 +281,9 @@ class TCPClient:
     in the order it gives them, the next as soon as one fails, all within
     ``timeout`` seconds.  A failure is Twisted's ConnectError family
     (``DNSLookupError`` for a name that does not resolve, ``TimeoutError``);
-    cancelling fails the attempt with ``ConnectingCancelledError``.
+    cancelling fails the attempt with ``ConnectingCancelledError``.  A
+    name the resolver says does not exist, or that has no addresses, is
+    :class:`NoSuchHost` (a ``DNSLookupError``).
     """
 
     def __init__(
@@ -257,13 +340,19 @@ class TCPClient:
         resolving.addTimeout(self.timeout, self.reactor, slow)
         try:
             addresses = list(dict.fromkeys(await resolving))
-        except OSError:  # socket.gaierror
+        except socket.gaierror as e:
+            if e.errno not in _NO_SUCH_NAME:
+                # EAI_AGAIN and the like: the name may well exist.
+                raise error.DNSLookupError(
+                    f"{describePeer(self)}: name lookup failed ({e.strerror or e})"
+                ) from None
+            addresses = []
+        except OSError:
             addresses = []
         except CancelledError:
             raise error.ConnectingCancelledError(describePeer(self)) from None
         if not addresses:
-            # HostnameEndpoint's words for it.
-            raise error.DNSLookupError(f"no results for hostname lookup: {self.host}")
+            raise NoSuchHost(self.host, self.port)
         first: Optional[BaseException] = None
         for address in addresses:
             left = deadline - self.reactor.seconds()
@@ -278,6 +367,14 @@ class TCPClient:
         raise first or error.TimeoutError()
 
 
+# getaddrinfo's answers meaning the name has no address at all.
+_NO_SUCH_NAME = frozenset(
+    code
+    for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+    if code is not None
+)
+
+
 def tcpEndpoint(reactor, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
     """A TCP client endpoint to ``host:port`` (a name, or an IPv4 or IPv6 address)."""
     return TCPClient(reactor, host, port, timeout=timeout)
@@ -285,11 +382,13 @@ def tcpEndpoint(reactor, host: str, port: int, timeout: float = CONNECT_TIMEOUT)
 
 def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
     """
-    A client endpoint from ``host:port`` or a client endpoint description.
+    A client endpoint from what a user typed for the relay (see
+    :func:`relayAddress`): a port, a host, ``host:port``, or a client
+    endpoint description.
     """
-    pair = parseHostPort(value)
-    if pair is not None:
-        return tcpEndpoint(reactor, pair[0], pair[1], timeout=timeout)
+    address = relayAddress(value)
+    if not isinstance(address, str):
+        return tcpEndpoint(reactor, address[0], address[1], timeout=timeout)
     from twisted.internet.endpoints import clientFromString
 
     try:

@@ -229,6 +229,18 @@ class ParseArgsTests(SynchronousTestCase):
                 self.usageError(["--udp-block", str(size), "x"]),
             )
 
+    def test_sourcesDefault(self) -> None:
+        """--sources is 4 unless given, reaches the fetcher, and must be at least 1."""
+        self.assertEqual(parseArgs(["x"]).sources, 4)
+        args = parseArgs(["--relay", RELAY, "--sources", "1", "x"])
+        self.assertEqual(buildFetcher(Clock(), args, lambda line: None).sources, 1)
+        self.assertIn("--sources must be at least 1", self.usageError(["--sources", "0", "x"]))
+
+    def test_noResumeNeedsOutput(self) -> None:
+        """--no-resume without -o is a usage error."""
+        self.assertIn("--no-resume only makes sense with -o DIR", self.usageError(["--no-resume", "x"]))
+        self.assertTrue(parseArgs(["--no-resume", "-o", "out", "x"]).no_resume)
+
     def test_forceNeedsOutput(self) -> None:
         """--force without -o is a usage error."""
         self.assertIn("--force only makes sense with -o DIR", self.usageError(["--force", "x"]))
@@ -244,7 +256,7 @@ class ParseArgsTests(SynchronousTestCase):
 
     def test_badRelay(self) -> None:
         """A --relay that is no address is a usage error naming --relay."""
-        self.assertIn("--relay:", self.usageError(["--relay", "no-port-here", "x"]))
+        self.assertIn("--relay:", self.usageError(["--relay", "no port here", "x"]))
 
     def test_badName(self) -> None:
         """A name that could escape the share is refused before anything runs."""

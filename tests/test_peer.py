@@ -250,7 +250,7 @@ class OptionTests(SynchronousTestCase):
 
     def test_badRelay(self) -> None:
         """A --relay that names no endpoint: exit 2."""
-        self.assertIn("--relay", self.usageError("--dir", str(self.folder), "--relay", "nowhere"))
+        self.assertIn("--relay", self.usageError("--dir", str(self.folder), "--relay", "no where"))
 
     def test_badPort(self) -> None:
         """A --port that is no endpoint description: exit 2."""

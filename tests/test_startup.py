@@ -255,11 +255,11 @@ class TCPClientTests(SynchronousTestCase):
         self.failureResultOf(d, error.ConnectionRefusedError)
 
     def test_unknownName(self) -> None:
-        """A name that does not resolve fails with DNSLookupError, in HostnameEndpoint's words."""
+        """A name that does not resolve fails with DNSLookupError (NoSuchHost), naming host and port."""
         d = self.endpoint("nowhere.invalid").connect(self.factory)
-        self.resolver.pending[0].errback(socket.gaierror(-2, "Name or service not known"))
+        self.resolver.pending[0].errback(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
         f = self.failureResultOf(d, error.DNSLookupError)
-        self.assertIn("no results for hostname lookup: nowhere.invalid", str(f.value))
+        self.assertIn("nowhere.invalid:5001: no such host", str(f.value))
 
     def test_slowLookupTimesOut(self) -> None:
         """A lookup that outlasts the timeout fails the attempt with TimeoutError."""

@@ -161,7 +161,7 @@ class NodeOptionsTests(SynchronousTestCase):
 
     def test_badRelay(self) -> None:
         """A --relay that is neither HOST:PORT nor a client endpoint description is a usage error."""
-        self.assertIn("--relay", self.usageError("--relay", "nowhere"))
+        self.assertIn("--relay", self.usageError("--relay", "no where"))
 
     def test_badPort(self) -> None:
         """A --port no endpoint parser accepts is a usage error, not a failed start."""
