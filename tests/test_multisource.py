@@ -246,7 +246,7 @@ class MultiSourceTests(SwarmTestCase):
 
     def test_stalledHolder(self) -> None:
         """A holder that stops sending mid-piece does not stop the download: another holder gets that piece."""
-        stuck = self.holder(rate=200_000, stall={0, 1})
+        self.holder(rate=200_000, stall={0, 1})
         self.holder(rate=100_000)
         d = self.save()
         self.successResultOf(d)
