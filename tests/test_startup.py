@@ -29,7 +29,7 @@ from p2prelay.client.fetcher import Fetcher, PeerAddress
 
 # Modules a plain TCP p2p-fetch has no use for.
 HEAVY = ("OpenSSL", "cryptography", "service_identity", "automat", "p2prelay.udp",
-         "twisted.internet.endpoints")
+         "twisted.internet.endpoints", "prometheus_client", "twisted.web", "p2prelay.metrics")
 
 PROBE = textwrap.dedent(
     """
