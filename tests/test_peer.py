@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.error import CannotListenError
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import __version__, wire
 from p2prelay.cli.peer import EXIT_CANNOT_START, EXIT_OK, EXIT_USAGE, PeerOptions, parseOptions, run
-from p2prelay.client.fetcher import PEER_TIMEOUT, Fetched, NotFetched, RelayUnreachable
+from p2prelay.client.fetcher import PEER_TIMEOUT, Fetched, NotFetched, PeerAddress, RelayUnreachable
 from p2prelay.node.upkeep import DEFAULT_RESCAN
 from p2prelay.relay.protocol import RelayFactory
 from p2prelay.relay.registry import Registry
@@ -119,16 +120,26 @@ class FakeSink:
 
 class FakeFetcher:
     """
-    A fetcher over a fixed set of network files: searches list them, saves
-    write them; a name in ``held`` saves only once its Deferred fires.
+    A fetcher over a fixed set of network files: searches list them,
+    lookups name a holder for each, saves write them; a name in ``held``
+    saves only once its Deferred fires, one in ``lost`` is listed but no
+    peer delivers it.
     """
 
     def __init__(self, files: Dict[str, bytes]) -> None:
         self.files = files
         self.held: Dict[str, Deferred] = {}
+        self.lost: set = set()
         self.searches: List[str] = []
+        self.lookups: List[str] = []
         self.saves: List[str] = []
         self.unreachable = False
+
+    async def holders(self, name: str) -> List[PeerAddress]:
+        self.lookups.append(name)
+        if self.unreachable:
+            raise RelayUnreachable("connection refused")
+        return [PeerAddress("10.9.8.7", 7000)] if name in self.files or name in self.lost else []
 
     async def search(self, pattern: str, limit: Optional[int] = None):
         self.searches.append(pattern)
@@ -144,7 +155,7 @@ class FakeFetcher:
     async def save(self, name: str, final: Path, *, force: bool = False, onStart=lambda sink: None):
         self.saves.append(name)
         if name not in self.files:
-            raise NotFetched(name, [])
+            raise NotFetched(name, [], "all 1 peers that might have it failed")
         data = self.files[name]
         onStart(FakeSink(len(data)))
         if name in self.held:
@@ -280,8 +291,28 @@ class OptionTests(SynchronousTestCase):
         self.assertTrue(text.startswith("Usage: p2p-peer --dir DIR"), text)
         for expected in ("--no-udp", "--udp-port", "--timeout", "--log", "[default: tcp:0]",
                          f"[default: {PEER_TIMEOUT}]", "$P2PRELAY_RELAY",
-                         "0  the menu was quit", "1  the node cannot start", "2  usage error"):
+                         "0    the menu was quit", "1    the node cannot start", "2    usage error",
+                         "130  interrupted (Ctrl-C; 143 after SIGTERM"):
             self.assertIn(expected, text)
+
+    def test_helpShowsEveryDefault(self) -> None:
+        """Every option that takes a value says its default (or that it is required) in --help."""
+        text = self.help("--help")
+        paragraphs = {}
+        for line in text.split("\n\n")[0].splitlines()[2:]:
+            if line.lstrip().startswith("-"):
+                option = [w for w in line.split() if w.startswith("--")][0].rstrip("=")
+                paragraphs[option] = line
+            elif paragraphs:
+                paragraphs[option] += " " + line.strip()
+        valued = {"--" + name.rstrip("=") for name in PeerOptions().longOpt if name.endswith("=")}
+        self.assertEqual(valued - set(paragraphs), set())
+        missing = [o for o in valued if "default" not in paragraphs[o] and "required" not in paragraphs[o]]
+        self.assertEqual(missing, [])
+
+    def test_helpRelayForms(self) -> None:
+        """--help names the forms --relay takes."""
+        self.assertIn("PORT (on localhost), HOST (port 8000),", self.help("--help"))
 
     def test_shortHelp(self) -> None:
         """-h is --help, as it always was."""
@@ -304,11 +335,13 @@ class RunTestCase(SynchronousTestCase):
 
     def start(self, *argv: str, reactor: Optional[PeerReactor] = None) -> Deferred:
         self.reactor = reactor or PeerReactor()
+        self.signals: DeferredQueue = DeferredQueue()
         config = parseOptions(["--dir", str(self.folder), "--relay", RELAY, "--port", LOOPBACK, *argv])
         self.done = done = Deferred.fromCoroutine(
             run(
                 self.reactor, config, self.terminal.console,
                 self.fetcher if self.passFetcher else None, runInThread=syncThread,
+                signals=self.signals,
             )
         )
         terminal = self.terminal
@@ -339,6 +372,11 @@ class RunTestCase(SynchronousTestCase):
     def quit(self) -> int:
         self.type("6\n")
         return self.successResultOf(self.done)
+
+    def signal(self, signum: int = signal.SIGINT) -> None:
+        """Ctrl-C (or another signal) at the terminal."""
+        self.signals.put(signum)
+        self.settle()
 
     @property
     def stdout(self) -> str:
@@ -379,7 +417,7 @@ class StartTests(RunTestCase):
         self.start()
         self.assertTrue(
             self.stdout.startswith(
-                f"p2p-peer: sharing 1 file(s) from {self.folder} on 127.0.0.1:{NODE_TCP}, relay {RELAY}\n"
+                f"p2p-peer: sharing 1 file from {self.folder} on 127.0.0.1:{NODE_TCP}, relay {RELAY}\n"
             ),
             self.stdout,
         )
@@ -446,11 +484,24 @@ class MenuTests(RunTestCase):
         self.assertTrue(self.stdout.endswith("choice> "), self.stdout)
 
     def test_listNetwork(self) -> None:
-        """1 lists every file on the network, with size and holders."""
+        """1 lists every file on the network in aligned columns: human size, holders; mine marked."""
+        self.fetcher.files["long name.bin"] = b"x" * 1536
         out = self.after("1\n")
         self.assertEqual(self.fetcher.searches, [""])
-        self.assertIn("  b.txt  4 bytes  2 holder(s)\n", out)
-        self.assertIn("  c.txt  5 bytes  2 holder(s)\n", out)
+        self.assertIn(
+            "  * a.txt              5 B  2 holders\n"
+            "    b.txt              4 B  2 holders\n"
+            "    c.txt              5 B  2 holders\n"
+            "    long name.bin  1.5 KiB  2 holders\n"
+            "  (* mine)\n",
+            out,
+        )
+
+    def test_listNetworkNoneMine(self) -> None:
+        """Without any of my files in the listing, no mark and no key."""
+        out = self.after("2\nb.t\n")
+        self.assertIn("    b.txt  4 B  2 holders\n", out)
+        self.assertNotIn("mine", out)
 
     def test_search(self) -> None:
         """2 asks for a pattern and lists the matches."""
@@ -472,16 +523,17 @@ class MenuTests(RunTestCase):
         self.assertTrue(out.endswith("choice> "))
 
     def test_listMine(self) -> None:
-        """4 lists this peer's own files."""
+        """4 lists this peer's own files, aligned, with human sizes and a total."""
+        self.after("3\nc.txt\n")
         out = self.after("4\n")
-        self.assertIn("  a.txt  5 bytes\n", out)
-        self.assertIn(f"  1 file(s) in {self.folder}\n", out)
+        self.assertIn("  a.txt  5 B\n  c.txt  5 B\n", out)
+        self.assertIn(f"  2 files, 10 B, in {self.folder}\n", out)
 
     def test_download(self) -> None:
         """3 downloads into the folder, then shares the file and registers it at once."""
         out = self.after("3\nb.txt\n")
         self.assertIn("b.txt: downloading in the background\n", out)
-        self.assertIn("b.txt: done, 4 bytes from 10.9.8.7:7000; now shared\n", out)
+        self.assertIn("b.txt: done, 4 B from 10.9.8.7:7000; now shared\n", out)
         self.assertEqual((self.folder / "b.txt").read_bytes(), b"beta")
         self.assertIn("b.txt", self.after("4\n"))
         self.assertEqual(self.registered(), ["a.txt", "b.txt"])
@@ -504,16 +556,67 @@ class MenuTests(RunTestCase):
         self.assertIn("../escape.txt: ", out)
         self.assertEqual(self.fetcher.saves, [])
 
-    def test_notFetched(self) -> None:
-        """A file no peer delivers is one line saying why."""
-        self.assertIn("missing.txt: not fetched: no active peer holds it\n", self.after("3\nmissing.txt\n"))
+    def test_unknownNameRefusedAtOnce(self) -> None:
+        """A name the relay lists no holder for is refused at once, never 'downloading in the background'."""
+        out = self.after("3\nmissing.txt\n")
+        self.assertIn("missing.txt: no peer holds it\n", out)
+        self.assertNotIn("background", out)
+        self.assertEqual((self.fetcher.lookups, self.fetcher.saves), (["missing.txt"], []))
 
-    def test_transfers(self) -> None:
-        """5 shows each download in progress; with none, says so."""
-        self.assertIn("no transfers in progress", self.after("5\n"))
+    def test_unknownAmongKnown(self) -> None:
+        """Of several names, only the unknown one is refused."""
+        out = self.after("3\nb.txt, missing.txt\n")
+        self.assertIn("missing.txt: no peer holds it\n", out)
+        self.assertEqual(self.fetcher.saves, ["b.txt"])
+
+    def test_lookupRelayUnreachable(self) -> None:
+        """A relay unreachable for the lookup is one line, and the menu carries on."""
+        self.fetcher.unreachable = True
+        out = self.after("3\nb.txt\n")
+        self.assertIn("relay unreachable: connection refused\n", out)
+        self.assertEqual(self.fetcher.saves, [])
+        self.assertTrue(out.endswith("choice> "))
+
+    def test_notFetched(self) -> None:
+        """A listed file no peer delivers is one line saying why."""
+        self.fetcher.lost.add("gone.txt")
+        out = self.after("3\ngone.txt\n")
+        self.assertIn("gone.txt: downloading in the background\n", out)
+        self.assertIn("gone.txt: not fetched: all 1 peers that might have it failed\n", out)
+
+    def test_promptRedrawnAfterBackgroundMessage(self) -> None:
+        """A download finishing while the menu waits prints its line, then the prompt again."""
         self.fetcher.held["b.txt"] = Deferred()
         self.after("3\nb.txt\n")
-        self.assertIn("  b.txt: 2/4 bytes\n", self.after("5\n"))
+        self.assertTrue(self.stdout.endswith("choice> "))
+        before = len(self.stdout)
+        self.fetcher.held["b.txt"].callback(None)
+        self.settle()
+        self.assertEqual(
+            self.stdout[before:], "\nb.txt: done, 4 B from 10.9.8.7:7000; now shared\nchoice> "
+        )
+
+    def test_promptRedrawnAfterFailure(self) -> None:
+        """A download failing while a question is open redraws that question."""
+        self.fetcher.held["b.txt"] = Deferred()
+        self.after("3\nb.txt\n")
+        self.after("2\n")
+        before = len(self.stdout)
+        self.fetcher.held["b.txt"].errback(RelayUnreachable("gone"))
+        self.settle()
+        self.assertEqual(
+            self.stdout[before:], "\nb.txt: not fetched: gone\npattern (substring or glob)> "
+        )
+
+    def test_transfers(self) -> None:
+        """5 shows each download in progress, aligned, in human sizes; with none, says so."""
+        self.assertIn("no transfers in progress", self.after("5\n"))
+        self.fetcher.held["b.txt"] = Deferred()
+        self.fetcher.held["big.bin"] = Deferred()
+        self.fetcher.files["big.bin"] = b"x" * 4096
+        self.after("3\nb.txt, big.bin\n")
+        self.assertIn("  b.txt            2 B of 4 B  50%\n  big.bin  2.0 KiB of 4.0 KiB  50%\n", self.after("5\n"))
+        self.fetcher.held["big.bin"].callback(None)
         self.fetcher.held["b.txt"].callback(None)
         self.settle()
         self.assertIn("no transfers in progress", self.after("5\n"))
@@ -525,22 +628,115 @@ class MenuTests(RunTestCase):
         self.assertIn("b.txt: already downloading", self.after("3\nb.txt\n"))
         self.fetcher.held["b.txt"].callback(None)
 
+    def hold(self, *names: str) -> None:
+        """Start downloads of names that finish only when their Deferreds fire."""
+        for name in names:
+            self.fetcher.held[name] = Deferred()
+        self.after(f"3\n{', '.join(names)}\n")
+
+    def test_quitAsksAboutDownloads(self) -> None:
+        """Quitting with downloads running asks whether to wait or cancel them."""
+        self.hold("b.txt", "c.txt")
+        self.assertTrue(self.after("6\n").endswith("2 downloads running; wait (w) or cancel (c)? "))
+        self.assertNoResult(self.done)
+
     def test_quitWaitsForDownloads(self) -> None:
-        """Quitting with downloads in progress waits for them, then stops."""
-        self.fetcher.held["b.txt"] = Deferred()
-        self.after("3\nb.txt\n")
-        self.assertIn("waiting for 1 download(s) to finish...", self.after("6\n"))
+        """w waits for the downloads, then stops."""
+        self.hold("b.txt")
+        self.after("6\n")
+        self.assertIn("waiting for 1 download to finish (Ctrl-C cancels)...", self.after("w\n"))
         self.assertNoResult(self.done)
         self.fetcher.held["b.txt"].callback(None)
         self.settle()
         self.assertEqual(self.successResultOf(self.done), EXIT_OK)
         self.assertEqual((self.folder / "b.txt").read_bytes(), b"beta")
 
+    def test_quitCancelsDownloads(self) -> None:
+        """c cancels every download (each says so, nothing is saved), then stops with exit 0."""
+        self.hold("b.txt", "c.txt")
+        self.after("6\n")
+        out = self.after("c\n")
+        self.assertIn("b.txt: cancelled\n", out)
+        self.assertIn("c.txt: cancelled\n", out)
+        self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+        self.assertEqual(sorted(p.name for p in self.folder.iterdir()), ["a.txt"])
+        self.assertTrue(self.stdout.endswith("bye\n"))
+
+    def test_quitOtherAnswer(self) -> None:
+        """Another answer asks again."""
+        self.hold("b.txt")
+        self.after("6\n")
+        out = self.after("maybe\n")
+        self.assertIn("maybe: answer w or c\n", out)
+        self.assertTrue(out.endswith("1 download running; wait (w) or cancel (c)? "))
+
+    def test_downloadsEndWhileAsked(self) -> None:
+        """When the last download ends while the question is open, quitting goes on."""
+        self.hold("b.txt")
+        self.after("6\n")
+        self.fetcher.held["b.txt"].callback(None)
+        self.settle()
+        self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+        self.assertEqual((self.folder / "b.txt").read_bytes(), b"beta")
+
+    def test_endOfInputWaits(self) -> None:
+        """End of input while asked waits for the downloads (input may be a script)."""
+        self.hold("b.txt")
+        self.after("6\n")
+        self.terminal.eof()
+        self.settle()
+        self.assertNoResult(self.done)
+        self.fetcher.held["b.txt"].callback(None)
+        self.settle()
+        self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+
+    def test_ctrlCQuits(self) -> None:
+        """Ctrl-C at the menu with nothing running quits: the node stopped, exit 130."""
+        self.signal(signal.SIGINT)
+        self.assertEqual(self.successResultOf(self.done), 130)
+        self.assertIsNone(self.registered())
+        self.assertTrue(self.stdout.endswith("choice> \nbye\n"), self.stdout)
+
+    def test_ctrlCAsks(self) -> None:
+        """Ctrl-C with downloads running asks as quitting does; Ctrl-C again cancels them: exit 130."""
+        self.hold("b.txt")
+        self.signal(signal.SIGINT)
+        self.assertTrue(self.stdout.endswith("1 download running; wait (w) or cancel (c)? "))
+        self.assertNoResult(self.done)
+        self.signal(signal.SIGINT)
+        self.assertIn("b.txt: cancelled\n", self.stdout)
+        self.assertEqual(self.successResultOf(self.done), 130)
+        self.assertFalse((self.folder / "b.txt").exists())
+
+    def test_ctrlCWhileWaiting(self) -> None:
+        """Ctrl-C while waiting for downloads cancels them."""
+        self.hold("b.txt")
+        self.after("6\nw\n")
+        self.signal(signal.SIGINT)
+        self.assertIn("b.txt: cancelled\n", self.stdout)
+        self.assertEqual(self.successResultOf(self.done), 130)
+
+    def test_sigtermCancels(self) -> None:
+        """SIGTERM cancels the downloads and quits without asking: exit 143."""
+        self.hold("b.txt")
+        self.signal(signal.SIGTERM)
+        self.assertNotIn("wait (w)", self.stdout)
+        self.assertIn("b.txt: cancelled\n", self.stdout)
+        self.assertEqual(self.successResultOf(self.done), 143)
+
     def test_unknownChoice(self) -> None:
         """Anything else is 'no such choice', and the menu again."""
         out = self.after("9\n")
         self.assertIn("no such choice: 9\n", out)
         self.assertIn("6) quit", out)
+
+    def test_endOfInputAtSubPrompt(self) -> None:
+        """End of input at a question other than the menu's quits too, instead of waiting forever."""
+        self.type("2\n")
+        self.terminal.eof()
+        self.settle()
+        self.assertEqual(self.successResultOf(self.done), EXIT_OK)
+        self.assertEqual(self.fetcher.searches, [])
 
     def test_emptyChoice(self) -> None:
         """An empty line just shows the menu again."""
@@ -575,7 +771,7 @@ class VisibleMenuTests(RunTestCase):
     def test_listing(self) -> None:
         """A hostile name in the network's listing is shown escaped."""
         out = self.after("1\n")
-        self.assertIn("  \\x1b]0;pwned\\x07\\u202eevil.txt  1 bytes  2 holder(s)\n", out)
+        self.assertIn("    \\x1b]0;pwned\\x07\\u202eevil.txt  1 B  2 holders\n", out)
         self.assertNoControls(self.stdout)
 
     def test_relayError(self) -> None:
