@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.error import CannotListenError
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -707,6 +707,22 @@ class MenuTests(RunTestCase):
         self.assertIn("b.txt: cancelled\n", self.stdout)
         self.assertEqual(self.successResultOf(self.done), 130)
         self.assertFalse((self.folder / "b.txt").exists())
+
+    def test_cancelReportedAsFailure(self) -> None:
+        """A download whose cancellation comes back as a failure still says 'cancelled'."""
+        real = self.fetcher.save
+
+        async def save(name, final, *, force=False, onStart=lambda sink: None):
+            try:
+                return await real(name, final, force=force, onStart=onStart)
+            except CancelledError:
+                raise NotFetched(name, [], "all 1 peers that might have it failed") from None
+
+        self.fetcher.save = save
+        self.hold("b.txt")
+        self.after("6\nc\n")
+        self.assertIn("b.txt: cancelled\n", self.stdout)
+        self.assertNotIn("not fetched", self.stdout)
 
     def test_ctrlCWhileWaiting(self) -> None:
         """Ctrl-C while waiting for downloads cancels them."""

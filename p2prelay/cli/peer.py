@@ -318,6 +318,10 @@ class PeerConsole:
             self.note(f"{name}: cancelled")
             return
         except (NotFetched, RelayUnreachable, DestinationError, OSError) as e:
+            if self.cancelled:
+                # A race of attempts may report its cancelled attempts as failures.
+                self.note(f"{name}: cancelled")
+                return
             why = e.why if isinstance(e, NotFetched) else str(e)
             self.note(f"{name}: not fetched: {why}")
             return
