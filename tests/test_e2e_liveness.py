@@ -21,6 +21,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import identity, wire
+from p2prelay.human import humanSize
 from p2prelay.relay.store import StateStore
 
 from .support import LOOPBACK, Network, NetworkTestCase, script, waitUntil
@@ -244,7 +245,7 @@ class InteractivePeerTests(NetworkTestCase):
             a.stdin.write(text.encode())
             a.stdin.flush()
 
-        expect(r"p2p-peer: sharing 1 file\(s\)")
+        expect(r"p2p-peer: sharing 1 file ")
         type("3\nbig.bin\n")
         self.assertTrue(slow.halfSent.wait(20), "A never started downloading from C")
 
@@ -253,8 +254,8 @@ class InteractivePeerTests(NetworkTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout, b"served by A while it downloads\n")
         type("5\n")
-        progress = expect(r"big\.bin: \d+/\d+ bytes")
-        self.assertIn(f"/{len(big)} bytes", progress)
+        progress = expect(r"big\.bin +\S+ \S+ of \S+ \S+ +\d+%")
+        self.assertIn(f" of {humanSize(len(big))} ", progress)
 
         slow.release.set()
         expect("big.bin: done")
