@@ -208,6 +208,29 @@ class RateTests(Fixture, SynchronousTestCase):
         self.assertWithin(max(done), 8)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_doneWithTheLastWriteThoughPaused(self):
+        """
+        The node's producer is done as soon as its last byte is written,
+        even when that write emptied the bucket and paused it: the
+        connection closes then, not after the bucket refills (a finished
+        piece must not hold the client's request slot meanwhile).
+        """
+        cooperator = task.Cooperator(
+            scheduler=lambda f: self.clock.callLater(STEP, f),
+            terminationPredicateFactory=lambda: (lambda: True),
+        )
+        self.addCleanup(cooperator.stop)
+        limiter = UploadLimiter(self.clock, 1 * MiB, burst=64 * KiB)
+        body = b"x" * (64 * KiB)
+        transport = StringTransport()
+        done = []
+        FileBodyProducer(io.BytesIO(body), 0, len(body), cooperator, chunk=64 * KiB).start(
+            limiter.wrap(transport)
+        ).addCallback(done.append)
+        self.clock.advance(STEP)  # the one step: it writes everything and is paused
+        self.assertEqual(transport.value(), body)
+        self.assertEqual(done, [None])
+
     def test_producerWritingInResume(self):
         """A producer that writes inside resumeProducing keeps its pace; the bucket never stalls."""
         limiter = UploadLimiter(self.clock, 1 * MiB)

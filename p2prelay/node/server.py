@@ -265,7 +265,8 @@ class FileBodyProducer:
                 raise OSError("file shrank while it was being sent")
             self._remaining -= len(data)
             self._consumer.write(data)
-            yield None
+            if self._remaining > 0:  # else done now, even if that write paused us
+                yield None
 
     def _done(self, _: object) -> None:
         self._cleanup()
