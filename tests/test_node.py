@@ -886,7 +886,11 @@ class RateCapTests(ServerTestCase):
         self.elapse(1)
         sent = self.limiter.sent
         self.share.pieceSize = MIN_PIECE_SIZE
-        self.get(wire.request(wire.MANIFEST, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        waiting = self.limiter.waiting
+        manifest = self.get(wire.request(wire.MANIFEST, name="big.bin"), StringTransport(peerAddress=CLIENT))
+        self.assertEqual(self.limiter.waiting, waiting + 1)  # it waits its turn in the bucket
+        self.elapse(1)
+        self.assertTrue(manifest.disconnecting)
         self.assertGreater(self.limiter.sent, sent)
 
     def test_pausedIsNotIdle(self):

@@ -253,6 +253,21 @@ class BucketTests(Fixture, SynchronousTestCase):
         self.assertTrue(source.paused)
         self.assertEqual(limiter.waiting, 1)
 
+    def test_newTransferWaitsForTheDebt(self):
+        """
+        A transfer that starts while the bucket is in debt is paused at
+        once, before it writes: short uploads one after another (a piece
+        per connection) stay within the cap.
+        """
+        limiter = UploadLimiter(self.clock, 1000, burst=1000)
+        _, first = self.transfer(limiter)
+        first.send(3000)  # 2000 in debt
+        first.consumer.unregisterProducer()  # that piece is done
+        _, second = self.transfer(limiter)
+        self.assertTrue(second.paused)
+        self.clock.advance(2)
+        self.assertFalse(second.paused)
+
     def test_resumedWhenTheDebtIsPaid(self):
         """A paused transfer resumes exactly when the bucket has refilled its debt."""
         limiter = UploadLimiter(self.clock, 1000, burst=1000)

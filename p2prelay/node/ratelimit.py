@@ -102,6 +102,13 @@ class UploadLimiter:
                 self._waiting.append(transfer)
         self._kick()
 
+    def _admit(self, transfer: "LimitedConsumer") -> None:
+        """A new transfer waits its turn, before it writes, while the bucket is in debt or others wait."""
+        self._refill()
+        if (self._tokens < -self._slack or self._waiting) and transfer._hold():
+            self._waiting.append(transfer)
+            self._kick()
+
     def _passTurn(self, transfer: "LimitedConsumer") -> None:
         """``transfer`` will not write soon (transport paused it, or it ended)."""
         try:
@@ -170,6 +177,7 @@ class LimitedConsumer:
             raise ValueError("the upload cap paces push producers only")
         self._producer = producer
         self._consumer.registerProducer(self, True)
+        self._limiter._admit(self)
 
     def unregisterProducer(self) -> None:
         self._producer = None

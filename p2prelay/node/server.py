@@ -253,8 +253,10 @@ class FileBodyProducer:
     def start(self, consumer) -> Deferred[None]:
         self._consumer = consumer
         self._file.seek(self._offset)
-        consumer.registerProducer(self, True)
+        # The task first, so a consumer that pauses us on registration (an
+        # upload cap in debt) holds it before its first step.
         self._task = self._cooperate(self._steps())
+        consumer.registerProducer(self, True)
         self._task.whenDone().addCallbacks(self._done, self._failed)
         return self.deferred
 
