@@ -254,6 +254,28 @@ class ParseArgsTests(SynchronousTestCase):
         self.assertIn("--peers and --list take no file names", self.usageError(["--peers", "x"]))
         self.assertIn("--peers and --list take no file names", self.usageError(["--list", "*", "x"]))
 
+    def test_peersAndList(self) -> None:
+        """--peers and --list together are a usage error, not one of them silently."""
+        self.assertIn("--peers and --list exclude each other", self.usageError(["--peers", "--list"]))
+
+    def test_relayBarePortNoTLS(self) -> None:
+        """--relay 8001 (localhost:8001) is plain TCP: the run does not load the TLS stack."""
+        self.assertFalse(fetch.needsTLS(parseArgs(["--relay", "8001", "x"])))
+        self.assertFalse(fetch.needsTLS(parseArgs(["--relay", "relay.example", "x"])))
+        self.assertTrue(fetch.needsTLS(parseArgs(["--relay", "tcp:host=h:port=1", "x"])))
+
+    def test_relayBarePortWithCA(self) -> None:
+        """--relay 8001 --relay-ca FILE is accepted and reaches localhost:8001 over TLS."""
+        from p2prelay import tls
+
+        made = []
+        self.patch(tls, "loadCAFile", lambda path: None)
+        self.patch(tls, "relayClientEndpoint", lambda reactor, host, port, ca, timeout: made.append((host, port, ca)))
+        args = parseArgs(["--relay", "8001", "--relay-ca", "ca.pem", "x"])
+        self.assertTrue(fetch.needsTLS(args))
+        buildFetcher(Clock(), args, lambda line: None)
+        self.assertEqual(made, [("localhost", 8001, "ca.pem")])
+
     def test_badRelay(self) -> None:
         """A --relay that is no address is a usage error naming --relay."""
         self.assertIn("--relay:", self.usageError(["--relay", "no port here", "x"]))
@@ -332,6 +354,26 @@ class FetchToStdoutTests(CommandTestCase):
             f"p2p-fetch: a.txt: not fetched: relay {RELAY} unreachable: connection refused\n",
         )
 
+    def test_relayNoSuchHost(self) -> None:
+        """A relay host that does not exist: exit 3, 'relay NAME:PORT: no such host', said once."""
+        import socket
+
+        from twisted.internet.defer import fail
+
+        from p2prelay.addresses import TCPClient
+
+        clock = Clock()
+
+        def resolve(host, port):
+            return fail(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+        args = parseArgs(["--relay", "nowhere.example:8001", "a.txt", "b.txt"])
+        relay = TCPClient(clock, "nowhere.example", 8001, resolve=resolve)
+        fetcher = buildFetcher(clock, args, self.terminal.console.err, relay=relay)
+        code = self.successResultOf(Deferred.fromCoroutine(run(clock, args, self.terminal.console, fetcher)))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_RELAY, b""))
+        self.assertEqual(self.terminal.stderr, "p2p-fetch: relay nowhere.example:8001: no such host\n")
+
     def test_relayError(self) -> None:
         """A relay answering an error status: exit 1, its status on the line."""
         error = wire.ProtocolError(500, "internal error")
@@ -367,8 +409,25 @@ class OutputDirectoryTests(CommandTestCase):
         code = self.p2pFetch(["-o", str(self.out), "a.txt", "b.txt"], FakeFetcher({"a.txt": A, "b.txt": B}))
         self.assertEqual((code, self.terminal.stdout), (EXIT_OK, b""))
         self.assertEqual(((self.out / "a.txt").read_bytes(), (self.out / "b.txt").read_bytes()), (A, B))
-        self.assertIn(f"saved a.txt ({len(A)} bytes from {PEER}) to {self.out / 'a.txt'}\n", self.terminal.stderr)
-        self.assertIn(f"saved b.txt ({len(B)} bytes from {PEER}) to {self.out / 'b.txt'}\n", self.terminal.stderr)
+        self.assertIn(f"saved a.txt ({len(A)} B from {PEER}) to {self.out / 'a.txt'}\n", self.terminal.stderr)
+        self.assertIn(f"saved b.txt ({len(B)} B from {PEER}) to {self.out / 'b.txt'}\n", self.terminal.stderr)
+
+    def test_savedHumanSize(self) -> None:
+        """The "saved" line gives the size as people read it; --json keeps the exact bytes."""
+        data = b"x" * (3 * 1024 * 1024 // 2)
+        code = self.p2pFetch(["--json", "-o", str(self.out), "big.bin"], FakeFetcher({"big.bin": data}))
+        self.assertEqual(code, EXIT_OK)
+        self.assertIn(f"saved big.bin (1.5 MiB from {PEER})", self.terminal.stderr)
+        self.assertEqual(json.loads(self.terminal.stdout)["size"], len(data))
+
+    def test_outputIsAFile(self) -> None:
+        """-o naming an existing file is a usage error: '-o: FILE is not a folder'."""
+        self.out.write_bytes(b"a file")
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            e = self.assertRaises(SystemExit, parseArgs, ["-o", str(self.out), "a.txt"])
+        self.assertEqual(e.code, EXIT_USAGE)
+        self.assertIn(f"-o: {self.out} is not a folder", stderr.getvalue())
 
     def test_nestedUnusualName(self) -> None:
         """A nested name with spaces, '=', ':' and non-ASCII is saved under its folders."""
@@ -491,9 +550,9 @@ class ListingTests(CommandTestCase):
         self.assertEqual(
             self.terminal.stdout.decode().splitlines(),
             [
-                "NAME              SIZE  HOLDERS  SHA256",
-                f"a.txt                5        2  {sums}",
-                f"longer-name.bin  12345        1  {sums}",
+                "NAME                 SIZE  HOLDERS  SHA256",
+                f"a.txt                 5 B        2  {sums}",
+                f"longer-name.bin  12.1 KiB        1  {sums}",
             ],
         )
         self.assertQuiet()
@@ -938,7 +997,7 @@ class VisibleOutputTests(CommandTestCase):
 
         out = self.scratch / "out"
         self.assertEqual(self.p2pFetch(["-o", str(out), "a.txt"], HostileHost({"a.txt": A})), EXIT_OK)
-        self.assertIn("bytes from h\\x1b[2J:5001)", self.terminal.stderr)
+        self.assertIn("B from h\\x1b[2J:5001)", self.terminal.stderr)
         self.assertNoControls()
 
     def test_contentsExact(self) -> None:

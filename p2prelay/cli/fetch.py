@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorThreads, IStreamClientEndpoint
 from zope.interface import implementer
 
 from .. import __version__, wire
-from ..addresses import AddressError, checkClientAddress, clientEndpoint, parseHostPort
+from ..addresses import AddressError, NoSuchHost, checkClientAddress, clientEndpoint, relayAddress
 from ..client.download import DestinationError, Download, VerificationError, destination
 from ..client.relay import secretProver
 from ..client.fetcher import (
@@ -38,8 +38,10 @@ from ..client.fetcher import (
     Fetcher,
     NotFetched,
     PeerAddress,
+    RelayNotFound,
     RelayUnreachable,
 )
+from ..human import humanSize
 from ..client.swarm import Interrupted, keptMessage
 from .console import EOF, Console, splitNames, visible
 
@@ -237,14 +239,22 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
             loadCAFile(args.relay_ca)
         except TLSConfigError as e:
             p.error(f"--relay-ca: {e}")
-        if parseHostPort(args.relay.strip().removeprefix("tls:")) is None:
-            p.error("--relay: with --relay-ca, give the relay as HOST:PORT")
+        try:
+            address = relayAddress(args.relay.strip().removeprefix("tls:"))
+        except AddressError as e:
+            p.error(f"--relay: {e}")
+        if isinstance(address, str):
+            p.error("--relay: with --relay-ca, give the relay as a port, a host or HOST:PORT")
     if args.force and not args.output:
         p.error("--force only makes sense with -o DIR")
     if args.no_resume and not args.output:
         p.error("--no-resume only makes sense with -o DIR")
     if args.json and args.names and not args.output:
         p.error("--json with file names needs -o DIR (stdout carries the JSON)")
+    if args.peers and args.list is not None:
+        p.error("--peers and --list exclude each other; ask for one at a time")
+    if args.output is not None and args.output != "-" and Path(args.output).exists() and not Path(args.output).is_dir():
+        p.error(f"-o: {args.output} is not a folder")
     if (args.peers or args.list is not None) and args.names:
         p.error("--peers and --list take no file names")
     try:
@@ -299,9 +309,10 @@ def buildFetcher(
     """
     if relay is None:
         if getattr(args, "relay_ca", None):
-            from ..tls import relayEndpoint
+            from ..tls import relayClientEndpoint
 
-            relay = relayEndpoint(reactor, args.relay, args.relay_ca, args.timeout)
+            host, port = relayAddress(args.relay.strip().removeprefix("tls:"))  # parseArgs checked it
+            relay = relayClientEndpoint(reactor, host, port, args.relay_ca, args.timeout)
         else:
             relay = clientEndpoint(reactor, args.relay, timeout=args.timeout)
     if peerEndpoint is None and getattr(args, "tls", False):
@@ -341,6 +352,7 @@ class Client:
         self.console = console
         self.err = console.err
         self.relayUnreachable = False
+        self.relayNotFound = False
         self.failed = 0
         self.fetcher = fetcher if fetcher is not None else buildFetcher(reactor, args, console.err)
         self.semaphore = DeferredSemaphore(args.parallel)
@@ -349,6 +361,12 @@ class Client:
         self.running: set[Deferred] = set()
         self.kept = 0
         self.total = 0
+
+    def relayMessage(self, e: RelayUnreachable) -> str:
+        """Why the relay could not be asked, as one phrase naming it."""
+        if isinstance(e, RelayNotFound):
+            return f"relay {e}"  # relay NAME:PORT: no such host
+        return f"relay {self.args.relay} unreachable: {e}"
 
     def out(self, line: str) -> None:
         """A line of a listing on stdout, made visible."""
@@ -379,7 +397,7 @@ class Client:
                 self.outJSON({"name": name, "size": size, "holders": holders, "sha256": sha})
         else:
             # Escaped before the columns are measured, so they stay aligned.
-            rows = [(visible(name), size, holders, visible(sha)) for name, size, holders, sha in rows]
+            rows = [(visible(name), humanSize(size), holders, visible(sha)) for name, size, holders, sha in rows]
             width = max([len("NAME")] + [len(r[0]) for r in rows])
             swidth = max([len("SIZE")] + [len(str(r[1])) for r in rows])
             self.out(f"{'NAME':<{width}}  {'SIZE':>{swidth}}  HOLDERS  SHA256")
@@ -400,9 +418,18 @@ class Client:
             self.total += e.total
         except CancelledError:
             pass  # interrupted before it began
+        except RelayNotFound as e:
+            # Said once for the run, not once per name.
+            self.failed += 1
+            self.relayUnreachable = True
+            if not self.relayNotFound:
+                self.relayNotFound = True
+                self.err(f"p2p-fetch: {self.relayMessage(e)}")
+            if self.args.json:
+                self.outJSON({"name": name, "ok": False, "error": self.relayMessage(e), "attempts": []})
         except RelayUnreachable as e:
             self.relayUnreachable = True
-            self._failure(name, f"relay {self.args.relay} unreachable: {e}")
+            self._failure(name, self.relayMessage(e))
         except NotFetched as e:
             self._failure(name, e.why, e.attempts)
         except (DestinationError, OSError, VerificationError) as e:
@@ -442,7 +469,7 @@ class Client:
             name, final, force=self.args.force, resume=not self.args.no_resume
         )
         source = result.peer if len(result.peers) < 2 else f"{len(result.peers)} peers"
-        self.err(f"saved {name} ({result.size} bytes from {source}) to {final}")
+        self.err(f"saved {name} ({humanSize(result.size)} from {source}) to {final}")
         if self.args.json:
             self.outJSON(self._record(result, path=str(final)))
         return result, None
@@ -580,7 +607,7 @@ async def run(
         else:
             await client.interact()
     except RelayUnreachable as e:
-        err(f"p2p-fetch: relay {args.relay} unreachable: {e}")
+        err(f"p2p-fetch: {client.relayMessage(e)}")
         client.relayUnreachable = True
     except wire.ProtocolError as e:
         err(f"p2p-fetch: relay answered {e}")
@@ -596,7 +623,12 @@ async def run(
 
 def needsTLS(args: argparse.Namespace) -> bool:
     """Whether this run may speak TLS: --tls, --relay-ca, or --relay as a description."""
-    return bool(args.tls or args.relay_ca or parseHostPort(args.relay) is None)
+    if args.tls or args.relay_ca:
+        return True
+    try:
+        return isinstance(relayAddress(args.relay), str)
+    except AddressError:
+        return True
 
 
 class _NoOpenSSL:

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import wire
-from ..addresses import TCPClient
+from ..addresses import NoSuchHost, TCPClient
 from ..negotiation import IncompleteAnswer, _OneShotFactory, negotiate
 from ..pieces import PIECE_SIZE
 from .download import Download, NoSpace, VerificationError, freeSpace, human
@@ -55,6 +55,10 @@ class NoUDP(Exception):
 
 class RelayUnreachable(Exception):
     """The relay could not be asked at all (refused, timed out, no route)."""
+
+
+class RelayNotFound(RelayUnreachable):
+    """The relay's host name does not exist: ``NAME:PORT: no such host``."""
 
 
 class NotFetched(Exception):
@@ -249,6 +253,8 @@ class Fetcher:
     async def ask(self, payload: bytes):
         try:
             return await query(self.relay, payload, self.reactor, self.timeout, self.prover)
+        except NoSuchHost as e:
+            raise RelayNotFound(str(e)) from None
         except (error.ConnectError, error.TimeoutError, IncompleteReply) as e:
             raise RelayUnreachable(describe(e)) from None
         except ProofNeeded as e:
