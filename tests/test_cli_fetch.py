@@ -75,8 +75,11 @@ class FakeFetcher:
         listing: Sequence[wire.Message] = (),
         truncated: bool = False,
         errors: Optional[Dict[str, Exception]] = None,
+        index: Optional[Dict[str, bytes]] = None,
     ) -> None:
         self.files = dict(files or {})
+        # What the relay's index lists (one holder each), by name.
+        self.index = dict(index or {})
         self.peerList = list(peers)
         self.listing = list(listing)
         self.truncated = truncated
@@ -104,8 +107,15 @@ class FakeFetcher:
         return self.listing, self.truncated
 
     async def holders(self, name: str) -> List[PeerAddress]:
-        """Nobody listed with a root: save() and stream() go the single-source way, to fetch()."""
-        return []
+        """
+        The holder ``index`` lists, without a root (save() and stream() go
+        the single-source way, to fetch()); nobody for other names.
+        """
+        self.asked.append(("whohas", name))
+        if name not in self.index:
+            return []
+        data = self.index[name]
+        return [PeerAddress("127.0.0.1", 5001, "n1", size=len(data), sha256=sha(data))]
 
     async def fetch(self, name: str, sink, holders=None) -> Fetched:
         self.asked.append(("fetch", name))
@@ -448,7 +458,37 @@ class OutputDirectoryTests(CommandTestCase):
             self.terminal.stderr,
             f"p2p-fetch: a.txt: not fetched: {self.out / 'a.txt'} exists (use --force to replace it)\n",
         )
-        self.assertEqual(fetcher.asked, [])
+        self.assertEqual(fetcher.asked, [("whohas", "a.txt")])
+
+    def test_alreadyHave(self) -> None:
+        """DIR/NAME with the size and SHA-256 the relay lists: 'already have NAME, verified', exit 0, not fetched."""
+        self.out.mkdir()
+        (self.out / "a.txt").write_bytes(A)
+        fetcher = FakeFetcher({"a.txt": A}, index={"a.txt": A})
+        code = self.p2pFetch(["-o", str(self.out), "a.txt"], fetcher)
+        self.assertEqual((code, self.terminal.stderr), (EXIT_OK, "already have a.txt, verified\n"))
+        self.assertNotIn(("fetch", "a.txt"), fetcher.asked)
+        self.assertEqual((self.out / "a.txt").read_bytes(), A)
+
+    def test_alreadyHaveJson(self) -> None:
+        """--json: the file already there is an ok record with its exact size and hash."""
+        self.out.mkdir()
+        (self.out / "a.txt").write_bytes(A)
+        code = self.p2pFetch(["--json", "-o", str(self.out), "a.txt"], FakeFetcher(index={"a.txt": A}))
+        self.assertEqual(code, EXIT_OK)
+        record = json.loads(self.terminal.stdout)
+        self.assertEqual((record["ok"], record["size"], record["sha256"], record["already"]), (True, len(A), sha(A), True))
+
+    def test_differentContentRefused(self) -> None:
+        """DIR/NAME of the listed size but other bytes is still refused without --force: exit 1, untouched."""
+        self.out.mkdir()
+        other = b"x" * len(A)
+        (self.out / "a.txt").write_bytes(other)
+        fetcher = FakeFetcher({"a.txt": A}, index={"a.txt": A})
+        code = self.p2pFetch(["-o", str(self.out), "a.txt"], fetcher)
+        self.assertEqual(code, EXIT_NOT_FETCHED)
+        self.assertIn("exists (use --force to replace it)", self.terminal.stderr)
+        self.assertEqual((self.out / "a.txt").read_bytes(), other)
 
     def test_existingCreatedDuringFetch(self) -> None:
         """A file that appears while the fetch runs is not replaced either."""
