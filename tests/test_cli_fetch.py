@@ -405,6 +405,79 @@ class FetchToStdoutTests(CommandTestCase):
         self.assertEqual(self.leftovers(), [])
 
 
+BINARY_LINE = "binary output can mess up your terminal; use -o DIR, redirect, or -o - to force"
+
+
+class BinaryToTerminalTests(CommandTestCase):
+    """
+    stdout a terminal: a file whose first bytes are not text is refused as
+    curl does, before any of it is written; -o - (or a pipe) prints it.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.terminal.console.stdoutTTY = True
+
+    def test_binaryRefused(self) -> None:
+        """NUL bytes to a terminal: refused in one line, exit 1, nothing on stdout, no temporary left."""
+        code = self.p2pFetch(["blob.bin"], FakeFetcher({"blob.bin": b"\x7fELF\0\0\1"}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_NOT_FETCHED, b""))
+        self.assertEqual(self.terminal.stderr, f"p2p-fetch: blob.bin: {BINARY_LINE}\n")
+        self.assertEqual(self.leftovers(), [])
+
+    def test_invalidUTF8Refused(self) -> None:
+        """Bytes that are not UTF-8 count as binary."""
+        code = self.p2pFetch(["latin.bin"], FakeFetcher({"latin.bin": b"caf\xe9 \xff\xfe"}))
+        self.assertEqual((code, self.terminal.stdout), (EXIT_NOT_FETCHED, b""))
+
+    def test_textPrinted(self) -> None:
+        """UTF-8 text to a terminal is printed as always."""
+        text = "caf\u00e9 \u2603\n".encode()
+        self.assertEqual(self.p2pFetch(["a.txt"], FakeFetcher({"a.txt": text})), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, text)
+
+    def test_dashForces(self) -> None:
+        """-o - means stdout explicitly: binary contents go to the terminal."""
+        data = bytes(range(256))
+        self.assertEqual(self.p2pFetch(["-o", "-", "blob.bin"], FakeFetcher({"blob.bin": data})), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, data)
+        self.assertQuiet()
+
+    def test_pipeUnchanged(self) -> None:
+        """stdout a pipe: binary contents are printed, no question asked."""
+        self.terminal.console.stdoutTTY = False
+        data = bytes(range(256))
+        self.assertEqual(self.p2pFetch(["blob.bin"], FakeFetcher({"blob.bin": data})), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, data)
+
+    def test_othersStillPrinted(self) -> None:
+        """Among several names, only the binary one is refused; its header is not written either."""
+        fetcher = FakeFetcher({"a.txt": A, "blob.bin": b"\0\0", "b.txt": B})
+        code = self.p2pFetch(["a.txt", "blob.bin", "b.txt"], fetcher)
+        self.assertEqual((code, self.terminal.stdout), (EXIT_NOT_FETCHED, A + B))
+        self.assertEqual(
+            self.terminal.stderr, f"==> a.txt <==\np2p-fetch: blob.bin: {BINARY_LINE}\n==> b.txt <==\n"
+        )
+
+    def test_streamRefusesFirstWrite(self) -> None:
+        """The piece-by-piece stdout stream decides on its first write: binary is dropped, the stream closed."""
+        stream = self.terminal.console.stream(refuseBinary=True)
+        resumed = []
+        stream.onResume = lambda: resumed.append(True)
+        stream.write(b"\0binary")
+        stream.write(b"more")
+        self.assertEqual((stream.refused, stream.closed, resumed, self.terminal.stdout), (True, True, [True], b""))
+        self.assertIsNone(self.terminal.stdio.producer)
+
+    def test_streamPassesText(self) -> None:
+        """Text on the first write goes through, and so does everything after it."""
+        stream = self.terminal.console.stream(refuseBinary=True)
+        stream.write(b"text\n")
+        stream.write(b"\0later")
+        stream.close()
+        self.assertEqual((stream.refused, self.terminal.stdout), (False, b"text\n\0later"))
+
+
 class OutputDirectoryTests(CommandTestCase):
     """
     -o DIR: files saved verified, never over an existing one unless --force.

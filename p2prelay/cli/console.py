@@ -9,6 +9,7 @@ written so that a non-blocking terminal never raises mid-message.
 
 from __future__ import annotations
 
+import codecs
 import os
 import select
 import sys
@@ -52,6 +53,25 @@ def visible(text: str) -> str:
     return "".join(_escape(ch) for ch in text)
 
 
+SNIFF = 64 * 1024  # bytes of a file's start looked at to tell text from binary
+
+
+def looksBinary(head: bytes) -> bool:
+    """
+    Whether a file starting with ``head`` is not text: a NUL byte, or
+    bytes that are not UTF-8 (a sequence cut short at the end of ``head``
+    is not held against it).
+    """
+    head = head[:SNIFF]
+    if b"\0" in head:
+        return True
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def visibleLines(text: str) -> str:
     """:func:`visible` for each line of ``text``, keeping its line breaks."""
     return "\n".join(visible(line) for line in text.split("\n"))
@@ -77,10 +97,14 @@ class StdoutStream:
     set once the reader went away ('| head'); later writes are dropped.
     """
 
-    def __init__(self, console: "Console") -> None:
+    def __init__(self, console: "Console", refuseBinary: bool = False) -> None:
         self.console = console
         self.paused = False
         self.closed = console.stdoutClosed
+        # Look at the first bytes before writing any: binary ones are
+        # refused (:attr:`refused` set, the stream closed, nothing written).
+        self.refuseBinary = refuseBinary
+        self.refused = False
         self.onResume: Callable[[], None] = lambda: None
         self.registered = False
         if not self.closed:
@@ -88,6 +112,14 @@ class StdoutStream:
             self.registered = True
 
     def write(self, data: bytes) -> None:
+        if self.refuseBinary and data:
+            self.refuseBinary = False
+            if looksBinary(data):
+                self.refused = True
+                self.closed = True
+                self.close()
+                self.onResume()
+                return
         if not self.closed:
             self.console.stdio.write(data)
 
@@ -110,6 +142,13 @@ class StdoutStream:
         if self.registered:
             self.registered = False
             self.console.stdio.unregisterProducer()
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def writeStderr(text: str) -> None:
@@ -197,8 +236,17 @@ class Console:
         *,
         stdio: Optional[Callable[[Terminal], Any]] = None,
         stderr: Callable[[str], None] = writeStderr,
+        stdoutTTY: Optional[bool] = None,
+        stderrTTY: Optional[bool] = None,
     ) -> None:
         self.stderr = stderr
+        # Whether stdout and stderr are terminals (a person reads them, not
+        # a pipe); with fakes, unless told, they are not.
+        real = stdio is None
+        self.stdoutTTY = _isatty(1) if stdoutTTY is None and real else bool(stdoutTTY)
+        self.stderrTTY = (
+            _isatty(2) if stderrTTY is None and real and stderr is writeStderr else bool(stderrTTY)
+        )
         self.terminal = Terminal(report=self.err)
         self._devnull: Optional[int] = None
         if stdio is None:
@@ -231,9 +279,12 @@ class Console:
     async def readLine(self) -> object:
         return await self.terminal.lines.get()
 
-    def stream(self) -> StdoutStream:
-        """stdout as a stream to write bytes into as they come; :meth:`StdoutStream.close` it."""
-        return StdoutStream(self)
+    def stream(self, refuseBinary: bool = False) -> StdoutStream:
+        """
+        stdout as a stream to write bytes into as they come; :meth:`StdoutStream.close` it.
+        With ``refuseBinary``, a first write that :func:`looksBinary` is refused.
+        """
+        return StdoutStream(self, refuseBinary)
 
     async def send(self, f: IO[bytes]) -> None:
         """Stream an open file to stdout; returns once it is all written. Closes f."""

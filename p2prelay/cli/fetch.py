@@ -43,7 +43,7 @@ from ..client.fetcher import (
 )
 from ..human import humanSize
 from ..client.swarm import Interrupted, keptMessage
-from .console import EOF, Console, splitNames, visible
+from .console import EOF, SNIFF, Console, looksBinary, splitNames, visible
 
 EXIT_OK = 0
 EXIT_NOT_FETCHED = 1
@@ -59,6 +59,7 @@ UDP_MAX_BLOCK = 60 * 1024
 
 DEFAULT_RELAY = "localhost:8000"
 RELAY_ENV = "P2PRELAY_RELAY"
+BINARY = "binary output can mess up your terminal; use -o DIR, redirect, or -o - to force"
 PROMPT = "file name (or quit)> "
 
 EPILOG = """\
@@ -102,7 +103,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"relay as HOST:PORT or a client endpoint description "
         f"(default: ${RELAY_ENV}, else {DEFAULT_RELAY})",
     )
-    p.add_argument("-o", "--output", metavar="DIR", help="save files into DIR instead of printing")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="save files into DIR instead of printing; '-o -' prints to stdout even binary "
+        "files to a terminal",
+    )
     p.add_argument("--force", action="store_true", help="with -o, replace files that exist")
     p.add_argument(
         "--no-resume",
@@ -206,6 +213,10 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
     args.names = splitNames(args.names)
+    # -o -: stdout, explicitly (binary contents to a terminal too).
+    args.stdout = args.output == "-"
+    if args.stdout:
+        args.output = None
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
     if args.timeout <= 0:
@@ -281,6 +292,10 @@ def _sha256File(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class BinaryRefused(Exception):
+    """A file's first bytes are not text, and stdout is a terminal."""
 
 
 class NoTLS(Exception):
@@ -446,6 +461,8 @@ class Client:
             self._failure(name, self.relayMessage(e))
         except NotFetched as e:
             self._failure(name, e.why, e.attempts)
+        except BinaryRefused as e:
+            self._failure(name, str(e), prefix="")
         except (DestinationError, OSError, VerificationError) as e:
             self._failure(name, str(e))
         except wire.ProtocolError as e:
@@ -471,11 +488,14 @@ class Client:
                 except BaseException:
                     sink.discard()
                     raise
-            writer = self.console.stream()
+            writer = self.console.stream(refuseBinary=self.refusesBinary)
             try:
-                return await self.fetcher.stream(name, writer, self._tempSink)
+                outcome = await self.fetcher.stream(name, writer, self._tempSink)
             finally:
                 writer.close()
+            if writer.refused:
+                raise BinaryRefused(BINARY)
+            return outcome
         final = destination(Path(self.args.output), name)
         if final.exists() and not self.args.force:
             have = await self._alreadyHave(name, final)
@@ -531,9 +551,14 @@ class Client:
             **extra,
         }
 
-    def _failure(self, name: str, why: str, attempts: Sequence = ()) -> None:
+    @property
+    def refusesBinary(self) -> bool:
+        """Binary contents are refused: stdout is a terminal, and not named with -o -."""
+        return self.console.stdoutTTY and not getattr(self.args, "stdout", False)
+
+    def _failure(self, name: str, why: str, attempts: Sequence = (), prefix: str = "not fetched: ") -> None:
         self.failed += 1
-        self.err(f"p2p-fetch: {name}: not fetched: {why}")
+        self.err(f"p2p-fetch: {name}: {prefix}{why}")
         if self.args.json:
             self.outJSON(
                 {
@@ -551,6 +576,11 @@ class Client:
             self.running.add(d)
             d.addBoth(lambda result: (self.running.discard(d), result)[1])
         return d
+
+    @staticmethod
+    def _binary(sink: Download) -> bool:
+        with sink.open() as f:
+            return looksBinary(f.read(SNIFF))
 
     def interrupt(self, signum: int) -> None:
         """Ctrl-C (or SIGTERM): cancel what runs; what can be resumed is kept."""
@@ -573,6 +603,9 @@ class Client:
             for result, sink in outcomes:
                 if self.interrupted is not None:
                     break
+                if self.refusesBinary and self._binary(sink):
+                    self._failure(result.name, BINARY, prefix="")
+                    continue
                 if len(names) > 1:
                     self.err(f"==> {result.name} <==")
                 await self._start(self.console.send(sink.open()))
@@ -583,10 +616,20 @@ class Client:
                 sink.discard()
 
     async def interact(self) -> None:
+        from .prompt import lineReader  # readline on a terminal, else the console's lines
+
+        reader = lineReader(self.reactor, self.console, self.fetcher)
+        try:
+            await self._interact(reader)
+        finally:
+            reader.close()
+
+    async def _interact(self, reader) -> None:
+        from .prompt import HELP, isHelp
+
         while self.interrupted is None:
-            self.console.prompt(PROMPT)
             try:
-                line = await self._start(self.console.readLine())
+                line = await self._start(reader.readLine(PROMPT))
             except CancelledError:
                 self.err("")
                 return
@@ -596,6 +639,9 @@ class Client:
             assert isinstance(line, str)
             if line.strip().lower() in ("quit", "exit", "q"):
                 return
+            if isHelp(line):
+                self.err(HELP)
+                continue
             names = splitNames([line], allowVerb=True)
             good = []
             for name in names:
