@@ -176,11 +176,14 @@ class ConnectionLimit:
         perAddress: int,
         retry: float = BUSY_RETRY,
         what: str = "server",
+        onRefused: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.clock = clock
         self.counter = AddressCounter(perAddress, total)
         self.retry = retry
         self.what = what
+        # Told of every refusal, with which cap: "per-address" or "total" (metrics).
+        self.onRefused = onRefused
         self._warned: set[str] = set()
 
     def build(self, addr: object, make: Callable[[], Protocol]) -> Protocol:
@@ -201,6 +204,8 @@ class ConnectionLimit:
 
     def _refused(self, source: str) -> None:
         why = self.counter.refusal(source)
+        if self.onRefused is not None and why is not None:
+            self.onRefused(why)
         # One line per spell of refusals (per source, or for the total), not
         # one per socket.
         key = source if why == "per-address" else ""

@@ -82,9 +82,12 @@ GET = "GET"
 MANIFEST = "MANIFEST"  # node: a file's piece digests
 PROOF = "PROOF"  # the answer to a 100 challenge
 PROVE = "PROVE"  # relay to node: the dial-back challenge
+STATS = "STATS"  # relay: its headline figures on one status line
 VERBS = frozenset(
-    {REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, MANIFEST, PROOF, PROVE}
+    {REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, MANIFEST, PROOF, PROVE, STATS}
 )
+# The fields of a STATS answer, each a whole number.
+STATS_FIELDS = ("peers", "files", "entries", "bytes", "lookups", "uptime")
 
 # Item tags inside lists.
 FILE = "FILE"

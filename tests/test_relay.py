@@ -973,3 +973,142 @@ class ListenBacklogTests(SynchronousTestCase):
         self.assertEqual(withBacklog("tcp:0", 1024), "tcp:0:backlog=1024")
         self.assertEqual(withBacklog("unix:/tmp/x", 1024), "unix:/tmp/x")
         self.assertEqual(withBacklog("tcp:0", None), "tcp:0")
+
+
+class MetricsTests(RelayTestCase):
+    """What the relay protocol tells its RelayMetrics (read back with a scrape in process)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from p2prelay.metrics import RelayMetrics, newRegistry
+
+        self.metrics = RelayMetrics(newRegistry(process=False))
+        self.factory.metrics = self.metrics
+        self.factory.connections.onRefused = self.metrics.connectionRefused
+
+    def sample(self, name: str, **labels) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def test_lookupHitAndMiss(self):
+        """A WHOHAS that lists a holder is a hit, one that lists none a miss; a SEARCH too."""
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        self.answer(wire.request(wire.WHOHAS, name="a"))
+        self.answer(wire.request(wire.WHOHAS, name="nope"))
+        self.answer(wire.request(wire.SEARCH, pattern="nothing*"))
+        self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="hit"), 1)
+        self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="miss"), 2)
+
+    def test_lookupRefused(self):
+        """A malformed WHOHAS is a refused lookup, and neither a hit nor a miss."""
+        self.assertRefused(wire.request(wire.WHOHAS), wire.BAD_REQUEST)
+        self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="refused"), 1)
+        self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="miss"), 0)
+
+    def test_registrationAccepted(self):
+        """A REGISTER that is recorded counts as accepted, once."""
+        self.answer(registration(KEY, 5000, ["a.txt"]))
+        self.assertEqual(self.sample("p2prelay_relay_registrations_total", result="accepted"), 1)
+        self.assertEqual(self.sample("p2prelay_relay_registrations_total", result="refused"), 0)
+
+    def test_registrationRefused(self):
+        """A REGISTER with a bad proof counts as refused."""
+        self.assertRefused(registration(KEY), wire.UNAUTHORIZED, key=OTHER)
+        self.assertEqual(self.sample("p2prelay_relay_registrations_total", result="refused"), 1)
+
+    def test_registrationInvalid(self):
+        """A REGISTER whose END count does not match counts as invalid."""
+        data = wire.request(wire.REGISTER, key=KEY.public, port=5000, files=0) + wire.end(3)
+        self.assertRefused(data, wire.BAD_REQUEST)
+        self.assertEqual(self.sample("p2prelay_relay_registrations_total", result="invalid"), 1)
+
+    def test_latency(self):
+        """A request's latency runs from its line to its answer, on the relay's clock."""
+        data = registration(KEY, 5000, ["a.txt"])
+        first, rest = data.split(b"\n", 1)
+        proto, transport = self.connect()
+        self.clock.advance(3)  # before the request line: not the relay's latency
+        proto.dataReceived(first + b"\n")
+        self.clock.advance(0.5)
+        proto.dataReceived(rest)
+        self.prove(proto, transport, data)
+        self.assertEqual(self.sample("p2prelay_relay_request_seconds_count"), 1)
+        self.assertAlmostEqual(self.sample("p2prelay_relay_request_seconds_sum"), 0.5)
+
+    def test_connectionsOpen(self):
+        """Each connection is counted open until it is lost."""
+        proto, transport = self.connect()
+        self.connect()
+        self.assertEqual(self.sample("p2prelay_relay_connections_open"), 2)
+        proto.connectionLost(None)
+        self.assertEqual(self.sample("p2prelay_relay_connections_open"), 1)
+
+    def test_connectionsRefused(self):
+        """A connection over the per-address cap is counted refused, by that cap, each time."""
+        self.factory.connections.counter.perAddress = 1
+        self.connect()
+        self.connect()
+        self.connect()
+        self.assertEqual(self.sample("p2prelay_relay_connections_refused_total", reason="per-address"), 2)
+        self.assertEqual(self.sample("p2prelay_relay_connections_open"), 1)
+
+    def test_noMetrics(self):
+        """Without metrics the factory counts lookups for STATS all the same."""
+        self.factory.metrics = None
+        self.answer(wire.request(wire.WHOHAS, name="a"))
+        self.assertEqual(self.factory.lookups, 1)
+
+
+class StatsTests(RelayTestCase):
+    def test_figures(self):
+        """STATS answers one status line: peers, distinct files, entries, bytes, lookups, uptime."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a", 10, SHA_A), FileEntry("b", 5, SHA_A)])
+        self.registry.register("n2", "10.0.0.2", 5000, [FileEntry("a", 10, SHA_A)])
+        self.answer(wire.request(wire.WHOHAS, name="a"))
+        self.clock.advance(75)
+        [status] = self.answer(wire.request(wire.STATS))
+        self.assertEqual(status.status, wire.OK)
+        self.assertEqual(
+            {key: status.get(key) for key in wire.STATS_FIELDS},
+            {"peers": "2", "files": "2", "entries": "3", "bytes": "25", "lookups": "1", "uptime": "75"},
+        )
+        self.assertEqual(status.get("boot"), self.factory.boot)
+        self.assertEqual(status.text, "2 peers, 2 files (25 B)")
+
+    def test_unreachableLeftOut(self):
+        """Peers the relay could not reach are not counted, as they are not listed."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a", 10, SHA_A)], reachable=False)
+        [status] = self.answer(wire.request(wire.STATS))
+        self.assertEqual((status.get("peers"), status.get("bytes")), ("0", "0"))
+        self.assertEqual(status.text, "0 peers, 0 files (0 B)")
+
+    def test_oneOfEach(self):
+        """One peer with one file reads "1 peer, 1 file"."""
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        [status] = self.answer(wire.request(wire.STATS))
+        self.assertEqual(status.text, "1 peer, 1 file (1 B)")
+
+
+class VerboseTests(RelayTestCase):
+    def lines(self, data: bytes) -> List[str]:
+        with capturedLogs() as events:
+            self.answer(data)
+        return [formatEvent(e) for e in events if e["log_level"].name == "debug"]
+
+    def test_quietByDefault(self):
+        """Without verbose, lookups log nothing."""
+        self.assertEqual(self.lines(wire.request(wire.WHOHAS, name="a")), [])
+
+    def test_lookupsAtDebug(self):
+        """With verbose, each WHOHAS, PEERS and SEARCH is one debug line naming the client."""
+        self.factory.verbose = True
+        self.register("n1", "10.0.0.1", 5000, ["a"])
+        self.assertEqual(self.lines(wire.request(wire.WHOHAS, name="a")), ["WHOHAS a from 10.1.2.3:40000: 1 found"])
+        self.assertEqual(self.lines(wire.request(wire.PEERS)), ["PEERS from 10.1.2.3:40000: 1 active"])
+        with capturedLogs() as events:
+            self.ask(wire.request(wire.SEARCH, pattern="a*"))
+            self.clock.advance(1)
+        self.assertIn(
+            "SEARCH 'a*' from 10.1.2.3:40000: 1 found",
+            [formatEvent(e) for e in events if e["log_level"].name == "debug"],
+        )

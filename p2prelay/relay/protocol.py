@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .. import identity, wire
+from ..human import humanSize, plural
 from ..limits import (
     MAX_INFLIGHT_BYTES,
     RELAY_MAX_CONNECTIONS,
@@ -101,6 +102,17 @@ class RelayProtocol(NegotiationProtocol):
         self._held = 0  # registration bytes counted in factory.inflight
         self._pending: tuple[bytes, str, str | None, Callable[[], None]] | None = None
         self._lost = False
+        self._word: str | None = None  # the request's verb, once its line is read
+        self._began: float | None = None  # when its line was read (for the latency histogram)
+        self._settled = False  # its result counted (registrations, refused lookups)
+        self._counted = False  # counted among the open connections
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.connectionOpened()
+            self._counted = True
 
     @property
     def source(self) -> str:
@@ -126,9 +138,59 @@ class RelayProtocol(NegotiationProtocol):
                 self._fileLine(message)
         except wire.ProtocolError as e:
             self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
+            self._settle(e.status)
             self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
 
+    # What the metrics see: a request's verb, its latency and, for a
+    # registration or lookup refused, how it ended.
+
+    def refuse(self, error: wire.ProtocolError) -> None:
+        self._settle(error.status)  # timeouts and over-long lines come this way
+        super().refuse(error)
+
+    def finish(self, data: bytes) -> None:
+        metrics = self.factory.metrics
+        if metrics is not None and self._began is not None and not self.finished:
+            metrics.observeLatency(self.factory.clock.seconds() - self._began)
+            self._began = None
+        super().finish(data)
+
+    def _settle(self, status: int) -> None:
+        """Count how a REGISTER (or a WHOHAS/SEARCH refused) ended, once."""
+        metrics = self.factory.metrics
+        if self._settled or self._word is None:
+            return
+        self._settled = True
+        if metrics is None:
+            return
+        if self._word == wire.REGISTER:
+            if status == wire.OK:
+                metrics.registration("accepted")
+            elif status in (wire.BAD_REQUEST, wire.TOO_LARGE, wire.LINE_TOO_LONG):
+                metrics.registration("invalid")
+            else:
+                metrics.registration("refused")
+        elif self._word in (wire.WHOHAS, wire.SEARCH) and status != wire.OK:
+            metrics.lookup("refused")
+
+    def _looked(self, what: str, found: int) -> None:
+        """A lookup answered: counted (for STATS and the metrics) and logged at debug level."""
+        self._settled = True
+        self.factory.lookups += 1
+        if self.factory.metrics is not None:
+            self.factory.metrics.lookup("hit" if found else "miss")
+        if self.factory.verbose:
+            self.log.debug(
+                "{verb} {what} from {peer}: {found} found",
+                verb=self._word,
+                what=what,
+                peer=self.peerName(),
+                found=found,
+            )
+
     def _dispatch(self, message: wire.Message, size: int) -> None:
+        self._word = message.word
+        self._began = self.factory.clock.seconds()
         if message.word == wire.REGISTER:
             self._register(message, size)
             return
@@ -139,6 +201,7 @@ class RelayProtocol(NegotiationProtocol):
             wire.WHOHAS: self._whohas,
             wire.SEARCH: self._search,
             wire.DEAD: self._dead,
+            wire.STATS: self._stats,
         }.get(message.word)
         if handler is None:
             raise wire.ProtocolError(wire.BAD_REQUEST, f"unknown request {message.word}")
@@ -263,6 +326,7 @@ class RelayProtocol(NegotiationProtocol):
             self._record(host, port, outcome.ok, outcome.reason)
         except wire.ProtocolError as e:
             self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
+            self._settle(e.status)
             self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
 
     def _record(self, host: str, port: int, reachable: bool, reason: str) -> None:
@@ -289,16 +353,18 @@ class RelayProtocol(NegotiationProtocol):
                 wire.CONFLICT, f"{e}; the relay could not reach this key there ({reason})"
             ) from None
         self.factory.changed()
+        self._settle(wire.OK)
         self.log.info(
-            "registered {node} at {host}:{port} with {count} files{how}",
+            "registered {node} at {host}:{port} with {files}{how}",
             node=peer.node,
             host=peer.host,
             port=peer.port,
             count=len(peer.files),
+            files=plural(len(peer.files), "file"),
             how="" if reachable else f", not listed: unreachable ({reason})",
         )
         if reachable:
-            text = f"registered {len(peer.files)} files"
+            text = f"registered {plural(len(peer.files), 'file')}"
         else:
             text = f"registered, but the relay could not reach {host}:{port} ({reason})"
         self.finish(
@@ -393,7 +459,9 @@ class RelayProtocol(NegotiationProtocol):
         items = [
             wire.item(wire.PEER, **peerFields(p), files=len(p.files)) for p in peers
         ]
-        self._answerList(items, f"{len(items)} active peers")
+        if self.factory.verbose:
+            self.log.debug("PEERS from {peer}: {count} active", peer=self.peerName(), count=len(items))
+        self._answerList(items, f"{plural(len(items), 'active peer')}")
 
     def _whohas(self, message: wire.Message) -> None:
         name = message.name()
@@ -402,13 +470,15 @@ class RelayProtocol(NegotiationProtocol):
             wire.item(wire.PEER, **peerFields(p), size=e.size, sha256=e.sha256, **_layout(e))
             for p, e in holders
         ]
-        self._answerList(items, f"{len(items)} peers hold {name}")
+        self._looked(name, len(items))
+        self._answerList(items, f"{plural(len(items), 'peer')} {'holds' if len(items) == 1 else 'hold'} {name}")
 
     def _search(self, message: wire.Message) -> None:
         pattern = message.get("pattern", "") or ""
         if len(pattern.encode("utf-8")) > wire.MAX_NAME:
             raise wire.ProtocolError(wire.BAD_REQUEST, "pattern too long")
         limit = message.integer("limit", MAX_SEARCH_RESULTS, low=1, high=MAX_SEARCH_RESULTS)
+        self._pattern = pattern
         self._phase = _Phase.WORKING
         self._searchStep(self.factory.registry.searchSteps(pattern, limit))
 
@@ -432,8 +502,32 @@ class RelayProtocol(NegotiationProtocol):
             wire.item(wire.FILE, name=h.name, size=h.size, sha256=h.sha256, holders=h.holders)
             for h in hits
         ]
+        self._looked(repr(self._pattern), len(items))
         self._answerList(
-            items, f"{len(items)} files match", truncated=1 if truncated else 0
+            items,
+            f"{plural(len(items), 'file')} {'matches' if len(items) == 1 else 'match'}",
+            truncated=1 if truncated else 0,
+        )
+
+    def _stats(self, message: wire.Message) -> None:
+        """STATS: the headline figures on one status line (see docs/protocol.rst)."""
+        figures = self.factory.registry.figures()
+        uptime = max(0, int(self.factory.clock.seconds() - self.factory.started))
+        if self.factory.verbose:
+            self.log.debug("STATS from {peer}", peer=self.peerName())
+        self.finish(
+            wire.status(
+                wire.OK,
+                f"{plural(figures.peers, 'peer')}, {plural(figures.files, 'file')} "
+                f"({humanSize(figures.bytes)})",
+                peers=figures.peers,
+                files=figures.files,
+                entries=figures.entries,
+                bytes=figures.bytes,
+                lookups=self.factory.lookups,
+                uptime=uptime,
+                boot=self.factory.boot,
+            )
         )
 
     def _dead(self, message: wire.Message) -> None:
@@ -461,6 +555,9 @@ class RelayProtocol(NegotiationProtocol):
         super().connectionLost(reason)
         self._lost = True
         self._release()
+        if self._counted:
+            self._counted = False
+            self.factory.metrics.connectionClosed()
 
 
 def _layout(entry: FileEntry) -> dict[str, object]:
@@ -500,7 +597,9 @@ class RelayFactory(Factory):
     ``secret`` (bytes) closes the network: every proof must also carry an
     HMAC under it; with ``private`` clients' queries must prove it too.
     ``dialback`` checks addresses (default: a :class:`DialBack` dialling
-    through the reactor given as ``clock``).
+    through the reactor given as ``clock``).  ``metrics`` is a
+    :class:`~p2prelay.metrics.RelayMetrics` (None: no ``--metrics``);
+    ``verbose`` logs every lookup at debug level.
     """
 
     protocol = RelayProtocol
@@ -528,10 +627,24 @@ class RelayFactory(Factory):
         reportRate: float = REPORT_RATE,
         reportBurst: int = REPORT_BURST,
         recheckInterval: float = RECHECK_INTERVAL,
+        metrics=None,
+        verbose: bool = False,
     ) -> None:
         self.registry = registry
+        # Log each lookup (WHOHAS, PEERS, SEARCH, STATS) at debug level:
+        # twistd's observer shows every level, so the flag decides.
+        self.verbose = verbose
         self.clock = clock
-        self.connections = ConnectionLimit(clock, maxConnections, maxPerAddress, what="relay")
+        self.metrics = metrics  # a p2prelay.metrics.RelayMetrics, or None (no --metrics)
+        self.started = clock.seconds()
+        self.lookups = 0  # WHOHAS and SEARCH answered since the start (STATS)
+        self.connections = ConnectionLimit(
+            clock,
+            maxConnections,
+            maxPerAddress,
+            what="relay",
+            onRefused=None if metrics is None else metrics.connectionRefused,
+        )
         self.boot = uuid.uuid4().hex[:16]
         self._onChange = onChange
         assert secret is not None or not private, "a private relay needs a secret"

@@ -37,7 +37,18 @@ import random
 import sys
 from array import array
 from collections.abc import Mapping
-from typing import Callable, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Callable,
+    Dict,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import attrs
 
@@ -182,6 +193,15 @@ class Peer:
     @property
     def address(self) -> Tuple[str, int]:
         return (self.host, self.port)
+
+
+class Figures(NamedTuple):
+    """:meth:`Registry.figures`: peers, distinct files, index entries, bytes in them."""
+
+    peers: int
+    files: int
+    entries: int
+    bytes: int
 
 
 @attrs.frozen
@@ -445,6 +465,22 @@ class Registry:
         """Live, reachable peers, oldest registration first."""
         now = self._now()
         return [p for p in self._peers.values() if p.expires > now and p.reachable]
+
+    def figures(self) -> "Figures":
+        """
+        The headline figures over the peers clients are sent to: how many,
+        the distinct names they hold, their entries (one per file a peer
+        holds) and the bytes in those.
+        """
+        peers = self.active()
+        names: set[str] = set()
+        entries = size = 0
+        for peer in peers:
+            table = _table(peer.files)
+            names.update(table.names)
+            entries += len(table.names)
+            size += sum(table.sizes)
+        return Figures(len(peers), len(names), entries, size)
 
     def get(self, node: str) -> Peer | None:
         peer = self._peers.get(node)
