@@ -206,8 +206,13 @@ class RelayOptions(usage.Options):
          "of one node on DEAD reports.", seconds("recheck-interval")],
         ["secret-file", None, None, "A closed network: only nodes proving the shared secret "
          "in this file may register."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics here (a port or server "
+         "endpoint description, e.g. tcp:9101:interface=127.0.0.1; default: off).", _server],
     ]
-    optFlags = [["private", None, "Clients must prove the shared secret too (needs --secret-file)."]]
+    optFlags = [
+        ["private", None, "Clients must prove the shared secret too (needs --secret-file)."],
+        ["verbose", "v", "Log every lookup (WHOHAS, PEERS, SEARCH, STATS) at debug level."],
+    ]
 
     def postOptions(self) -> None:
         self["secret"] = _secret(self["secret-file"])
@@ -269,6 +274,8 @@ class NodeOptions(usage.Options):
         ["piece-size", None, ByteSize(PIECE_SIZE), "Advanced: the size of the pieces files are "
          "hashed in for multi-source downloads (16K to 64M; every node sharing a file should use "
          "the same, or clients see different versions).", _pieceSize],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics here (a port or server "
+         "endpoint description, e.g. tcp:9101:interface=127.0.0.1; default: off).", _server],
     ]
     optFlags = [["no-udp", None, "Do not serve over UDP."]]
 
@@ -364,6 +371,8 @@ def makeRelayService(config, reactor=None):
         reportRate=config["report-rate"] / MINUTE,
         reportBurst=config["report-burst"],
         recheckInterval=config["recheck-interval"],
+        metrics=config.get("metrics"),
+        verbose=bool(config.get("verbose")),
     )
 
 
@@ -401,4 +410,6 @@ def makeNodeService(
         pieceSize=int(config["piece-size"]),
         maxRate=None if config["max-rate"] is None else int(config["max-rate"]),
         maxUploads=config["max-uploads"],
+        metrics=config.get("metrics"),
+        relayName=config["relay"],
     )

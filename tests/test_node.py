@@ -963,3 +963,108 @@ class RealConnectionTests(test_sendfile.ProducerTestCase):
         message = wire.parseLine(head)
         self.assertEqual(len(body), 32 * message.integer("count"))
         self.assertEqual(message.integer("count"), 4)  # 3 MiB and a bit, in 1 MiB pieces
+
+
+class TransferLogTests(ServerTestCase):
+    """One line per finished transfer: name, size, seconds, rate, client as host:port."""
+
+    def serveSlowly(self, data: bytes, lose: bool = False):
+        """
+        GET big.bin (two chunks) from a slow client: the first chunk, a
+        second later the second; with ``lose``, the client goes instead.
+        """
+        self.write("big.bin", data)
+        self.successResultOf(self.share.scan())
+        with capturedLogs() as events:
+            proto, transport = self.connect(SlowClientTransport(peerAddress=CLIENT))
+            proto.dataReceived(wire.request(wire.GET, name="big.bin"))
+            self.clock.advance(0)  # the status line and the first chunk; paused
+            self.clock.advance(1)
+            if lose:
+                proto.connectionLost(Failure(ConnectionLost("reset by peer")))
+            else:
+                transport.producer.resumeProducing()
+                self.clock.advance(0)
+        return [formatEvent(e) for e in events], transport
+
+    def test_finished(self):
+        """A complete transfer is one line with its human size, seconds, rate and the client."""
+        lines, transport = self.serveSlowly(b"x" * (CHUNK * 2))
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("sent big.bin: 512.0 KiB in 1.0 s (512.0 KiB/s) to 10.1.2.3:40000", lines)
+
+    def test_failed(self):
+        """A transfer cut off says how far it got and why."""
+        lines, transport = self.serveSlowly(b"x" * (CHUNK * 2), lose=True)
+        [line] = [line for line in lines if "failed" in line]
+        self.assertTrue(
+            line.startswith(
+                "sending big.bin to 10.1.2.3:40000 failed after 256.0 KiB of 512.0 KiB (1.0 s): "
+                "the connection was lost ("
+            ),
+            line,
+        )
+        self.assertIn("reset by peer", line)
+
+
+class NodeMetricsTests(ServerTestCase):
+    """What the file server tells its NodeMetrics."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from p2prelay.metrics import NodeMetrics, newRegistry
+
+        self.metrics = NodeMetrics(newRegistry(process=False))
+        self.factory.metrics = self.metrics
+
+    def sample(self, name: str, **labels) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def test_complete(self):
+        """A whole GET counts as complete, with its body bytes sent and no upload left running."""
+        self.write("a.txt", b"alpha")
+        self.get(wire.request(wire.GET, name="a.txt"))
+        self.assertEqual(self.sample("p2prelay_node_transfers_total", result="complete"), 1)
+        self.assertEqual(self.sample("p2prelay_node_sent_bytes_total"), 5)
+        self.assertEqual(self.sample("p2prelay_node_uploads_running"), 0)
+
+    def test_running(self):
+        """An upload is counted running while its body is sent, and its bytes as they go."""
+        self.write("big.bin", b"x" * (CHUNK * 2))
+        proto, transport = self.connect(SlowClientTransport())
+        proto.dataReceived(wire.request(wire.GET, name="big.bin"))
+        self.assertEqual(self.sample("p2prelay_node_uploads_running"), 1)
+        self.clock.advance(0)
+        self.assertEqual(self.sample("p2prelay_node_sent_bytes_total"), CHUNK)
+
+    def test_failed(self):
+        """A GET whose client goes mid-body counts as failed."""
+        self.write("big.bin", b"x" * (CHUNK * 2))
+        proto, transport = self.connect(SlowClientTransport())
+        proto.dataReceived(wire.request(wire.GET, name="big.bin"))
+        self.clock.advance(0)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.sample("p2prelay_node_transfers_total", result="failed"), 1)
+        self.assertEqual(self.sample("p2prelay_node_uploads_running"), 0)
+
+    def test_notFound(self):
+        """A GET of a name the folder lacks counts as not-found."""
+        self.assertRefused(wire.request(wire.GET, name="missing.txt"), wire.NOT_FOUND)
+        self.assertEqual(self.sample("p2prelay_node_transfers_total", result="not-found"), 1)
+
+    def test_refusedBusy(self):
+        """A GET over the per-address cap counts as refused."""
+        self.factory.gets.perAddress = 1
+        self.write("big.bin", b"x" * (CHUNK * 2))
+        self.connect(SlowClientTransport())[0].dataReceived(wire.request(wire.GET, name="big.bin"))
+        self.assertRefused(wire.request(wire.GET, name="big.bin"), wire.BUSY)
+        self.assertEqual(self.sample("p2prelay_node_transfers_total", result="refused"), 1)
+
+    def test_badRequestUncounted(self):
+        """A line that is not a GET is no transfer."""
+        self.assertRefused(b"P2P/1 FROB\r\n", wire.BAD_REQUEST)
+        self.assertEqual(
+            sum(self.sample("p2prelay_node_transfers_total", result=r) for r in ("complete", "failed", "refused", "not-found")),
+            0,
+        )

@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay.node import share as share_module
 from p2prelay.node.manifest import ManifestCache, hashFile
-from p2prelay.node.share import SharedDirectory, humanSize
+from p2prelay.human import humanSize
+from p2prelay.node.share import SharedDirectory
 from p2prelay.pieces import MIN_PIECE_SIZE, rootOf
 from p2prelay.wire import FileEntry
 from tests.support import syncThread
@@ -207,11 +208,33 @@ class PieceTests(SynchronousTestCase):
         self.assertFalse(any("small.txt" in t for t in texts), "small files get no line each")
         self.assertIn("hashed 2 files (2.0 KiB); 0 known from earlier", texts)
 
-    def test_humanSize(self):
-        """Sizes in log lines read as people write them."""
-        self.assertEqual(humanSize(2 * 1024**3), "2.0 GiB")
-        self.assertEqual(humanSize(1536), "1.5 KiB")
-        self.assertEqual(humanSize(17), "17 bytes")
+    def test_oneFileGrammar(self):
+        """One file hashed is "1 file", with p2prelay.human's size."""
+        for path in self.root.iterdir():
+            path.unlink()
+        (self.root / "one.bin").write_bytes(b"x" * 17)
+        with capturedLogs() as events:
+            self.scan(self.share())
+        texts = [formatEvent(e) for e in events]
+        self.assertIn("hashed 1 file (17 B); 0 known from earlier", texts)
+
+    def test_backlog(self):
+        """While a scan hashes, backlog counts the files it has yet to start; none once it is done."""
+        seen = []
+        real = share_module.hashFile
+        share = self.share()
+
+        def watching(path, pieceSize):
+            seen.append(share.backlog)
+            return real(path, pieceSize)
+
+        self.patch(share_module, "hashFile", watching)
+        for name in ("a.bin", "b.bin"):
+            (self.root / name).write_bytes(name.encode())
+        files = len(list(self.root.iterdir()))
+        self.scan(share)
+        self.assertEqual(seen, list(range(files - 1, -1, -1)))
+        self.assertEqual(share.backlog, 0)
 
     def test_addedWithoutHashesGetsManifest(self):
         """A file added without its piece digests is read once by the next scan, and announced again with its root."""

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import identity, pieces, wire
+from ..human import humanRate, humanSize
 from ..limits import (
     NODE_MAX_CONNECTIONS,
     NODE_MAX_GETS_PER_ADDRESS,
@@ -108,7 +109,7 @@ class SendfileProducer:
     the rest is read and written in chunks instead, one per call.
 
     ``progress`` is called after every batch that moved bytes (the idle
-    timeout's reset).  ``deferred`` fires when every byte is sent, or
+    timeout's reset), ``counted`` with every count of bytes moved.  ``deferred`` fires when every byte is sent, or
     fails if the file shrinks or the connection is lost.
     """
 
@@ -120,7 +121,9 @@ class SendfileProducer:
         progress: Callable[[], None] = lambda: None,
         batch: int = SENDFILE_BATCH,
         chunk: int = CHUNK,
+        counted: Callable[[int], None] = lambda n: None,
     ) -> None:
+        self._counted = counted
         self._file = f
         self._offset = offset
         self._remaining = length
@@ -183,6 +186,7 @@ class SendfileProducer:
             sent += n
             self._offset += n
             self._remaining -= n
+            self._counted(n)
         if sent:
             self._progress()
         if self._remaining:
@@ -199,6 +203,7 @@ class SendfileProducer:
         self._offset += len(data)
         self._remaining -= len(data)
         self._progress()
+        self._counted(len(data))
         self._transport.write(data)
 
     def _finish(self, failure: Optional[Failure]) -> None:
@@ -320,6 +325,18 @@ class FileServerProtocol(NegotiationProtocol):
         self._stopper: object = None  # what connectionLost stops: the producer, or its limited consumer
         self._requested = False
         self._lost = False
+        self.sent = 0  # body bytes sent so far
+        self._lostWhy: Optional[str] = None  # how the connection was lost, if it was
+
+    def counted(self, count: int) -> None:
+        """``count`` more body bytes sent."""
+        self.sent += count
+        if self.factory.metrics is not None:
+            self.factory.metrics.sent(count)
+
+    def _transfer(self, result: str) -> None:
+        if self.factory.metrics is not None:
+            self.factory.metrics.transfer(result)
 
     def lineReceived(self, line: bytes) -> None:
         if self._requested or self.finished:
@@ -328,11 +345,13 @@ class FileServerProtocol(NegotiationProtocol):
         self._requested = True
         self.requestComplete()
         if not self.takeSlot(self.factory.gets, "too many requests from your address"):
+            self._transfer("refused")
             return
         self.transport.pauseProducing()
         ensureDeferred(self._serve(line)).addErrback(self._crashed)
 
     async def _serve(self, line: bytes) -> None:
+        message = None
         try:
             message = wire.parseLine(line)
             if message.word == wire.PROVE and self.factory.key is not None:
@@ -349,6 +368,7 @@ class FileServerProtocol(NegotiationProtocol):
             if self.factory.uploads is not None and not self.takeSlot(
                 self.factory.uploads, "too many uploads at once", retry=UPLOAD_RETRY
             ):
+                self._transfer("refused")
                 return
             # Hashing a changed file is the server's wait, not client idleness.
             self.setTimeout(None)
@@ -361,6 +381,8 @@ class FileServerProtocol(NegotiationProtocol):
             self.log.info(
                 "refused {peer}: {error}", peer=self.peerName(), error=str(e)
             )
+            if message is not None and message.word == wire.GET:
+                self._transfer("not-found" if e.status == wire.NOT_FOUND else "refused")
             self.refuse(e)
             return
         try:
@@ -372,11 +394,14 @@ class FileServerProtocol(NegotiationProtocol):
                 )
         except wire.ProtocolError as e:
             f.close()
+            self._transfer("refused")
             self.refuse(e)
             return
         self.log.info(
-            "sending {name} ({length} bytes from {offset}) to {peer}",
+            "sending {name} ({size}{part}) to {peer}",
             name=name,
+            size=humanSize(length),
+            part=f" from byte {offset}" if offset or length != entry.size else "",
             length=length,
             offset=offset,
             peer=self.peerName(),
@@ -393,7 +418,35 @@ class FileServerProtocol(NegotiationProtocol):
                 length=length,
             )
         )
-        await self._sendBody(name, f, offset, length)
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.uploadStarted()
+        began = self.clock.seconds()
+        why = await self._sendBody(name, f, offset, length)
+        took = self.clock.seconds() - began
+        if metrics is not None:
+            metrics.uploadFinished("complete" if why is None else "failed")
+        if why is None:
+            self.log.info(
+                "sent {name}: {size} in {seconds:.1f} s ({rate}) to {peer}",
+                name=name,
+                size=humanSize(length),
+                bytes=length,
+                seconds=took,
+                rate=humanRate(length / took) if took > 0 else "instantly",
+                peer=self.peerName(),
+            )
+        else:
+            self.log.info(
+                "sending {name} to {peer} failed after {sent} of {size} ({seconds:.1f} s): {why}",
+                name=name,
+                sent=humanSize(self.sent),
+                size=humanSize(length),
+                bytes=self.sent,
+                seconds=took,
+                peer=self.peerName(),
+                why=why,
+            )
 
     async def _manifest(self, message: wire.Message) -> None:
         """
@@ -425,13 +478,25 @@ class FileServerProtocol(NegotiationProtocol):
                 count=count,
             )
         )
-        await self._sendBody(name, io.BytesIO(body), 0, len(body))
+        why = await self._sendBody(name, io.BytesIO(body), 0, len(body))
+        if why is not None:
+            self.log.info(
+                "sending the manifest of {name} to {peer} failed: {why}",
+                name=name,
+                peer=self.peerName(),
+                why=why,
+            )
 
-    async def _sendBody(self, name: str, f: IO[bytes], offset: int, length: int) -> None:
-        """``length`` bytes of ``f`` from ``offset``, by sendfile when it can, then close."""
+    async def _sendBody(self, name: str, f: IO[bytes], offset: int, length: int) -> Optional[str]:
+        """
+        ``length`` bytes of ``f`` from ``offset``, by sendfile when it can,
+        then close; None when all went, else why not.
+        """
         limiter = self.factory.limiter
         if limiter is None and sendfileSocket(self.transport, f) is not None:
-            self._producer = SendfileProducer(f, offset, length, self.resetTimeout)
+            self._producer = SendfileProducer(
+                f, offset, length, self.resetTimeout, counted=self.counted
+            )
             self._stopper = self._producer
             started = self._producer.start(self.transport)
         else:
@@ -446,10 +511,12 @@ class FileServerProtocol(NegotiationProtocol):
         try:
             await started
         except Exception as e:
-            self.log.info("transfer of {name} ended early: {error}", name=name, error=e)
             self.transport.abortConnection()
-            return
+            if self._lostWhy is not None:  # the client went: say how, not "transfer stopped"
+                return f"the connection was lost ({self._lostWhy.rstrip('.')})"
+            return str(e) or type(e).__name__
         self.finish(b"")  # with a deadline: a client that stops reading now is cut off
+        return None
 
     def _prove(self, message: wire.Message) -> None:
         """
@@ -490,6 +557,7 @@ class FileServerProtocol(NegotiationProtocol):
     def connectionLost(self, reason: Failure = None) -> None:
         super().connectionLost(reason)
         self._lost = True
+        self._lostWhy = reason.getErrorMessage() if reason is not None else "closed"
         if self._stopper is not None:
             self._stopper.stopProducing()
 
@@ -506,6 +574,7 @@ class _ResettingConsumer:
 
     def write(self, data: bytes) -> None:
         self._proto.resetTimeout()
+        self._proto.counted(len(data))
         self._transport.write(data)
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -532,8 +601,10 @@ class FileServerFactory(Factory):
         closeDeadline: float = CLOSE_DEADLINE,
         maxUploads: Optional[int] = None,
         limiter: Optional[UploadLimiter] = None,
+        metrics=None,
     ) -> None:
         self.share = share
+        self.metrics = metrics  # a p2prelay.metrics.NodeMetrics, or None (no --metrics)
         self.requestDeadline = requestDeadline  # seconds for the request line
         self.idleTimeout = idleTimeout
         self.closeDeadline = closeDeadline  # seconds a client has to take the end of an answer

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from ..limits import NODE_MAX_CONNECTIONS, NODE_MAX_GETS_PER_ADDRESS, NODE_MAX_PER_ADDRESS
 from ..negotiation import CLOSE_DEADLINE, IDLE_TIMEOUT, REQUEST_DEADLINE
 from .. import identity
+from ..human import humanSize, plural
 from ..listening import DatagramListeningService, ListenFailed, ListeningService
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
 from ..udp.server import (
@@ -30,6 +31,7 @@ from ..udp.server import (
     UNACKED_TIMEOUT,
 )
 from ..pieces import PIECE_SIZE
+from .lock import FolderLock, defaultLockPath
 from .manifest import ManifestCache, defaultCachePath
 from .ratelimit import UploadLimiter
 from .server import FileServerFactory
@@ -52,7 +54,10 @@ class NodeService(MultiService):
     :func:`manifest.defaultCachePath`); ``pieceSize`` the size of the
     pieces it hashes.  ``maxRate`` (bytes per second) caps the node's TCP
     uploads together, ``maxUploads`` how many GETs send at once (None: no
-    cap).  The other keyword arguments are the node's limits (see
+    cap).  ``metrics``, a server endpoint description, serves Prometheus
+    metrics there; ``relayName`` is the relay as the user named it (for
+    log lines); ``lock`` the lock file that tells a second node sharing the
+    same folder (default: in the node's state folder).  The other keyword arguments are the node's limits (see
     ``docs/limits.rst``), each defaulting to its constant.
     """
 
@@ -87,10 +92,16 @@ class NodeService(MultiService):
         pieceSize: int = PIECE_SIZE,
         maxRate: Optional[float] = None,
         maxUploads: Optional[int] = None,
+        metrics: Optional[str] = None,
+        relayName: Optional[str] = None,
+        lock: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.relay = relay
+        self.relayName = relayName
+        self.directory = directory
+        self.lock = FolderLock(lock if lock is not None else defaultLockPath(directory))
         self.cache = cache if cache is not None else ManifestCache(defaultCachePath(directory))
         self.share = SharedDirectory(
             directory, runInThread=runInThread, cache=self.cache, pieceSize=pieceSize
@@ -103,6 +114,17 @@ class NodeService(MultiService):
         self.advertise = advertise
         self.heartbeat = heartbeat
         self.rescan = rescan
+        self.metrics = None
+        if metrics is not None:
+            from ..metrics import MetricsService, NodeMetrics
+
+            share = self.share
+            self.metrics = NodeMetrics(
+                files=lambda: len(share.entries),
+                sharedBytes=lambda: sum(entry.size for entry in share.entries.values()),
+                backlog=lambda: share.backlog,
+            )
+            MetricsService(reactor, metrics, self.metrics.registry).setServiceParent(self)
         self.files = FileServerFactory(
             self.share,
             reactor,
@@ -115,6 +137,7 @@ class NodeService(MultiService):
             closeDeadline=closeDeadline,
             maxUploads=maxUploads,
             limiter=self.limiter,
+            metrics=self.metrics,
         )
         self.listener = ListeningService(reactor, description, self.files, "peernode")
         self.listener.setServiceParent(self)
@@ -151,6 +174,15 @@ class NodeService(MultiService):
         self._stopping: Optional[Deferred[None]] = None
 
     def startService(self) -> None:
+        holder = self.lock.acquire()
+        if holder is not None:
+            self.log.warn(
+                "another node ({holder}) already shares {dir} on this machine: clients will "
+                "see its files twice, under two node ids (lock: {lock})",
+                holder=holder,
+                dir=self.directory,
+                lock=str(self.lock.path),
+            )
         super().startService()
         ensureDeferred(self._start()).addErrback(self._notStarted)
 
@@ -171,9 +203,15 @@ class NodeService(MultiService):
                 raise ListenFailed(listener.description, result.getErrorMessage())
         bound = {listener: result for listener, (ok, result) in zip(listeners, outcomes)}
         port, udpPort, tlsPort = (bound.get(s) for s in (self.listener, *optional))
+        began = self.reactor.seconds()
         await self.share.scan()
         self.log.info(
-            "sharing {count} files from {dir}", count=len(self.share.entries), dir=self.share.root
+            "sharing {files} ({size}) from {dir}, scanned in {seconds:.1f} s",
+            files=plural(len(self.share.entries), "file"),
+            size=humanSize(sum(entry.size for entry in self.share.entries.values())),
+            count=len(self.share.entries),
+            dir=self.share.root,
+            seconds=self.reactor.seconds() - began,
         )
         self.registrar = Registrar(
             self.reactor,
@@ -187,6 +225,7 @@ class NodeService(MultiService):
             tls=None if tlsPort is None else tlsPort.getHost().port,
             heartbeat=self.heartbeat,
             rescan=self.rescan,
+            relayName=self.relayName,
         )
         if self.running:
             self.registrar.start()
@@ -203,6 +242,7 @@ class NodeService(MultiService):
                 if self.limiter is not None:
                     self.limiter.stop()
                 self.cache.close()
+                self.lock.release()
 
             self._stopping = ensureDeferred(stop())
         return self._stopping

@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from .. import wire
+from ..human import humanSize, plural
 from ..pieces import PIECE_SIZE
 from ..wire import FileEntry
 from .manifest import FileHashes, ManifestCache, hashFile
@@ -87,15 +88,6 @@ def _announced(entries: Dict[str, "FileEntry"]) -> Dict[str, tuple]:
     return {name: (e.size, e.sha256, e.root, e.pieceSize) for name, e in entries.items()}
 
 
-def humanSize(size: int) -> str:
-    """``2.0 GiB``, ``512.0 KiB``, ``17 bytes``: a size for a log line."""
-    if size < 1024:
-        return f"{size} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        size /= 1024
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def checkShareableName(name: str) -> str:
@@ -148,6 +140,7 @@ class SharedDirectory:
         # The piece digests behind each entry's root, by name.
         self.hashes: Dict[str, FileHashes] = {}
         self._pruned = False
+        self.backlog = 0  # files the scan under way found and has not hashed yet
 
     def resolve(self, name: str) -> Path:
         """
@@ -245,9 +238,11 @@ class SharedDirectory:
                 _cached, self.cache, self.pieceSize, [(name, st) for name, _, st in unknown]
             )
         hashed = hashedBytes = 0
+        self.backlog = sum(1 for name, _, _ in unknown if name not in cached)
         for name, path, st in unknown:
             found = cached.get(name)
             if found is None:
+                self.backlog = max(self.backlog - 1, 0)
                 if st.st_size >= BIG_FILE:
                     self.log.info(
                         "hashing {name} ({size})", name=_shown(name), size=humanSize(st.st_size)
@@ -266,9 +261,11 @@ class SharedDirectory:
                 hashedBytes += st.st_size
             fresh[name] = _entry(name, st, found)
             hashes[name] = found
+        self.backlog = 0
         if hashed:
             self.log.info(
-                "hashed {count} files ({size}); {known} known from earlier",
+                "hashed {files} ({size}); {known} known from earlier",
+                files=plural(hashed, "file"),
                 count=hashed,
                 size=humanSize(hashedBytes),
                 known=len(fresh) - hashed,

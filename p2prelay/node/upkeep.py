@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import identity, wire
+from ..human import humanSize, plural
 from ..client.relay import ProofNeeded, Reply, keyProver, query
 from .share import SharedDirectory
 
@@ -116,9 +117,12 @@ class Registrar:
         heartbeat: Optional[float] = None,
         rescan: Optional[float] = DEFAULT_RESCAN,
         rng: Callable[[], float] = random.random,
+        relayName: Optional[str] = None,
     ) -> None:
         self.clock = clock
         self.relay = relay
+        # The relay as the user named it (--relay), for warnings: "relay HOST:PORT unreachable".
+        self.relayName = relayName
         self.share = share
         self.key = key
         self.node = key.node
@@ -135,6 +139,7 @@ class Registrar:
         self.registered = False
         self.reachable: Optional[bool] = None
         self.firstRegistration: Deferred[Reply] = Deferred()
+        self._sentAt = 0.0  # when the contact in flight was sent
         self._failures = 0
         self._timer: Optional[IDelayedCall] = None
         self._inflight: Optional[Deferred[Reply]] = None
@@ -190,7 +195,10 @@ class Registrar:
             # ...unless it asked for longer (503 retry=), within reason.
             delay = max(delay, min(retry, MAX_RETRY))
         self.log.warn(
-            "relay unreachable ({why}); retrying in {delay:.1f}s", why=why, delay=delay
+            "relay {relay}unreachable ({why}); retrying in {delay:.1f} s",
+            relay=f"{self.relayName} " if self.relayName else "",
+            why=why,
+            delay=delay,
         )
         self._wait(delay)
 
@@ -219,6 +227,7 @@ class Registrar:
             query(self.relay, payload, self.clock, prover=self._prover(purpose))
         )
         self._inflight = d
+        self._sentAt = self.clock.seconds()
         d.addCallbacks(
             self._answered, self._failed, callbackArgs=(verb, count, d), errbackArgs=(verb, d)
         )
@@ -293,9 +302,15 @@ class Registrar:
             return
         self.registered = True
         reachable = reply.status.get("reachable") != "0"
+        size = sum(entry.size for entry in self.share.entries.values())
         self.log.info(
-            "registered {count} files with the relay as {host}:{port}",
+            "announced {files} ({size}) in {seconds:.1f} s to relay {relay}as {host}:{port}",
+            files=plural(count, "file"),
+            size=humanSize(size),
+            seconds=self.clock.seconds() - self._sentAt,
+            relay=f"{self.relayName} " if self.relayName else "",
             count=count,
+            bytes=size,
             host=reply.status.get("host"),
             port=self.port,
         )

@@ -26,7 +26,7 @@ from .dialback import (
 )
 from .protocol import MAX_INFLIGHT_BYTES, RelayFactory
 from .registry import MAX_PER_SOURCE, MAX_TOTAL, Registry
-from .store import StateStore, StateWriter
+from .store import StateStore, StateUnwritable, StateWriter, checkWritable
 
 SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
 LISTEN_BACKLOG = 1024  # connections the kernel queues for accept (Twisted's default: 50)
@@ -44,6 +44,11 @@ class RelayService(MultiService):
     registration bytes being received, the negotiation deadline, minimum
     rate, idle timeout and close deadline, and the dial-back's timeout and rates (per
     second, with bursts) for registrations and DEAD reports.
+
+    ``metrics``, a server endpoint description, serves Prometheus metrics
+    there (``/metrics``); ``verbose`` logs every lookup at debug level.
+    A ``state`` file that cannot be written stops the start
+    (:class:`~p2prelay.relay.store.StateUnwritable`; under twistd, exit 1).
     """
 
     log = Logger()
@@ -72,6 +77,8 @@ class RelayService(MultiService):
         reportRate: float = REPORT_RATE,
         reportBurst: int = REPORT_BURST,
         recheckInterval: float = RECHECK_INTERVAL,
+        metrics: Optional[str] = None,
+        verbose: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -83,6 +90,15 @@ class RelayService(MultiService):
         )
         self.store = StateStore(state) if state else None
         self.writer: Optional[StateWriter] = None
+        self.metrics = None
+        if metrics is not None:
+            from ..metrics import MetricsService, RelayMetrics
+
+            self.metrics = RelayMetrics(
+                peers=lambda: len(self.registry.active()),
+                entries=lambda: self.registry.figures().entries,
+            )
+            MetricsService(reactor, metrics, self.metrics.registry).setServiceParent(self)
         self.factory = RelayFactory(
             self.registry,
             reactor,
@@ -101,6 +117,8 @@ class RelayService(MultiService):
             reportRate=reportRate,
             reportBurst=reportBurst,
             recheckInterval=recheckInterval,
+            metrics=self.metrics,
+            verbose=verbose,
         )
         self.listener = ListeningService(
             reactor, description, self.factory, "relay", backlog=LISTEN_BACKLOG
@@ -109,7 +127,23 @@ class RelayService(MultiService):
         self._sweep = task.LoopingCall(self._expire)
         self._sweep.clock = reactor
 
+    def privilegedStartService(self) -> None:
+        # twistd: a state file that cannot be written ends the relay at
+        # once (exit 1, one line), before any port is bound.
+        try:
+            self._checkState()
+        except StateUnwritable as e:
+            self.log.critical("relay cannot start: {error}", error=str(e))
+            raise SystemExit(1)
+        super().privilegedStartService()
+
+    def _checkState(self) -> None:
+        if self.store is not None and self.writer is None:
+            checkWritable(self.store.path)
+
     def startService(self) -> None:
+        # Started without twistd: the caller sees StateUnwritable.
+        self._checkState()
         if self.store is not None and self.writer is None:
             peers = self.store.load()
             stale = [peer.node for peer in peers if not self.registry.restore(peer)]

@@ -51,6 +51,43 @@ UPSERT = (
 )
 
 
+class StateUnwritable(Exception):
+    """``--state PATH`` names a file the relay cannot write: which, and why."""
+
+    def __init__(self, path: str | Path, why: str) -> None:
+        super().__init__(str(path), why)
+        self.path = str(path)
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"--state {self.path}: {self.why}"
+
+
+def checkWritable(path: str | Path) -> None:
+    """
+    Raise :class:`StateUnwritable` unless the relay can keep its state at
+    ``path``: its folder exists and takes new files (SQLite writes its
+    journal beside it), and the file, if there, is a writable file.
+    Probed by doing it, so it holds for root and for read-only mounts alike.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise StateUnwritable(path, f"folder {folder} does not exist")
+    if path.is_dir():
+        raise StateUnwritable(path, "is a folder")
+    try:
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        probe = folder / f".{path.name}.p2prelay-probe-{os.getpid()}"
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise StateUnwritable(path, f"cannot write there ({e.strerror or e})") from None
+
+
 class NewerSchema(Exception):
     """The state file was written by a relay with a newer schema."""
 
