@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import udp, wire
 from p2prelay.cli import fetch
+from p2prelay.cli import progress as fetch_progress
 from p2prelay.cli.fetch import EXIT_NOT_FETCHED, EXIT_OK, EXIT_RELAY, EXIT_USAGE, buildFetcher, parseArgs, run
 from p2prelay.client.fetcher import (
     PEER_TIMEOUT,
@@ -52,6 +53,16 @@ def fileItem(name: str, size: int, holders: int = 1) -> wire.Message:
     return wire.Message(
         wire.FILE, {"name": name, "size": str(size), "holders": str(holders), "sha256": "a" * 64}
     )
+
+
+@attrs.define
+class FakeTransfer:
+    """A download as the progress bars see it; a test moves ``received``."""
+
+    name: str
+    total: Optional[int]
+    received: int = 0
+    peers: List[str] = attrs.field(factory=lambda: [PEER])
 
 
 class FakeFetcher:
@@ -88,6 +99,11 @@ class FakeFetcher:
         self.asked: List[tuple] = []
         self.inFlight = 0
         self.mostInFlight = 0
+        self.transfers: Dict[str, FakeTransfer] = {}
+
+    @staticmethod
+    def onTransfer(transfer) -> None:
+        """Replaced by p2p-fetch when it shows progress."""
 
     def gate(self, name: str) -> Deferred:
         """Hold back ``name`` until the returned Deferred fires."""
@@ -122,6 +138,9 @@ class FakeFetcher:
         self.inFlight += 1
         self.mostInFlight = max(self.mostInFlight, self.inFlight)
         try:
+            known = self.files.get(name)
+            self.transfers[name] = FakeTransfer(name, len(known) if known is not None else None)
+            self.onTransfer(self.transfers[name])
             if name in self.gates:
                 await self.gates[name]
             if name in self.errors:
@@ -476,6 +495,148 @@ class BinaryToTerminalTests(CommandTestCase):
         stream.write(b"\0later")
         stream.close()
         self.assertEqual((stream.refused, self.terminal.stdout), (False, b"text\n\0later"))
+
+
+class ProgressTests(CommandTestCase):
+    """
+    Progress bars on stderr: on a terminal, driven ten times a second from
+    the downloads' byte counts; never on a pipe, with --quiet, or on stdout;
+    --progress forces them.
+    """
+
+    SIZE = 2 * 1024 * 1024
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.out = self.scratch / "out"
+        self.clock = Clock()
+        self.terminal.console.stderrTTY = True
+        self.patch(fetch_progress, "shutil", _FixedWidth(100))
+
+    def startGated(self, argv: Sequence[str], names: Sequence[str] = ("big.bin",)):
+        fetcher = FakeFetcher({name: b"x" * self.SIZE for name in names})
+        gates = [fetcher.gate(name) for name in names]
+        d = self.start(argv, fetcher, reactor=self.clock)
+        return fetcher, gates, d
+
+    def test_barShown(self) -> None:
+        """A bar: the name, bytes and percent, rate, ETA, and the peer in use."""
+        fetcher, (gate,), d = self.startGated(["-o", str(self.out), "big.bin"])
+        self.clock.advance(0.1)
+        fetcher.transfers["big.bin"].received = self.SIZE // 2
+        self.clock.advance(1.0)
+        self.assertNoResult(d)
+        line = self.terminal.stderr.split("\r")[-2]
+        for part in ("big.bin", "50%", "1.00M/2.00M", f"from {PEER}"):
+            self.assertIn(part, line)
+        self.assertRegex(line, r"\[00:01<00:\d\d, \d+(\.\d+)?[kM]?B/s")  # elapsed<ETA, rate
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertTrue(self.terminal.stderr.endswith(f"{fetch_progress.CLEAR}saved big.bin (2.0 MiB from {PEER}) to {self.out / 'big.bin'}\n"))
+        self.assertEqual(self.terminal.stdout, b"")
+
+    def test_notPerChunk(self) -> None:
+        """Nothing is drawn before the first tick: the bars follow the clock, not the bytes."""
+        fetcher, (gate,), d = self.startGated(["-o", str(self.out), "big.bin"])
+        fetcher.transfers["big.bin"].received = 1000
+        self.assertEqual(self.terminal.stderr, "")
+        self.clock.advance(0.1)
+        self.assertIn("big.bin", self.terminal.stderr)
+        gate.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_overallLine(self) -> None:
+        """Several files at once: a line each and one overall line."""
+        fetcher, gates, d = self.startGated(["-o", str(self.out), "a.bin", "b.bin"], names=("a.bin", "b.bin"))
+        fetcher.transfers["a.bin"].received = self.SIZE
+        self.clock.advance(0.1)
+        drawn = self.terminal.stderr.split(fetch_progress.CLEAR)[-1]
+        lines = drawn.split("\n")
+        self.assertEqual(len(lines), 3, drawn)
+        self.assertIn("a.bin", lines[0])
+        self.assertIn("b.bin", lines[1])
+        self.assertIn("2 files", lines[2])
+        self.assertIn("50%", lines[2])
+        for gate in gates:
+            gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+
+    def test_notOnPipe(self) -> None:
+        """stderr not a terminal: no bars."""
+        self.terminal.console.stderrTTY = False
+        fetcher, (gate,), d = self.startGated(["-o", str(self.out), "big.bin"])
+        self.clock.advance(1.0)
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertNotIn("\r", self.terminal.stderr)
+
+    def test_quiet(self) -> None:
+        """--quiet: no bars on a terminal either."""
+        fetcher, (gate,), d = self.startGated(["--quiet", "-o", str(self.out), "big.bin"])
+        self.clock.advance(1.0)
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertNotIn("\r", self.terminal.stderr)
+
+    def test_progressForces(self) -> None:
+        """--progress draws bars on a pipe too; stdout stays the file's bytes alone."""
+        self.terminal.console.stderrTTY = False
+        fetcher, (gate,), d = self.startGated(["--progress", "big.bin"])
+        self.clock.advance(0.1)
+        self.assertIn("big.bin", self.terminal.stderr)
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, b"x" * self.SIZE)
+
+    def test_notOverContentsOnTerminal(self) -> None:
+        """Contents printed to the terminal: no bars in their way (unless --progress)."""
+        self.terminal.console.stdoutTTY = True
+        fetcher, (gate,), d = self.startGated(["big.txt"], names=("big.txt",))
+        self.clock.advance(1.0)
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stderr, "")
+
+    def test_messagesClearTheBars(self) -> None:
+        """A message while bars run goes on a cleared line; the bars still running are redrawn below it."""
+        fetcher, gates, d = self.startGated(["-o", str(self.out), "big.bin", "nope.bin"], names=("big.bin",))
+        nope = fetcher.gate("nope.bin")
+        self.clock.advance(0.1)
+        nope.callback(None)
+        texts = [data.decode() for stream, data in self.terminal.transcript if stream == "stderr"]
+        failure = next(i for i, t in enumerate(texts) if "nope.bin: not fetched" in t)
+        self.assertEqual(texts[failure - 1], fetch_progress.CLEAR)
+        self.assertIn("big.bin", texts[failure + 1])
+        self.assertNotIn("nope.bin", texts[failure + 1])
+        gates[0].callback(None)
+        self.assertEqual(self.successResultOf(d), EXIT_NOT_FETCHED)
+
+    def test_barsCloseBeforePrompt(self) -> None:
+        """At the interactive prompt, the bars are cleared before the next prompt is written."""
+        self.patch(os, "isatty", lambda fd: False)
+        fetcher = FakeFetcher({"big.bin": b"x" * 10})
+        gate = fetcher.gate("big.bin")
+        d = self.start(["--progress", "-o", str(self.out)], fetcher, reactor=self.clock)
+        self.terminal.type("big.bin\n")
+        self.clock.advance(0.1)
+        gate.callback(None)
+        texts = [data.decode() for stream, data in self.terminal.transcript if stream == "stderr"]
+        self.assertTrue(texts[-1].endswith(fetch.PROMPT), texts[-3:])
+        prior = [t for t in texts[:-1] if "\r" in t]
+        self.assertEqual(prior[-1], fetch_progress.CLEAR)
+        self.terminal.eof()
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+
+
+class _FixedWidth:
+    """shutil, as far as the bars ask it: a terminal of ``columns``."""
+
+    def __init__(self, columns: int) -> None:
+        self.columns = columns
+
+    def get_terminal_size(self, fallback=(80, 24)):
+        return os.terminal_size((self.columns, 24))
 
 
 class OutputDirectoryTests(CommandTestCase):
@@ -851,6 +1012,21 @@ class MemoryNetworkTests(CommandTestCase):
         self.assertEqual(self.p2pFetch(["a.txt"]), EXIT_OK)
         self.assertEqual(self.terminal.stdout, A)
         self.assertQuiet()
+
+    def test_transferCounts(self) -> None:
+        """The real fetcher tells each download to the progress bars: name, bytes received, total, peer."""
+        peer = self.node({"a.txt": A})
+        args = parseArgs(["--relay", RELAY, "a.txt"])
+        fetcher = buildFetcher(
+            self.clock, args, self.terminal.console.err, relay=self.relay,
+            peerEndpoint=lambda p: self.endpoints[(p.host, p.port)],
+        )
+        seen = []
+        fetcher.onTransfer = seen.append
+        d = Deferred.fromCoroutine(run(self.clock, args, self.terminal.console, fetcher))
+        self.assertEqual(self.successResultOf(drive(d, self.clock, self.network)), EXIT_OK)
+        (transfer,) = seen
+        self.assertEqual((transfer.name, transfer.received, transfer.total, transfer.peers), ("a.txt", len(A), len(A), [peer]))
 
     def test_unusualName(self) -> None:
         """A name with spaces, '=', ':' and non-ASCII travels intact through relay and node."""

@@ -204,6 +204,14 @@ def parser() -> argparse.ArgumentParser:
         f"or {UDP_MAX_BLOCK} towards a loopback address; up to {UDP_MAX_BLOCK} on "
         "jumbo-frame links)",
     )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars on stderr even when it is not a terminal (default: on a terminal, "
+        "unless the file's contents are printed to that terminal)",
+    )
+    shown.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="narrate each phase on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -379,17 +387,48 @@ class Client:
         self.args = args
         self.reactor = reactor
         self.console = console
-        self.err = console.err
+        self.bars = self._bars()
         self.relayUnreachable = False
         self.relayNotFound = False
         self.failed = 0
-        self.fetcher = fetcher if fetcher is not None else buildFetcher(reactor, args, console.err)
+        self.fetcher = fetcher if fetcher is not None else buildFetcher(reactor, args, self.err)
+        if self.bars is not None:
+            self.fetcher.onTransfer = self.bars.watch
         self.semaphore = DeferredSemaphore(args.parallel)
         # Ctrl-C: the signal's number, the work to cancel, what stays for a resume.
         self.interrupted: Optional[int] = None
         self.running: set[Deferred] = set()
         self.kept = 0
         self.total = 0
+
+    def _bars(self):
+        """
+        Progress bars, when stderr is a terminal (and the contents are not
+        printed to it, nor --quiet given), or with --progress.
+        """
+        args, console = self.args, self.console
+        if getattr(args, "progress", False):
+            wanted = True
+        elif getattr(args, "quiet", False) or not console.stderrTTY:
+            wanted = False
+        else:
+            wanted = bool(args.output) or not console.stdoutTTY
+        if not wanted or args.peers or args.list is not None:
+            return None
+        from .progress import Bars
+
+        return Bars(self.reactor, console.stderr)
+
+    def err(self, text: str) -> None:
+        """A line for the person at the terminal (on stderr), clear of the progress bars."""
+        if self.bars is None:
+            self.console.err(text)
+        else:
+            self.bars.message(lambda: self.console.err(text))
+
+    def _barDone(self, name: str) -> None:
+        if self.bars is not None:
+            self.bars.done(name)
 
     def relayMessage(self, e: RelayUnreachable) -> str:
         """Why the relay could not be asked, as one phrase naming it."""
@@ -441,7 +480,10 @@ class Client:
         """Fetch one file; report and count a failure instead of raising."""
         try:
             async with self.semaphore:
-                return await self._fetchOne(name, stream)
+                try:
+                    return await self._fetchOne(name, stream)
+                finally:
+                    self._barDone(name)
         except Interrupted as e:
             self.kept += e.kept
             self.total += e.total
@@ -508,6 +550,7 @@ class Client:
         result = await self.fetcher.save(
             name, final, force=self.args.force, resume=not self.args.no_resume
         )
+        self._barDone(name)
         source = result.peer if len(result.peers) < 2 else f"{len(result.peers)} peers"
         self.err(f"saved {name} ({humanSize(result.size)} from {source}) to {final}")
         if self.args.json:
@@ -597,7 +640,11 @@ class Client:
         several are each fetched whole into a temporary file first.
         """
         stream = len(names) == 1 and not self.args.output
-        results = await gatherResults([self._start(self.fetchOne(n, stream)) for n in names])
+        try:
+            results = await gatherResults([self._start(self.fetchOne(n, stream)) for n in names])
+        finally:
+            if self.bars is not None:
+                self.bars.close()  # before the contents, and before the next prompt
         outcomes = [o for o in results if o is not None and o[1] is not None]
         try:
             for result, sink in outcomes:
@@ -685,7 +732,7 @@ async def run(
         interactive = not (args.names or args.peers or args.list is not None)
         console = Console(reactor, interactive)
     client = Client(reactor, args, console, fetcher)  # parseArgs has checked --relay
-    err = console.err
+    err = client.err
     if interrupt is not None:
         interrupt.addCallback(client.interrupt)
     try:
@@ -706,6 +753,8 @@ async def run(
     except CancelledError:
         pass  # interrupted while asking the relay
     finally:
+        if client.bars is not None:
+            client.bars.close()
         if client.interrupted is not None:
             err(f"p2p-fetch: {client.interruptedMessage()}")
         await console.close()

@@ -240,6 +240,9 @@ class Fetcher:
         self.peerEndpoint = peerEndpoint or self._endpoint
         self.sources = sources
         self.runInThread = runInThread or _threadRunner(reactor)
+        # Told each download as it starts (its name, bytes received, total
+        # and peers: a _FetchAttempt), e.g. to show its progress.
+        self.onTransfer: Callable[[object], None] = lambda transfer: None
 
     def _endpoint(self, peer: PeerAddress):
         """
@@ -439,6 +442,33 @@ class _FetchAttempt:
         self.reported: set[Tuple[str, int]] = set()
         # Every (size, sha256) the index lists for the name.
         self.indexed: frozenset = frozenset()
+        # For a progress display: the peer sending now, the pieces engine.
+        self.current: Optional[PeerAddress] = None
+        self.engine = None
+        self.listedSize: Optional[int] = None
+
+    @property
+    def received(self) -> int:
+        """Bytes of the file received so far (verified pieces and pieces in flight)."""
+        if self.engine is not None:
+            return self.engine.bytesDone()
+        return self.sink.received if self.sink is not None else 0
+
+    @property
+    def total(self) -> Optional[int]:
+        """The file's size, once known."""
+        if self.engine is not None:
+            return self.engine.manifest.size
+        if self.sink is not None and self.sink.expectedSize is not None:
+            return self.sink.expectedSize
+        return self.listedSize
+
+    @property
+    def peers(self) -> List[str]:
+        """The peers sending now."""
+        if self.engine is not None:
+            return self.engine.activePeers()
+        return [str(self.current)] if self.current is not None else []
 
     def budget(self, candidates: Sequence[PeerAddress]) -> List[PeerAddress]:
         """Candidates not yet contacted, within what is left of maxHolders."""
@@ -464,6 +494,8 @@ class _FetchAttempt:
         if holders is None:
             holders = await f.holders(name)
         self.indexed = frozenset(p.listed for p in holders if p.listed is not None)
+        self.listedSize = next(iter(self.indexed))[0] if len(self.indexed) == 1 else None
+        f.onTransfer(self)
         candidates = self.budget(holders)
         if holders:
             dropped = len(holders) - len(candidates)
@@ -560,6 +592,7 @@ class _FetchAttempt:
             peer, proto = connected
             await self.sink.flushed()
             self.sink.reset()
+            self.current = peer
             self.fetcher.verbose(f"fetching {self.name} from {peer}")
             try:
                 proto.begin()
@@ -580,6 +613,7 @@ class _FetchAttempt:
             self.contacted.add((peer.host, peer.port))
             await self.sink.flushed()
             self.sink.reset()
+            self.current = peer
             self.fetcher.verbose(f"fetching {self.name} from {peer}")
             try:
                 await transfer(peer, self.name, self.sink)
@@ -706,6 +740,8 @@ class _FetchAttempt:
             )
         output = JournalOutput(journal, self.clock, f.runInThread, force=force)
         engine = PieceFetch(self, m, holders, output, sources=f.sources)
+        self.engine = engine
+        f.onTransfer(self)
         started = time.monotonic()
         try:
             try:
@@ -733,6 +769,8 @@ class _FetchAttempt:
         m = manifest
         output = StreamOutput(writer, f.runInThread, window=STREAM_WINDOW)
         engine = PieceFetch(self, m, holders, output, sources=f.sources, window=STREAM_WINDOW)
+        self.engine = engine
+        f.onTransfer(self)
         started = time.monotonic()
         try:
             try:

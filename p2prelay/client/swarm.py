@@ -530,6 +530,9 @@ class PieceFetch:
                 self.peers[key] = peer
                 self.scheduler.addHolder(key)
         self.requests: Dict[Tuple[int, tuple], Deferred] = {}
+        self.buffers: Dict[Tuple[int, tuple], PieceBuffer] = {}  # the requests' bytes so far
+        # Bytes of verified pieces (those kept from an earlier run too): for progress.
+        self.verifiedBytes = sum(manifest.range(i)[1] for i in output.have)
         self.checking = 0
         self.delivered: Dict[tuple, int] = {}  # holder -> pieces it delivered
         self.wake = None
@@ -539,6 +542,16 @@ class PieceFetch:
     @property
     def over(self) -> bool:
         return self.result.called
+
+    def bytesDone(self) -> int:
+        """Bytes verified, and received for pieces in flight (for a progress display)."""
+        inFlight = sum(b.received for key, b in self.buffers.items() if key in self.requests)
+        return min(self.manifest.size, self.verifiedBytes + inFlight)
+
+    def activePeers(self) -> List[str]:
+        """The holders with a request in flight, as host:port."""
+        holders = dict.fromkeys(holder for _, holder in self.requests)
+        return [str(self.peers[h]) for h in holders]
 
     def run(self) -> Deferred:
         self.pump()
@@ -607,6 +620,7 @@ class PieceFetch:
             return
         d = Deferred.fromCoroutine(negotiate(endpoint, proto))
         self.requests[(piece, holder)] = d
+        self.buffers[(piece, holder)] = buffer
         d.addCallbacks(
             self._arrived, self._lost, callbackArgs=(piece, holder, buffer, d), errbackArgs=(piece, holder, d)
         )
@@ -615,6 +629,7 @@ class PieceFetch:
         if self.requests.get((piece, holder)) is not d:
             return
         del self.requests[(piece, holder)]
+        self.buffers.pop((piece, holder), None)
         if self.over:
             return
         data = buffer.take()
@@ -640,6 +655,7 @@ class PieceFetch:
             return
         for other in s.completed(piece, holder, len(data)):
             self._cancel1(piece, other)
+        self.verifiedBytes += len(data)
         self.delivered[holder] = self.delivered.get(holder, 0) + 1
         self.output.store(piece, data)
         self.pump()
@@ -649,6 +665,7 @@ class PieceFetch:
             if self.requests.get((piece, holder)) is not d:
                 return  # cancelled by us: another copy won, or the holder was dropped
             del self.requests[(piece, holder)]
+            self.buffers.pop((piece, holder), None)
         if self.over:
             return
         from .fetcher import describe, unreachable
@@ -677,6 +694,7 @@ class PieceFetch:
 
     def _cancel1(self, piece: int, holder: tuple) -> None:
         d = self.requests.pop((piece, holder), None)
+        self.buffers.pop((piece, holder), None)
         if d is not None:
             d.cancel()
 
@@ -686,6 +704,7 @@ class PieceFetch:
 
     def _stopAll(self) -> None:
         requests, self.requests = self.requests, {}
+        self.buffers.clear()
         for d in requests.values():
             d.cancel()
         if self.wake is not None and self.wake.active():
