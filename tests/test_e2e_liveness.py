@@ -132,7 +132,7 @@ class RestartTests(SynchronousTestCase):
         net = self.network()
         net.relay.stop(signal.SIGKILL)
         node = net.startNode(net.folder("early", {"early.txt": "early"}), "--heartbeat", "1")
-        node.waitFor(re.compile("relay unreachable"))
+        node.waitFor(re.compile(r"relay \S+ unreachable"))
         net.restartRelay()
         net.registered(node)
         self.assertEqual(holders(net, "early.txt"), [net.listening(node)[1]])

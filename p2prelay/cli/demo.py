@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 
 START_TIMEOUT = 20.0
 LISTENING = re.compile(r"(?:relay|peernode) listening on (?P<host>[^\s]+):(?P<port>\d+)")
-REGISTERED = re.compile(r"registered (?P<count>\d+) files with the relay")
+REGISTERED = re.compile(r"announced (?P<count>\d+) files? \(")
 
 SAMPLES = {
     "peer1": {"sample1.txt": "Hello from peer 1.\nThis is sample1.txt.\n"},
