@@ -1048,7 +1048,45 @@ class MemoryNetworkTests(CommandTestCase):
         """A file nobody has: exit 1 and one line."""
         self.node({"a.txt": A})
         self.assertEqual(self.p2pFetch(["nope.txt"]), EXIT_NOT_FETCHED)
-        self.assertIn("p2p-fetch: nope.txt: not fetched:", self.terminal.stderr)
+        self.assertEqual(self.terminal.stderr, "p2p-fetch: nope.txt: not in the index; asked 1 other peer\n")
+
+    def test_walkCapped(self) -> None:
+        """A name the index lists no holder of: at most --walk other peers asked, one summary line, no 404 lines."""
+        for _ in range(5):
+            self.node({"a.txt": A})
+        self.dialled = []
+        endpoints = self.endpoints
+
+        class Counting(dict):
+            def __getitem__(inner, key):
+                self.dialled.append(key)
+                return endpoints[key]
+
+        self.endpoints = Counting()
+        self.assertEqual(self.p2pFetch(["--walk", "3", "nope.txt"]), EXIT_NOT_FETCHED)
+        self.assertEqual(self.terminal.stderr, "p2p-fetch: nope.txt: not in the index; asked 3 other peers\n")
+        self.assertEqual(len(self.dialled), 3)
+
+    def test_walkDefault(self) -> None:
+        """By default the walk stops at 8 peers of a larger network."""
+        for _ in range(10):
+            self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["nope.txt"]), EXIT_NOT_FETCHED)
+        self.assertIn("not in the index; asked 8 other peers\n", self.terminal.stderr)
+
+    def test_walkVerbose(self) -> None:
+        """-v still shows each walked peer's 404."""
+        peer = self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["-v", "nope.txt"]), EXIT_NOT_FETCHED)
+        self.assertIn(f"peer {peer}: 404 ", self.terminal.stderr)
+
+    def test_walkOff(self) -> None:
+        """--walk 0 asks no other peer."""
+        self.node({"a.txt": A})
+        self.assertEqual(self.p2pFetch(["--walk", "0", "nope.txt"]), EXIT_NOT_FETCHED)
+        self.assertEqual(
+            self.terminal.stderr, "p2p-fetch: nope.txt: not in the index (--walk 0: no other peer asked)\n"
+        )
 
     def test_relayRefused(self) -> None:
         """A relay refusing connections: exit 3, one line, nothing on stdout."""

@@ -37,6 +37,7 @@ from ..client.fetcher import (
     Fetched,
     Fetcher,
     NotFetched,
+    WALK,
     PeerAddress,
     RelayNotFound,
     RelayUnreachable,
@@ -176,6 +177,14 @@ def parser() -> argparse.ArgumentParser:
         help=f"peers contacted per file at most (default {MAX_HOLDERS})",
     )
     p.add_argument(
+        "--walk",
+        type=int,
+        default=WALK,
+        metavar="N",
+        help=f"for a name the relay's index lists no holder of, ask at most N other active "
+        f"peers (default {WALK}; 0: none)",
+    )
+    p.add_argument(
         "--secret-file",
         metavar="PATH",
         help="the shared secret of a private relay (one that asks clients to prove it)",
@@ -239,6 +248,8 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--max-holders must be at least 1")
     if args.sources < 1:
         p.error("--sources must be at least 1")
+    if args.walk < 0:
+        p.error("--walk must not be negative")
     args.secret = None
     if args.secret_file:
         from ..identity import IdentityError, loadSecret
@@ -367,6 +378,7 @@ def buildFetcher(
         maxHolders=args.max_holders,
         prover=secretProver(args.secret) if getattr(args, "secret", None) else None,
         sources=getattr(args, "sources", SOURCES),
+        walk=getattr(args, "walk", WALK),
     )
     if args.udp:
         fetcher.transfer = functools.partial(fetcher.transferUDP, blockSize=args.udp_block)
@@ -502,7 +514,7 @@ class Client:
             self.relayUnreachable = True
             self._failure(name, self.relayMessage(e))
         except NotFetched as e:
-            self._failure(name, e.why, e.attempts)
+            self._failure(name, e.why, e.attempts, prefix="" if getattr(e, "notIndexed", False) else "not fetched: ")
         except BinaryRefused as e:
             self._failure(name, str(e), prefix="")
         except (DestinationError, OSError, VerificationError) as e:

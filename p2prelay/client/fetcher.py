@@ -47,6 +47,7 @@ ATTEMPTS_AT_ONCE = 3  # connection attempts in flight at once
 MAX_HOLDERS = 16  # peers contacted per file, at most
 SOURCES = 4  # holders a multi-piece file is fetched from at once (--sources)
 MIN_PIECES = 2  # files of fewer pieces are fetched in one request, from one peer
+WALK = 8  # other active peers asked, at most, for a name the index lists no holder of (--walk)
 
 
 class NoUDP(Exception):
@@ -64,10 +65,14 @@ class RelayNotFound(RelayUnreachable):
 class NotFetched(Exception):
     """Every candidate peer was tried and none delivered the file."""
 
-    def __init__(self, name: str, attempts: Sequence["Attempt"], why: str = "") -> None:
+    def __init__(
+        self, name: str, attempts: Sequence["Attempt"], why: str = "", notIndexed: bool = False
+    ) -> None:
         super().__init__(name)
         self.name = name
         self.attempts = list(attempts)
+        # The index lists no holder, and the peers walked had nothing: ``why`` says it all.
+        self.notIndexed = notIndexed
         notFound = [a for a in attempts if a.error.startswith(f"{wire.NOT_FOUND} ")]
         if why:
             self.why = why
@@ -221,6 +226,7 @@ class Fetcher:
         prover: Optional[Prover] = None,
         sources: int = SOURCES,
         runInThread: Optional[Callable[..., Deferred]] = None,
+        walk: int = WALK,
     ) -> None:
         self.reactor = reactor
         self.relay = relay
@@ -239,6 +245,7 @@ class Fetcher:
         self.exclude = frozenset(exclude)
         self.peerEndpoint = peerEndpoint or self._endpoint
         self.sources = sources
+        self.walk = walk
         self.runInThread = runInThread or _threadRunner(reactor)
         # Told each download as it starts (its name, bytes received, total
         # and peers: a _FetchAttempt), e.g. to show its progress.
@@ -446,6 +453,8 @@ class _FetchAttempt:
         self.current: Optional[PeerAddress] = None
         self.engine = None
         self.listedSize: Optional[int] = None
+        # Other peers asked for a name the index lists no holder of (None: no walk).
+        self.walked: Optional[int] = None
 
     @property
     def received(self) -> int:
@@ -517,6 +526,10 @@ class _FetchAttempt:
             for d in self.reports:
                 await d
         if winner is None:
+            if not holders and (self.walked or not f.walk):
+                asked = f"asked {self.walked} other peer{'' if self.walked == 1 else 's'}"
+                why = f"not in the index; {asked}" if f.walk else "not in the index (--walk 0: no other peer asked)"
+                raise NotFetched(name, self.attempts, why, notIndexed=True)
             raise NotFetched(name, self.attempts)
         if winner.listed is None and not self.indexed:
             f.report(notIndexed(name))
@@ -534,7 +547,7 @@ class _FetchAttempt:
 
     async def tryOthers(self, holders: List[PeerAddress]) -> Optional[PeerAddress]:
         f = self.fetcher
-        if len(self.contacted) >= f.maxHolders:
+        if len(self.contacted) >= f.maxHolders or (not holders and f.walk <= 0):
             return None
         try:
             everyone = await f.peers()
@@ -549,6 +562,11 @@ class _FetchAttempt:
         others = self.budget(
             [attrs.evolve(p, size=None, sha256=None) for p in everyone if (p.host, p.port) not in listed]
         )
+        if not holders:
+            # A name nobody is listed for: a walk of a few peers, not a flood of
+            # every one; their 404s are one summary, not a line each.
+            others = others[: max(f.walk, 0)]
+            self.walked = len(others)
         if others and holders:
             f.verbose(f"trying the {len(others)} other active peer(s)")
         return await self.tryAll(others)
@@ -557,7 +575,10 @@ class _FetchAttempt:
         """Record and tell one failed attempt; report an unreachable peer."""
         reason = describe(e)
         self.attempts.append(Attempt(str(peer), reason))
-        self.fetcher.report(f"peer {peer}: {reason}, trying next")
+        if self.walked is not None and isinstance(e, wire.ProtocolError) and e.status == wire.NOT_FOUND:
+            self.fetcher.verbose(f"peer {peer}: {reason}, trying next")  # summed up at the end
+        else:
+            self.fetcher.report(f"peer {peer}: {reason}, trying next")
         if unreachable(e):
             self.reportUnreachable(peer)
 
