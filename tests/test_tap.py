@@ -774,3 +774,171 @@ class DocumentedLimitsTests(SynchronousTestCase):
             with self.subTest(option=option):
                 self.assertIn(f"``--{option}``", limits)
                 self.assertIn(f"``--{option}``", security)
+
+
+class MetricsOptionsTests(SynchronousTestCase):
+    """--metrics DESC on both daemons, --verbose on the relay."""
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+
+    def relay(self, *argv: str) -> RelayOptions:
+        options = RelayOptions()
+        options.parseOptions(list(argv))
+        return options
+
+    def node(self, *argv: str) -> NodeOptions:
+        options = NodeOptions()
+        options.parseOptions(["--dir", str(self.folder), *argv])
+        return options
+
+    def test_offByDefault(self) -> None:
+        """Without --metrics neither daemon serves metrics or keeps a registry."""
+        relay = makeRelayService(self.relay(), UDPReactor())
+        node = makeNodeService(self.node(), UDPReactor(), runInThread=syncThread)
+        self.assertIsNone(relay.metrics)
+        self.assertIsNone(relay.factory.metrics)
+        self.assertIsNone(node.metrics)
+        self.assertIsNone(node.files.metrics)
+
+    def test_relayMetrics(self) -> None:
+        """Relay --metrics DESC: a child service listens there and the protocol counts into its registry."""
+        service = makeRelayService(self.relay("--metrics", "tcp:9101:interface=127.0.0.1"), UDPReactor())
+        [child] = [s for s in service if getattr(s, "what", None) == "metrics"]
+        self.assertEqual(child.description, "tcp:9101:interface=127.0.0.1")
+        self.assertIs(service.factory.metrics, service.metrics)
+        self.assertEqual(service.metrics.registry.get_sample_value("p2prelay_relay_peers"), 0)
+
+    def test_bareMetricsPort(self) -> None:
+        """--metrics takes a bare port, as --port does."""
+        self.assertEqual(self.relay("--metrics", "9101")["metrics"], "tcp:9101")
+
+    def test_badMetrics(self) -> None:
+        """An unparseable --metrics is a usage error."""
+        self.assertRaises(usage.UsageError, self.relay, "--metrics", "nonsense")
+        self.assertRaises(usage.UsageError, self.node, "--metrics", "tcp:abc")
+
+    def test_nodeMetrics(self) -> None:
+        """Node --metrics DESC: the file server counts into the node's registry, whose gauges read the share."""
+        (self.folder / "a.txt").write_bytes(b"alpha")
+        node = makeNodeService(self.node("--metrics", "tcp:0"), UDPReactor(), runInThread=syncThread)
+        [child] = [s for s in node if getattr(s, "what", None) == "metrics"]
+        self.assertEqual(child.description, "tcp:0")
+        self.assertIs(node.files.metrics, node.metrics)
+        self.successResultOf(node.share.scan())
+        registry = node.metrics.registry
+        self.assertEqual(registry.get_sample_value("p2prelay_node_files_shared"), 1)
+        self.assertEqual(registry.get_sample_value("p2prelay_node_bytes_shared"), 5)
+
+    def test_verbose(self) -> None:
+        """Relay --verbose (-v) turns on the lookup lines; off by default."""
+        self.assertFalse(makeRelayService(self.relay(), UDPReactor()).factory.verbose)
+        self.assertTrue(makeRelayService(self.relay("-v"), UDPReactor()).factory.verbose)
+
+    def test_relayName(self) -> None:
+        """The node knows the relay as --relay names it, for its log lines."""
+        node = makeNodeService(self.node("--relay", "localhost:8001"), UDPReactor(), runInThread=syncThread)
+        self.assertEqual(node.relayName, "localhost:8001")
+
+
+class StateCheckTests(SynchronousTestCase):
+    """A --state the relay cannot write stops it at start, not with a warning later."""
+
+    def service(self, state: str) -> RelayService:
+        options = RelayOptions()
+        options.parseOptions(["--state", state])
+        return makeRelayService(options, UDPReactor())
+
+    def test_missingFolder(self) -> None:
+        """Under twistd, a --state in a folder that does not exist is one critical line and exit 1."""
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        path = os.path.join(self.mktemp(), "state.db")
+        service = self.service(path)
+        with capturedLogs() as events:
+            with self.assertRaises(SystemExit) as caught:
+                service.privilegedStartService()
+        self.assertEqual(caught.exception.code, 1)
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
+        self.assertEqual(
+            line, f"relay cannot start: --state {path}: folder {os.path.dirname(path)} does not exist"
+        )
+        self.assertIsNone(service.listener.port, "no port bound")
+
+    def test_startedDirectly(self) -> None:
+        """Started without twistd, the relay raises StateUnwritable."""
+        from p2prelay.relay.store import StateUnwritable
+
+        service = self.service(os.path.join(self.mktemp(), "state.db"))
+        self.assertRaises(StateUnwritable, service.startService)
+
+    def test_aFolder(self) -> None:
+        """A --state that is a folder is refused."""
+        from p2prelay.relay.store import StateUnwritable, checkWritable
+
+        folder = self.mktemp()
+        os.mkdir(folder)
+        with self.assertRaises(StateUnwritable) as caught:
+            checkWritable(folder)
+        self.assertEqual(caught.exception.why, "is a folder")
+
+    def test_readOnlyFolder(self) -> None:
+        """A --state in a folder nobody may write to is refused."""
+        from p2prelay.relay.store import StateUnwritable, checkWritable
+
+        if os.geteuid() == 0:
+            raise __import__("unittest").SkipTest("root writes to read-only folders")
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        folder.chmod(0o500)
+        self.addCleanup(folder.chmod, 0o700)
+        self.assertRaises(StateUnwritable, checkWritable, folder / "state.db")
+
+    def test_writable(self) -> None:
+        """A --state in a writable folder passes, and the probe leaves nothing behind."""
+        from p2prelay.relay.store import checkWritable
+
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        checkWritable(folder / "state.db")
+        self.assertEqual(list(folder.iterdir()), [])
+
+
+class FolderLockTests(SynchronousTestCase):
+    """Two nodes sharing one folder: the second is warned."""
+
+    def test_secondHolderTold(self) -> None:
+        """A second lock on the same file is refused with the holder's pid; free again once released."""
+        from p2prelay.node.lock import FolderLock
+
+        path = Path(self.mktemp()) / "node.lock"
+        first, second = FolderLock(path), FolderLock(path)
+        self.assertIsNone(first.acquire())
+        self.assertEqual(second.acquire(), f"pid {os.getpid()}")
+        first.release()
+        self.assertIsNone(second.acquire())
+        second.release()
+
+    def test_secondNodeWarns(self) -> None:
+        """A node started on a folder another running node shares logs a warning naming the folder."""
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        lock = str(Path(self.mktemp()) / "node.lock")
+        options = NodeOptions()
+        options.parseOptions(["--dir", str(folder), "--no-udp"])
+        nodes = []
+        for _ in range(2):
+            node = makeNodeService(options, UDPReactor(), runInThread=syncThread)
+            node.lock = type(node.lock)(lock)
+            nodes.append(node)
+        with capturedLogs() as events:
+            nodes[0].startService()
+            nodes[1].startService()
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        [line] = [w for w in warnings if "already shares" in w]
+        self.assertIn(f"already shares {folder} on this machine", line)
+        for node in nodes:
+            node.stopService()
