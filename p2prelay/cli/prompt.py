@@ -35,7 +35,7 @@ printed (or saved, with -o DIR).  Accepted forms:
   NAME                 one file; Tab completes names the relay knows
   a.txt, b.txt         several files, a comma list
   Send a.txt, b.txt    the same (a leading 'Send' or 'get' is dropped)
-  help, ?              this text
+  help, ?              this text (a file named help: Send help)
   quit, exit, q        leave (so does Ctrl-D, end of input)
 Ctrl-C leaves at once (exit status 130), during a download too.
 Up and Down recall earlier lines."""
