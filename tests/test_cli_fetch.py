@@ -782,6 +782,49 @@ class OutputDirectoryTests(CommandTestCase):
         )
 
 
+class CommaNameTests(CommandTestCase):
+    """
+    A comma may be part of a name: an argument that is exactly a name the
+    relay knows is fetched whole; otherwise a comma list is split.
+    """
+
+    def test_knownNameWhole(self) -> None:
+        """p2p-fetch "a,b.txt" fetches a,b.txt when the relay knows that name."""
+        fetcher = FakeFetcher({"a,b.txt": A, "a": B, "b.txt": B}, index={"a,b.txt": A})
+        self.assertEqual(self.p2pFetch(["a,b.txt"], fetcher), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A)
+        self.assertEqual(fetcher.asked[0], ("whohas", "a,b.txt"))
+
+    def test_unknownSplit(self) -> None:
+        """A comma list the relay knows no whole name for is split: 'a.txt, b.txt' fetches both."""
+        fetcher = FakeFetcher({"a.txt": A, "b.txt": B})
+        self.assertEqual(self.p2pFetch(["a.txt, b.txt"], fetcher), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A + B)
+        self.assertEqual(fetcher.asked[0], ("whohas", "a.txt, b.txt"))
+
+    def test_noCommaNoQuestion(self) -> None:
+        """Arguments without a comma cost no extra question to the relay."""
+        fetcher = FakeFetcher({"a.txt": A, "b.txt": B})
+        self.assertEqual(self.p2pFetch(["a.txt", "b.txt"], fetcher), EXIT_OK)
+        self.assertNotIn(("whohas", "a.txt"), fetcher.asked)
+
+    def test_typedSendForm(self) -> None:
+        """At the prompt, 'Send a.txt, b.txt' still asks for both."""
+        fetcher = FakeFetcher({"a.txt": A, "b.txt": B})
+        d = self.start([], fetcher)
+        self.terminal.type("Send a.txt, b.txt\nquit\n")
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A + B)
+
+    def test_typedKnownName(self) -> None:
+        """At the prompt, a typed name the relay knows is fetched whole, comma and all."""
+        fetcher = FakeFetcher({"x, y.txt": A}, index={"x, y.txt": A})
+        d = self.start([], fetcher)
+        self.terminal.type("get x, y.txt\nquit\n")
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, A)
+
+
 class ListingTests(CommandTestCase):
     """
     --peers and --list: rows on stdout, counts and notes on stderr.

@@ -229,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
 def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
+    args.words = list(args.names)  # as typed: a comma may be part of a name (see resolveNames)
     args.names = splitNames(args.names)
     # -o -: stdout, explicitly (binary contents to a terminal too).
     args.stdout = args.output == "-"
@@ -311,6 +312,25 @@ def _sha256File(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _wholeCandidates(word: str, allowVerb: bool) -> List[str]:
+    """The names a typed ``word`` holding a comma may be meant as whole (its verb dropped, or not)."""
+    whole = word.strip()
+    if "," not in whole:
+        return []
+    candidates = [whole]
+    if allowVerb:
+        verb, _, rest = whole.partition(" ")
+        if verb.lower() in ("send", "get") and rest.strip():
+            candidates.append(rest.strip())
+    good = []
+    for candidate in candidates:
+        try:
+            good.append(wire.checkName(candidate))
+        except wire.ProtocolError:
+            pass
+    return good
 
 
 class BinaryRefused(Exception):
@@ -447,6 +467,29 @@ class Client:
         if isinstance(e, RelayNotFound):
             return f"relay {e}"  # relay NAME:PORT: no such host
         return f"relay {self.args.relay} unreachable: {e}"
+
+    async def resolveNames(self, words: Sequence[str], allowVerb: bool = False) -> List[str]:
+        """
+        File names from what was typed: an argument that is exactly a name
+        the relay knows (asked with WHOHAS, only for one holding a comma)
+        is that name, never split; anything else is split on commas as
+        :func:`splitNames` does (``Send a.txt, b.txt``).
+        """
+        names: List[str] = []
+        for word in words:
+            pieces = None
+            for whole in _wholeCandidates(word, allowVerb):
+                try:
+                    known = await self.fetcher.holders(whole)
+                except (RelayUnreachable, wire.ProtocolError):
+                    break  # split it; fetching the pieces reports the relay's trouble
+                if known:
+                    pieces = [whole]
+                    break
+            for name in pieces if pieces is not None else splitNames([word], allowVerb=allowVerb):
+                if name not in names:
+                    names.append(name)
+        return names
 
     def out(self, line: str) -> None:
         """A line of a listing on stdout, made visible."""
@@ -701,7 +744,10 @@ class Client:
             if isHelp(line):
                 self.err(HELP)
                 continue
-            names = splitNames([line], allowVerb=True)
+            try:
+                names = await self._start(self.resolveNames([line], allowVerb=True))
+            except CancelledError:
+                return
             good = []
             for name in names:
                 try:
@@ -753,7 +799,9 @@ async def run(
         elif args.list is not None:
             await client.listFiles(args.list)
         elif args.names:
-            await client.fetchAll(args.names)
+            words = getattr(args, "words", args.names)
+            names = await client.resolveNames(words) if any("," in w for w in words) else args.names
+            await client.fetchAll(names)
         else:
             await client.interact()
     except RelayUnreachable as e:
