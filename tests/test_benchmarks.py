@@ -93,3 +93,10 @@ class TLSBenchmarkTests(SynchronousTestCase):
         out = smoke(self, "tls.py")
         self.assertIn("TLS / plain:", out)
 
+
+class PiecesBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self) -> None:
+        """benchmarks/pieces.py --smoke times --sources 1 against the default, a SIGKILLed resume and the first byte."""
+        out = smoke(self, "pieces.py")
+        for figure in ("multi-source speedup:", "resume sent again:", "first byte after the relay answers:"):
+            self.assertIn(figure, out)
