@@ -1112,3 +1112,56 @@ class VerboseTests(RelayTestCase):
             "SEARCH 'a*' from 10.1.2.3:40000: 1 found",
             [formatEvent(e) for e in events if e["log_level"].name == "debug"],
         )
+
+
+class StatsCommandTests(RelayTestCase):
+    """p2p-fetch --stats against this relay protocol: the figures for people, or JSON."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from tests.test_cli_fetch import CommandTestCase
+
+        self.command = CommandTestCase("setUp")
+        self.command.setUp()
+        relay = self
+
+        class Fetcher:
+            async def ask(self, payload: bytes) -> Reply:
+                status, *items = relay.answer(payload)
+                return Reply(status, items)
+
+        self.fetcher = Fetcher()
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a", 2 * 1024**3, SHA_A)])
+        self.registry.register("n2", "10.0.0.2", 5000, [FileEntry("a", 2 * 1024**3, SHA_A), FileEntry("b", 7, SHA_B)])
+        self.factory.started -= 90061  # up a day, an hour, a minute and a second
+
+    def test_forPeople(self):
+        """--stats prints peers, files with their copies and human size, lookups and uptime on stdout."""
+        self.assertEqual(self.command.p2pFetch(["--stats"], self.fetcher), 0)
+        self.assertEqual(
+            self.command.terminal.stdout.decode(),
+            "peers    2\nfiles    2 (3 copies, 4.0 GiB)\nlookups  0\nuptime   1 d 1:01:01\n",
+        )
+        self.assertEqual(self.command.terminal.stderr, "")
+
+    def test_json(self):
+        """--stats --json is one JSON object of exact figures."""
+        import json
+
+        self.assertEqual(self.command.p2pFetch(["--stats", "--json"], self.fetcher), 0)
+        self.assertEqual(
+            json.loads(self.command.terminal.stdout),
+            {"peers": 2, "files": 2, "entries": 3, "bytes": 4 * 1024**3 + 7, "lookups": 0, "uptime": 90061},
+        )
+
+    def test_excludesOthers(self):
+        """--stats with file names or --peers is a usage error."""
+        import io
+        from contextlib import redirect_stderr
+
+        from p2prelay.cli.fetch import parseArgs
+
+        for argv in (["--stats", "x"], ["--stats", "--peers"]):
+            with redirect_stderr(io.StringIO()) as stderr:
+                self.assertRaises(SystemExit, parseArgs, argv)
+            self.assertIn("--stats takes no file names", stderr.getvalue())

@@ -130,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--peers", action="store_true", help="list the active peers and exit")
     p.add_argument(
+        "--stats", action="store_true", help="print the relay's headline figures (STATS) and exit"
+    )
+    p.add_argument(
         "--list",
         nargs="?",
         const="",
@@ -282,6 +285,8 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--no-resume only makes sense with -o DIR")
     if args.json and args.names and not args.output:
         p.error("--json with file names needs -o DIR (stdout carries the JSON)")
+    if args.stats and (args.peers or args.list is not None or args.names):
+        p.error("--stats takes no file names, --peers or --list")
     if args.peers and args.list is not None:
         p.error("--peers and --list exclude each other; ask for one at a time")
     if args.output is not None and args.output != "-" and Path(args.output).exists() and not Path(args.output).is_dir():
@@ -511,6 +516,30 @@ class Client:
                 self.out(f"{visible(str(p))}  node={visible(p.node)}{udp}")
         if not self.args.json:
             self.err(f"{len(peers)} active peer(s)")
+
+    async def showStats(self) -> None:
+        """--stats: the relay's STATS figures, for people (sizes and uptime readable) or as JSON."""
+        status = (await self.fetcher.ask(wire.request(wire.STATS))).status
+        figures = {}
+        for key in wire.STATS_FIELDS:
+            try:
+                figures[key] = int(status.get(key) or 0)
+            except ValueError:
+                raise wire.ProtocolError(wire.BAD_REQUEST, f"STATS {key}= is not a number") from None
+        if self.args.json:
+            self.outJSON(figures)
+            return
+        from ..human import plural
+
+        days, rest = divmod(figures["uptime"], 86400)
+        uptime = (f"{days} d " if days else "") + "{:d}:{:02d}:{:02d}".format(
+            rest // 3600, rest // 60 % 60, rest % 60
+        )
+        self.out(f"peers    {figures['peers']}")
+        self.out(f"files    {figures['files']} ({plural(figures['entries'], 'copy', 'copies')}, "
+                 f"{humanSize(figures['bytes'])})")
+        self.out(f"lookups  {figures['lookups']}")
+        self.out(f"uptime   {uptime}")
 
     async def listFiles(self, pattern: str) -> None:
         files, truncated = await self.fetcher.search(pattern)
@@ -787,14 +816,16 @@ async def run(
     for resume`` goes to stderr and the status is 128 + the number.
     """
     if console is None:
-        interactive = not (args.names or args.peers or args.list is not None)
+        interactive = not (args.names or args.peers or args.stats or args.list is not None)
         console = Console(reactor, interactive)
     client = Client(reactor, args, console, fetcher)  # parseArgs has checked --relay
     err = client.err
     if interrupt is not None:
         interrupt.addCallback(client.interrupt)
     try:
-        if args.peers:
+        if args.stats:
+            await client.showStats()
+        elif args.peers:
             await client.listPeers()
         elif args.list is not None:
             await client.listFiles(args.list)
