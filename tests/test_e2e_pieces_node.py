@@ -120,7 +120,7 @@ class PiecesNodeTests(NetworkTestCase):
 
     def test_restartReadsNothing(self):
         """A node restarted over an unchanged folder registers the same root without hashing again."""
-        self.assertTrue(any("hashed 1 files" in line for line in self.a.log), "".join(self.a.log))
+        self.assertTrue(any("hashed 1 file (" in line for line in self.a.log), "".join(self.a.log))
         port = self.net.listening(self.a)[1]
         self.a.stop()
         again = self.net.node(self.folderA, "--piece-size", "16K", "--port", f"tcp:{port}:interface=127.0.0.1")
