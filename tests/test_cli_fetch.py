@@ -527,9 +527,10 @@ class ProgressTests(CommandTestCase):
         self.clock.advance(1.0)
         self.assertNoResult(d)
         line = self.terminal.stderr.split("\r")[-2]
-        for part in ("big.bin", "50%", "1.00M/2.00M", f"from {PEER}"):
+        for part in ("big.bin", "50%", "1.0 MiB/2.0 MiB", f"from {PEER}"):
             self.assertIn(part, line)
-        self.assertRegex(line, r"\[00:01<00:\d\d, \d+(\.\d+)?[kM]?B/s")  # elapsed<ETA, rate
+        # elapsed<ETA, then the rate in the human sizes every message uses
+        self.assertRegex(line, r"\[00:01<00:\d\d, \d+(\.\d+)? (B|KiB|MiB)/s")
         gate.callback(None)
         self.assertEqual(self.successResultOf(d), EXIT_OK)
         self.assertTrue(self.terminal.stderr.endswith(f"{fetch_progress.CLEAR}saved big.bin (2.0 MiB from {PEER}) to {self.out / 'big.bin'}\n"))

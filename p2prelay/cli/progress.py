@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Protocol
 
 from twisted.internet.task import LoopingCall
 
-from ..human import plural
+from ..human import humanRate, humanSize, plural
 from .console import visible
 
 TICK = 0.1  # seconds between two redraws
@@ -145,6 +145,15 @@ class Bars:
         def meter(prefix: str, n: int, total: Optional[int], elapsed: float, rate, postfix: str) -> str:
             if total is not None and n > total:
                 total = None
+            # tqdm has no binary unit suffixes: sizes and rates are ours
+            # (``276.0 MiB``), as in every other message of p2p-fetch.
+            sizes = f"{humanSize(n)}/{humanSize(total)}" if total is not None else humanSize(n)
+            speed = humanRate(rate) if rate else "?/s"
+            layout = (
+                "{l_bar}{bar}| " + sizes + " [{elapsed}<{remaining}, " + speed + "{postfix}]"
+                if total is not None
+                else "{desc}" + sizes + " [{elapsed}, " + speed + "{postfix}]"
+            )
             return tqdm.format_meter(
                 n,
                 total,
@@ -156,6 +165,7 @@ class Bars:
                 unit_divisor=1024,
                 rate=rate,
                 postfix=postfix or None,
+                bar_format=layout,
             )
 
         for name, bar in self.bars.items():
