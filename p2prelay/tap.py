@@ -282,6 +282,8 @@ class NodeOptions(usage.Options):
     def postOptions(self) -> None:
         if not self["dir"]:
             raise usage.UsageError("--dir is required")
+        if not os.path.exists(self["dir"]):
+            raise usage.UsageError(f"--dir {self['dir']}: does not exist")
         if not os.path.isdir(self["dir"]):
             raise usage.UsageError(f"--dir {self['dir']}: not a directory")
         try:

@@ -240,7 +240,7 @@ class OptionTests(SynchronousTestCase):
 
     def test_dirNotADirectory(self) -> None:
         """A --dir that is no folder: exit 2."""
-        self.assertIn("not a directory", self.usageError("--dir", str(self.folder / "nothing")))
+        self.assertIn("does not exist", self.usageError("--dir", str(self.folder / "nothing")))
 
     def test_negativeHeartbeat(self) -> None:
         """--heartbeat -1: exit 2 (it used to be accepted and break callLater)."""

@@ -159,6 +159,10 @@ class NodeOptionsTests(SynchronousTestCase):
         """A --dir that is not a folder is a usage error."""
         self.assertIn("not a directory", self.usageError("--dir", str(self.folder / "a.txt")))
 
+    def test_dirMissing(self) -> None:
+        """A --dir that does not exist says so, rather than "not a directory"."""
+        self.assertIn("does not exist", self.usageError("--dir", str(self.folder / "nothing")))
+
     def test_badRelay(self) -> None:
         """A --relay that is neither HOST:PORT nor a client endpoint description is a usage error."""
         self.assertIn("--relay", self.usageError("--relay", "no where"))
