@@ -39,22 +39,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2prelay.cli.demo import LISTENING, REGISTERED, script  # noqa: E402
+from p2prelay.cli.demo import LISTENING, REGISTERED, Daemon, script  # noqa: E402
 
 MiB = 1024 * 1024
 NODE_ADDRESS = "10.231.0.1"
@@ -105,8 +102,10 @@ class Link:
 
     def open(self) -> None:
         for ns in (self.node, self.client):
-            run("ip", "netns", "add", ns)
+            # Recorded before it exists: a signal between the two must not
+            # leave a namespace nobody deletes (deleting a missing one is harmless).
             self.made.append(ns)
+            run("ip", "netns", "add", ns)
             run("ip", "-n", ns, "link", "set", "lo", "up")
         run(
             "ip", "-n", self.node, "link", "add", self.nodeIf, "type", "veth",
@@ -138,62 +137,22 @@ class Link:
         self.loss = percent
 
     def close(self) -> None:
-        if self.made:
-            run("ip", "netns", "exec", self.lossNs, "nft", "delete", "table", "inet", TABLE,
-                check=False)  # fmt: skip
-        while self.made:  # deleting a namespace deletes its veth end, qdisc and table
-            run("ip", "netns", "del", self.made.pop(), check=False)
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self.made:
+                run("ip", "netns", "exec", self.lossNs, "nft", "delete", "table", "inet", TABLE,
+                    check=False)  # fmt: skip
+            while self.made:  # deleting a namespace deletes its veth end, qdisc and table
+                run("ip", "netns", "del", self.made.pop(), check=False)
+        finally:
+            for s, handler in held.items():
+                signal.signal(s, handler)
 
 
-class Daemon:
+def netnsDaemon(namespace: str, args: Sequence[str], cwd: str) -> Daemon:
     """One ``twistd -n`` process inside a namespace, its log collected."""
-
-    def __init__(self, namespace: str, args: Sequence[str], cwd: str) -> None:
-        self.args = list(args)
-        command = ["ip", "netns", "exec", namespace, *script("twistd"), "-n", "--pidfile=", *args]
-        self.process = subprocess.Popen(
-            command,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        self.log: List[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.log.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def waitFor(self, pattern: "re.Pattern[str]", timeout: float = START_TIMEOUT) -> "re.Match[str]":
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                line = ""
-            if line is None:
-                raise RuntimeError(f"{self.args[0]} exited:\n" + "".join(self.log[-20:]))
-            match = pattern.search(line)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.args[0]}: no {pattern.pattern!r}:\n" + "".join(self.log[-20:]))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    return Daemon(args, cwd=cwd, prefix=["ip", "netns", "exec", namespace])
 
 
 class Network:
@@ -211,11 +170,11 @@ class Network:
 
     def _start(self, share: Path, nodeNs: str, relayHost: str, nodeHost: str) -> None:
         scratch, tag = self.scratch, self.tag
-        relay = Daemon(self.clientNs, ["relay", "--port", f"tcp:0:interface={relayHost}"], str(scratch))
+        relay = netnsDaemon(self.clientNs, ["relay", "--port", f"tcp:0:interface={relayHost}"], str(scratch))
         self.daemons.append(relay)
-        host, port = relay.waitFor(LISTENING).group("host", "port")
+        host, port = relay.waitFor(LISTENING, START_TIMEOUT).group("host", "port")
         self.relay = f"{host}:{port}"
-        node = Daemon(
+        node = netnsDaemon(
             nodeNs,
             [
                 "peernode", "--relay", self.relay, "--dir", str(share),
@@ -224,7 +183,7 @@ class Network:
             str(scratch),
         )  # fmt: skip
         self.daemons.append(node)
-        node.waitFor(REGISTERED)
+        node.waitFor(REGISTERED, START_TIMEOUT)
 
     def fetch(self, name: str, extra: Sequence[str]) -> tuple[float, float]:
         """(whole-command seconds, the client's own seconds) of one fetch."""

@@ -57,8 +57,11 @@ class Daemon:
     for "listening on" (to learn an OS-chosen port) or any other event.
     """
 
-    def __init__(self, args: Sequence[str], cwd: Optional[str] = None, env=None) -> None:
-        command = script("twistd") + ["-n", "--pidfile=", *args]
+    def __init__(
+        self, args: Sequence[str], cwd: Optional[str] = None, env=None, prefix: Sequence[str] = ()
+    ) -> None:
+        # prefix: what runs twistd, e.g. ``ip netns exec NS`` for a namespace.
+        command = [*prefix, *script("twistd"), "-n", "--pidfile=", *args]
         self.args = list(args)
         self.process = subprocess.Popen(
             command,
