@@ -124,6 +124,16 @@ def parseHostPort(value: str) -> tuple[str, int] | None:
     return host, port
 
 
+def plainHost(host: str) -> str:
+    """
+    A host as users write it: an IPv4-mapped IPv6 address (what a dual-stack
+    socket reports for an IPv4 peer, ``::ffff:10.77.4.1``) as plain IPv4.
+    """
+    if host[:7].lower() == "::ffff:" and isIPAddress(host[7:]):
+        return host[7:]
+    return host
+
+
 def describePeer(address: object) -> str:
     """
     A connection's address as users write it: ``host:port``, ``[v6]:port``,
@@ -134,6 +144,7 @@ def describePeer(address: object) -> str:
     if host is None or port is None:
         name = getattr(address, "name", None)  # UNIX sockets
         return str(name if name is not None else address)
+    host = plainHost(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2prelay import addresses
 from p2prelay.addresses import (
     DEFAULT_RELAY_PORT,
     AddressError,
@@ -186,3 +187,21 @@ class NoSuchHostTests(SynchronousTestCase):
         failure = self.failureResultOf(endpoint.connect(self.factory), NoSuchHost)
         self.assertEqual(asked, [("relay.nowhere", 8000)])
         self.assertEqual(str(failure.value), "relay.nowhere:8000: no such host")
+
+
+class PlainHostTests(SynchronousTestCase):
+    def test_mappedIPv4(self) -> None:
+        """An IPv4-mapped IPv6 address is written as plain IPv4."""
+        self.assertEqual(addresses.plainHost("::ffff:10.77.4.1"), "10.77.4.1")
+        self.assertEqual(addresses.plainHost("::FFFF:10.77.4.1"), "10.77.4.1")
+
+    def test_othersUnchanged(self) -> None:
+        """Real IPv6, IPv4 and names are left alone."""
+        for host in ("fd77:4::1", "::1", "10.77.4.1", "relay.example.org", "::ffff:nothost"):
+            self.assertEqual(addresses.plainHost(host), host)
+
+    def test_describePeerPlain(self) -> None:
+        """Logs show a dual-stack socket's IPv4 peer as host:port, not [::ffff:...]:port."""
+        from twisted.internet.address import IPv6Address
+
+        self.assertEqual(addresses.describePeer(IPv6Address("TCP", "::ffff:10.77.4.1", 5)), "10.77.4.1:5")

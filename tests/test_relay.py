@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import ensureDeferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Protocol
@@ -22,7 +22,7 @@ from p2prelay.client.relay import IncompleteReply, QueryProtocol, Reply, keyProv
 from p2prelay.identity import NodeKey
 from p2prelay.negotiation import IDLE_TIMEOUT, NEGOTIATION_DEADLINE
 from p2prelay.relay.dialback import DialBack
-from p2prelay.relay.protocol import SEARCH_SLICE, RelayFactory
+from p2prelay.relay.protocol import SEARCH_SLICE, RelayFactory, checkHost
 from p2prelay.relay.registry import MAX_HOLDERS, SEARCH_STEP, Registry
 from p2prelay.pieces import MAX_PIECE_SIZE, MAX_PIECES, MIN_PIECE_SIZE, PIECE_SIZE
 from p2prelay.wire import FileEntry
@@ -324,6 +324,26 @@ class RegisterTests(RelayTestCase):
         self.assertIsNone(self.registry.get(KEY.node))
         proto.dataReceived(wire.end(1))
         self.assertEqual(parse(transport.value())[0].status, wire.CONTINUE)
+
+
+class DualStackTests(RelayTestCase):
+    """A relay on a dual-stack socket sees IPv4 peers as ::ffff:a.b.c.d."""
+
+    def test_mappedObservedHostStoredPlain(self):
+        """A node seen from ::ffff:10.1.2.3 is recorded, answered and listed as 10.1.2.3."""
+        mapped = IPv6Address("TCP", "::ffff:10.1.2.3", 40000)
+        [reply] = self.answer(registration(KEY, 5000, ["a.txt"]), peer=mapped)
+        self.assertEqual(reply.get("host"), "10.1.2.3")
+        self.assertEqual(self.registry.get(KEY.node).host, "10.1.2.3")
+
+    def test_mappedAdvertisedHostStoredPlain(self):
+        """An advertised host= ::ffff:10.1.2.3 is the same address, written plainly."""
+        [reply] = self.answer(registration(KEY, 5000, ["a.txt"], host="::ffff:10.1.2.3"))
+        self.assertEqual(self.registry.get(KEY.node).host, "10.1.2.3")
+
+    def test_realIPv6Kept(self):
+        """A real IPv6 address is left as it is."""
+        self.assertEqual(checkHost("fd77:4::1"), "fd77:4::1")
 
 
 class RootRegisterTests(RelayTestCase):

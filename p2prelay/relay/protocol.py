@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .. import identity, wire
+from ..addresses import plainHost
 from ..human import humanSize, plural
 from ..limits import (
     MAX_INFLIGHT_BYTES,
@@ -297,7 +298,7 @@ class RelayProtocol(NegotiationProtocol):
     def _proven(self) -> None:
         request = self._request
         assert request is not None
-        host = request.get("host") or self.transport.getPeer().host
+        host = plainHost(request.get("host") or self.transport.getPeer().host)
         port = request.port()
         existing = self.factory.registry.get(self._node)
         same = existing is not None and existing.key == self._key and existing.address == (host, port)
@@ -577,7 +578,7 @@ def nodeId(message: wire.Message) -> str:
 def checkHost(host: str) -> str:
     if not 0 < len(host) <= 255 or not all(c.isalnum() or c in ".-:_%" for c in host):
         raise wire.ProtocolError(wire.BAD_REQUEST, "host= is not a host name or address")
-    return host
+    return plainHost(host)
 
 
 def _seconds(value: float) -> str:
