@@ -21,13 +21,8 @@ from p2prelay.node import share as share_module
 from p2prelay import wire
 from p2prelay.negotiation import IDLE_TIMEOUT
 from p2prelay.node.ratelimit import UploadLimiter
-from p2prelay.node.server import (
-    CHUNK,
-    UPLOAD_RETRY,
-    FileBodyProducer,
-    FileServerFactory,
-    SendfileProducer,
-)
+from p2prelay.node.producers import CHUNK, FileBodyProducer, SendfileProducer
+from p2prelay.node.server import UPLOAD_RETRY, FileServerFactory
 from p2prelay.node.share import SharedDirectory
 from p2prelay.pieces import MIN_PIECE_SIZE, decodeDigests, rootOf
 from p2prelay.wire import FileEntry

@@ -14,8 +14,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from p2prelay.node.producers import FileBodyProducer
 from p2prelay.node.ratelimit import UploadLimiter, parseRate
-from p2prelay.node.server import FileBodyProducer
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -25,13 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import wire
 from p2prelay.negotiation import IDLE_TIMEOUT
-from p2prelay.node import server
-from p2prelay.node.server import (
-    FileBodyProducer,
-    FileServerFactory,
-    SendfileProducer,
-    sendfileSocket,
-)
+from p2prelay.node import producers
+from p2prelay.node.producers import FileBodyProducer, SendfileProducer, sendfileSocket
+from p2prelay.node.server import FileServerFactory
 from p2prelay.node.share import SharedDirectory
 
 CLIENT = IPv4Address("TCP", "10.1.2.3", 40000)
@@ -144,7 +140,7 @@ class ChoiceTests(SynchronousTestCase):
 
     def test_noSendfileOnThisPlatform(self):
         """Without os.sendfile everything is read instead."""
-        self.patch(server, "HAVE_SENDFILE", False)
+        self.patch(producers, "HAVE_SENDFILE", False)
         self.assertIsNone(sendfileSocket(self.tcpConnection(), self.file))
 
 
