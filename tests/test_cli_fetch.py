@@ -24,9 +24,10 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import udp, wire
-from p2prelay.cli import fetch
+from p2prelay.cli import fetch, options, session
 from p2prelay.cli import progress as fetch_progress
-from p2prelay.cli.fetch import EXIT_NOT_FETCHED, EXIT_OK, EXIT_RELAY, EXIT_USAGE, buildFetcher, parseArgs, run
+from p2prelay.cli.fetch import parseArgs, run
+from p2prelay.cli.options import EXIT_NOT_FETCHED, EXIT_OK, EXIT_RELAY, EXIT_USAGE, buildFetcher
 from p2prelay.client.fetcher import (
     PEER_TIMEOUT,
     Attempt,
@@ -200,12 +201,12 @@ class ParseArgsTests(SynchronousTestCase):
         args = parseArgs([])
         self.assertEqual(
             (args.names, args.relay, args.parallel, args.timeout, args.udp, args.udp_block, args.output),
-            ([], fetch.DEFAULT_RELAY, 4, PEER_TIMEOUT, False, None, None),  # block: fetchUDP's
+            ([], options.DEFAULT_RELAY, 4, PEER_TIMEOUT, False, None, None),  # block: fetchUDP's
         )
 
     def test_relayFromEnvironment(self) -> None:
         """$P2PRELAY_RELAY is the default relay; --relay overrides it."""
-        self.patch(os, "environ", {fetch.RELAY_ENV: "relay.example:9000"})
+        self.patch(os, "environ", {options.RELAY_ENV: "relay.example:9000"})
         self.assertEqual(parseArgs([]).relay, "relay.example:9000")
         self.assertEqual(parseArgs(["--relay", "other:1"]).relay, "other:1")
 
@@ -623,7 +624,7 @@ class ProgressTests(CommandTestCase):
         self.clock.advance(0.1)
         gate.callback(None)
         texts = [data.decode() for stream, data in self.terminal.transcript if stream == "stderr"]
-        self.assertTrue(texts[-1].endswith(fetch.PROMPT), texts[-3:])
+        self.assertTrue(texts[-1].endswith(session.PROMPT), texts[-3:])
         prior = [t for t in texts[:-1] if "\r" in t]
         self.assertEqual(prior[-1], fetch_progress.CLEAR)
         self.terminal.eof()
@@ -912,7 +913,7 @@ class InteractiveTests(CommandTestCase):
     With no names: a prompt on stderr, names read from stdin until quit or EOF.
     """
 
-    PROMPT = fetch.PROMPT
+    PROMPT = session.PROMPT
 
     def test_promptFirst(self) -> None:
         """The prompt is on stderr before anything is typed, and nothing is fetched yet."""

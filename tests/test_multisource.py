@@ -21,7 +21,8 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import pieces, wire
-from p2prelay.cli.fetch import EXIT_NOT_FETCHED, EXIT_OK, parseArgs, run, catchSignals
+from p2prelay.cli.fetch import parseArgs, run, catchSignals
+from p2prelay.cli.options import EXIT_NOT_FETCHED, EXIT_OK
 from p2prelay.client.fetcher import Fetcher, NotFetched
 from p2prelay.client.journal import journalPath, partPath
 from p2prelay.client.swarm import Interrupted, ManifestProtocol, Serial, groupByRoot

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from p2prelay import wire
-from p2prelay.cli import fetch, prompt
+from p2prelay.cli import fetch, options, prompt, session
 from p2prelay.cli.prompt import HELP, Completer, ConsoleReader, Names, columns, completions, historyPath
 
 from .support import FakeTerminal
@@ -215,8 +215,8 @@ class HelpTests(SynchronousTestCase):
         d = Deferred.fromCoroutine(fetch.run(None, fetch.parseArgs([]), terminal.console, fetcher))
         terminal.type("help\n")
         terminal.eof()
-        self.assertEqual(self.successResultOf(d), fetch.EXIT_OK)
-        self.assertEqual(terminal.stderr, fetch.PROMPT + HELP + "\n" + fetch.PROMPT + "\n")
+        self.assertEqual(self.successResultOf(d), options.EXIT_OK)
+        self.assertEqual(terminal.stderr, session.PROMPT + HELP + "\n" + session.PROMPT + "\n")
         self.assertEqual((fetcher.asked, terminal.stdout), ([], b""))
 
 
@@ -344,14 +344,14 @@ class PseudoTerminalTests(SynchronousTestCase):
         prompt exits 130 with its line ended, no traceback, the terminal
         back in its line mode with echo, and the history kept.
         """
-        self.expect(fetch.PROMPT.encode())
+        self.expect(session.PROMPT.encode())
         self.type(b"be\t")
         self.expect(b"beta.txt")
         self.type(b"\x15al\t")  # Ctrl-U clears the line; Tab lists the choices
-        self.expect(b"\r\nalpha one.txt  alpha two.txt\r\n" + fetch.PROMPT.encode() + b"alpha ")
+        self.expect(b"\r\nalpha one.txt  alpha two.txt\r\n" + session.PROMPT.encode() + b"alpha ")
         self.type(b"\x15help\r")
         self.expect(b"Up and Down recall earlier lines.")
-        self.expect(fetch.PROMPT.encode())
+        self.expect(session.PROMPT.encode())
         self.type(b"\x1b[A")  # Up
         self.expect(b"help")
         self.type(b"\x15\x03")  # Ctrl-C
@@ -367,7 +367,7 @@ class PseudoTerminalTests(SynchronousTestCase):
 
     def test_interruptFetch(self) -> None:
         """Ctrl-C during a fetch typed at the prompt exits 130, the line ended, no traceback."""
-        self.expect(fetch.PROMPT.encode())
+        self.expect(session.PROMPT.encode())
         self.type(b"slow.txt\r")
         self.expect(b"fetching slow.txt from")
         self.type(b"\x03")
@@ -378,7 +378,7 @@ class PseudoTerminalTests(SynchronousTestCase):
 
     def test_eof(self) -> None:
         """Ctrl-D on an empty line ends the session as EOF does: exit 0."""
-        self.expect(fetch.PROMPT.encode())
+        self.expect(session.PROMPT.encode())
         self.type(b"\x04")
         self.assertEqual(self.exitCode(), 0)
 

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from p2prelay.addresses import TCPClient, clientEndpoint, tcpEndpoint
-from p2prelay.cli import fetch
+from p2prelay.cli import fetch, options
 from p2prelay.client.fetcher import Fetcher, PeerAddress
 
 # Modules a plain TCP p2p-fetch has no use for.
@@ -69,18 +69,18 @@ class ImportTests(SynchronousTestCase):
         code, heavy, stderr = heavyModulesAfter(
             ["--relay", f"127.0.0.1:{closedPort()}", "--connect-timeout", "5", "a.txt"]
         )
-        self.assertEqual((code, heavy), (fetch.EXIT_RELAY, []), stderr)
+        self.assertEqual((code, heavy), (options.EXIT_RELAY, []), stderr)
         self.assertIn("unreachable: connection refused", stderr)
 
     def test_namedRelayImportsNothingHeavy(self) -> None:
         """A relay given by name is resolved and dialled without twisted.internet.endpoints."""
         code, heavy, stderr = heavyModulesAfter(["--relay", f"localhost:{closedPort()}", "a.txt"])
-        self.assertEqual((code, heavy), (fetch.EXIT_RELAY, []), stderr)
+        self.assertEqual((code, heavy), (options.EXIT_RELAY, []), stderr)
 
     def test_descriptionImportsEndpoints(self) -> None:
         """--relay as a description goes through twisted.internet.endpoints (the checks above can fail)."""
         code, heavy, stderr = heavyModulesAfter(["--relay", f"tcp:127.0.0.1:{closedPort()}", "a.txt"])
-        self.assertEqual(code, fetch.EXIT_RELAY, stderr)
+        self.assertEqual(code, options.EXIT_RELAY, stderr)
         self.assertIn("twisted.internet.endpoints", heavy)
         self.assertIn("OpenSSL", heavy)
 
@@ -89,7 +89,7 @@ class ImportTests(SynchronousTestCase):
         probe = textwrap.dedent(
             """
             import sys
-            from p2prelay.cli import fetch
+            from p2prelay.cli import fetch, options
             fetch.installReactor(fetch.needsTLS(fetch.parseArgs(["--tls", "a.txt"])))
             from twisted.internet import posixbase
             print(posixbase.ssl is not None, "OpenSSL" in sys.modules)

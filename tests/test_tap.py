@@ -691,7 +691,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 def fetchDefaults() -> dict[str, object]:
     """p2p-fetch's options, as typed, with their defaults."""
-    from p2prelay.cli.fetch import parser
+    from p2prelay.cli.options import parser
 
     return {
         option: action.default

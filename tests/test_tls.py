@@ -32,7 +32,8 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2prelay import identity, tls, wire
-from p2prelay.cli.fetch import buildFetcher, parseArgs
+from p2prelay.cli.fetch import parseArgs
+from p2prelay.cli.options import buildFetcher
 from p2prelay.client.fetcher import NotFetched
 from p2prelay.client.relay import query
 from p2prelay.node.server import FileServerFactory

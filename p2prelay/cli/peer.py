@@ -38,7 +38,7 @@ from ..node.service import NodeService
 from ..tap import NodeOptions, makeNodeService, relayEndpoint, seconds
 from ..wire import FileEntry
 from .console import EOF, Console, splitNames, visible, visibleLines
-from .fetch import DEFAULT_RELAY, RELAY_ENV
+from .options import DEFAULT_RELAY, RELAY_ENV
 
 EXIT_OK = 0
 EXIT_CANNOT_START = 1
