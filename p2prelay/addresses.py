@@ -87,21 +87,73 @@ def udpPort(value: str, defaultInterface: str = "") -> tuple[int, str]:
     A UDP port and interface from ``5555`` or ``udp:5555:interface=ADDR``.
 
     Twisted has no UDP endpoint descriptions, so this small parser mirrors
-    the TCP ones users already write.
+    the TCP ones users already write: an IPv6 interface has its colons
+    escaped (``interface=fd77\\:4\\:\\:1``, as in ``tcp6:`` descriptions) or
+    is written in brackets (``interface=[fd77:4::1]``).
     """
     value = value.strip()
-    parts = value.split(":")
+    usage = f"{value!r} is not a UDP port or udp:PORT[:interface=ADDR]"
+    parts = _descriptionFields(value)
+    if parts is None:
+        raise AddressError(usage)
     if parts and parts[0] == "udp":
         parts = parts[1:]
     if not parts or not (parts[0].isascii() and parts[0].isdigit()) or int(parts[0]) > 65535:
-        raise AddressError(f"{value!r} is not a UDP port or udp:PORT[:interface=ADDR]")
+        raise AddressError(usage)
     interface = defaultInterface
     for extra in parts[1:]:
         key, eq, val = extra.partition("=")
         if key != "interface" or not eq:
             raise AddressError(f"{value!r}: only interface= is understood after the port")
+        bracketed = _BRACKETED.match(val)
+        if bracketed is not None:
+            val = bracketed.group("v6")
+        if ":" in val and not isIPv6Address(val):
+            raise AddressError(f"{value!r}: {val!r} is not an IPv6 address")
         interface = val
     return int(parts[0]), interface
+
+
+def _descriptionFields(value: str) -> Optional[list[str]]:
+    """
+    The ``:``-separated fields of a description, with ``\\:`` unescaped and
+    a ``[...]`` kept whole; None for an unclosed bracket.
+    """
+    fields, field, i = [], [], 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\" and value[i + 1 : i + 2] == ":":
+            field.append(":")
+            i += 2
+            continue
+        if char == "[":
+            end = value.find("]", i)
+            if end < 0:
+                return None
+            field.append(value[i : end + 1])
+            i = end + 1
+            continue
+        if char == ":":
+            fields.append("".join(field))
+            field = []
+        else:
+            field.append(char)
+        i += 1
+    fields.append("".join(field))
+    return fields
+
+
+def udpInterfaceFor(description: str) -> str:
+    """
+    Where UDP is served by default beside the TCP server ``description``:
+    its ``interface=``, or for a ``tcp6:`` description without one ``::``
+    (every IPv6 address and, dual-stack, every IPv4 one, as ``tcp6:`` has);
+    otherwise '' (every IPv4 address, as ``tcp:`` has).
+    """
+    interface = interfaceOf(description)
+    if not interface and description.strip().split(":", 1)[0] == "tcp6":
+        return "::"
+    return interface
 
 
 def interfaceOf(description: str) -> str:

@@ -26,6 +26,8 @@ from p2prelay.addresses import (
     checkClientAddress,
     clientEndpoint,
     relayAddress,
+    udpInterfaceFor,
+    udpPort,
 )
 
 
@@ -205,3 +207,51 @@ class PlainHostTests(SynchronousTestCase):
         from twisted.internet.address import IPv6Address
 
         self.assertEqual(addresses.describePeer(IPv6Address("TCP", "::ffff:10.77.4.1", 5)), "10.77.4.1:5")
+
+
+class UdpPortTests(SynchronousTestCase):
+    """What --udp-port takes: a port, or udp:PORT[:interface=ADDR] for either family."""
+
+    def test_escapedIPv6Interface(self) -> None:
+        """An IPv6 interface with its colons escaped, as in tcp6: descriptions, is that address."""
+        self.assertEqual(udpPort(r"udp:0:interface=fd77\:4\:\:1"), (0, "fd77:4::1"))
+
+    def test_bracketedIPv6Interface(self) -> None:
+        """An IPv6 interface in brackets is that address."""
+        self.assertEqual(udpPort("udp:5555:interface=[fd77:4::1]"), (5555, "fd77:4::1"))
+
+    def test_unclosedBracket(self) -> None:
+        """An interface whose bracket is never closed is refused."""
+        self.assertRaises(AddressError, udpPort, "udp:0:interface=[fd77:4::1")
+
+    def test_unescapedIPv6Interface(self) -> None:
+        """An IPv6 interface with bare colons is refused (they separate fields)."""
+        self.assertRaises(AddressError, udpPort, "udp:0:interface=fd77:4::1")
+
+    def test_notAnIPv6Address(self) -> None:
+        """Escaped colons around something that is no IPv6 address are refused."""
+        self.assertIn("not an IPv6 address", str(self.assertRaises(AddressError, udpPort, r"udp:0:interface=a\:b")))
+
+    def test_IPv4Interface(self) -> None:
+        """An IPv4 interface is unchanged."""
+        self.assertEqual(udpPort("udp:0:interface=127.0.0.2"), (0, "127.0.0.2"))
+
+
+class UdpInterfaceForTests(SynchronousTestCase):
+    """Where UDP is served beside a TCP server description, by default."""
+
+    def test_tcp6Everywhere(self) -> None:
+        """Beside tcp6: without an interface, UDP is on '::' (both families), not IPv4 only."""
+        self.assertEqual(udpInterfaceFor("tcp6:0"), "::")
+
+    def test_tcp6Interface(self) -> None:
+        """Beside tcp6: with an interface, UDP is on that IPv6 address."""
+        self.assertEqual(udpInterfaceFor(r"tcp6:0:interface=fd77\:4\:\:1"), "fd77:4::1")
+
+    def test_tcpEverywhere(self) -> None:
+        """Beside tcp: without an interface, UDP is on every IPv4 address ('')."""
+        self.assertEqual(udpInterfaceFor("tcp:0"), "")
+
+    def test_tcpInterface(self) -> None:
+        """Beside tcp: with an interface, UDP is there."""
+        self.assertEqual(udpInterfaceFor("tcp:0:interface=127.0.0.1"), "127.0.0.1")
