@@ -15,6 +15,7 @@ import math
 import os
 import re
 
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
@@ -24,9 +25,9 @@ from .addresses import (
     AddressError,
     checkClientAddress,
     clientEndpoint,
-    interfaceOf,
     parseHostPort,
     serverDescription,
+    udpInterfaceFor,
     udpPort,
 )
 from .limits import (
@@ -221,7 +222,7 @@ class RelayOptions(usage.Options):
 
 
 class NodeOptions(usage.Options):
-    synopsis = "--relay HOST:PORT --dir DIR [--port DESC] [--advertise HOST]"
+    synopsis = "--relay HOST:PORT --dir DIR [--port DESC] [--advertise HOST[:PORT]]"
     longdesc = (
         "A p2prelay peer node: shares DIR, registers with the relay and serves "
         "files to clients."
@@ -231,12 +232,16 @@ class NodeOptions(usage.Options):
         ["dir", "d", None, "The folder to share (required)."],
         ["port", "p", "tcp:0", "Where to serve (port number or endpoint description; "
          "default: an OS-chosen port, which is what gets registered).", _server],
-        ["advertise", "a", None, "Host to register (default: the address the relay sees)."],
+        ["advertise", "a", None, "Host to register, or HOST:PORT ([V6]:PORT) behind a router "
+         "forwarding PORT to --port (default: the address the relay sees, and the port bound)."],
+        ["advertise-udp", None, None, "UDP port to register, behind a router forwarding it to "
+         "--udp-port (default: the UDP port bound)."],
         ["heartbeat", None, None, "Seconds between heartbeats (default: a third of the "
          "lifetime the relay grants).", seconds("heartbeat")],
         ["rescan", None, DEFAULT_RESCAN, "Seconds between rescans of DIR.", seconds("rescan")],
         ["udp-port", None, None, "Where to serve over UDP: a port or udp:PORT:interface=ADDR "
-         "(default: an OS-chosen port on the --port interface)."],
+         "(an IPv6 ADDR as fd77\\:4\\:\\:1 or [fd77:4::1]; default: an OS-chosen port on the "
+         "--port interface, both families for tcp6:)."],
         ["max-connections", None, NODE_MAX_CONNECTIONS, "Open connections at most, all "
          "clients together (more are answered 503 busy).", positiveInteger("max-connections")],
         ["max-per-address", None, NODE_MAX_PER_ADDRESS, "Open connections at most from one "
@@ -306,9 +311,45 @@ class NodeOptions(usage.Options):
             self["udp"] = None
         else:
             try:
-                self["udp"] = udpPort(self["udp-port"] or "0", interfaceOf(self["port"]))
+                self["udp"] = udpPort(self["udp-port"] or "0", udpInterfaceFor(self["port"]))
             except AddressError as e:
                 raise usage.UsageError(f"--udp-port: {e}") from None
+        _advertised(self)
+
+
+def _advertised(config) -> None:
+    """
+    Split --advertise into the host and port to register (a bare HOST keeps
+    the port bound: ``advertisePort`` None), and check --advertise-udp.
+    """
+    config["advertisePort"] = None
+    if config["advertise"] is not None:
+        config["advertise"], config["advertisePort"] = _advertiseHostPort(config["advertise"])
+    value = config["advertise-udp"]
+    if value is not None:
+        if config["udp"] is None:
+            raise usage.UsageError("--advertise-udp: there is no UDP with --no-udp")
+        if not (value.isascii() and value.isdigit() and 0 < int(value) <= 65535):
+            raise usage.UsageError(f"--advertise-udp {value}: not a port number 1-65535")
+        config["advertise-udp"] = int(value)
+
+
+def _advertiseHostPort(advertise: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` as (host, port or None)."""
+    try:
+        pair = parseHostPort(advertise)
+    except AddressError as e:
+        raise usage.UsageError(f"--advertise: {e}") from None
+    text = advertise.strip()
+    if pair is not None:
+        host, port = pair
+    elif text.startswith("["):
+        host, port = (text[1:-1] if text.endswith("]") else ""), None
+    else:
+        return advertise, None  # a bare host (or an IPv6 address without brackets), as ever
+    if (text.startswith("[") and not isIPv6Address(host)) or "[" in host or "]" in host:
+        raise usage.UsageError(f"--advertise {advertise}: give HOST, HOST:PORT or [V6]:PORT")
+    return host, port
 
 
 def _checkRelayCA(config) -> None:
@@ -392,6 +433,8 @@ def makeNodeService(
         directory=config["dir"],
         description=config["port"],
         advertise=config["advertise"],
+        advertisePort=config.get("advertisePort"),
+        advertiseUdp=config.get("advertise-udp"),
         heartbeat=config["heartbeat"],
         rescan=config["rescan"],
         key=config.get("nodeKey"),

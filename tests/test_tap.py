@@ -209,6 +209,69 @@ class NodeOptionsTests(SynchronousTestCase):
         """A --udp-port that is not a port is a usage error."""
         self.assertIn("--udp-port", self.usageError("--udp-port", "udp:many"))
 
+    def test_udpPortEscapedIPv6Interface(self) -> None:
+        """--udp-port takes an IPv6 interface with escaped colons, as tcp6: descriptions do."""
+        self.assertEqual(
+            self.parse("--udp-port", r"udp:0:interface=fd77\:4\:\:1")["udp"], (0, "fd77:4::1")
+        )
+
+    def test_udpPortBracketedIPv6Interface(self) -> None:
+        """--udp-port takes an IPv6 interface in brackets."""
+        self.assertEqual(
+            self.parse("--udp-port", "udp:0:interface=[fd77:4::1]")["udp"], (0, "fd77:4::1")
+        )
+
+    def test_udpFollowsTcp6(self) -> None:
+        """Beside --port tcp6: without an interface, UDP is served on '::' (both families)."""
+        self.assertEqual(self.parse("--port", "tcp6:0")["udp"], (0, "::"))
+
+    def test_udpFollowsTcp6Interface(self) -> None:
+        """Beside --port tcp6: with an interface, UDP is served on that IPv6 address."""
+        self.assertEqual(
+            self.parse("--port", r"tcp6:0:interface=fd77\:4\:\:1")["udp"], (0, "fd77:4::1")
+        )
+
+    def test_advertiseHost(self) -> None:
+        """A bare --advertise HOST registers that host and the port bound."""
+        options = self.parse("--advertise", "node.example")
+        self.assertEqual((options["advertise"], options["advertisePort"]), ("node.example", None))
+
+    def test_advertiseUnbracketedIPv6(self) -> None:
+        """A bare IPv6 --advertise is a host, as it has always been."""
+        options = self.parse("--advertise", "fd77:4::1")
+        self.assertEqual((options["advertise"], options["advertisePort"]), ("fd77:4::1", None))
+
+    def test_advertiseHostPort(self) -> None:
+        """--advertise HOST:PORT registers that host and port (a router's forwarded port)."""
+        options = self.parse("--advertise", "203.0.113.7:17000")
+        self.assertEqual((options["advertise"], options["advertisePort"]), ("203.0.113.7", 17000))
+
+    def test_advertiseBracketedIPv6Port(self) -> None:
+        """--advertise [V6]:PORT registers that address and port."""
+        options = self.parse("--advertise", "[2001:db8::7]:17000")
+        self.assertEqual((options["advertise"], options["advertisePort"]), ("2001:db8::7", 17000))
+
+    def test_advertiseBracketedIPv6(self) -> None:
+        """--advertise [V6] registers that address and the port bound."""
+        options = self.parse("--advertise", "[2001:db8::7]")
+        self.assertEqual((options["advertise"], options["advertisePort"]), ("2001:db8::7", None))
+
+    def test_badAdvertise(self) -> None:
+        """An --advertise port out of range, or brackets around no IPv6 address, is a usage error."""
+        for value in ("node.example:70000", "[node]:80", "[node]"):
+            with self.subTest(value=value):
+                self.assertIn("--advertise", self.usageError("--advertise", value))
+
+    def test_advertiseUdp(self) -> None:
+        """--advertise-udp PORT is the UDP port to register."""
+        self.assertEqual(self.parse("--advertise-udp", "17001")["advertise-udp"], 17001)
+
+    def test_badAdvertiseUdp(self) -> None:
+        """An --advertise-udp that is not a port 1-65535, or with --no-udp, is a usage error."""
+        for argv in (("--advertise-udp", "0"), ("--advertise-udp", "x"), ("--no-udp", "--advertise-udp", "1")):
+            with self.subTest(argv=argv):
+                self.assertIn("--advertise-udp", self.usageError(*argv))
+
     def test_noUdp(self) -> None:
         """--no-udp serves TCP only."""
         self.assertIsNone(self.parse("--no-udp")["udp"])
@@ -241,6 +304,23 @@ class NodeOptionsTests(SynchronousTestCase):
         self.successResultOf(node.ready)
         [udp] = reactor.udpPorts
         self.assertEqual((udp.number, udp.interface), (40000, "127.0.0.1"))
+
+    def test_makeServiceBindsUdpBesideTcp6(self) -> None:
+        """Beside --port tcp6:0 the assembled node binds UDP on '::', not IPv4 only."""
+        node, reactor = self.node("--port", "tcp6:0")
+        self.successResultOf(node.ready)
+        [udp] = reactor.udpPorts
+        self.assertEqual(udp.interface, "::")
+
+    def test_makeServiceAdvertisedPorts(self) -> None:
+        """--advertise HOST:PORT and --advertise-udp reach the registrar."""
+        node, reactor = self.node("--advertise", "203.0.113.7:17000", "--advertise-udp", "17001")
+        self.successResultOf(node.ready)
+        registrar = node.registrar
+        self.assertEqual(
+            (registrar.advertise, registrar.registeredPort, registrar.advertiseUdp),
+            ("203.0.113.7", 17000, 17001),
+        )
 
     def test_makeServiceNoUdp(self) -> None:
         """With --no-udp the assembled node binds no UDP port."""

@@ -211,6 +211,24 @@ class RegistrationTests(RegistrarTestCase):
         peer = self.registry.get(NODE_ID)
         self.assertEqual((peer.host, peer.udp), ("node.example", 7001))
 
+    def test_advertisedPorts(self):
+        """advertisePort= and advertiseUdp= (a router's forwarded ports) are registered instead of the bound ones."""
+        self.start(advertise="203.0.113.7", advertisePort=17000, udp=7001, advertiseUdp=17001)
+        peer = self.registry.get(NODE_ID)
+        self.assertEqual((peer.host, peer.port, peer.udp), ("203.0.113.7", 17000, 17001))
+
+    def test_advertisedPortLogged(self):
+        """The announcement names the port registered, not the one bound."""
+        with capturedLogs() as events:
+            self.start(advertisePort=17000)
+        [line] = [formatEvent(e) for e in events if "announced" in formatEvent(e)]
+        self.assertIn(":17000", line)
+
+    def test_advertiseUdpWithoutUdp(self):
+        """A node serving no UDP registers none, whatever advertiseUdp says."""
+        self.start(advertiseUdp=17001)
+        self.assertIsNone(self.registry.get(NODE_ID).udp)
+
     def test_emptyShare(self):
         """A node with nothing shared still registers (it may download later)."""
         self.share.entries.clear()

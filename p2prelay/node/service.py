@@ -48,8 +48,11 @@ class NodeService(MultiService):
     a server endpoint description, adds a TLS port presenting the node's
     key, which clients pin to (see ``p2prelay/tls.py``).  ``key``
     is the node's :class:`identity.NodeKey` (default: a fresh one, for this
-    run only); the node's id is the key's.  ``secret`` is the shared secret
-    of a closed network.  ``cache`` is the :class:`ManifestCache` the scan
+    run only); the node's id is the key's.  ``advertise`` is the host to
+    register (None: the address the relay sees), ``advertisePort`` and
+    ``advertiseUdp`` the TCP and UDP ports (None: the ones bound), for a
+    node behind a router forwarding other ports to these.  ``secret`` is
+    the shared secret of a closed network.  ``cache`` is the :class:`ManifestCache` the scan
     keeps its hashes in (default: the one beside the node's key, see
     :func:`manifest.defaultCachePath`); ``pieceSize`` the size of the
     pieces it hashes.  ``maxRate`` (bytes per second) caps the node's TCP
@@ -71,6 +74,8 @@ class NodeService(MultiService):
         directory: str,
         description: str,
         advertise: Optional[str] = None,
+        advertisePort: Optional[int] = None,
+        advertiseUdp: Optional[int] = None,
         heartbeat: Optional[float] = None,
         rescan: Optional[float] = None,
         key: Optional[identity.NodeKey] = None,
@@ -112,6 +117,8 @@ class NodeService(MultiService):
         self.node = self.key.node
         self.secret = secret
         self.advertise = advertise
+        self.advertisePort = advertisePort
+        self.advertiseUdp = advertiseUdp
         self.heartbeat = heartbeat
         self.rescan = rescan
         self.metrics = None
@@ -221,6 +228,8 @@ class NodeService(MultiService):
             port.getHost().port,
             secret=self.secret,
             advertise=self.advertise,
+            advertisePort=self.advertisePort,
+            advertiseUdp=None if udpPort is None else self.advertiseUdp,
             udp=None if udpPort is None else udpPort.getHost().port,
             tls=None if tlsPort is None else tlsPort.getHost().port,
             heartbeat=self.heartbeat,

@@ -95,7 +95,9 @@ class Registrar:
     ``key`` is the node's :class:`identity.NodeKey` (its id is the key's);
     ``secret`` the shared secret of a closed network, if any.  ``port``,
     ``udp`` and ``tls`` are what the node serves on; ``advertise`` is the host put in
-    the registry (None: the address the relay sees us from).
+    the registry (None: the address the relay sees us from), ``advertisePort``
+    and ``advertiseUdp`` the ports put there (None: ``port`` and ``udp``), for
+    a router that forwards other external ports to these.
     ``registered`` is true while the relay may hold our entry;
     ``reachable`` whether the relay last said it could reach us.
     """
@@ -112,6 +114,8 @@ class Registrar:
         *,
         secret: Optional[bytes] = None,
         advertise: Optional[str] = None,
+        advertisePort: Optional[int] = None,
+        advertiseUdp: Optional[int] = None,
         udp: Optional[int] = None,
         tls: Optional[int] = None,
         heartbeat: Optional[float] = None,
@@ -129,6 +133,8 @@ class Registrar:
         self.secret = secret
         self.port = port
         self.advertise = advertise
+        self.advertisePort = advertisePort
+        self.advertiseUdp = advertiseUdp
         self.udp = udp
         self.tls = tls
         self.heartbeat = heartbeat
@@ -148,6 +154,16 @@ class Registrar:
         self._loop: _Loop = _machine(self)
 
     # The public face.
+
+    @property
+    def registeredPort(self) -> int:
+        """The TCP port put in the registry: the one clients connect to."""
+        return self.port if self.advertisePort is None else self.advertisePort
+
+    @property
+    def registeredUdp(self) -> Optional[int]:
+        """The UDP port put in the registry (None: the node serves no UDP)."""
+        return self.udp if self.udp is None or self.advertiseUdp is None else self.advertiseUdp
 
     def start(self) -> None:
         self._loop.start()
@@ -312,7 +328,7 @@ class Registrar:
             count=count,
             bytes=size,
             host=reply.status.get("host"),
-            port=self.port,
+            port=self.registeredPort,
         )
         if not reachable and self.reachable is not False:
             self.log.warn(
@@ -357,9 +373,9 @@ class Registrar:
                     wire.REGISTER,
                     key=self.key.public,
                     node=self.node,
-                    port=self.port,
+                    port=self.registeredPort,
                     host=self.advertise,
-                    udp=self.udp,
+                    udp=self.registeredUdp,
                     tls=self.tls,
                     files=len(entries),
                 ),
