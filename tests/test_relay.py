@@ -22,7 +22,9 @@ from p2prelay.client.relay import IncompleteReply, QueryProtocol, Reply, keyProv
 from p2prelay.identity import NodeKey
 from p2prelay.negotiation import IDLE_TIMEOUT, NEGOTIATION_DEADLINE
 from p2prelay.relay.dialback import DialBack
-from p2prelay.relay.protocol import SEARCH_SLICE, RelayFactory, checkHost
+from p2prelay.relay.entries import checkHost
+from p2prelay.relay.protocol import RelayFactory
+from p2prelay.relay.queries import SEARCH_SLICE
 from p2prelay.relay.registry import MAX_HOLDERS, SEARCH_STEP, Registry
 from p2prelay.pieces import MAX_PIECE_SIZE, MAX_PIECES, MIN_PIECE_SIZE, PIECE_SIZE
 from p2prelay.wire import FileEntry

@@ -3,13 +3,17 @@ The relay: a directory of peer nodes, answered one request per connection.
 
 The protocol only translates lines into calls on :class:`Registry` and the
 results back into lines; every rule about who is alive lives there.
+
+This module holds the connection -- reading the request, dispatching it,
+the challenge and its ``PROOF``, what the metrics see -- and
+:class:`RelayFactory`.  The handlers it dispatches to are in
+``relay/entries.py`` (REGISTER, HEARTBEAT, UNREGISTER) and
+``relay/queries.py`` (PEERS, WHOHAS, SEARCH, STATS, DEAD).
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
-import math
 import uuid
 from typing import Callable, Dict, List, Optional
 
@@ -18,8 +22,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .. import identity, wire
-from ..addresses import plainHost
-from ..human import humanSize, plural
 from ..limits import (
     MAX_INFLIGHT_BYTES,
     RELAY_MAX_CONNECTIONS,
@@ -45,31 +47,13 @@ from .dialback import (
     Outcome,
     TokenBucket,
 )
-from .registry import AddressTaken, Peer, Registry, RegistryFull
-
-MAX_SEARCH_RESULTS = 1000
-SEARCH_SLICE = 1  # search steps (SEARCH_STEP names each) run per reactor turn
-NODE_ID_MAX = 64
-INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_BYTES
+from .phase import Phase
+from .queries import QueryRequests
+from .entries import EntryRequests, _retry
+from .registry import Peer, Registry
 
 
-def peerFields(peer: Peer) -> dict[str, object]:
-    fields: dict[str, object] = {"node": peer.node, "host": peer.host, "port": peer.port, "udp": peer.udp}
-    if peer.tls is not None:  # the key a client pins its TLS connection to
-        fields.update(tls=peer.tls, key=peer.key)
-    return fields
-
-
-class _Phase(enum.Enum):
-    """Where a relay connection is in its one negotiation."""
-
-    REQUEST = "request"  # waiting for the request line
-    FILES = "files"  # REGISTER: FILE lines up to END
-    PROOF = "proof"  # challenged with 100: waiting for PROOF
-    WORKING = "working"  # checking, dialling back: nothing more is read
-
-
-class RelayProtocol(NegotiationProtocol):
+class RelayProtocol(EntryRequests, QueryRequests, NegotiationProtocol):
     """
     One request from a node or a client: REGISTER (with its file list),
     UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH or DEAD.
@@ -91,7 +75,7 @@ class RelayProtocol(NegotiationProtocol):
         self.deadline = factory.deadline
         self.minRate = factory.minRate
         self.closeDeadline = factory.closeDeadline
-        self._phase = _Phase.REQUEST
+        self._phase = Phase.REQUEST
         self._request: wire.Message | None = None
         self._files: List[FileEntry] = []
         self._expected = 0
@@ -121,10 +105,10 @@ class RelayProtocol(NegotiationProtocol):
         return sourceOf(self.transport.getPeer())
 
     def lineReceived(self, line: bytes) -> None:
-        if self.finished or self._phase is _Phase.WORKING:
+        if self.finished or self._phase is Phase.WORKING:
             return
         try:
-            if self._phase is _Phase.PROOF:
+            if self._phase is Phase.PROOF:
                 self._proofReceived(wire.parseLine(line))
                 return
             # LineReceiver splits on LF and leaves any CR in the line, so
@@ -132,7 +116,7 @@ class RelayProtocol(NegotiationProtocol):
             raw = line + self.delimiter
             self._received.update(raw)
             message = wire.parseLine(line)
-            if self._phase is _Phase.REQUEST:
+            if self._phase is Phase.REQUEST:
                 self._dispatch(message, len(raw))
             else:
                 self._hold(len(raw))
@@ -217,7 +201,7 @@ class RelayProtocol(NegotiationProtocol):
     def _challenge(self, purpose: bytes, key: str | None, then: Callable[[], None]) -> None:
         nonce = identity.newNonce()
         self._pending = (purpose, nonce, key, then)
-        self._phase = _Phase.PROOF
+        self._phase = Phase.PROOF
         secret = 1 if self.factory.secret is not None else None
         self.transport.write(wire.status(wire.CONTINUE, nonce=nonce, secret=secret))
 
@@ -227,7 +211,7 @@ class RelayProtocol(NegotiationProtocol):
         assert self._pending is not None
         purpose, nonce, key, then = self._pending
         self._pending = None
-        self._phase = _Phase.WORKING
+        self._phase = Phase.WORKING
         text = identity.transcriptOfDigest(purpose, nonce, self._received.digest())
         if key is not None and not identity.verify(key, message.get("sig") or "", text):
             raise wire.ProtocolError(wire.UNAUTHORIZED, "bad proof")
@@ -239,314 +223,6 @@ class RelayProtocol(NegotiationProtocol):
             if not identity.checkSecretProof(secret, text, mac):
                 raise wire.ProtocolError(wire.UNAUTHORIZED, "bad proof")
         then()
-
-    # REGISTER: a header line, `files` FILE lines, END; the challenge; the
-    # dial-back; the answer.
-
-    def _register(self, message: wire.Message, size: int) -> None:
-        key = message.publicKey()
-        node = identity.nodeIdOf(key)
-        if node is None:
-            raise wire.ProtocolError(wire.BAD_REQUEST, "key= is not a public key")
-        claimed = message.get("node")
-        if claimed is not None and claimed != node:
-            raise wire.ProtocolError(wire.BAD_REQUEST, "node= is not the id of key=")
-        message.port()
-        if message.get("udp") is not None:
-            message.port("udp")
-        if message.get("tls") is not None:
-            message.port("tls")
-        if message.get("host") is not None:
-            checkHost(message.require("host"))
-        self._expected = message.integer("files")
-        if self._expected > wire.MAX_FILES:
-            raise wire.ProtocolError(
-                wire.TOO_LARGE, f"at most {wire.MAX_FILES} files per registration"
-            )
-        full = self.factory.registry.room(node, self.source)
-        if full is not None:
-            raise wire.ProtocolError(wire.BUSY, full, retry=self.factory.registry.ttl)
-        if self.factory.inflight >= self.factory.maxInflight:
-            raise wire.ProtocolError(
-                wire.BUSY, "too many registrations in progress", retry=INFLIGHT_RETRY
-            )
-        self._key, self._node = key, node
-        self._request = message
-        self._hold(size)
-        self._phase = _Phase.FILES
-
-    def _hold(self, size: int) -> None:
-        self._held += size
-        self.factory.inflight += size
-
-    def _release(self) -> None:
-        self.factory.inflight -= self._held
-        self._held = 0
-
-    def _fileLine(self, message: wire.Message) -> None:
-        if len(self._files) < self._expected:
-            if message.word != wire.FILE:
-                raise wire.ProtocolError(wire.BAD_REQUEST, "expected a FILE line")
-            self._files.append(wire.fileEntry(message))
-            return
-        if message.word != wire.END:
-            raise wire.ProtocolError(wire.TOO_LARGE, "more FILE lines than announced")
-        if message.integer("count") != self._expected:
-            raise wire.ProtocolError(wire.BAD_REQUEST, "END count does not match")
-        self._challenge(identity.REGISTER_PROOF, self._key, self._proven)
-
-    def _proven(self) -> None:
-        request = self._request
-        assert request is not None
-        host = plainHost(request.get("host") or self.transport.getPeer().host)
-        port = request.port()
-        existing = self.factory.registry.get(self._node)
-        same = existing is not None and existing.key == self._key and existing.address == (host, port)
-        if same and existing.reachable:
-            # Reached there before within its lifetime: no second dial-back.
-            self._record(host, port, True, "")
-            return
-        wait = self.factory.dialbacks.take(self.source)
-        if wait:
-            if same:
-                self._record(host, port, existing.reachable, "not checked again yet")
-                return
-            raise wire.ProtocolError(
-                wire.BUSY, "too many dial-backs for your address", retry=wait
-            )
-        self.holdDeadline()
-        self.transport.pauseProducing()
-        d = self.factory.dialback.check(host, port, self._key)
-        d.addCallback(self._dialled, host, port)
-        d.addErrback(self._crashed)
-
-    def _dialled(self, outcome: Outcome, host: str, port: int) -> None:
-        if self.finished or self._lost:
-            return  # the node gave up waiting: it will register again
-        try:
-            self._record(host, port, outcome.ok, outcome.reason)
-        except wire.ProtocolError as e:
-            self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
-            self._settle(e.status)
-            self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
-
-    def _record(self, host: str, port: int, reachable: bool, reason: str) -> None:
-        request = self._request
-        assert request is not None
-        udp = request.port("udp") if request.get("udp") else None
-        tlsPort = request.port("tls") if request.get("tls") else None
-        try:
-            peer = self.factory.registry.register(
-                self._node,
-                host,
-                port,
-                self._files,
-                udp=udp,
-                tls=tlsPort,
-                key=self._key,
-                reachable=reachable,
-                source=self.source,
-            )
-        except RegistryFull as e:
-            raise wire.ProtocolError(wire.BUSY, str(e), retry=self.factory.registry.ttl) from None
-        except (AddressTaken, ValueError) as e:
-            raise wire.ProtocolError(
-                wire.CONFLICT, f"{e}; the relay could not reach this key there ({reason})"
-            ) from None
-        self.factory.changed()
-        self._settle(wire.OK)
-        self.log.info(
-            "registered {node} at {host}:{port} with {files}{how}",
-            node=peer.node,
-            host=peer.host,
-            port=peer.port,
-            count=len(peer.files),
-            files=plural(len(peer.files), "file"),
-            how="" if reachable else f", not listed: unreachable ({reason})",
-        )
-        if reachable:
-            text = f"registered {plural(len(peer.files), 'file')}"
-        else:
-            text = f"registered, but the relay could not reach {host}:{port} ({reason})"
-        self.finish(
-            wire.status(
-                wire.OK,
-                text,
-                node=peer.node,
-                ttl=_seconds(self.factory.registry.ttl),
-                boot=self.factory.boot,
-                host=peer.host,
-                reachable=int(reachable),
-            )
-        )
-
-    def _crashed(self, failure) -> None:
-        self.log.failure("bug while registering", failure)
-        self.transport.abortConnection()
-
-    # HEARTBEAT and UNREGISTER: proved with the key the entry holds.
-
-    def _provedByOwner(self, message: wire.Message, purpose: bytes, then) -> None:
-        node = nodeId(message)
-        peer = self.factory.registry.get(node)
-        if peer is None:
-            self.finish(
-                wire.status(
-                    wire.NOT_FOUND,
-                    "unknown node; register again" if purpose == identity.HEARTBEAT_PROOF else "no such node",
-                    boot=self.factory.boot,
-                )
-            )
-            return
-        if peer.key is None:
-            raise wire.ProtocolError(wire.UNAUTHORIZED, "this entry has no key to prove")
-        self._challenge(purpose, peer.key, lambda: then(node))
-
-    def _heartbeat(self, message: wire.Message) -> None:
-        self._provedByOwner(message, identity.HEARTBEAT_PROOF, self._beat)
-
-    def _beat(self, node: str) -> None:
-        peer = self.factory.registry.refresh(node)
-        if peer is None:
-            self.finish(
-                wire.status(wire.NOT_FOUND, "unknown node; register again", boot=self.factory.boot)
-            )
-            return
-        self.factory.changed()
-        if not peer.reachable:
-            # It may be reachable again: check (as often as a DEAD report may).
-            self.factory.recheck(peer, self.source)
-        self.finish(
-            wire.status(
-                wire.OK,
-                "alive",
-                ttl=_seconds(self.factory.registry.ttl),
-                boot=self.factory.boot,
-                reachable=int(peer.reachable),
-            )
-        )
-
-    def _unregister(self, message: wire.Message) -> None:
-        self._provedByOwner(message, identity.UNREGISTER_PROOF, self._leave)
-
-    def _leave(self, node: str) -> None:
-        removed = self.factory.registry.unregister(node)
-        if removed:
-            self.factory.changed()
-            self.log.info("unregistered {node}", node=node)
-        self.finish(
-            wire.status(
-                wire.OK if removed else wire.NOT_FOUND,
-                "unregistered" if removed else "no such node",
-                boot=self.factory.boot,
-            )
-        )
-
-    # Queries: a status line, the items, END.
-
-    def _answerList(self, items: List[bytes], text: str, **extra: object) -> None:
-        self.finish(
-            b"".join(
-                [
-                    wire.status(wire.OK, text, count=len(items), boot=self.factory.boot),
-                    *items,
-                    wire.end(len(items), **extra),
-                ]
-            )
-        )
-
-    def _peers(self, message: wire.Message) -> None:
-        peers = self.factory.registry.active()
-        items = [
-            wire.item(wire.PEER, **peerFields(p), files=len(p.files)) for p in peers
-        ]
-        if self.factory.verbose:
-            self.log.debug("PEERS from {peer}: {count} active", peer=self.peerName(), count=len(items))
-        self._answerList(items, f"{plural(len(items), 'active peer')}")
-
-    def _whohas(self, message: wire.Message) -> None:
-        name = message.name()
-        holders = self.factory.registry.holders(name)
-        items = [
-            wire.item(wire.PEER, **peerFields(p), size=e.size, sha256=e.sha256, **_layout(e))
-            for p, e in holders
-        ]
-        self._looked(name, len(items))
-        self._answerList(items, f"{plural(len(items), 'peer')} {'holds' if len(items) == 1 else 'hold'} {name}")
-
-    def _search(self, message: wire.Message) -> None:
-        pattern = message.get("pattern", "") or ""
-        if len(pattern.encode("utf-8")) > wire.MAX_NAME:
-            raise wire.ProtocolError(wire.BAD_REQUEST, "pattern too long")
-        limit = message.integer("limit", MAX_SEARCH_RESULTS, low=1, high=MAX_SEARCH_RESULTS)
-        self._pattern = pattern
-        self._phase = _Phase.WORKING
-        self._searchStep(self.factory.registry.searchSteps(pattern, limit))
-
-    def _searchStep(self, steps) -> None:
-        # A few steps per reactor turn, so every other request is answered
-        # between them however many names the search goes through.
-        if self.finished or self._lost:
-            steps.close()
-            return
-        for _ in range(SEARCH_SLICE):
-            try:
-                next(steps)
-            except StopIteration as done:
-                self._searched(*done.value)
-                return
-        self.holdDeadline()  # the relay's own work is not the client's slowness
-        self.factory.clock.callLater(0, self._searchStep, steps)
-
-    def _searched(self, hits, truncated: bool) -> None:
-        items = [
-            wire.item(wire.FILE, name=h.name, size=h.size, sha256=h.sha256, holders=h.holders)
-            for h in hits
-        ]
-        self._looked(repr(self._pattern), len(items))
-        self._answerList(
-            items,
-            f"{plural(len(items), 'file')} {'matches' if len(items) == 1 else 'match'}",
-            truncated=1 if truncated else 0,
-        )
-
-    def _stats(self, message: wire.Message) -> None:
-        """STATS: the headline figures on one status line (see docs/protocol.rst)."""
-        figures = self.factory.registry.figures()
-        uptime = max(0, int(self.factory.clock.seconds() - self.factory.started))
-        if self.factory.verbose:
-            self.log.debug("STATS from {peer}", peer=self.peerName())
-        self.finish(
-            wire.status(
-                wire.OK,
-                f"{plural(figures.peers, 'peer')}, {plural(figures.files, 'file')} "
-                f"({humanSize(figures.bytes)})",
-                peers=figures.peers,
-                files=figures.files,
-                entries=figures.entries,
-                bytes=figures.bytes,
-                lookups=self.factory.lookups,
-                uptime=uptime,
-                boot=self.factory.boot,
-            )
-        )
-
-    def _dead(self, message: wire.Message) -> None:
-        # A hint, not a verdict: the relay checks the node itself and hides
-        # it only if its own check fails, so a client cannot hide a live peer.
-        host = checkHost(message.require("host"))
-        port = message.port()
-        wait = self.factory.reports.take(self.source)
-        if wait:
-            raise wire.ProtocolError(wire.BUSY, "too many reports from your address", retry=wait)
-        checking = [
-            p for p in self.factory.registry.at(host, port) if p.reachable and self.factory.recheck(p)
-        ]
-        if checking:
-            self.log.info(
-                "a client reports {host}:{port} unreachable; checking", host=host, port=port
-            )
-        self.finish(wire.status(wire.OK, f"will check {len(checking)} peers"))
 
     def conclude(self) -> None:
         super().conclude()
@@ -560,34 +236,6 @@ class RelayProtocol(NegotiationProtocol):
             self._counted = False
             self.factory.metrics.connectionClosed()
 
-
-def _layout(entry: FileEntry) -> dict[str, object]:
-    """A WHOHAS item's root= and piece= (always both, when the holder gave a root)."""
-    if entry.root is None:
-        return {}
-    return {"root": entry.root, "piece": entry.pieceSize}
-
-
-def nodeId(message: wire.Message) -> str:
-    node = message.require("node")
-    if not 0 < len(node) <= NODE_ID_MAX or not node.isprintable() or " " in node:
-        raise wire.ProtocolError(wire.BAD_REQUEST, "node= must be 1-64 printable characters")
-    return node
-
-
-def checkHost(host: str) -> str:
-    if not 0 < len(host) <= 255 or not all(c.isalnum() or c in ".-:_%" for c in host):
-        raise wire.ProtocolError(wire.BAD_REQUEST, "host= is not a host name or address")
-    return plainHost(host)
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}"
-
-
-def _retry(seconds: float | None) -> int | None:
-    """A retry= hint in whole seconds, at least 1."""
-    return None if seconds is None else max(1, math.ceil(seconds))
 
 
 class RelayFactory(Factory):

@@ -1,0 +1,250 @@
+"""
+The relay's requests that change a node's entry, as methods of
+:class:`~p2prelay.relay.protocol.RelayProtocol`: REGISTER (a header line,
+its FILE lines and END; the challenge; the dial-back; the answer), and
+HEARTBEAT and UNREGISTER, proved with the key the entry holds.  Also the
+checks of ``node=`` and ``host=`` and the ``ttl=``/``retry=`` formats
+these answers share with the rest of the protocol.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import identity, wire
+from ..addresses import plainHost
+from ..human import plural
+from .dialback import Outcome
+from .phase import Phase
+from .registry import AddressTaken, RegistryFull
+
+NODE_ID_MAX = 64
+INFLIGHT_RETRY = 5  # seconds (retry=) for a REGISTER refused over MAX_INFLIGHT_BYTES
+
+
+class EntryRequests:
+    """REGISTER, HEARTBEAT and UNREGISTER, mixed into ``RelayProtocol``."""
+
+    # REGISTER: a header line, `files` FILE lines, END; the challenge; the
+    # dial-back; the answer.
+
+    def _register(self, message: wire.Message, size: int) -> None:
+        key = message.publicKey()
+        node = identity.nodeIdOf(key)
+        if node is None:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "key= is not a public key")
+        claimed = message.get("node")
+        if claimed is not None and claimed != node:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "node= is not the id of key=")
+        message.port()
+        if message.get("udp") is not None:
+            message.port("udp")
+        if message.get("tls") is not None:
+            message.port("tls")
+        if message.get("host") is not None:
+            checkHost(message.require("host"))
+        self._expected = message.integer("files")
+        if self._expected > wire.MAX_FILES:
+            raise wire.ProtocolError(
+                wire.TOO_LARGE, f"at most {wire.MAX_FILES} files per registration"
+            )
+        full = self.factory.registry.room(node, self.source)
+        if full is not None:
+            raise wire.ProtocolError(wire.BUSY, full, retry=self.factory.registry.ttl)
+        if self.factory.inflight >= self.factory.maxInflight:
+            raise wire.ProtocolError(
+                wire.BUSY, "too many registrations in progress", retry=INFLIGHT_RETRY
+            )
+        self._key, self._node = key, node
+        self._request = message
+        self._hold(size)
+        self._phase = Phase.FILES
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+        self.factory.inflight += size
+
+    def _release(self) -> None:
+        self.factory.inflight -= self._held
+        self._held = 0
+
+    def _fileLine(self, message: wire.Message) -> None:
+        if len(self._files) < self._expected:
+            if message.word != wire.FILE:
+                raise wire.ProtocolError(wire.BAD_REQUEST, "expected a FILE line")
+            self._files.append(wire.fileEntry(message))
+            return
+        if message.word != wire.END:
+            raise wire.ProtocolError(wire.TOO_LARGE, "more FILE lines than announced")
+        if message.integer("count") != self._expected:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "END count does not match")
+        self._challenge(identity.REGISTER_PROOF, self._key, self._proven)
+
+    def _proven(self) -> None:
+        request = self._request
+        assert request is not None
+        host = plainHost(request.get("host") or self.transport.getPeer().host)
+        port = request.port()
+        existing = self.factory.registry.get(self._node)
+        same = existing is not None and existing.key == self._key and existing.address == (host, port)
+        if same and existing.reachable:
+            # Reached there before within its lifetime: no second dial-back.
+            self._record(host, port, True, "")
+            return
+        wait = self.factory.dialbacks.take(self.source)
+        if wait:
+            if same:
+                self._record(host, port, existing.reachable, "not checked again yet")
+                return
+            raise wire.ProtocolError(
+                wire.BUSY, "too many dial-backs for your address", retry=wait
+            )
+        self.holdDeadline()
+        self.transport.pauseProducing()
+        d = self.factory.dialback.check(host, port, self._key)
+        d.addCallback(self._dialled, host, port)
+        d.addErrback(self._crashed)
+
+    def _dialled(self, outcome: Outcome, host: str, port: int) -> None:
+        if self.finished or self._lost:
+            return  # the node gave up waiting: it will register again
+        try:
+            self._record(host, port, outcome.ok, outcome.reason)
+        except wire.ProtocolError as e:
+            self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
+            self._settle(e.status)
+            self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
+
+    def _record(self, host: str, port: int, reachable: bool, reason: str) -> None:
+        request = self._request
+        assert request is not None
+        udp = request.port("udp") if request.get("udp") else None
+        tlsPort = request.port("tls") if request.get("tls") else None
+        try:
+            peer = self.factory.registry.register(
+                self._node,
+                host,
+                port,
+                self._files,
+                udp=udp,
+                tls=tlsPort,
+                key=self._key,
+                reachable=reachable,
+                source=self.source,
+            )
+        except RegistryFull as e:
+            raise wire.ProtocolError(wire.BUSY, str(e), retry=self.factory.registry.ttl) from None
+        except (AddressTaken, ValueError) as e:
+            raise wire.ProtocolError(
+                wire.CONFLICT, f"{e}; the relay could not reach this key there ({reason})"
+            ) from None
+        self.factory.changed()
+        self._settle(wire.OK)
+        self.log.info(
+            "registered {node} at {host}:{port} with {files}{how}",
+            node=peer.node,
+            host=peer.host,
+            port=peer.port,
+            count=len(peer.files),
+            files=plural(len(peer.files), "file"),
+            how="" if reachable else f", not listed: unreachable ({reason})",
+        )
+        if reachable:
+            text = f"registered {plural(len(peer.files), 'file')}"
+        else:
+            text = f"registered, but the relay could not reach {host}:{port} ({reason})"
+        self.finish(
+            wire.status(
+                wire.OK,
+                text,
+                node=peer.node,
+                ttl=_seconds(self.factory.registry.ttl),
+                boot=self.factory.boot,
+                host=peer.host,
+                reachable=int(reachable),
+            )
+        )
+
+    def _crashed(self, failure) -> None:
+        self.log.failure("bug while registering", failure)
+        self.transport.abortConnection()
+
+    # HEARTBEAT and UNREGISTER: proved with the key the entry holds.
+
+    def _provedByOwner(self, message: wire.Message, purpose: bytes, then) -> None:
+        node = nodeId(message)
+        peer = self.factory.registry.get(node)
+        if peer is None:
+            self.finish(
+                wire.status(
+                    wire.NOT_FOUND,
+                    "unknown node; register again" if purpose == identity.HEARTBEAT_PROOF else "no such node",
+                    boot=self.factory.boot,
+                )
+            )
+            return
+        if peer.key is None:
+            raise wire.ProtocolError(wire.UNAUTHORIZED, "this entry has no key to prove")
+        self._challenge(purpose, peer.key, lambda: then(node))
+
+    def _heartbeat(self, message: wire.Message) -> None:
+        self._provedByOwner(message, identity.HEARTBEAT_PROOF, self._beat)
+
+    def _beat(self, node: str) -> None:
+        peer = self.factory.registry.refresh(node)
+        if peer is None:
+            self.finish(
+                wire.status(wire.NOT_FOUND, "unknown node; register again", boot=self.factory.boot)
+            )
+            return
+        self.factory.changed()
+        if not peer.reachable:
+            # It may be reachable again: check (as often as a DEAD report may).
+            self.factory.recheck(peer, self.source)
+        self.finish(
+            wire.status(
+                wire.OK,
+                "alive",
+                ttl=_seconds(self.factory.registry.ttl),
+                boot=self.factory.boot,
+                reachable=int(peer.reachable),
+            )
+        )
+
+    def _unregister(self, message: wire.Message) -> None:
+        self._provedByOwner(message, identity.UNREGISTER_PROOF, self._leave)
+
+    def _leave(self, node: str) -> None:
+        removed = self.factory.registry.unregister(node)
+        if removed:
+            self.factory.changed()
+            self.log.info("unregistered {node}", node=node)
+        self.finish(
+            wire.status(
+                wire.OK if removed else wire.NOT_FOUND,
+                "unregistered" if removed else "no such node",
+                boot=self.factory.boot,
+            )
+        )
+
+
+def nodeId(message: wire.Message) -> str:
+    node = message.require("node")
+    if not 0 < len(node) <= NODE_ID_MAX or not node.isprintable() or " " in node:
+        raise wire.ProtocolError(wire.BAD_REQUEST, "node= must be 1-64 printable characters")
+    return node
+
+
+def checkHost(host: str) -> str:
+    if not 0 < len(host) <= 255 or not all(c.isalnum() or c in ".-:_%" for c in host):
+        raise wire.ProtocolError(wire.BAD_REQUEST, "host= is not a host name or address")
+    return plainHost(host)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+def _retry(seconds: float | None) -> int | None:
+    """A retry= hint in whole seconds, at least 1."""
+    return None if seconds is None else max(1, math.ceil(seconds))

@@ -1,0 +1,145 @@
+"""
+The relay's queries, as methods of
+:class:`~p2prelay.relay.protocol.RelayProtocol`: PEERS, WHOHAS, SEARCH
+(a few steps per reactor turn), STATS and DEAD (a client's hint that a
+peer is unreachable), each answered with one status line, or a status
+line, its items and END.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from .. import wire
+from ..human import humanSize, plural
+from ..wire import FileEntry
+from .phase import Phase
+from .entries import checkHost
+from .registry import Peer
+
+MAX_SEARCH_RESULTS = 1000
+SEARCH_SLICE = 1  # search steps (SEARCH_STEP names each) run per reactor turn
+
+
+def peerFields(peer: Peer) -> dict[str, object]:
+    fields: dict[str, object] = {"node": peer.node, "host": peer.host, "port": peer.port, "udp": peer.udp}
+    if peer.tls is not None:  # the key a client pins its TLS connection to
+        fields.update(tls=peer.tls, key=peer.key)
+    return fields
+
+
+class QueryRequests:
+    """PEERS, WHOHAS, SEARCH, STATS and DEAD, mixed into ``RelayProtocol``."""
+
+    # Queries: a status line, the items, END.
+
+    def _answerList(self, items: List[bytes], text: str, **extra: object) -> None:
+        self.finish(
+            b"".join(
+                [
+                    wire.status(wire.OK, text, count=len(items), boot=self.factory.boot),
+                    *items,
+                    wire.end(len(items), **extra),
+                ]
+            )
+        )
+
+    def _peers(self, message: wire.Message) -> None:
+        peers = self.factory.registry.active()
+        items = [
+            wire.item(wire.PEER, **peerFields(p), files=len(p.files)) for p in peers
+        ]
+        if self.factory.verbose:
+            self.log.debug("PEERS from {peer}: {count} active", peer=self.peerName(), count=len(items))
+        self._answerList(items, f"{plural(len(items), 'active peer')}")
+
+    def _whohas(self, message: wire.Message) -> None:
+        name = message.name()
+        holders = self.factory.registry.holders(name)
+        items = [
+            wire.item(wire.PEER, **peerFields(p), size=e.size, sha256=e.sha256, **_layout(e))
+            for p, e in holders
+        ]
+        self._looked(name, len(items))
+        self._answerList(items, f"{plural(len(items), 'peer')} {'holds' if len(items) == 1 else 'hold'} {name}")
+
+    def _search(self, message: wire.Message) -> None:
+        pattern = message.get("pattern", "") or ""
+        if len(pattern.encode("utf-8")) > wire.MAX_NAME:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "pattern too long")
+        limit = message.integer("limit", MAX_SEARCH_RESULTS, low=1, high=MAX_SEARCH_RESULTS)
+        self._pattern = pattern
+        self._phase = Phase.WORKING
+        self._searchStep(self.factory.registry.searchSteps(pattern, limit))
+
+    def _searchStep(self, steps) -> None:
+        # A few steps per reactor turn, so every other request is answered
+        # between them however many names the search goes through.
+        if self.finished or self._lost:
+            steps.close()
+            return
+        for _ in range(SEARCH_SLICE):
+            try:
+                next(steps)
+            except StopIteration as done:
+                self._searched(*done.value)
+                return
+        self.holdDeadline()  # the relay's own work is not the client's slowness
+        self.factory.clock.callLater(0, self._searchStep, steps)
+
+    def _searched(self, hits, truncated: bool) -> None:
+        items = [
+            wire.item(wire.FILE, name=h.name, size=h.size, sha256=h.sha256, holders=h.holders)
+            for h in hits
+        ]
+        self._looked(repr(self._pattern), len(items))
+        self._answerList(
+            items,
+            f"{plural(len(items), 'file')} {'matches' if len(items) == 1 else 'match'}",
+            truncated=1 if truncated else 0,
+        )
+
+    def _stats(self, message: wire.Message) -> None:
+        """STATS: the headline figures on one status line (see docs/protocol.rst)."""
+        figures = self.factory.registry.figures()
+        uptime = max(0, int(self.factory.clock.seconds() - self.factory.started))
+        if self.factory.verbose:
+            self.log.debug("STATS from {peer}", peer=self.peerName())
+        self.finish(
+            wire.status(
+                wire.OK,
+                f"{plural(figures.peers, 'peer')}, {plural(figures.files, 'file')} "
+                f"({humanSize(figures.bytes)})",
+                peers=figures.peers,
+                files=figures.files,
+                entries=figures.entries,
+                bytes=figures.bytes,
+                lookups=self.factory.lookups,
+                uptime=uptime,
+                boot=self.factory.boot,
+            )
+        )
+
+    def _dead(self, message: wire.Message) -> None:
+        # A hint, not a verdict: the relay checks the node itself and hides
+        # it only if its own check fails, so a client cannot hide a live peer.
+        host = checkHost(message.require("host"))
+        port = message.port()
+        wait = self.factory.reports.take(self.source)
+        if wait:
+            raise wire.ProtocolError(wire.BUSY, "too many reports from your address", retry=wait)
+        checking = [
+            p for p in self.factory.registry.at(host, port) if p.reachable and self.factory.recheck(p)
+        ]
+        if checking:
+            self.log.info(
+                "a client reports {host}:{port} unreachable; checking", host=host, port=port
+            )
+        self.finish(wire.status(wire.OK, f"will check {len(checking)} peers"))
+
+
+def _layout(entry: FileEntry) -> dict[str, object]:
+    """A WHOHAS item's root= and piece= (always both, when the holder gave a root)."""
+    if entry.root is None:
+        return {}
+    return {"root": entry.root, "piece": entry.pieceSize}
