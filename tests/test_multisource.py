@@ -25,7 +25,9 @@ from p2prelay.cli.fetch import parseArgs, run, catchSignals
 from p2prelay.cli.options import EXIT_NOT_FETCHED, EXIT_OK
 from p2prelay.client.fetcher import Fetcher, NotFetched
 from p2prelay.client.journal import journalPath, partPath
-from p2prelay.client.swarm import Interrupted, ManifestProtocol, Serial, groupByRoot
+from p2prelay.client.manifest import ManifestProtocol, groupByRoot
+from p2prelay.client.outputs import Serial
+from p2prelay.client.swarm import Interrupted
 from p2prelay.client.fetcher import PeerAddress
 from p2prelay.wire import FileEntry
 

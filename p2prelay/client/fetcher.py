@@ -23,174 +23,42 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from .. import wire
 from ..addresses import NoSuchHost, TCPClient
-from ..negotiation import IncompleteAnswer, _OneShotFactory, negotiate
-from ..pieces import PIECE_SIZE
-from .download import Download, NoSpace, VerificationError, freeSpace, human
-from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol, TooSlow
+from .download import Download, VerificationError
+from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol
+from .outcomes import (
+    Attempt,
+    Fetched,
+    NotFetched,
+    NoUDP,
+    PeerAddress,
+    RelayNotFound,
+    RelayUnreachable,
+    describe,
+    notIndexed,
+    unreachable,
+)
+from .race import ATTEMPTS_AT_ONCE, STAGGER, Race
 from .relay import IncompleteReply, ProofNeeded, Prover, query
 
 PEER_TIMEOUT = 10.0  # idle timeout of every connection
 CONNECT_TIMEOUT = 3.0  # seconds to connect to a peer, and again for its status line
-STAGGER = 0.25  # seconds between the starts of two connection attempts (RFC 8305)
-ATTEMPTS_AT_ONCE = 3  # connection attempts in flight at once
 MAX_HOLDERS = 16  # peers contacted per file, at most
 SOURCES = 4  # holders a multi-piece file is fetched from at once (--sources)
-MIN_PIECES = 2  # files of fewer pieces are fetched in one request, from one peer
 WALK = 8  # other active peers asked, at most, for a name the index lists no holder of (--walk)
-
-
-class NoUDP(Exception):
-    """The peer did not register a UDP port, or does not answer on it."""
-
-
-class RelayUnreachable(Exception):
-    """The relay could not be asked at all (refused, timed out, no route)."""
-
-
-class RelayNotFound(RelayUnreachable):
-    """The relay's host name does not exist: ``NAME:PORT: no such host``."""
-
-
-class NotFetched(Exception):
-    """Every candidate peer was tried and none delivered the file."""
-
-    def __init__(
-        self, name: str, attempts: Sequence["Attempt"], why: str = "", notIndexed: bool = False
-    ) -> None:
-        super().__init__(name)
-        self.name = name
-        self.attempts = list(attempts)
-        # The index lists no holder, and the peers walked had nothing: ``why`` says it all.
-        self.notIndexed = notIndexed
-        notFound = [a for a in attempts if a.error.startswith(f"{wire.NOT_FOUND} ")]
-        if why:
-            self.why = why
-        elif not attempts:
-            self.why = "no active peer holds it"
-        elif len(notFound) == len(attempts):
-            self.why = f"not found on any of the {len(attempts)} active peers"
-        else:
-            self.why = f"all {len(attempts)} peers that might have it failed"
-
-
-@attrs.frozen
-class PeerAddress:
-    """
-    A peer as the relay lists it; ``size`` and ``sha256`` are what its
-    index says this peer holds under the name asked for (WHOHAS only);
-    ``tls`` and ``key`` its TLS port and the key to pin it to, if it has one.
-    """
-
-    host: str
-    port: int
-    node: str = ""
-    udp: Optional[int] = None
-    size: Optional[int] = attrs.field(default=None, eq=False)
-    sha256: Optional[str] = attrs.field(default=None, eq=False)
-    tls: Optional[int] = attrs.field(default=None, eq=False)
-    key: Optional[str] = attrs.field(default=None, eq=False)
-    # The root of the pieces it holds, and their size (WHOHAS, when listed).
-    root: Optional[str] = attrs.field(default=None, eq=False)
-    piece: int = attrs.field(default=PIECE_SIZE, eq=False)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @classmethod
-    def fromMessage(cls, message: wire.Message) -> "PeerAddress":
-        udp = message.get("udp")
-        listed = message.get("sha256") is not None
-        size = message.integer("size") if listed else None
-        root, piece = wire.pieceLayout(message, size) if listed else (None, PIECE_SIZE)
-        return cls(
-            host=message.require("host"),
-            port=message.port(),
-            node=message.get("node", "") or "",
-            udp=message.port("udp") if udp else None,
-            size=size,
-            sha256=message.sha256() if listed else None,
-            tls=message.port("tls") if message.get("tls") else None,
-            key=message.publicKey() if message.get("tls") else None,
-            root=root,
-            piece=piece,
-        )
-
-    @property
-    def listed(self) -> Optional[Tuple[int, str]]:
-        """(size, sha256) the relay's index lists for this peer, if any."""
-        if self.sha256 is None or self.size is None:
-            return None
-        return (self.size, self.sha256)
-
-
-@attrs.frozen
-class Attempt:
-    peer: str
-    error: str
-
-
-@attrs.frozen
-class Fetched:
-    name: str
-    size: int
-    sha256: str
-    peer: str
-    attempts: List[Attempt]
-    seconds: float
-    # Every peer that sent pieces (a multi-source download), else just ``peer``.
-    peers: List[str] = attrs.field(factory=list)
-    resumed: int = 0  # bytes already on disk from an earlier run
-
-
-def describe(e: BaseException) -> str:
-    """A short, user-facing reason for a failed attempt."""
-    if isinstance(e, wire.ProtocolError):
-        return f"{e.status} {e.message}"
-    if isinstance(e, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, (error.TimeoutError, error.TCPTimedOutError)):
-        return "timed out"
-    if isinstance(e, error.DNSLookupError):
-        return "unknown host"
-    if isinstance(e, (IncompleteAnswer, VerificationError, NoUDP, TooSlow, ProofNeeded)):
-        return str(e)
-    if isinstance(e, error.ConnectError):
-        return (e.osError and str(e.osError)) or e.__class__.__name__
-    return str(e) or e.__class__.__name__
-
-
-def unreachable(e: BaseException) -> bool:
-    """Errors meaning nothing listens there (as opposed to a bad answer)."""
-    return isinstance(
-        e,
-        (
-            error.ConnectionRefusedError,
-            error.TimeoutError,
-            error.TCPTimedOutError,
-            error.NoRouteError,
-            error.DNSLookupError,
-        ),
-    )
 
 
 Report = Callable[[str], None]
 TransferFn = Callable[[PeerAddress, str, Download], Awaitable[None]]
-
-
-def notIndexed(name: str) -> str:
-    return f"{name} is not in the relay's index; verified only against the sending peer's own hash"
 
 
 class Fetcher:
@@ -347,10 +215,13 @@ class Fetcher:
         wire.checkName(name)
         holders = await self.holders(name)
         if self.transfer is None and resume is not None:
+            from .manifest import planPieces
+            from .swarm import savePieces
+
             attempt = _FetchAttempt(self, name, None)
-            plan = await attempt.plan(holders)
+            plan = await planPieces(attempt, holders)
             if plan is not None:
-                return await attempt.savePieces(*plan, final, force=force, resume=resume)
+                return await savePieces(attempt, *plan, final, force=force, resume=resume)
         sink = Download(final.parent, _threads(self.reactor), name=name)
         onStart(sink)
         try:
@@ -378,10 +249,13 @@ class Fetcher:
         wire.checkName(name)
         holders = await self.holders(name)
         if self.transfer is None and self.sources > 1:
+            from .manifest import planPieces
+            from .swarm import streamPieces
+
             attempt = _FetchAttempt(self, name, None)
-            plan = await attempt.plan(holders)
+            plan = await planPieces(attempt, holders)
             if plan is not None:
-                return await attempt.streamPieces(*plan, writer), None
+                return await streamPieces(attempt, *plan, writer), None
         sink = makeSink()
         try:
             return await self.fetch(name, sink, holders=holders), sink
@@ -646,171 +520,6 @@ class _FetchAttempt:
                 self.failed(peer, e)
         return None
 
-    # Pieces from several holders.
-
-    async def plan(self, holders: List[PeerAddress]):
-        """
-        ``(manifest, holders)`` when ``name`` goes piece by piece: the
-        holders of the root most of them list, if the file has two pieces
-        or more and one of them sent a manifest that matches the root; else
-        None (the file goes in one request from one peer, as before).
-        """
-        from .swarm import groupByRoot
-
-        f = self.fetcher
-        groups = groupByRoot(holders)
-        if not groups:
-            return None
-        (root, size, sha256), group = groups[0]
-        if size < MIN_PIECES * group[0].piece:
-            return None
-        group = group[: f.maxHolders]
-        if len(groups) > 1:
-            f.verbose(
-                f"relay: {len(groups[0][1])} holder(s) of {self.name} hold the version most do "
-                f"(root {root[:12]}...); the others hold another version and are not used"
-            )
-        return await self.manifest(group, size, sha256, root)
-
-    async def manifest(self, group: List[PeerAddress], size: int, sha256: str, root: str):
-        """The manifest from the first holder in ``group`` that sends one matching ``root``."""
-        from .swarm import ManifestProtocol
-
-        f = self.fetcher
-        good = list(group)
-        for peer in group:
-            proto = ManifestProtocol(
-                self.clock, self.name, size, sha256, root, f.timeout, answerTimeout=f.connectTimeout
-            )
-            try:
-                manifest = await negotiate(f.peerEndpoint(peer), proto)
-            except CancelledError:
-                raise
-            except VerificationError as e:
-                self.failed(peer, e)  # a bad manifest: a failed holder
-                good.remove(peer)
-                continue
-            except Exception as e:
-                if unreachable(e):
-                    self.failed(peer, e)
-                    good.remove(peer)
-                else:  # no manifest here (an older node, a busy one): it may still serve pieces
-                    f.verbose(f"peer {peer}: no manifest ({describe(e)})")
-                continue
-            f.verbose(
-                f"manifest of {self.name} from {peer}: {manifest.count} pieces of {human(manifest.pieceSize)}"
-            )
-            return manifest, good
-        await self.settle()
-        return None
-
-    def fetched(self, manifest, engine, started: float, resumed: int = 0) -> Fetched:
-        peers = [str(engine.peers[h]) for h in engine.peers if engine.delivered.get(h)]
-        return Fetched(
-            name=self.name,
-            size=manifest.size,
-            sha256=manifest.sha256,
-            peer=", ".join(peers) if peers else "(earlier run)",
-            attempts=self.attempts,
-            seconds=time.monotonic() - started,
-            peers=peers,
-            resumed=resumed,
-        )
-
-    async def savePieces(self, manifest, holders, final: Path, *, force: bool, resume: bool) -> Fetched:
-        """The pieces into ``NAME.part`` and its journal, then renamed to ``final``."""
-        import functools
-
-        from .journal import CHANGED, NEW, RECHECKED, RESUMED, Journal
-        from .swarm import Interrupted, JournalOutput, PieceFetch, keptMessage
-
-        f = self.fetcher
-        m = manifest
-        journal = await f.runInThread(
-            functools.partial(
-                Journal.open,
-                final,
-                m.size,
-                m.sha256,
-                m.root,
-                m.pieceSize,
-                name=self.name,
-                digests=m.digests,
-                resume=resume,
-            )
-        )
-        kept = journal.keptBytes
-        if journal.status == RESUMED:
-            f.report(f"resuming {self.name}: {human(kept)} of {human(m.size)} already verified in {journal.part}")
-        elif journal.status == RECHECKED:
-            f.report(
-                f"resuming {self.name}: {journal.part} changed since the last run; "
-                f"{len(journal.dropped)} piece(s) failed a re-check and are fetched again"
-            )
-        elif journal.status == CHANGED:
-            f.report(f"{journal.part} holds another version of {self.name}; starting over")
-        free = freeSpace(final.parent)
-        if m.size - kept > free:
-            if journal.status in (NEW, CHANGED) and not journal.verified:
-                journal.remove()
-            else:
-                journal.close()
-            raise NoSpace(
-                f"not enough space in {final.parent}: {self.name} needs {human(m.size - kept)} more, "
-                f"{human(free)} free"
-            )
-        output = JournalOutput(journal, self.clock, f.runInThread, force=force)
-        engine = PieceFetch(self, m, holders, output, sources=f.sources)
-        self.engine = engine
-        f.onTransfer(self)
-        started = time.monotonic()
-        try:
-            try:
-                await engine.run()
-                await output.finish(m)
-            except CancelledError:
-                await output.abandon()
-                raise Interrupted(self.name, output.keptBytes, m.size) from None
-            except NotFetched as e:
-                await output.abandon()
-                e.why += f" ({keptMessage(output.keptBytes, m.size)})"
-                raise
-            except BaseException:
-                await output.abandon()
-                raise
-        finally:
-            await self.settle()
-        return self.fetched(m, engine, started, resumed=kept)
-
-    async def streamPieces(self, manifest, holders, writer) -> Fetched:
-        """The pieces to ``writer`` (stdout) in order, each as soon as it and those before it verify."""
-        from .swarm import STREAM_WINDOW, Interrupted, PieceFetch, ReaderGone, StreamOutput
-
-        f = self.fetcher
-        m = manifest
-        output = StreamOutput(writer, f.runInThread, window=STREAM_WINDOW)
-        engine = PieceFetch(self, m, holders, output, sources=f.sources, window=STREAM_WINDOW)
-        self.engine = engine
-        f.onTransfer(self)
-        started = time.monotonic()
-        try:
-            try:
-                await engine.run()
-                await output.finish(m)
-            except ReaderGone:
-                pass  # '| head': the reader has what it wanted
-            except CancelledError:
-                await output.abandon()
-                raise Interrupted(self.name, 0, m.size) from None
-            except NotFetched as e:
-                await output.abandon()
-                if output.written:
-                    e.why += f"; the output stops after {output.written} of {m.size} bytes"
-                raise
-        finally:
-            await self.settle()
-        return self.fetched(m, engine, started)
-
     def race(self, queue: List[PeerAddress]) -> "Deferred[Optional[Tuple[PeerAddress, GetProtocol]]]":
         """
         Connect to the peers at the head of ``queue``, staggered, and fire
@@ -818,104 +527,4 @@ class _FetchAttempt:
         every one failed.  Peers whose attempts were cancelled because
         another won go back to the head of the queue, in order.
         """
-        return _Race(self, queue).result
-
-
-class _Race:
-    """Staggered, concurrent connection attempts; the first to connect wins."""
-
-    def __init__(self, attempt: _FetchAttempt, queue: List[PeerAddress]) -> None:
-        self.attempt = attempt
-        self.fetcher = attempt.fetcher
-        self.clock = attempt.clock
-        self.queue = queue
-        self.inFlight: Dict[PeerAddress, Deferred] = {}
-        self.started: List[PeerAddress] = []
-        self.timer = None
-        self.won = False
-        self.result: Deferred = Deferred()
-        self.startNext()
-
-    @property
-    def over(self) -> bool:
-        return self.result.called
-
-    def startNext(self) -> None:
-        """Start one more attempt, if there is room; schedule the one after."""
-        self.timer = None
-        if self.over:
-            return
-        if self.queue and len(self.inFlight) < self.fetcher.attemptsAtOnce:
-            peer = self.queue.pop(0)
-            self.start(peer)
-        if self.over:
-            return
-        if not self.inFlight and not self.queue:
-            self.result.callback(None)
-            return
-        if self.queue and len(self.inFlight) < self.fetcher.attemptsAtOnce and self.timer is None:
-            self.timer = self.clock.callLater(self.fetcher.stagger, self.startNext)
-
-    def start(self, peer: PeerAddress) -> None:
-        f = self.fetcher
-        self.attempt.contacted.add((peer.host, peer.port))
-        self.started.append(peer)
-        proto = GetProtocol(
-            self.clock,
-            self.attempt.name,
-            self.attempt.sink,
-            f.timeout,
-            accept=self.attempt.accepted(peer),
-            answerTimeout=f.connectTimeout,
-            speedLimit=f.speedLimit,
-            speedTime=f.speedTime,
-            start=False,
-        )
-        try:
-            d = f.peerEndpoint(peer).connect(_OneShotFactory(proto))
-        except Exception as e:  # a malformed address, say
-            self.attempt.failed(peer, e)
-            return
-        d.addTimeout(f.connectTimeout, self.clock, self.timedOut)
-        self.inFlight[peer] = d
-        d.addCallbacks(self.connected, self.lost, callbackArgs=(peer, proto), errbackArgs=(peer,))
-
-    def timedOut(self, result: object, timeout: float) -> object:
-        """addTimeout's verdict: whatever the cancelled attempt failed with, it timed out."""
-        if isinstance(result, Failure):
-            raise error.TimeoutError(f"no connection within {timeout:g} seconds")
-        return result
-
-    def connected(self, _: object, peer: PeerAddress, proto: GetProtocol) -> None:
-        self.inFlight.pop(peer, None)
-        if self.over:
-            proto.deferred.addErrback(lambda failure: None)  # nobody waits for a loser
-            if proto.transport is not None:
-                proto.transport.abortConnection()
-            return
-        self.finish()
-        self.result.callback((peer, proto))
-
-    def lost(self, reason: Failure, peer: PeerAddress) -> None:
-        self.inFlight.pop(peer, None)
-        if self.over or self.won or reason.check(CancelledError, error.ConnectingCancelledError):
-            return  # we gave up on it: no failed attempt, nothing to report
-        self.attempt.failed(peer, reason.value)
-        # RFC 8305: a failed attempt makes room for the next one at once.
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.startNext()
-
-    def finish(self) -> None:
-        """A winner: stop the clock, cancel the others, requeue them."""
-        self.won = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        losers = [p for p in self.started if p in self.inFlight]
-        pending = list(self.inFlight.values())
-        self.inFlight.clear()
-        for p in reversed(losers):
-            self.queue.insert(0, p)
-        for d in pending:
-            d.cancel()
+        return Race(self, queue).result

@@ -1,55 +1,44 @@
 """
 Multi-source downloads: one file's pieces from several holders at once.
 
-The relay lists, for each holder of a name, the size, SHA-256 and *root*
-of what it holds (see :mod:`p2prelay.pieces`).  Holders with the same root
-hold the same bytes, so the fetcher
-
-1. groups the holders by (root, size, SHA-256) and takes the group most of
-   them are in (a tie goes to the group listed first): another root is
-   another version of the file;
-2. asks one holder of the group for the manifest (``MANIFEST name=``) and
-   uses it only if its root is the one the relay lists -- a holder whose
-   manifest does not match is a failed holder, and the next one is asked;
-3. asks up to ``sources`` holders for pieces in parallel, one range GET
-   (``offset= length=``) per piece, each piece checked against its digest
-   as it lands (in a thread: hashing 4 MiB costs the reactor 2.5 ms);
-   which holder gets which piece is the :class:`~.schedule.Scheduler`'s
-   business (faster holders more pieces, a holder that sent a bad piece
-   dropped, a busy one benched, endgame duplicates cancelled);
-4. hands each verified piece to an *output*: :class:`JournalOutput` (``-o``:
-   the ``.part`` and its journal, resumable, renamed into place only after
-   the whole-file SHA-256 checks) or :class:`StreamOutput` (stdout: pieces
-   in order as soon as they are complete, within a window of pieces).
+Given the manifest (:mod:`.manifest`), :class:`PieceFetch`
+asks up to ``sources`` holders for pieces in parallel, one range GET
+(``offset= length=``) per piece, each piece checked against its digest
+as it lands (in a thread: hashing 4 MiB costs the reactor 2.5 ms);
+which holder gets which piece is the :class:`~.schedule.Scheduler`'s
+business (faster holders more pieces, a holder that sent a bad piece
+dropped, a busy one benched, endgame duplicates cancelled).  Each
+verified piece goes to an output (:mod:`.outputs`); :func:`savePieces`
+and :func:`streamPieces` run the engine into the ``.part`` or to stdout.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
-import os
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+import functools
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import pieces, wire
-from ..negotiation import IncompleteAnswer, OneShotClient, negotiate
-from .download import DestinationError, VerificationError
+from ..negotiation import negotiate
+from .download import NoSpace, VerificationError, freeSpace, human
 from .get import GetProtocol
-from .journal import Journal
+from .journal import CHANGED, NEW, RECHECKED, RESUMED, Journal
+from .manifest import Manifest
+from .outcomes import Attempt, Fetched, NotFetched, describe, unreachable
+from .outputs import STREAM_WINDOW, JournalOutput, ReaderGone, StreamOutput
+
+if TYPE_CHECKING:
+    from .fetcher import _FetchAttempt
 
 PIECES_PER_HOLDER = 2  # pieces asked of one holder at once (one connection each)
-STREAM_WINDOW = 8  # pieces beyond the next one to print that may be fetched
-WRITES_PENDING = 4  # verified pieces waiting for the disk before no more are asked for
-HASH_READ = 4 * 1024 * 1024  # bytes per read when hashing the whole .part
 MiB = 1024 * 1024
-
-RunInThread = Callable[..., Deferred]
 
 
 class Interrupted(CancelledError):
@@ -60,151 +49,6 @@ class Interrupted(CancelledError):
         self.name = name
         self.kept = kept
         self.total = total
-
-
-class ReaderGone(Exception):
-    """stdout was closed by its reader (``| head``): nothing more is wanted."""
-
-
-@attrs.frozen
-class Manifest:
-    """A file's layout, as a holder sent it and as the relay's root vouches for."""
-
-    size: int
-    sha256: str
-    root: str
-    pieceSize: int
-    digests: Sequence[bytes] = attrs.field(repr=False)
-
-    @property
-    def count(self) -> int:
-        return len(self.digests)
-
-    def range(self, index: int) -> Tuple[int, int]:
-        return pieces.pieceRange(index, self.size, self.pieceSize)
-
-
-def groupByRoot(holders: Iterable) -> List[Tuple[Tuple[str, int, str], list]]:
-    """
-    Holders listed with a root, grouped by (root, size, sha256): the group
-    most holders are in first, a tie in the order first listed.  Holders
-    listed without a root are left out.
-    """
-    groups: Dict[Tuple[str, int, str], list] = {}
-    for peer in holders:
-        if peer.root is None or peer.size is None or peer.sha256 is None:
-            continue
-        groups.setdefault((peer.root, peer.size, peer.sha256), []).append(peer)
-    order = list(groups)
-    return sorted(groups.items(), key=lambda item: (-len(item[1]), order.index(item[0])))
-
-
-class ManifestProtocol(OneShotClient[Manifest]):
-    """
-    ``P2P/1 MANIFEST name=NAME``, answered ``200 size= sha256= root= piece=
-    count=`` and then exactly count * 32 raw bytes.  The answer must be the
-    file the relay lists (size, SHA-256, root), its layout one we accept
-    (:func:`pieces.checkLayout`), and the digests must hash to the root.
-    """
-
-    role = "peer"
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        name: str,
-        size: int,
-        sha256: str,
-        root: str,
-        timeout: float,
-        answerTimeout: Optional[float] = None,
-    ) -> None:
-        super().__init__(clock, timeout)
-        self.name = name
-        self.listed = (size, sha256, root)
-        self.answerTimeout = answerTimeout
-        self._answerCall = None
-        self._layout: Optional[Tuple[int, int]] = None  # (pieceSize, count)
-        self._body = bytearray()
-        self._need = 0
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if self.answerTimeout is not None:
-            self._answerCall = self.clock.callLater(self.answerTimeout, self._noAnswer)
-        self.transport.write(wire.request(wire.MANIFEST, name=self.name))
-
-    def _noAnswer(self) -> None:
-        self._answerCall = None
-        from twisted.internet.error import TimeoutError
-
-        self.fail(TimeoutError(f"no manifest from the peer within {self.answerTimeout:g} seconds"))
-        self.transport.abortConnection()
-
-    def _cancelAnswer(self) -> None:
-        if self._answerCall is not None and self._answerCall.active():
-            self._answerCall.cancel()
-        self._answerCall = None
-
-    def messageReceived(self, message: wire.Message) -> None:
-        if self._layout is not None:
-            return  # raw mode from here on
-        self._cancelAnswer()
-        code = message.status
-        if code is None:
-            raise wire.ProtocolError(wire.BAD_REQUEST, "peer sent no status line")
-        if code != wire.OK:
-            self.fail(
-                wire.ProtocolError(code, message.text or wire.REASONS.get(code, ""), retry=message.retry())
-            )
-            return
-        size = message.integer("size")
-        digest = message.sha256()
-        root = message.sha256("root")
-        pieceSize = message.integer("piece")
-        count = message.integer("count", high=pieces.MAX_PIECES)
-        if (size, digest, root) != self.listed:
-            self.fail(VerificationError("the peer's manifest is for another file than the relay lists"))
-            return
-        try:
-            expected = pieces.checkLayout(size, pieceSize)
-        except ValueError as e:
-            self.fail(VerificationError(f"unusable manifest: {e}"))
-            return
-        if count != expected:
-            raise wire.ProtocolError(wire.BAD_REQUEST, f"{count} pieces for {size} bytes in pieces of {pieceSize}")
-        self._layout = (pieceSize, count)
-        self._need = count * pieces.DIGEST_BYTES
-        if self._need == 0:
-            self._done()
-        else:
-            self.setRawMode()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if self.finished:
-            return
-        self._body += data[: self._need - len(self._body)]
-        if len(self._body) == self._need:
-            self._done()
-
-    def _done(self) -> None:
-        assert self._layout is not None
-        pieceSize, count = self._layout
-        size, sha256, root = self.listed
-        digests = pieces.decodeDigests(bytes(self._body), count)
-        if pieces.rootOf(size, pieceSize, digests) != root:
-            self.fail(VerificationError("the peer's manifest does not match the root the relay lists"))
-            return
-        self.succeed(Manifest(size, sha256, root, pieceSize, digests))
-
-    def conclude(self) -> None:
-        super().conclude()
-        self._cancelAnswer()
-
-    def incomplete(self, reason: object) -> IncompleteAnswer:
-        if self._layout is not None:
-            return IncompleteAnswer(f"connection lost after {len(self._body)} of {self._need} manifest bytes")
-        return IncompleteAnswer("peer closed the connection without answering")
 
 
 @implementer(IConsumer)
@@ -242,248 +86,6 @@ class PieceBuffer:
 def pieceMatches(data: bytes, digest: bytes) -> bool:
     """Whether a piece's bytes hash to its digest (run in a thread)."""
     return pieces.pieceDigest(data) == digest
-
-
-class Serial:
-    """Jobs run one after another through ``runInThread``, in the order submitted."""
-
-    def __init__(self, runInThread: RunInThread) -> None:
-        self.runInThread = runInThread
-        self._queue: Deque[tuple] = collections.deque()
-        self._busy = False
-        self._idle: List[Deferred] = []
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue) + (1 if self._busy else 0)
-
-    def submit(self, f: Callable, *args) -> Deferred:
-        result: Deferred = Deferred()
-        self._queue.append((f, args, result))
-        if not self._busy:
-            self._next()
-        return result
-
-    def _next(self) -> None:
-        if not self._queue:
-            self._busy = False
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
-            return
-        self._busy = True
-        f, args, result = self._queue.popleft()
-        d = self.runInThread(f, *args)
-
-        def done(outcome: object) -> object:
-            self._next()
-            return outcome
-
-        d.addBoth(done)
-        d.chainDeferred(result)
-
-    def idle(self) -> Deferred:
-        """Fires once every job submitted so far has run."""
-        if not self._busy:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._idle.append(d)
-        return d
-
-
-# Outputs: where verified pieces go.
-
-
-class JournalOutput:
-    """
-    ``-o``: pieces into ``NAME.part`` through its :class:`Journal`, the
-    journal rewritten as they verify (batched, see the journal), the
-    ``.part`` moved to the final name only after the whole file's SHA-256
-    checks.  On failure or interruption both files stay for a resume.
-    """
-
-    def __init__(
-        self, journal: Journal, clock: IReactorTime, runInThread: RunInThread, *, force: bool = False
-    ) -> None:
-        self.journal = journal
-        self.clock = clock
-        self.runInThread = runInThread
-        self.force = force
-        self.serial = Serial(runInThread)
-        self.error: Optional[BaseException] = None
-        self.closed = False
-        self.onDrain: Callable[[], None] = lambda: None
-        self._flushCall = None
-
-    @property
-    def have(self) -> Set[int]:
-        return set(self.journal.verified)
-
-    @property
-    def keptBytes(self) -> int:
-        return self.journal.keptBytes
-
-    def full(self) -> bool:
-        return self.serial.pending >= WRITES_PENDING
-
-    def store(self, index: int, data: bytes) -> None:
-        offset = index * self.journal.pieceSize
-        d = self.serial.submit(self.journal.write, offset, data)
-        d.addCallbacks(self._written, self._failed, callbackArgs=(index,))
-
-    def _written(self, _: object, index: int) -> None:
-        if self.journal.fd is None:
-            return  # abandoned meanwhile
-        self.journal.markVerified(index)
-        self._scheduleFlush()
-        self.onDrain()
-
-    def _failed(self, failure: Failure) -> None:
-        if self.error is None:
-            self.error = failure.value
-        self.onDrain()
-
-    def _scheduleFlush(self) -> None:
-        """Write the journal when its batch is due, even if no piece follows."""
-        due = self.journal.flushDue()
-        if due is None or (self._flushCall is not None and self._flushCall.active()):
-            return
-        self._flushCall = self.clock.callLater(due, self._flush)
-
-    def _flush(self) -> None:
-        self._flushCall = None
-        if self.journal.fd is None:
-            return
-        try:
-            self.journal.flush()
-        except OSError as e:
-            self.journal.lastError = e
-
-    def _stopFlushing(self) -> None:
-        if self._flushCall is not None and self._flushCall.active():
-            self._flushCall.cancel()
-        self._flushCall = None
-
-    async def finish(self, manifest: Manifest) -> None:
-        """Every piece is verified: check the whole file and move it into place."""
-        await self.serial.idle()
-        if self.error is not None:
-            raise self.error
-        self._stopFlushing()
-        journal = self.journal
-        # Through the serial queue, so abandon() waits for it before closing the file.
-        digest = await self.serial.submit(_hashFile, journal.fd, manifest.size)
-        if digest != manifest.sha256:
-            journal.remove()
-            raise VerificationError(
-                "every piece verified, but the whole file does not match the SHA-256 the relay lists"
-            )
-        commitPart(journal, self.force)
-
-    async def abandon(self) -> None:
-        """Failed or interrupted: keep the ``.part`` and write the journal (for a resume)."""
-        self._stopFlushing()
-        await self.serial.idle()  # no thread still writes into (or reads) the file
-        if self.journal.fd is None:
-            return
-        try:
-            self.journal.close()
-        except OSError as e:
-            self.journal.lastError = e
-            if self.journal.fd is not None:
-                os.close(self.journal.fd)
-                self.journal.fd = None
-
-
-def _hashFile(fd: int, size: int) -> str:
-    digest = hashlib.sha256()
-    done = 0
-    while done < size:
-        chunk = os.pread(fd, min(HASH_READ, size - done), done)
-        if not chunk:
-            break
-        digest.update(chunk)
-        done += len(chunk)
-    return digest.hexdigest()
-
-
-def commitPart(journal: Journal, force: bool) -> None:
-    """
-    Move a verified ``.part`` to its final name (never over an existing
-    file unless ``force``) and remove its journal.
-    """
-    final, part = journal.final, journal.part
-    if journal.fd is not None:
-        os.close(journal.fd)
-        journal.fd = None
-    os.chmod(part, 0o644)
-    if force:
-        os.replace(part, final)
-    else:
-        try:
-            os.link(part, final)  # fails if the name exists: a no-clobber rename
-        except FileExistsError:
-            raise DestinationError(f"{final} exists (use --force to replace it)") from None
-        except OSError:
-            try:
-                os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                raise DestinationError(f"{final} exists (use --force to replace it)") from None
-            os.replace(part, final)
-    journal.remove()
-
-
-class StreamOutput:
-    """
-    stdout: verified pieces written in order as soon as the ones before
-    them are; the whole file's SHA-256 computed on the way (in a thread)
-    and checked at the end.  ``writer`` is the console's stdout stream.
-    """
-
-    def __init__(self, writer, runInThread: RunInThread, window: int = STREAM_WINDOW) -> None:
-        self.writer = writer
-        self.window = window
-        self.serial = Serial(runInThread)
-        self.hash = hashlib.sha256()
-        self.waiting: Dict[int, bytes] = {}
-        self.next = 0
-        self.written = 0
-        self.error: Optional[BaseException] = None
-        self.onDrain: Callable[[], None] = lambda: None
-        writer.onResume = lambda: self.onDrain()
-
-    have: Set[int] = frozenset()  # type: ignore[assignment]
-    keptBytes = 0
-
-    @property
-    def closed(self) -> bool:
-        return self.writer.closed
-
-    def full(self) -> bool:
-        return self.writer.paused or len(self.waiting) >= self.window
-
-    def store(self, index: int, data: bytes) -> None:
-        self.waiting[index] = data
-        while self.next in self.waiting:
-            chunk = self.waiting.pop(self.next)
-            self.next += 1
-            self.serial.submit(self.hash.update, chunk)
-            self.written += len(chunk)
-            self.writer.write(chunk)
-
-    async def finish(self, manifest: Manifest) -> None:
-        await self.serial.idle()
-        if self.hash.hexdigest() != manifest.sha256:
-            raise VerificationError(
-                "every piece verified, but the whole file does not match the SHA-256 the relay lists "
-                "(the output is not that file)"
-            )
-
-    async def abandon(self) -> None:
-        self.waiting.clear()
-
-
-# The download itself.
 
 
 class PieceFetch:
@@ -668,7 +270,6 @@ class PieceFetch:
             self.buffers.pop((piece, holder), None)
         if self.over:
             return
-        from .fetcher import describe, unreachable
 
         e = failure.value
         s = self.scheduler
@@ -716,7 +317,6 @@ class PieceFetch:
         self._fail(failure.value)
 
     def _exhausted(self) -> None:
-        from .fetcher import NotFetched
 
         s = self.scheduler
         self._fail(
@@ -744,7 +344,6 @@ class PieceFetch:
 
 
 def _attempt(peer, error: str):
-    from .fetcher import Attempt
 
     return Attempt(str(peer), error)
 
@@ -753,14 +352,114 @@ def keptMessage(kept: int, total: int) -> str:
     return f"{kept / MiB:.1f} of {total / MiB:.1f} MiB kept for resume"
 
 
+def fetched(attempt: "_FetchAttempt", manifest, engine, started: float, resumed: int = 0) -> Fetched:
+    peers = [str(engine.peers[h]) for h in engine.peers if engine.delivered.get(h)]
+    return Fetched(
+        name=attempt.name,
+        size=manifest.size,
+        sha256=manifest.sha256,
+        peer=", ".join(peers) if peers else "(earlier run)",
+        attempts=attempt.attempts,
+        seconds=time.monotonic() - started,
+        peers=peers,
+        resumed=resumed,
+    )
+
+
+async def savePieces(attempt: "_FetchAttempt", manifest, holders, final: Path, *, force: bool, resume: bool) -> Fetched:
+    """The pieces into ``NAME.part`` and its journal, then renamed to ``final``."""
+
+    f = attempt.fetcher
+    m = manifest
+    journal = await f.runInThread(
+        functools.partial(
+            Journal.open,
+            final,
+            m.size,
+            m.sha256,
+            m.root,
+            m.pieceSize,
+            name=attempt.name,
+            digests=m.digests,
+            resume=resume,
+        )
+    )
+    kept = journal.keptBytes
+    if journal.status == RESUMED:
+        f.report(f"resuming {attempt.name}: {human(kept)} of {human(m.size)} already verified in {journal.part}")
+    elif journal.status == RECHECKED:
+        f.report(
+            f"resuming {attempt.name}: {journal.part} changed since the last run; "
+            f"{len(journal.dropped)} piece(s) failed a re-check and are fetched again"
+        )
+    elif journal.status == CHANGED:
+        f.report(f"{journal.part} holds another version of {attempt.name}; starting over")
+    free = freeSpace(final.parent)
+    if m.size - kept > free:
+        if journal.status in (NEW, CHANGED) and not journal.verified:
+            journal.remove()
+        else:
+            journal.close()
+        raise NoSpace(
+            f"not enough space in {final.parent}: {attempt.name} needs {human(m.size - kept)} more, "
+            f"{human(free)} free"
+        )
+    output = JournalOutput(journal, attempt.clock, f.runInThread, force=force)
+    engine = PieceFetch(attempt, m, holders, output, sources=f.sources)
+    attempt.engine = engine
+    f.onTransfer(attempt)
+    started = time.monotonic()
+    try:
+        try:
+            await engine.run()
+            await output.finish(m)
+        except CancelledError:
+            await output.abandon()
+            raise Interrupted(attempt.name, output.keptBytes, m.size) from None
+        except NotFetched as e:
+            await output.abandon()
+            e.why += f" ({keptMessage(output.keptBytes, m.size)})"
+            raise
+        except BaseException:
+            await output.abandon()
+            raise
+    finally:
+        await attempt.settle()
+    return fetched(attempt, m, engine, started, resumed=kept)
+
+async def streamPieces(attempt: "_FetchAttempt", manifest, holders, writer) -> Fetched:
+    """The pieces to ``writer`` (stdout) in order, each as soon as it and those before it verify."""
+
+    f = attempt.fetcher
+    m = manifest
+    output = StreamOutput(writer, f.runInThread, window=STREAM_WINDOW)
+    engine = PieceFetch(attempt, m, holders, output, sources=f.sources, window=STREAM_WINDOW)
+    attempt.engine = engine
+    f.onTransfer(attempt)
+    started = time.monotonic()
+    try:
+        try:
+            await engine.run()
+            await output.finish(m)
+        except ReaderGone:
+            pass  # '| head': the reader has what it wanted
+        except CancelledError:
+            await output.abandon()
+            raise Interrupted(attempt.name, 0, m.size) from None
+        except NotFetched as e:
+            await output.abandon()
+            if output.written:
+                e.why += f"; the output stops after {output.written} of {m.size} bytes"
+            raise
+    finally:
+        await attempt.settle()
+    return fetched(attempt, m, engine, started)
+
+
 __all__ = [
     "Interrupted",
-    "JournalOutput",
-    "Manifest",
-    "ManifestProtocol",
     "PieceFetch",
-    "StreamOutput",
-    "commitPart",
-    "groupByRoot",
     "keptMessage",
+    "savePieces",
+    "streamPieces",
 ]
