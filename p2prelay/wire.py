@@ -258,6 +258,19 @@ class Message:
             return None
         return float(raw)
 
+    def refusal(self) -> "ProtocolError | None":
+        """
+        For the first line of a peer's answer: None when it is a 200, the
+        peer's error (status, text, retry hint) for any other status, and a
+        400 raised when the line is no status at all.
+        """
+        code = self.status
+        if code is None:
+            raise ProtocolError(BAD_REQUEST, "peer sent no status line")
+        if code == OK:
+            return None
+        return ProtocolError(code, self.text or REASONS.get(code, ""), retry=self.retry())
+
     def _token(self, key: str, pattern: re.Pattern, what: str) -> str:
         value = self.require(key)
         if not pattern.match(value):

@@ -352,3 +352,21 @@ class IdentityFieldTests(SynchronousTestCase):
         """PROOF and PROVE are request verbs."""
         self.assertEqual(wire.parseLine(wire.request(wire.PROVE, nonce="x").rstrip(b"\r\n")).word, "PROVE")
         self.assertEqual(wire.parseLine(wire.request(wire.PROOF, sig="x").rstrip(b"\r\n")).word, "PROOF")
+
+
+class RefusalTests(SynchronousTestCase):
+    """Message.refusal reads the first line of a peer's answer."""
+
+    def test_okIsNoRefusal(self) -> None:
+        """A 200 is no refusal."""
+        self.assertIsNone(wire.parseLine(wire.status(wire.OK, size=1)[:-2]).refusal())
+
+    def test_errorStatusWithRetry(self) -> None:
+        """Another status is the peer's error, with its text and retry hint."""
+        error = wire.parseLine(wire.status(wire.BUSY, "busy", retry=5)[:-2]).refusal()
+        self.assertEqual((error.status, error.message, error.retry), (wire.BUSY, "busy", 5.0))
+
+    def test_notAStatus(self) -> None:
+        """A line that is no status at all raises a 400."""
+        e = self.assertRaises(wire.ProtocolError, wire.parseLine(b"P2P/1 GET name=a").refusal)
+        self.assertEqual(e.status, wire.BAD_REQUEST)

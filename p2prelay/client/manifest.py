@@ -119,13 +119,9 @@ class ManifestProtocol(OneShotClient[Manifest]):
         if self._layout is not None:
             return  # raw mode from here on
         self._cancelAnswer()
-        code = message.status
-        if code is None:
-            raise wire.ProtocolError(wire.BAD_REQUEST, "peer sent no status line")
-        if code != wire.OK:
-            self.fail(
-                wire.ProtocolError(code, message.text or wire.REASONS.get(code, ""), retry=message.retry())
-            )
+        refusal = message.refusal()
+        if refusal is not None:
+            self.fail(refusal)
             return
         size = message.integer("size")
         digest = message.sha256()
