@@ -29,7 +29,6 @@ fetch), the node's peak RSS (``VmHWM``) and the client's (``wait4``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,8 @@ from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import makeFile  # noqa: E402
+
 from p2prelay.cli.demo import REGISTERED, Daemon, script  # noqa: E402
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -58,19 +59,6 @@ TARGET_VS_CURL_SHA = 1.2
 TARGET_VS_CURL = 0.9
 TARGET_NODE_CPU = 0.3  # CPU-seconds per GiB
 TARGET_RSS = 64 * MiB
-
-
-def makeFile(path: Path, size: int) -> str:
-    block = os.urandom(4 * MiB)
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = block[: min(left, len(block))]
-            f.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
 
 
 def cpuSeconds(pid: int) -> float:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import makeFile  # noqa: E402
+
 from p2prelay.cli.demo import REGISTERED, Daemon, script  # noqa: E402
 from p2prelay.client.journal import parseJournal, pieceCount  # noqa: E402
 
@@ -57,16 +59,6 @@ def rangeStart(match: "re.Match[str]") -> int | None:
     """The offset a "sending" line names; None for a whole file."""
     found = match.group("offset") or match.group("at")
     return None if found is None else int(found)
-
-
-def makeFile(path: Path, size: int) -> None:
-    block = os.urandom(4 * MiB)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
 
 
 def parseSize(text: str) -> int:

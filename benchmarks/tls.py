@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,21 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import makeFile  # noqa: E402
+
 MiB = 1024 * 1024
 RECEIVE_SIZE = 256 * 1024  # as the client's GetProtocol reads
-
-
-def makeFile(path: Path, size: int) -> str:
-    block = os.urandom(4 * MiB)
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = block[: min(left, len(block))]
-            f.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
 
 
 def serve(folder: str) -> None:

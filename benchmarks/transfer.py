@@ -30,20 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import makeFile  # noqa: E402
+
 from p2prelay.cli.demo import REGISTERED, Daemon, script  # noqa: E402
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 MiB = 1024 * 1024
-
-
-def makeFile(path: Path, size: int) -> None:
-    block = os.urandom(4 * MiB)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
 
 
 def sendfileBaseline(path: Path, out: Path) -> float:

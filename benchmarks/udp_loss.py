@@ -51,6 +51,8 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import makeFile  # noqa: E402
+
 from p2prelay.cli.demo import LISTENING, REGISTERED, Daemon, script  # noqa: E402
 
 MiB = 1024 * 1024
@@ -204,16 +206,6 @@ class Network:
     def close(self) -> None:
         for daemon in reversed(self.daemons):
             daemon.stop()
-
-
-def makeFile(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        block = os.urandom(min(size, 4 * MiB) or 1)
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
 
 
 UDP_1400 = "UDP 1400"  # the Ethernet-sized blocks, named, on loopback
