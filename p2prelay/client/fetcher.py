@@ -485,19 +485,13 @@ class _FetchAttempt:
             if connected is None:
                 return None
             peer, proto = connected
-            await self.sink.flushed()
-            self.sink.reset()
-            self.current = peer
-            self.fetcher.verbose(f"fetching {self.name} from {peer}")
-            try:
+
+            async def get(proto: GetProtocol = proto) -> None:
                 proto.begin()
                 await proto.deferred
-                await self.sink.flushed()
-                self.sink.verify()
-                self.checkIndexed(peer)
+
+            if await self.attempt(peer, get):
                 return peer
-            except Exception as e:
-                self.failed(peer, e)
         return None
 
     async def tryInTurn(self, candidates: List[PeerAddress]) -> Optional[PeerAddress]:
@@ -506,19 +500,29 @@ class _FetchAttempt:
         assert transfer is not None
         for peer in candidates:
             self.contacted.add((peer.host, peer.port))
-            await self.sink.flushed()
-            self.sink.reset()
-            self.current = peer
-            self.fetcher.verbose(f"fetching {self.name} from {peer}")
-            try:
-                await transfer(peer, self.name, self.sink)
-                await self.sink.flushed()
-                self.sink.verify()
-                self.checkIndexed(peer)
+            if await self.attempt(peer, lambda peer=peer: transfer(peer, self.name, self.sink)):
                 return peer
-            except Exception as e:
-                self.failed(peer, e)
         return None
+
+    async def attempt(self, peer: PeerAddress, transfer: Callable[[], Awaitable[None]]) -> bool:
+        """
+        One attempt at ``peer`` into a clean sink, however the bytes travel:
+        True once the copy is verified against the index, else the failure
+        is recorded (and reported) and False.
+        """
+        await self.sink.flushed()
+        self.sink.reset()
+        self.current = peer
+        self.fetcher.verbose(f"fetching {self.name} from {peer}")
+        try:
+            await transfer()
+            await self.sink.flushed()
+            self.sink.verify()
+            self.checkIndexed(peer)
+            return True
+        except Exception as e:
+            self.failed(peer, e)
+            return False
 
     def race(self, queue: List[PeerAddress]) -> "Deferred[Optional[Tuple[PeerAddress, GetProtocol]]]":
         """
