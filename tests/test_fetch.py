@@ -15,13 +15,12 @@ from pathlib import Path
 import attrs
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineReceiver
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay import identity, wire
@@ -47,7 +46,7 @@ from p2prelay.node.server import FileServerFactory
 from p2prelay.node.share import SharedDirectory
 from p2prelay.wire import FileEntry
 
-from .support import flushPumps
+from .support import MemoryEndpoint, MemoryNetwork
 
 TIMEOUT = 10.0
 DATA = b"the quick brown fox jumps over the lazy dog\n" * 20
@@ -101,43 +100,10 @@ class HangUpServer(Protocol):
         self.transport.loseConnection()
 
 
-class FakeEndpoint:
-    """A client endpoint connecting, in memory, to a server factory (or failing)."""
-
-    def __init__(self, network: "FakeNetwork", label: str, factory=None, error=None) -> None:
-        self.network = network
-        self.label = label
-        self.factory = factory
-        self.error = error
-
-    def connect(self, clientFactory):
-        self.network.connections.append(self.label)
-        if self.error is not None:
-            return fail(self.error)
-        server = self.factory.buildProtocol(CLIENT)
-        client = clientFactory.buildProtocol(None)
-        serverIO = iosim.FakeTransport(server, True, peerAddress=CLIENT)
-        clientIO = iosim.FakeTransport(client, False)
-        self.network.pumps.append(
-            iosim.connect(server, serverIO, client, clientIO, greet=False, clock=self.network.clock)
-        )
-        return succeed(client)
-
-
-class FakeNetwork:
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.pumps: list[iosim.IOPump] = []
-        self.connections: list[str] = []
-
-    def flush(self) -> None:
-        flushPumps(self.pumps)
-
-
 class FetchTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.network = FakeNetwork(self.clock)
+        self.network = MemoryNetwork(self.clock)
         self.cooperator = Cooperator(
             scheduler=lambda f: self.clock.callLater(0, f),
             terminationPredicateFactory=lambda: (lambda: True),
@@ -166,7 +132,7 @@ class GetProtocolTests(FetchTestCase):
 
     def get(self, factory, name="a.txt", **kw):
         sink = self.sink()
-        endpoint = FakeEndpoint(self.network, "peer", factory)
+        endpoint = MemoryEndpoint(self.network, "peer", factory)
         d = ensureDeferred(negotiate(endpoint, GetProtocol(self.clock, name, sink, TIMEOUT, **kw)))
         self.network.flush()
         return d, sink
@@ -565,7 +531,7 @@ class FakeRelay(Factory):
 class NeverConnects:
     """An endpoint whose connection attempt never completes (a silent, filtered port)."""
 
-    def __init__(self, network: "FakeNetwork", label: str) -> None:
+    def __init__(self, network: MemoryNetwork, label: str) -> None:
         self.network = network
         self.label = label
         self.cancelled = 0
@@ -585,7 +551,7 @@ class FetcherTests(FetchTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.relayFactory = FakeRelay()
-        self.relay = FakeEndpoint(self.network, "relay", self.relayFactory)
+        self.relay = MemoryEndpoint(self.network, "relay", self.relayFactory)
         self.endpoints: dict[tuple[str, int], object] = {}
         self.reports: list[str] = []
         self.verbose: list[str] = []
@@ -613,7 +579,7 @@ class FetcherTests(FetchTestCase):
         label = f"127.0.0.1:{port}"
         files = [FileEntry(name, len(listed), sha(listed))] if holds else []
         self.relayFactory.add(f"node{port}", "127.0.0.1", port, files)
-        self.endpoints[("127.0.0.1", port)] = endpoint or FakeEndpoint(self.network, label, factory, error)
+        self.endpoints[("127.0.0.1", port)] = endpoint or MemoryEndpoint(self.network, label, factory, error)
         return label
 
     def active(self) -> list[str]:
@@ -782,11 +748,11 @@ class FetcherTests(FetchTestCase):
         holder = self.missing()
         relay = self.relay
 
-        class GoneAfterFirst(FakeEndpoint):
+        class GoneAfterFirst(MemoryEndpoint):
             def connect(inner, clientFactory):
                 if inner.network.connections.count("relay") >= 1:
                     inner.error = ConnectionRefusedError("relay went away")
-                return FakeEndpoint.connect(inner, clientFactory)
+                return MemoryEndpoint.connect(inner, clientFactory)
 
         flaky = GoneAfterFirst(self.network, "relay", relay.factory)
         d = self.drive(self.fetcher(flaky).fetch("a.txt", self.sink()))
@@ -796,13 +762,13 @@ class FetcherTests(FetchTestCase):
 
     def test_relayRefuses(self):
         """A relay refusing connections is RelayUnreachable."""
-        relay = FakeEndpoint(self.network, "relay", error=ConnectionRefusedError())
+        relay = MemoryEndpoint(self.network, "relay", error=ConnectionRefusedError())
         d = self.drive(self.fetcher(relay).fetch("a.txt", self.sink()))
         self.failureResultOf(d, RelayUnreachable)
 
     def test_relaySilent(self):
         """A relay that never answers is RelayUnreachable after the timeout."""
-        relay = FakeEndpoint(self.network, "relay", Factory.forProtocol(Protocol))
+        relay = MemoryEndpoint(self.network, "relay", Factory.forProtocol(Protocol))
         d = self.drive(self.fetcher(relay).fetch("a.txt", self.sink()))
         self.failureResultOf(d, RelayUnreachable)
 
