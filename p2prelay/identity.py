@@ -40,6 +40,7 @@ HEARTBEAT_PROOF = b"heartbeat"
 UNREGISTER_PROOF = b"unregister"
 DIALBACK_PROOF = b"dialback"
 CLIENT_PROOF = b"client"
+CONTROL_PROOF = b"control"  # opening a firewalled node's control connection
 
 STATE_ENV = "P2PRELAY_STATE_DIR"
 

@@ -53,6 +53,7 @@ BAD_RANGE = 416
 UPGRADE_REQUIRED = 426
 SERVER_ERROR = 500
 BUSY = 503
+GATEWAY_TIMEOUT = 504  # relay: the firewalled node did not open the circuit in time
 
 REASONS = {
     CONTINUE: "prove it",
@@ -68,6 +69,7 @@ REASONS = {
     UPGRADE_REQUIRED: "protocol version not supported",
     SERVER_ERROR: "server error",
     BUSY: "busy",
+    GATEWAY_TIMEOUT: "the node did not answer in time",
 }
 
 # Request verbs.
@@ -83,9 +85,22 @@ MANIFEST = "MANIFEST"  # node: a file's piece digests
 PROOF = "PROOF"  # the answer to a 100 challenge
 PROVE = "PROVE"  # relay to node: the dial-back challenge
 STATS = "STATS"  # relay: its headline figures on one status line
+# Paths to firewalled nodes (docs/protocol.rst, "Firewalled nodes").
+CONTROL = "CONTROL"  # node to relay: open the persistent control connection
+REVERSE = "REVERSE"  # client to relay: ask a node to connect to me; node to client: its intro
+RELAY = "RELAY"  # client to relay: splice me with a node's data connection
+CIRCUIT = "CIRCUIT"  # node to relay: the data connection for a RELAY
+CONNECT = "CONNECT"  # relay to node, over the control connection: orders (reverse or circuit)
 VERBS = frozenset(
-    {REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, MANIFEST, PROOF, PROVE, STATS}
+    {
+        REGISTER, UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, DEAD, GET, MANIFEST, PROOF, PROVE,
+        STATS, CONTROL, REVERSE, RELAY, CIRCUIT, CONNECT,
+    }
 )
+# A node's reachability as the relay lists it (reach= on PEER items).
+DIRECT = "direct"  # the relay's dial-back reached it: connect to it
+FIREWALLED = "firewalled"  # it holds a control connection: reach it via reverse or relayed paths
+REACH = (DIRECT, FIREWALLED)
 # The fields of a STATS answer, each a whole number.
 STATS_FIELDS = ("peers", "files", "entries", "bytes", "lookups", "uptime")
 
