@@ -22,6 +22,9 @@ from twisted.python.failure import Failure
 
 from .addresses import describePeer
 
+# The node's default --port (see tap.NodeOptions).
+NODE_DEFAULT_PORT = "tcp:0"
+
 
 def describeAddress(port: IListeningPort) -> str:
     """A bound port as ``host:port``."""

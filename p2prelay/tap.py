@@ -46,6 +46,7 @@ from .negotiation import (
     NEGOTIATION_DEADLINE,
     REQUEST_DEADLINE,
 )
+from .listening import NODE_DEFAULT_PORT
 from .node.upkeep import DEFAULT_RESCAN
 from .pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, PIECE_SIZE
 from .relay.dialback import (
@@ -230,7 +231,7 @@ class NodeOptions(usage.Options):
     optParameters = [
         ["relay", "r", "localhost:8000", "The relay: HOST:PORT or a client endpoint description."],
         ["dir", "d", None, "The folder to share (required)."],
-        ["port", "p", "tcp:0", "Where to serve (port number or endpoint description; "
+        ["port", "p", NODE_DEFAULT_PORT, "Where to serve (port number or endpoint description; "
          "default: an OS-chosen port, which is what gets registered).", _server],
         ["advertise", "a", None, "Host to register, or HOST:PORT ([V6]:PORT) behind a router "
          "forwarding PORT to --port (default: the address the relay sees, and the port bound)."],
