@@ -186,10 +186,10 @@ class OptionTests(SynchronousTestCase):
         return self.stderr.getvalue()
 
     def test_nodeOptionsAndMore(self) -> None:
-        """p2p-peer accepts every option of twistd peernode, plus --timeout and --log."""
+        """p2p-peer accepts every option of twistd peernode, plus --timeout, --log and --no-listen."""
         node, peer = NodeOptions(), PeerOptions()
         self.assertLessEqual(set(node.longOpt), set(peer.longOpt))
-        self.assertEqual(set(peer.longOpt) - set(node.longOpt), {"timeout=", "log="})
+        self.assertEqual(set(peer.longOpt) - set(node.longOpt), {"timeout=", "log=", "no-listen"})
         self.assertEqual(node.shortOpt, peer.shortOpt.replace("h", ""))
 
     def test_defaults(self) -> None:

@@ -180,6 +180,12 @@ def parser() -> argparse.ArgumentParser:
         "--udp", action="store_true", help="fetch over UDP instead of TCP (the relay stays on TCP)"
     )
     p.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="never accept connections, e.g. behind NAT: reach firewalled peers via the relay "
+        "(default: ask a firewalled peer to connect back to an ephemeral port first)",
+    )
+    p.add_argument(
         "--tls",
         action="store_true",
         help="fetch only over TLS, from peers that offer it, checking each peer's key "
@@ -294,18 +300,24 @@ class NoTLS(Exception):
 
 @implementer(IStreamClientEndpoint)
 class _Refused:
+    def __init__(self, why: str = "offers no TLS") -> None:
+        self.why = why
+
     def connect(self, factory):
-        return fail(NoTLS("offers no TLS"))
+        return fail(NoTLS(self.why))
 
 
 def tlsPeerEndpoint(reactor, timeout: float) -> Callable[[PeerAddress], object]:
     """
     --tls: a peer's TLS port, pinned to the key the relay lists for it; a
-    peer listed without one is a failed attempt (and not reported dead).
+    peer listed without one, or firewalled (a path through the relay is
+    not TLS to the peer), is a failed attempt (and not reported dead).
     """
     from ..tls import pinnedTLSEndpoint
 
     def endpoint(peer: PeerAddress):
+        if peer.firewalled:
+            return _Refused("is firewalled: --tls needs a direct connection")
         if peer.tls is None or peer.key is None:
             return _Refused()
         return pinnedTLSEndpoint(reactor, peer.host, peer.tls, peer.key, timeout)
@@ -350,6 +362,7 @@ def buildFetcher(
         prover=secretProver(args.secret) if getattr(args, "secret", None) else None,
         sources=getattr(args, "sources", SOURCES),
         walk=getattr(args, "walk", WALK),
+        listen=not getattr(args, "no_listen", False),
     )
     if args.udp:
         fetcher.transfer = functools.partial(fetcher.transferUDP, blockSize=args.udp_block)

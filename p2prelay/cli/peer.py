@@ -31,6 +31,7 @@ from twisted.python import usage
 from .. import __version__, wire
 from ..client.download import DestinationError, Download, destination
 from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
+from ..client.paths import via
 from ..client.relay import secretProver
 from ..human import humanSize, plural
 from ..listening import ListenFailed, describeAddress
@@ -79,6 +80,11 @@ class PeerOptions(NodeOptions):
         ["timeout", None, PEER_TIMEOUT, "Connect and idle timeout for every connection, "
          "in seconds.", seconds("timeout")],
         ["log", None, None, "Write the node's log to FILE (default: warnings on stderr)."],
+    ]
+    optFlags = [
+        ["no-listen", None, "Downloads never accept connections, e.g. behind NAT: reach "
+         "firewalled peers via the relay (default: ask a firewalled peer to connect back "
+         "to an ephemeral port first)."],
     ]
 
     def __init__(self) -> None:
@@ -331,7 +337,7 @@ class PeerConsole:
         self.node.share.add(FileEntry(name, result.size, result.sha256, st.st_mtime_ns))
         if self.node.registrar is not None:
             self.node.registrar.registerSoon()
-        self.note(f"{name}: done, {humanSize(result.size)} from {result.peer}; now shared")
+        self.note(f"{name}: done, {humanSize(result.size)} from {result.peer}{via(result.path)}; now shared")
 
     async def finish(self) -> None:
         """Quitting: wait for the downloads running, or cancel them, as the user says."""
@@ -430,6 +436,7 @@ async def run(
             timeout=config["timeout"],
             exclude=[node.node],
             prover=secretProver(secret) if secret else None,
+            listen=not config.get("no-listen"),
         )
     ui = PeerConsole(reactor, node, console, fetcher)
     watching = Deferred.fromCoroutine(_deliver(signals, ui)) if signals is not None else None

@@ -19,6 +19,7 @@ from .. import wire
 from ..client.download import DestinationError, Download, VerificationError, destination
 from ..client.fetcher import Fetched, Fetcher, NotFetched, RelayNotFound, RelayUnreachable
 from ..human import humanSize
+from ..client.paths import via
 from ..client.swarm import Interrupted, keptMessage
 from .console import SNIFF, EOF, Console, looksBinary, splitNames, visible
 from .options import EXIT_NOT_FETCHED, EXIT_OK, EXIT_RELAY, EXIT_SIGNAL, buildFetcher
@@ -289,7 +290,7 @@ class Client:
         )
         self._barDone(name)
         source = result.peer if len(result.peers) < 2 else f"{len(result.peers)} peers"
-        self.err(f"saved {name} ({humanSize(result.size)} from {source}) to {final}")
+        self.err(f"saved {name} ({humanSize(result.size)} from {source}{via(result.path)}) to {final}")
         if self.args.json:
             self.outJSON(self._record(result, path=str(final)))
         return result, None
@@ -317,7 +318,7 @@ class Client:
         if digest not in wanted:
             return None
         seconds = (self.reactor.seconds() - started) if self.reactor is not None else 0.0
-        return Fetched(name, size, digest, "", [], seconds)
+        return Fetched(name, size, digest, "", [], seconds, path=None)
 
     def _record(self, result: Fetched, **extra: object) -> dict:
         return {
@@ -326,6 +327,7 @@ class Client:
             "size": result.size,
             "sha256": result.sha256,
             "peer": result.peer,
+            "path": result.path,
             "attempts": [{"peer": a.peer, "error": a.error} for a in result.attempts],
             "seconds": round(result.seconds, 3),
             **extra,

@@ -17,6 +17,10 @@ does not list is checked against the index's entries for the name when
 there are any, and otherwise only against the sender's own hash, which the
 user is told.  A peer that could not be reached at all is reported to the
 relay, and only peers actually tried are.
+
+A holder the relay lists as firewalled comes after the direct ones and is
+reached through the relay (:mod:`.paths`: a reverse connection, else a
+relayed one), with a longer setup budget; it is never reported dead.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ from .outcomes import (
     RelayNotFound,
     RelayUnreachable,
     describe,
+    directFirst,
     notIndexed,
     unreachable,
 )
+from .paths import DIRECT, PathEndpoint, via
 from .race import ATTEMPTS_AT_ONCE, STAGGER, Race
 from .relay import IncompleteReply, ProofNeeded, Prover, query
 
@@ -70,6 +76,8 @@ class Fetcher:
     attempt against one peer (UDP), tried one peer after another, its
     result checked against the index afterwards.  ``prover`` answers a
     private relay's challenge (see :func:`~p2prelay.client.relay.secretProver`).
+    ``listen`` False (``--no-listen``): never accept a connection, so a
+    firewalled peer is reached via the relay, not by a reverse connection.
     """
 
     log = Logger()
@@ -95,6 +103,7 @@ class Fetcher:
         sources: int = SOURCES,
         runInThread: Optional[Callable[..., Deferred]] = None,
         walk: int = WALK,
+        listen: bool = True,
     ) -> None:
         self.reactor = reactor
         self.relay = relay
@@ -114,6 +123,10 @@ class Fetcher:
         self.peerEndpoint = peerEndpoint or self._endpoint
         self.sources = sources
         self.walk = walk
+        self.listen = listen
+        # A reverse connection never came: we cannot be reached, so every
+        # later firewalled peer of this session goes straight to the relay.
+        self.reverseTimedOut = False
         self.runInThread = runInThread or _threadRunner(reactor)
         # Told each download as it starts (its name, bytes received, total
         # and peers: a _FetchAttempt), e.g. to show its progress.
@@ -125,7 +138,10 @@ class Fetcher:
         a host name goes through a resolver (a thread), whose delay would
         otherwise let a later attempt overtake it in the race.  Plain TCP
         never imports twisted.internet.endpoints (and with it the TLS stack).
+        A firewalled peer is reached through the relay (:class:`~.paths.PathEndpoint`).
         """
+        if peer.firewalled:
+            return PathEndpoint(self, peer)
         return TCPClient(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
 
     async def ask(self, payload: bytes):
@@ -147,7 +163,8 @@ class Fetcher:
         return self._peerList(await self.ask(wire.request(wire.PEERS)))
 
     async def holders(self, name: str) -> List[PeerAddress]:
-        return self._peerList(await self.ask(wire.request(wire.WHOHAS, name=name)))
+        """The relay's holders of ``name``: the direct ones first, then the firewalled ones."""
+        return directFirst(self._peerList(await self.ask(wire.request(wire.WHOHAS, name=name))))
 
     async def search(self, pattern: str, limit: Optional[int] = None):
         reply = await self.ask(wire.request(wire.SEARCH, pattern=pattern, limit=limit))
@@ -329,6 +346,8 @@ class _FetchAttempt:
         self.listedSize: Optional[int] = None
         # Other peers asked for a name the index lists no holder of (None: no walk).
         self.walked: Optional[int] = None
+        # (host, port) -> the path its last connection took (see .paths).
+        self.paths: dict[Tuple[str, int], str] = {}
 
     @property
     def received(self) -> int:
@@ -417,6 +436,7 @@ class _FetchAttempt:
             peer=str(winner),
             attempts=self.attempts,
             seconds=time.monotonic() - self.started,
+            path=self.paths.get((winner.host, winner.port), DIRECT),
         )
 
     async def tryOthers(self, holders: List[PeerAddress]) -> Optional[PeerAddress]:
@@ -434,7 +454,9 @@ class _FetchAttempt:
         listed = {(p.host, p.port) for p in holders}
         # Strangers to the index: what they hold is not what the relay lists.
         others = self.budget(
-            [attrs.evolve(p, size=None, sha256=None) for p in everyone if (p.host, p.port) not in listed]
+            directFirst(
+                [attrs.evolve(p, size=None, sha256=None) for p in everyone if (p.host, p.port) not in listed]
+            )
         )
         if not holders:
             # A name nobody is listed for: a walk of a few peers, not a flood of
@@ -457,7 +479,12 @@ class _FetchAttempt:
             self.reportUnreachable(peer)
 
     def reportUnreachable(self, peer: PeerAddress) -> None:
-        """Tell the relay (once) that nothing answers at ``peer``."""
+        """
+        Tell the relay (once) that nothing answers at ``peer``; never for a
+        firewalled one, which is not meant to answer there.
+        """
+        if peer.firewalled:
+            return
         key = (peer.host, peer.port)
         if key not in self.reported:
             self.reported.add(key)
@@ -513,7 +540,8 @@ class _FetchAttempt:
         await self.sink.flushed()
         self.sink.reset()
         self.current = peer
-        self.fetcher.verbose(f"fetching {self.name} from {peer}")
+        path = self.paths.get((peer.host, peer.port))
+        self.fetcher.verbose(f"fetching {self.name} from {peer}{via(path)}")
         try:
             await transfer()
             await self.sink.flushed()

@@ -31,6 +31,13 @@ class RelayNotFound(RelayUnreachable):
     """The relay's host name does not exist: ``NAME:PORT: no such host``."""
 
 
+class PathRefused(wire.ProtocolError):
+    """
+    The relay refused a reverse or relayed path to a firewalled peer: its
+    status, its text, and a 503's ``retry`` hint.
+    """
+
+
 class NotFetched(Exception):
     """Every candidate peer was tried and none delivered the file."""
 
@@ -72,6 +79,9 @@ class PeerAddress:
     # The root of the pieces it holds, and their size (WHOHAS, when listed).
     root: Optional[str] = attrs.field(default=None, eq=False)
     piece: int = attrs.field(default=PIECE_SIZE, eq=False)
+    # wire.DIRECT: connect to it; wire.FIREWALLED: only through the relay
+    # (see p2prelay.client.paths).
+    reach: str = attrs.field(default=wire.DIRECT, eq=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -94,7 +104,14 @@ class PeerAddress:
             key=message.publicKey() if message.get("tls") else None,
             root=root,
             piece=piece,
+            # Anything but "firewalled" (a newer relay's word, say) is dialled as before.
+            reach=wire.FIREWALLED if message.get("reach") == wire.FIREWALLED else wire.DIRECT,
         )
+
+    @property
+    def firewalled(self) -> bool:
+        """The relay lists it as taking no incoming connections."""
+        return self.reach == wire.FIREWALLED
 
     @property
     def listed(self) -> Optional[Tuple[int, str]]:
@@ -121,10 +138,21 @@ class Fetched:
     # Every peer that sent pieces (a multi-source download), else just ``peer``.
     peers: List[str] = attrs.field(factory=list)
     resumed: int = 0  # bytes already on disk from an earlier run
+    # How the bytes came (the main peer's, in a multi-source download):
+    # "direct", "reverse" or "relay" (see p2prelay.client.paths); None for
+    # a file that was already there.
+    path: Optional[str] = wire.DIRECT
+
+
+def directFirst(peers: Sequence[PeerAddress]) -> List[PeerAddress]:
+    """The direct peers, then the firewalled ones, each group in the given order."""
+    return [p for p in peers if not p.firewalled] + [p for p in peers if p.firewalled]
 
 
 def describe(e: BaseException) -> str:
     """A short, user-facing reason for a failed attempt."""
+    if isinstance(e, PathRefused):
+        return f"relay answered {e.status} {e.message}"
     if isinstance(e, wire.ProtocolError):
         return f"{e.status} {e.message}"
     if isinstance(e, error.ConnectionRefusedError):

@@ -1,8 +1,10 @@
 """
 The connection race (RFC 8305 style): connect to the next holders in turn,
 a new attempt every ``STAGGER`` seconds and at most ``ATTEMPTS_AT_ONCE`` in
-flight, each given the fetcher's ``connectTimeout``; the first to connect
-wins (its GET not yet sent), and the others are cancelled and requeued.
+flight, each given the fetcher's ``connectTimeout`` (a firewalled peer, reached
+through the relay, :func:`~.paths.setupBudget`); the first to connect wins
+(its GET not yet sent, the path it took recorded), and the others are
+cancelled and requeued.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from twisted.python.failure import Failure
 from ..negotiation import _OneShotFactory
 from .get import GetProtocol
 from .outcomes import PeerAddress
+from .paths import DIRECT, setupBudget
 
 if TYPE_CHECKING:
     from .fetcher import _FetchAttempt
@@ -33,6 +36,7 @@ class Race:
         self.clock = attempt.clock
         self.queue = queue
         self.inFlight: Dict[PeerAddress, Deferred] = {}
+        self.endpoints: Dict[PeerAddress, object] = {}
         self.started: List[PeerAddress] = []
         self.timer = None
         self.won = False
@@ -75,11 +79,14 @@ class Race:
             start=False,
         )
         try:
-            d = f.peerEndpoint(peer).connect(_OneShotFactory(proto))
+            endpoint = f.peerEndpoint(peer)
+            d = endpoint.connect(_OneShotFactory(proto))
         except Exception as e:  # a malformed address, say
             self.attempt.failed(peer, e)
             return
-        d.addTimeout(f.connectTimeout, self.clock, self.timedOut)
+        self.endpoints[peer] = endpoint
+        budget = setupBudget(f.connectTimeout) if peer.firewalled else f.connectTimeout
+        d.addTimeout(budget, self.clock, self.timedOut)
         self.inFlight[peer] = d
         d.addCallbacks(self.connected, self.lost, callbackArgs=(peer, proto), errbackArgs=(peer,))
 
@@ -97,6 +104,8 @@ class Race:
                 proto.transport.abortConnection()
             return
         self.finish()
+        path = getattr(self.endpoints.get(peer), "path", None) or DIRECT
+        self.attempt.paths[(peer.host, peer.port)] = path
         self.result.callback((peer, proto))
 
     def lost(self, reason: Failure, peer: PeerAddress) -> None:

@@ -100,18 +100,10 @@ class QueryProtocol(OneShotClient[Reply]):
         if self._challenged:
             raise wire.ProtocolError(wire.BAD_REQUEST, "a second challenge")
         self._challenged = True
-        nonce = message.nonce()
-        secret = message.flag("secret")
-        if self.prover is None:
-            self.fail(
-                ProofNeeded(
-                    "the relay asks for a proof"
-                    + (" of its shared secret (--secret-file)" if secret else "")
-                )
-            )
-            return
         try:
-            line = self.prover(nonce, secret, self.payload)
+            line = proofFor(self.prover, message, self.payload)
+        except wire.ProtocolError:
+            raise
         except Exception as e:
             self.fail(e)
             return
@@ -119,6 +111,21 @@ class QueryProtocol(OneShotClient[Reply]):
 
     def incomplete(self, reason: object) -> IncompleteReply:
         return IncompleteReply("relay closed the connection mid-answer")
+
+
+def proofFor(prover: Optional[Prover], challenge: wire.Message, sent: bytes) -> bytes:
+    """
+    The ``PROOF`` line answering a relay's ``100 nonce= [secret=1]``
+    ``challenge`` of the request ``sent``; without a ``prover``,
+    :class:`ProofNeeded` (a malformed nonce is a :class:`wire.ProtocolError`).
+    """
+    nonce = challenge.nonce()
+    secret = challenge.flag("secret")
+    if prover is None:
+        raise ProofNeeded(
+            "the relay asks for a proof" + (" of its shared secret (--secret-file)" if secret else "")
+        )
+    return prover(nonce, secret, sent)
 
 
 async def query(

@@ -26,13 +26,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import pieces, wire
-from ..negotiation import negotiate
+from ..negotiation import _OneShotFactory
 from .download import NoSpace, VerificationError, freeSpace, human
 from .get import GetProtocol
 from .journal import CHANGED, NEW, RECHECKED, RESUMED, Journal
 from .manifest import Manifest
 from .outcomes import Attempt, Fetched, NotFetched, describe, unreachable
 from .outputs import STREAM_WINDOW, JournalOutput, ReaderGone, StreamOutput
+from .paths import DIRECT, via
 
 if TYPE_CHECKING:
     from .fetcher import _FetchAttempt
@@ -137,6 +138,7 @@ class PieceFetch:
         self.verifiedBytes = sum(manifest.range(i)[1] for i in output.have)
         self.checking = 0
         self.delivered: Dict[tuple, int] = {}  # holder -> pieces it delivered
+        self.paths: Dict[tuple, str] = {}  # holder -> the path its last connection took
         self.wake = None
         self.result: Deferred = Deferred(self._cancel)
         output.onDrain = self.pump
@@ -220,12 +222,28 @@ class PieceFetch:
         except Exception as e:
             self._lost(Failure(e), piece, holder, None)
             return
-        d = Deferred.fromCoroutine(negotiate(endpoint, proto))
+        d = Deferred.fromCoroutine(self._negotiate(endpoint, proto, holder))
         self.requests[(piece, holder)] = d
         self.buffers[(piece, holder)] = buffer
         d.addCallbacks(
             self._arrived, self._lost, callbackArgs=(piece, holder, buffer, d), errbackArgs=(piece, holder, d)
         )
+
+    async def _negotiate(self, endpoint, proto: GetProtocol, holder: tuple) -> None:
+        """One piece's request; the first connection to each holder says its path (-v)."""
+        await endpoint.connect(_OneShotFactory(proto))
+        path = getattr(endpoint, "path", None) or DIRECT
+        if holder not in self.paths:
+            self.fetcher.verbose(f"fetching {self.name} from {self.peers[holder]}{via(path)}")
+        self.paths[holder] = path
+        return await proto.deferred
+
+    def mainPath(self) -> str:
+        """The path of the holder that delivered the most pieces."""
+        if not self.delivered:
+            return DIRECT
+        main = max(self.delivered, key=lambda holder: self.delivered[holder])
+        return self.paths.get(main, DIRECT)
 
     def _arrived(self, _: object, piece: int, holder: tuple, buffer: PieceBuffer, d: Deferred) -> None:
         if self.requests.get((piece, holder)) is not d:
@@ -363,6 +381,7 @@ def fetched(attempt: "_FetchAttempt", manifest, engine, started: float, resumed:
         seconds=time.monotonic() - started,
         peers=peers,
         resumed=resumed,
+        path=engine.mainPath(),
     )
 
 
