@@ -42,7 +42,8 @@ class RegistryTestCase(SynchronousTestCase):
         self.registry = Registry(self.clock.seconds, TTL)
 
     def nodes(self) -> list[str]:
-        return [p.node for p in self.registry.active()]
+        """The active peers' ids, sorted (their order is random within a tier)."""
+        return sorted(p.node for p in self.registry.active())
 
 
 class RegisterTests(RegistryTestCase):
@@ -77,26 +78,14 @@ class RegisterTests(RegistryTestCase):
         self.registry.register("b", "10.0.0.1", 5001, [])
         self.assertEqual(self.nodes(), ["a", "b"])
 
-    def test_activeOrder(self):
-        """active() lists peers by first registration, oldest first."""
-        for node in ["c", "a", "b"]:
-            self.registry.register(node, node, 1, [])
-        self.assertEqual(self.nodes(), ["c", "a", "b"])
-
-    def test_reregisterKeepsPlace(self):
-        """Re-registering (say, with new files) keeps a peer's place in the order."""
-        self.registry.register("a", "a", 1, [])
-        self.registry.register("b", "b", 1, [])
-        self.registry.register("a", "a", 1, [entry("x")])
-        self.assertEqual(self.nodes(), ["a", "b"])
-
-    def test_comeBackAfterUnregisterGoesLast(self):
-        """A peer that unregistered and registers again goes to the end."""
+    def test_comeBackAfterUnregister(self):
+        """A peer that unregistered and registers again is listed again, once."""
         self.registry.register("a", "a", 1, [])
         self.registry.register("b", "b", 1, [])
         self.registry.unregister("a")
         self.registry.register("a", "a", 1, [])
-        self.assertEqual(self.nodes(), ["b", "a"])
+        self.assertEqual([p.node for p in self.registry.active()].count("a"), 1)
+        self.assertEqual(self.nodes(), ["a", "b"])
 
 
 class ExpiryTests(RegistryTestCase):
@@ -159,7 +148,7 @@ class ExpiryTests(RegistryTestCase):
         fresh = Registry(self.clock.seconds, TTL)
         for peer in saved:
             fresh.restore(peer)
-        self.assertEqual([p.node for p in fresh.active()], ["n1", "n2"])
+        self.assertEqual(sorted(p.node for p in fresh.active()), ["n1", "n2"])
 
     def test_restoreExpired(self):
         """A saved peer whose lifetime has passed is not restored."""
@@ -304,7 +293,7 @@ class HoldersTests(RegistryTestCase):
         self.registry.register("n1", "h1", 1, [entry("a.txt", 3, "b")])
         self.registry.register("n2", "h2", 1, [entry("b.txt")])
         self.registry.register("n3", "h3", 1, [entry("a.txt", 4, "c")])
-        found = [(p.node, e.size) for p, e in self.registry.holders("a.txt")]
+        found = sorted((p.node, e.size) for p, e in self.registry.holders("a.txt"))
         self.assertEqual(found, [("n1", 3), ("n3", 4)])
 
     def test_holdersExactName(self):
@@ -356,19 +345,13 @@ class HolderOrderTests(SynchronousTestCase):
     def holders(self, name: str = "a") -> list[str]:
         return [p.node for p, _ in self.registry.holders(name)]
 
-    def test_oldestHolderFirst(self):
-        """Up to the cap, holders come in the order they began to hold the name."""
-        for node in ["c", "a", "b"]:
-            self.registry.register(node, node, 1, [entry("a")])
-        self.assertEqual(self.holders(), ["c", "a", "b"])
-
-    def test_reregisterKeepsPlaceAmongHolders(self):
-        """A holder registering again with the name keeps its place for it."""
+    def test_reregisterUpdatesHoldersEntry(self):
+        """A holder registering again with the name is listed once, with its new entry."""
         for node in ["a", "b"]:
             self.registry.register(node, node, 1, [entry("a")])
         self.registry.register("a", "a", 1, [entry("x"), entry("a", 2)])
-        self.assertEqual(self.holders(), ["a", "b"])
-        self.assertEqual(self.registry.holders("a")[0][1].size, 2)
+        self.assertEqual(sorted(self.holders()), ["a", "b"])
+        self.assertEqual({p.node: e.size for p, e in self.registry.holders("a")}["a"], 2)
 
     def test_capped(self):
         """Never more holders than the cap, all of them distinct live holders."""
@@ -380,13 +363,11 @@ class HolderOrderTests(SynchronousTestCase):
         self.assertLessEqual(set(found), {f"n{i}" for i in range(10)})
 
     def test_cappedSampleSpreads(self):
-        """Over the cap, repeated answers name different holders (a random sample, in order)."""
+        """Over the cap, repeated answers name different holders (a random sample)."""
         for i in range(10):
             self.registry.register(f"n{i:02}", f"h{i}", 1, [entry("a")])
         answers = [self.holders() for _ in range(20)]
         self.assertGreater(len({n for a in answers for n in a}), 3)
-        for answer in answers:
-            self.assertEqual(answer, sorted(answer))
 
     def test_cappedSkipsHidden(self):
         """Hidden or expired holders never fill the cap while listed ones are left out."""
@@ -400,6 +381,127 @@ class HolderOrderTests(SynchronousTestCase):
         for node in ["a", "b"]:
             self.registry.register(node, node, 1, [entry("a")])
         self.assertEqual(len(self.registry.holders("a", 1)), 1)
+
+
+class TierTests(SynchronousTestCase):
+    """
+    Listings in tiers: direct peers, then direct ones with a missed probe,
+    then firewalled ones holding a control connection; random within a tier.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(self.clock.seconds, TTL, rng=random.Random(3))
+
+    def add(self, node: str, tier: int) -> None:
+        self.registry.register(node, node, 1, [entry("a")], reachable=tier < 2)
+        if tier == 1:
+            self.registry.missed(node)
+        if tier == 2:
+            self.registry.setControl(node, True)
+
+    def test_listedNeedsReachOrControl(self):
+        """A peer is listed if the relay reached it, or while it holds a control connection."""
+        peer = self.registry.register("n", "h", 1, [], reachable=False)
+        self.assertFalse(peer.listed)
+        self.registry.setControl("n", True)
+        self.assertTrue(peer.listed)
+        self.registry.setControl("n", False)
+        self.assertFalse(peer.listed)
+        self.registry.setReachable("n", True)
+        self.assertTrue(peer.listed)
+
+    def test_reach(self):
+        """Peer.reach is direct for a reachable peer, firewalled otherwise."""
+        self.assertEqual(self.registry.register("d", "d", 1, []).reach, "direct")
+        self.assertEqual(self.registry.register("f", "f", 1, [], reachable=False).reach, "firewalled")
+
+    def test_firewalledWithControlListed(self):
+        """A firewalled peer with a control connection is handed out: PEERS, WHOHAS, SEARCH, figures."""
+        self.add("f", 2)
+        self.assertEqual([p.node for p in self.registry.active()], ["f"])
+        self.assertEqual([p.node for p, _ in self.registry.holders("a")], ["f"])
+        self.assertEqual(self.registry.search("a", 10)[0][0].holders, 1)
+        self.assertEqual(self.registry.figures().peers, 1)
+
+    def test_firewalledWithoutControlHidden(self):
+        """A firewalled peer whose control connection closed is not handed out, but kept."""
+        self.add("f", 2)
+        self.registry.setControl("f", False)
+        self.assertEqual(self.registry.active(), [])
+        self.assertEqual(self.registry.holders("a"), [])
+        self.assertEqual(self.registry.search("a", 10), ([], False))
+        self.assertEqual([p.node for p in self.registry.all()], ["f"])
+
+    def test_tiersInOrder(self):
+        """Direct peers come first, suspect ones next, firewalled ones last, whatever the registration order."""
+        for node, tier in [("f1", 2), ("s1", 1), ("d1", 0), ("f2", 2), ("d2", 0), ("s2", 1)]:
+            self.add(node, tier)
+        for found in ([p.node for p in self.registry.active()], [p.node for p, _ in self.registry.holders("a")]):
+            self.assertEqual([n[0] for n in found], ["d", "d", "s", "s", "f", "f"])
+
+    def test_randomWithinTier(self):
+        """Within a tier the order varies between answers, so clients do not all pick the same peer."""
+        for i in range(6):
+            self.add(f"d{i}", 0)
+        orders = {tuple(p.node for p, _ in self.registry.holders("a")) for _ in range(10)}
+        self.assertGreater(len(orders), 1)
+
+    def test_seededOrderRepeats(self):
+        """The order comes from the registry's rng: the same seed gives the same answers."""
+        answers = []
+        for _ in range(2):
+            registry = Registry(self.clock.seconds, TTL, rng=random.Random(11))
+            for i in range(6):
+                registry.register(f"d{i}", f"d{i}", 1, [entry("a")])
+            answers.append([[p.node for p in registry.active()] for _ in range(3)])
+        self.assertEqual(answers[0], answers[1])
+
+    def test_cappedThenOrdered(self):
+        """Over the holder cap the sample is taken first, then put in tiers."""
+        registry = Registry(self.clock.seconds, TTL, maxHolders=4, rng=random.Random(5))
+        for i in range(8):
+            registry.register(f"f{i}", f"f{i}", 1, [entry("a")], reachable=False)
+            registry.setControl(f"f{i}", True)
+        registry.register("d", "d", 1, [entry("a")])
+        for _ in range(10):
+            found = [p.node for p, _ in registry.holders("a")]
+            self.assertEqual(len(found), 4)
+            if "d" in found:
+                self.assertEqual(found[0], "d")
+
+    def test_successClearsMisses(self):
+        """A successful check forgets the missed probe: back in the first tier."""
+        self.add("s", 1)
+        self.assertEqual(self.registry.get("s").tier, 1)
+        self.registry.setReachable("s", True)
+        self.assertEqual((self.registry.get("s").misses, self.registry.get("s").tier), (0, 0))
+
+    def test_directSince(self):
+        """directSince is when the peer was verified direct, reset when it turns firewalled."""
+        self.clock.advance(5)
+        self.assertEqual(self.registry.register("n", "h", 1, []).directSince, 5)
+        self.clock.advance(5)
+        self.registry.setReachable("n", False)
+        self.assertIsNone(self.registry.get("n").directSince)
+        self.clock.advance(5)
+        self.registry.setReachable("n", True)
+        self.assertEqual(self.registry.get("n").directSince, 15)
+
+    def test_reregisterKeepsDirectSinceAndControl(self):
+        """Re-registering at the same address keeps the run of successes and the control flag."""
+        self.registry.register("n", "h", 1, [])
+        self.registry.setControl("n", True)
+        self.clock.advance(80)
+        peer = self.registry.register("n", "h", 1, [entry("x")])
+        self.assertEqual((peer.directSince, peer.control), (0, True))
+
+    def test_restoreHasNoControl(self):
+        """A peer restored from saved state holds no control connection."""
+        peer = Peer("n", "h", 1, {}, expires=TTL, reachable=False, control=True)
+        self.registry.restore(peer)
+        self.assertFalse(self.registry.get("n").control)
+        self.assertEqual(self.registry.active(), [])
 
 
 class IndexTests(RegistryTestCase):
@@ -675,6 +777,14 @@ class StateStoreTests(SynchronousTestCase):
         peers = [self.peer("n1"), self.peer("n2", udp=5001)]
         self.store.save(peers)
         self.assertEqual(sorted(StateStore(self.path).load(), key=lambda p: p.node), peers)
+
+    def test_controlNotPersisted(self):
+        """A control connection is never saved: the peer loads back without one."""
+        peer = self.peer("n2")
+        peer.control = True
+        self.store.save([peer])
+        [loaded] = StateStore(self.path).load()
+        self.assertFalse(loaded.control)
 
     def test_saveReplaces(self):
         """Each save is the whole snapshot: peers not saved again are gone."""

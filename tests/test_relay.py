@@ -414,12 +414,13 @@ class QueryTests(RelayTestCase):
         )
         self.registry.register("n3", "10.0.0.3", 5000, [FileEntry("f", 5, SHA_A)])
         status, *items, end = self.answer(wire.request(wire.WHOHAS, name="f"))
+        byNode = {m.get("node"): m for m in items}
         self.assertEqual(
-            [(m.get("root"), m.get("piece")) for m in items],
-            [(SHA_B, str(PIECE_SIZE)), (SHA_A, str(MIN_PIECE_SIZE)), (None, None)],
+            {n: (m.get("root"), m.get("piece")) for n, m in byNode.items()},
+            {"n1": (SHA_B, str(PIECE_SIZE)), "n2": (SHA_A, str(MIN_PIECE_SIZE)), "n3": (None, None)},
         )
-        self.assertEqual(wire.pieceLayout(items[1], 5), (SHA_A, MIN_PIECE_SIZE))
-        self.assertEqual(wire.pieceLayout(items[2], 5), (None, PIECE_SIZE))
+        self.assertEqual(wire.pieceLayout(byNode["n2"], 5), (SHA_A, MIN_PIECE_SIZE))
+        self.assertEqual(wire.pieceLayout(byNode["n3"], 5), (None, PIECE_SIZE))
 
 
     def test_peers(self):
@@ -429,10 +430,10 @@ class QueryTests(RelayTestCase):
         status, first, second, end = self.answer(wire.request(wire.PEERS))
         self.assertEqual((status.status, status.get("count"), status.get("boot")), (200, "2", self.factory.boot))
         self.assertEqual(
-            [dict(m.fields) for m in (first, second)],
+            sorted((dict(m.fields) for m in (first, second)), key=lambda f: f["node"]),
             [
-                {"node": "n1", "host": "10.0.0.1", "port": "5000", "files": "2"},
-                {"node": "n2", "host": "10.0.0.2", "port": "6000", "files": "0"},
+                {"node": "n1", "host": "10.0.0.1", "port": "5000", "reach": "direct", "files": "2"},
+                {"node": "n2", "host": "10.0.0.2", "port": "6000", "reach": "direct", "files": "0"},
             ],
         )
         self.assertEqual((first.word, end.word, end.get("count")), ("PEER", "END", "2"))
@@ -458,8 +459,8 @@ class QueryTests(RelayTestCase):
         self.register("n3", "10.0.0.3", 5000, ["a b.txt"])
         status, *items, end = self.answer(wire.request(wire.WHOHAS, name="a b.txt"))
         self.assertEqual(status.get("count"), "2")
-        self.assertEqual([m.get("node") for m in items], ["n1", "n3"])  # oldest holder first
-        self.assertEqual((items[0].get("size"), items[0].sha256()), ("1", SHA_A))
+        self.assertEqual(sorted(m.get("node") for m in items), ["n1", "n3"])
+        self.assertEqual((items[0].get("size"), items[0].sha256(), items[0].get("reach")), ("1", SHA_A, "direct"))
         self.assertEqual(end.integer("count"), 2)
 
     def test_whohasCapped(self):

@@ -178,7 +178,9 @@ class EntryRequests:
             self.finish(
                 wire.status(
                     wire.NOT_FOUND,
-                    "unknown node; register again" if purpose == identity.HEARTBEAT_PROOF else "no such node",
+                    "unknown node; register again"
+                    if purpose in (identity.HEARTBEAT_PROOF, identity.CONTROL_PROOF)
+                    else "no such node",
                     boot=self.factory.boot,
                 )
             )

@@ -7,8 +7,10 @@ results back into lines; every rule about who is alive lives there.
 This module holds the connection -- reading the request, dispatching it,
 the challenge and its ``PROOF``, what the metrics see -- and
 :class:`RelayFactory`.  The handlers it dispatches to are in
-``relay/entries.py`` (REGISTER, HEARTBEAT, UNREGISTER) and
-``relay/queries.py`` (PEERS, WHOHAS, SEARCH, STATS, DEAD).
+``relay/entries.py`` (REGISTER, HEARTBEAT, UNREGISTER),
+``relay/queries.py`` (PEERS, WHOHAS, SEARCH, STATS, DEAD) and
+``relay/paths.py`` (CONTROL, REVERSE, RELAY, CIRCUIT: the paths to
+firewalled nodes, with ``relay/control.py`` and ``relay/circuits.py``).
 """
 
 from __future__ import annotations
@@ -47,16 +49,27 @@ from .dialback import (
     Outcome,
     TokenBucket,
 )
+from .circuits import CircuitLimits, Circuits
+from .control import MAX_CONTROL, Controls
+from .paths import PathRequests
 from .phase import Phase
 from .queries import QueryRequests
 from .entries import EntryRequests, _retry
 from .registry import Peer, Registry
 
+LONG_REACHABLE = 300.0  # seconds direct after which one failed probe only counts a miss
+CONFIRM_DELAY = 10.0  # seconds after such a miss until the confirming probe
 
-class RelayProtocol(EntryRequests, QueryRequests, NegotiationProtocol):
+
+UNCHALLENGED = (wire.UNREGISTER, wire.HEARTBEAT, wire.CONTROL, wire.CIRCUIT)
+
+
+class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProtocol):
     """
     One request from a node or a client: REGISTER (with its file list),
-    UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH or DEAD.
+    UNREGISTER, HEARTBEAT, PEERS, WHOHAS, SEARCH, STATS, DEAD, REVERSE;
+    or a connection that outlives its request: a firewalled node's
+    CONTROL connection, and both sides of a circuit (RELAY, CIRCUIT).
 
     A request that changes an entry is challenged (``100 nonce=``) and
     carried out only once its ``PROOF`` checks out: a signature by the
@@ -108,6 +121,9 @@ class RelayProtocol(EntryRequests, QueryRequests, NegotiationProtocol):
         if self.finished or self._phase is Phase.WORKING:
             return
         try:
+            if self._phase is Phase.CONTROL:
+                self._controlLine(wire.parseLine(line))
+                return
             if self._phase is Phase.PROOF:
                 self._proofReceived(wire.parseLine(line))
                 return
@@ -134,11 +150,22 @@ class RelayProtocol(EntryRequests, QueryRequests, NegotiationProtocol):
         super().refuse(error)
 
     def finish(self, data: bytes) -> None:
-        metrics = self.factory.metrics
-        if metrics is not None and self._began is not None and not self.finished:
-            metrics.observeLatency(self.factory.clock.seconds() - self._began)
-            self._began = None
+        if not self.finished:
+            self._answered()
         super().finish(data)
+
+    def _answered(self) -> None:
+        """The request is answered: its latency observed (once)."""
+        metrics = self.factory.metrics
+        if metrics is not None and self._began is not None:
+            metrics.observeLatency(self.factory.clock.seconds() - self._began)
+        self._began = None
+
+    def _releaseSlots(self) -> None:
+        """Give back the connection caps' slots: a long-lived connection has caps of its own."""
+        slots, self.slots = self.slots, []
+        for slot in slots:
+            slot.release()
 
     def _settle(self, status: int) -> None:
         """Count how a REGISTER (or a WHOHAS/SEARCH refused) ended, once."""
@@ -187,10 +214,17 @@ class RelayProtocol(EntryRequests, QueryRequests, NegotiationProtocol):
             wire.SEARCH: self._search,
             wire.DEAD: self._dead,
             wire.STATS: self._stats,
+            wire.CONTROL: self._control,
+            wire.REVERSE: self._reverse,
+            wire.RELAY: self._relay,
+            wire.CIRCUIT: self._circuitOpened,
         }.get(message.word)
         if handler is None:
             raise wire.ProtocolError(wire.BAD_REQUEST, f"unknown request {message.word}")
-        if self.factory.private and message.word not in (wire.UNREGISTER, wire.HEARTBEAT):
+        # Requests proved with a node's key, and CIRCUIT (its token, handed
+        # over the proved control connection, is the capability), are not
+        # challenged for the secret alone.
+        if self.factory.private and message.word not in UNCHALLENGED:
             # A private relay answers only holders of the secret.
             self._challenge(identity.CLIENT_PROOF, None, lambda: handler(message))
             return
@@ -232,6 +266,7 @@ class RelayProtocol(EntryRequests, QueryRequests, NegotiationProtocol):
         super().connectionLost(reason)
         self._lost = True
         self._release()
+        self._pathLost()
         if self._counted:
             self._counted = False
             self.factory.metrics.connectionClosed()
@@ -248,7 +283,9 @@ class RelayFactory(Factory):
     ``dialback`` checks addresses (default: a :class:`DialBack` dialling
     through the reactor given as ``clock``).  ``metrics`` is a
     :class:`~p2prelay.metrics.RelayMetrics` (None: no ``--metrics``);
-    ``verbose`` logs every lookup at debug level.
+    ``verbose`` logs every lookup at debug level.  ``circuits`` are the
+    limits of the relayed path (:class:`CircuitLimits`) and ``maxControl``
+    the control connections held at most.
     """
 
     protocol = RelayProtocol
@@ -278,6 +315,8 @@ class RelayFactory(Factory):
         recheckInterval: float = RECHECK_INTERVAL,
         metrics=None,
         verbose: bool = False,
+        circuits: CircuitLimits = CircuitLimits(),
+        maxControl: int = MAX_CONTROL,
     ) -> None:
         self.registry = registry
         # Log each lookup (WHOHAS, PEERS, SEARCH, STATS) at debug level:
@@ -311,6 +350,13 @@ class RelayFactory(Factory):
         self.reports = TokenBucket(clock.seconds, reportRate, reportBurst)
         self.recheckInterval = recheckInterval
         self._checked: Dict[str, float] = {}  # node -> when the relay last re-checked it
+        self.controls = Controls(registry, maxControl)
+        self.circuits = Circuits(clock, circuits, metrics)
+        # REVERSE and RELAY requests from one source address.
+        self.pathRequests = TokenBucket(clock.seconds, circuits.requestRate, circuits.requestBurst)
+        if metrics is not None:
+            metrics.circuitsOpen = lambda: len(self.circuits.open)
+            metrics.controlsOpen = lambda: len(self.controls)
 
     def changed(self) -> None:
         self._onChange()
@@ -330,30 +376,75 @@ class RelayFactory(Factory):
             return False
         if len(self._checked) > self.registry.maxTotal:
             self._checked = {n: t for n, t in self._checked.items() if now - t < self.recheckInterval}
-        self._checked[peer.node] = now
+        self._probe(peer)
+        return True
+
+    def _probe(self, peer: Peer) -> None:
+        self._checked[peer.node] = self.clock.seconds()
         d = self.dialback.check(peer.host, peer.port, peer.key)
         d.addCallback(self._rechecked, peer)
         d.addErrback(lambda f: self.log.failure("bug while re-checking a node", f))
-        return True
 
-    def _rechecked(self, outcome: Outcome, peer: Peer) -> None:
+    def _current(self, peer: Peer) -> Peer | None:
+        """``peer``'s entry now, unless it is gone or was registered anew meanwhile."""
         current = self.registry.get(peer.node)
         if current is None or (current.key, current.address) != (peer.key, peer.address):
-            return  # gone or registered anew meanwhile
-        if current.reachable == outcome.ok:
+            return None
+        return current
+
+    def _rechecked(self, outcome: Outcome, peer: Peer) -> None:
+        """
+        A re-check's outcome, with hysteresis: a node direct for at least
+        ``LONG_REACHABLE`` seconds survives one failed probe as a miss
+        (listed after the others) and is probed again ``CONFIRM_DELAY``
+        seconds later; a second failure in a row, or a first one of a node
+        direct for less long, makes it firewalled.  A success clears misses.
+        """
+        current = self._current(peer)
+        if current is None:
             return
-        self.registry.setReachable(peer.node, outcome.ok)
-        self.changed()
         if outcome.ok:
-            self.log.info("{node} at {host}:{port} is reachable again", node=peer.node, host=peer.host, port=peer.port)
-        else:
+            if current.reachable and current.misses == 0:
+                return
+            again = not current.reachable
+            self.registry.setReachable(peer.node, True)
+            self.changed()
+            if again:
+                self.log.info("{node} at {host}:{port} is reachable again", node=peer.node, host=peer.host, port=peer.port)
+            return
+        if not current.reachable:
+            return
+        since = current.directSince
+        longReachable = since is not None and self.clock.seconds() - since >= LONG_REACHABLE
+        if longReachable and current.misses == 0:
+            self.registry.missed(peer.node)
+            self.changed()
             self.log.info(
-                "{node} at {host}:{port} is unreachable ({why}); hiding it",
+                "{node} at {host}:{port} missed a probe ({why}); confirming in {delay:g} s",
                 node=peer.node,
                 host=peer.host,
                 port=peer.port,
                 why=outcome.reason,
+                delay=CONFIRM_DELAY,
             )
+            self.clock.callLater(CONFIRM_DELAY, self._confirm, current)
+            return
+        self.registry.setReachable(peer.node, False)
+        self.changed()
+        self.log.info(
+            "{node} at {host}:{port} is unreachable ({why}); firewalled{how}",
+            node=peer.node,
+            host=peer.host,
+            port=peer.port,
+            why=outcome.reason,
+            how="" if current.control else ", hidden until it holds a control connection",
+        )
+
+    def _confirm(self, peer: Peer) -> None:
+        """The confirming probe after a miss: past the recheck interval and any allowance."""
+        current = self._current(peer)
+        if current is not None and current.reachable and current.misses:
+            self._probe(current)
 
     def buildProtocol(self, addr: object):
         return self.connections.build(addr, lambda: RelayProtocol(self))

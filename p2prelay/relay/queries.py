@@ -22,7 +22,13 @@ SEARCH_SLICE = 1  # search steps (SEARCH_STEP names each) run per reactor turn
 
 
 def peerFields(peer: Peer) -> dict[str, object]:
-    fields: dict[str, object] = {"node": peer.node, "host": peer.host, "port": peer.port, "udp": peer.udp}
+    fields: dict[str, object] = {
+        "node": peer.node,
+        "host": peer.host,
+        "port": peer.port,
+        "udp": peer.udp,
+        "reach": peer.reach,  # direct, or firewalled: reverse or relayed paths only
+    }
     if peer.tls is not None:  # the key a client pins its TLS connection to
         fields.update(tls=peer.tls, key=peer.key)
     return fields

@@ -9,8 +9,13 @@ returning seconds, so tests drive it with ``task.Clock().seconds``.
 Entries are keyed by node id and carry the node's public key; proving the
 key is the protocol's job, the registry only refuses what no proof can
 allow: another key under a known id, or a verified address taken by an
-unverified newcomer.  Only entries the relay could reach itself
-(``reachable``) are ever handed to clients.
+unverified newcomer.  Only entries clients can get to are ever handed to
+them (``listed``): those the relay could reach itself (``reachable``:
+"direct") and firewalled ones holding a control connection to this relay
+(``control``), which clients reach by the reverse or relayed paths.
+Listings come in tiers -- direct, direct but a probe missed, firewalled --
+in random order within a tier, so clients do not all try the same node
+first.
 
 Sized for a million files (10,000 peers of 100 files): every lookup goes
 through an index, so a registration, a heartbeat and a ``WHOHAS`` cost the
@@ -53,7 +58,7 @@ from typing import (
 import attrs
 
 from ..pieces import PIECE_SIZE
-from ..wire import FileEntry
+from ..wire import DIRECT, FIREWALLED, FileEntry
 
 DEFAULT_TTL = 90.0
 MAX_PER_SOURCE = 64  # live registrations made from one source address
@@ -176,7 +181,10 @@ class Peer:
     One registered peer node and the files it announced.
 
     Only the registry changes a peer (``expires`` on a heartbeat,
-    ``reachable`` after a check); a new registration is a new Peer.
+    ``reachable``, ``misses`` and ``directSince`` after a check,
+    ``control`` as its control connection opens and closes); a new
+    registration is a new Peer.  ``control``, ``misses`` and
+    ``directSince`` are never persisted.
     """
 
     node: str
@@ -189,10 +197,30 @@ class Peer:
     reachable: bool = True  # the relay's own dial-back reached the node there
     source: str | None = None  # the address the registration came from
     tls: int | None = None  # the node's TLS port (pinned to key), if it has one
+    control: bool = False  # it holds a live control connection to this relay
+    misses: int = 0  # consecutive failed probes while still direct
+    directSince: float | None = None  # first verified direct, in its current run of successes
 
     @property
     def address(self) -> Tuple[str, int]:
         return (self.host, self.port)
+
+    @property
+    def listed(self) -> bool:
+        """Handed to clients: reachable directly, or through its control connection."""
+        return self.reachable or self.control
+
+    @property
+    def reach(self) -> str:
+        """What PEER items say of it: ``direct`` or ``firewalled``."""
+        return DIRECT if self.reachable else FIREWALLED
+
+    @property
+    def tier(self) -> int:
+        """Its place in listings: 0 direct, 1 direct with a missed probe, 2 firewalled."""
+        if self.reachable:
+            return 0 if self.misses == 0 else 1
+        return 2
 
 
 class Figures(NamedTuple):
@@ -256,7 +284,7 @@ def matcher(pattern: str) -> Optional[Callable[[str], bool]]:
 class Registry:
     """
     Live peers keyed by node id; every answer leaves out expired peers,
-    and the lists handed to clients leave out unreachable ones.
+    and the lists handed to clients leave out those not ``listed``.
 
     A peer is also found by the address it serves on: a node that restarts
     with a fresh key on the same address replaces its old entry (once the
@@ -348,17 +376,26 @@ class Registry:
             raise AddressTaken(f"{host}:{port} is held by another node")
         for other in others if reachable else ():
             self._remove(other.node)
+        now = self._now()
+        control, misses, since = False, 0, now if reachable else None
+        if existing is not None:
+            control = existing.control  # its control connection is still open
+            if reachable and existing.reachable and existing.address == (host, port):
+                misses, since = existing.misses, existing.directSince
         peer = Peer(
             node=sys.intern(node),
             host=host,
             port=port,
             files=FileTable.of(files),
-            expires=self._now() + self.ttl,
+            expires=now + self.ttl,
             udp=udp,
             key=key,
             reachable=reachable,
             source=source,
             tls=tls,
+            control=control,
+            misses=misses,
+            directSince=since,
         )
         self._add(peer)
         self.listener.upserted(peer)
@@ -403,6 +440,9 @@ class Registry:
         """Put back a peer loaded from persistent state, if still alive."""
         if peer.expires > self._now():
             peer.node = sys.intern(peer.node)
+            peer.control = False  # no control connection survives a restart
+            if peer.reachable and peer.directSince is None:
+                peer.directSince = self._now()  # a new run of successes
             self._add(peer)
             return True
         return False
@@ -435,13 +475,47 @@ class Registry:
         return [p for p in map(self._peers.get, nodes) if p is not None and p.expires > now]
 
     def setReachable(self, node: str, reachable: bool) -> Peer | None:
-        """Record the outcome of the relay's own check of a live node."""
+        """
+        Record the outcome of the relay's own check of a live node: either
+        way its missed probes are forgotten; a node found direct again
+        starts a new run of successes.
+        """
         peer = self.get(node)
-        if peer is None or peer.reachable == reachable:
+        if peer is None:
+            return None
+        peer.misses = 0
+        if peer.reachable == reachable:
             return peer
         peer.reachable = reachable
+        peer.directSince = self._now() if reachable else None
         self.listener.upserted(peer)
         return peer
+
+    def missed(self, node: str) -> Peer | None:
+        """One probe of a live, direct node failed and it stays direct (for now)."""
+        peer = self.get(node)
+        if peer is not None and peer.reachable:
+            peer.misses += 1
+        return peer
+
+    def setControl(self, node: str, control: bool) -> Peer | None:
+        """The node's control connection to this relay opened (True) or closed."""
+        peer = self.get(node)
+        if peer is not None:
+            peer.control = control
+        return peer
+
+    def ordered(self, peers: Iterable[Peer]) -> List[Peer]:
+        """``peers`` by :attr:`Peer.tier`, in random order within each tier."""
+        tiers: Dict[int, List[Peer]] = {}
+        for peer in peers:
+            tiers.setdefault(peer.tier, []).append(peer)
+        result: List[Peer] = []
+        for tier in sorted(tiers):
+            group = tiers[tier]
+            self._random.shuffle(group)
+            result.extend(group)
+        return result
 
     def expire(self) -> List[Peer]:
         """Drop every peer whose lifetime has passed; returns them."""
@@ -462,9 +536,12 @@ class Registry:
         return [p for p in self._peers.values() if p.expires > now]
 
     def active(self) -> List[Peer]:
-        """Live, reachable peers, oldest registration first."""
+        """Live, listed peers, by tier (see :meth:`ordered`)."""
+        return self.ordered(self._listed())
+
+    def _listed(self) -> List[Peer]:
         now = self._now()
-        return [p for p in self._peers.values() if p.expires > now and p.reachable]
+        return [p for p in self._peers.values() if p.expires > now and p.listed]
 
     def figures(self) -> "Figures":
         """
@@ -472,7 +549,7 @@ class Registry:
         the distinct names they hold, their entries (one per file a peer
         holds) and the bytes in those.
         """
-        peers = self.active()
+        peers = self._listed()
         names: set[str] = set()
         entries = size = 0
         for peer in peers:
@@ -488,12 +565,12 @@ class Registry:
 
     def holders(self, name: str, limit: int | None = None) -> List[Tuple[Peer, FileEntry]]:
         """
-        Live, reachable peers holding ``name``, with the entry each holds:
+        Live, listed peers holding ``name``, with the entry each holds:
         at most ``limit`` (default ``maxHolders``) of them.
 
-        In the order the nodes began to hold the name, oldest first; when
-        more hold it than fit, a random sample of them (in that order), so
-        the load of a popular file spreads over all its holders.
+        When more hold it than fit, a random sample of them, so the load of
+        a popular file spreads over all its holders; then by tier, in
+        random order within a tier (see :meth:`ordered`).
         """
         holders = self._names.get(name)
         if not holders:
@@ -505,7 +582,7 @@ class Registry:
 
         def take(node: str) -> bool:
             peer = peers[node]
-            if peer.reachable and peer.expires > now:
+            if peer.listed and peer.expires > now:
                 found.append((peer, peer.files.entry(holders[node])))
             return len(found) >= limit
 
@@ -513,7 +590,7 @@ class Registry:
             for node in holders:
                 if take(node):
                     break
-            return found
+            return self._inTiers(found)
         nodes = list(holders)
         picked = sorted(self._random.sample(range(len(nodes)), limit))
         for i in picked:
@@ -523,7 +600,11 @@ class Registry:
             for node in nodes:
                 if node not in chosen and take(node):
                     break
-        return found
+        return self._inTiers(found)
+
+    def _inTiers(self, found: List[Tuple[Peer, FileEntry]]) -> List[Tuple[Peer, FileEntry]]:
+        entries = {id(peer): entry for peer, entry in found}
+        return [(peer, entries[id(peer)]) for peer in self.ordered(p for p, _ in found)]
 
     def search(self, pattern: str, limit: int) -> Tuple[List[SearchHit], bool]:
         """
@@ -569,7 +650,7 @@ class Registry:
             versions: Dict[Tuple[int, bytes], int] = {}
             for node, index in holders.items():
                 peer = self._peers[node]
-                if peer.reachable and peer.expires > now:
+                if peer.listed and peer.expires > now:
                     version = (peer.files.sizes[index], peer.files.digest(index))
                     versions[version] = versions.get(version, 0) + 1
             for (size, digest), count in sorted(versions.items()):
