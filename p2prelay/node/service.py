@@ -36,6 +36,7 @@ from .manifest import ManifestCache, defaultCachePath
 from .ratelimit import UploadLimiter
 from .server import FileServerFactory
 from .share import RunInThread, SharedDirectory
+from .control import ControlConnection
 from .upkeep import Registrar
 
 
@@ -100,6 +101,7 @@ class NodeService(MultiService):
         metrics: Optional[str] = None,
         relayName: Optional[str] = None,
         lock: Optional[str] = None,
+        connectOut=None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -176,6 +178,19 @@ class NodeService(MultiService):
                 reactor, tls, nodeTLSFactory(self.key, self.files, reactor), "peernode TLS"
             )
             self.tlsListener.setServiceParent(self)
+        # Kept open while the relay cannot reach us (see node/control.py);
+        # ``connectOut(host, port)``, an endpoint for a reverse order (None: TCP).
+        self.control = ControlConnection(
+            reactor,
+            relay,
+            self.key,
+            self.files,
+            secret=secret,
+            reactor=reactor,
+            endpointFor=connectOut,
+            onForgotten=self._forgotten,
+            relayName=relayName,
+        )
         self.registrar: Optional[Registrar] = None
         self.ready: Deferred[None] = Deferred()
         self._stopping: Optional[Deferred[None]] = None
@@ -236,9 +251,25 @@ class NodeService(MultiService):
             rescan=self.rescan,
             relayName=self.relayName,
         )
+        self.registrar.channel = self.control
+        self.registrar.onReachable = self._reachability
         if self.running:
             self.registrar.start()
         self.ready.callback(None)
+
+    def _reachability(self, reachable: bool) -> None:
+        """The relay said whether it reaches us: keep a control connection only if not."""
+        if reachable:
+            if self.control.running:
+                self.log.info("the relay reaches this node now; closing the control connection")
+                self.control.stop()
+        elif self.running and self._stopping is None and not self.control.running:
+            self.control.start()
+
+    def _forgotten(self) -> None:
+        """The relay refused our control connection for want of an entry: register again."""
+        if self.registrar is not None and self._stopping is None:
+            self.registrar.registerSoon()
 
     def stopService(self):
         # Called by twistd, by a reactor shutdown trigger, or both.
@@ -247,6 +278,7 @@ class NodeService(MultiService):
             async def stop() -> None:
                 if self.registrar is not None:
                     await self.registrar.stop()
+                await self.control.stop()
                 await super(NodeService, self).stopService()
                 if self.limiter is not None:
                     self.limiter.stop()

@@ -88,6 +88,17 @@ class _Loop(Protocol):
         "Taking the registration back is over, however it went."
 
 
+class _Channel(Protocol):
+    """What the registrar needs of a control connection (node/control.py)."""
+
+    @property
+    def isOpen(self) -> bool:
+        "True while heartbeats can go over it."
+
+    def heartbeat(self) -> Deferred[wire.Message]:
+        "Send a HEARTBEAT; fires with the relay's 200 line, or fails."
+
+
 class Registrar:
     """
     The upkeep loop for one node's registration.
@@ -144,6 +155,12 @@ class Registrar:
         self.boot: Optional[str] = None
         self.registered = False
         self.reachable: Optional[bool] = None
+        # Told whether the relay reaches us, after every answer that says
+        # (the node opens or closes its control connection on it).
+        self.onReachable: Optional[Callable[[bool], None]] = None
+        # The control connection while the node keeps one: heartbeats go
+        # over it while it is open (see node/control.py).
+        self.channel: Optional[_Channel] = None
         self.firstRegistration: Deferred[Reply] = Deferred()
         self._sentAt = 0.0  # when the contact in flight was sent
         self._failures = 0
@@ -239,9 +256,14 @@ class Registrar:
         else:
             payload = wire.request(wire.HEARTBEAT, node=self.node)
             purpose = identity.HEARTBEAT_PROOF
-        d = Deferred.fromCoroutine(
-            query(self.relay, payload, self.clock, prover=self._prover(purpose))
-        )
+        channel = self.channel
+        if verb == wire.HEARTBEAT and channel is not None and channel.isOpen:
+            # Over the control connection: it is proved already.
+            d = channel.heartbeat().addCallback(lambda status: Reply(status, []))
+        else:
+            d = Deferred.fromCoroutine(
+                query(self.relay, payload, self.clock, prover=self._prover(purpose))
+            )
         self._inflight = d
         self._sentAt = self.clock.seconds()
         d.addCallbacks(
@@ -315,9 +337,10 @@ class Registrar:
                 self._loop.forgotten()
             else:
                 self._loop.answered()
+                self._learnReach(reply, registering=False)
             return
         self.registered = True
-        reachable = reply.status.get("reachable") != "0"
+        reachable = reply.status.get("reachable") != "0"  # absent: an older relay, no dial-back
         size = sum(entry.size for entry in self.share.entries.values())
         self.log.info(
             "announced {files} ({size}) in {seconds:.1f} s to relay {relay}as {host}:{port}",
@@ -332,13 +355,29 @@ class Registrar:
         )
         if not reachable and self.reachable is not False:
             self.log.warn(
-                "the relay cannot reach this node, so it sends no clients here: {why}",
+                "the relay cannot reach this node ({why}); keeping a control connection to it "
+                "so clients can still fetch via reverse or relayed paths",
                 why=reply.status.text,
             )
-        self.reachable = reachable
         self._loop.answered()
+        self._learnReach(reply, registering=True)
         if not self.firstRegistration.called:
             self.firstRegistration.callback(reply)
+
+    def _learnReach(self, reply: Reply, registering: bool) -> None:
+        """
+        What an answer's ``reachable=`` says; a REGISTER answer without
+        one means reachable, a heartbeat answer without one changes nothing.
+        """
+        value = reply.status.get("reachable")
+        if value is None and not registering:
+            return
+        reachable = value != "0"
+        if reachable and self.reachable is False:
+            self.log.info("the relay reaches this node again: clients connect to it directly")
+        self.reachable = reachable
+        if self.onReachable is not None:
+            self.onReachable(reachable)
 
     def _failed(self, failure: Failure, verb: str, d: Deferred) -> None:
         if d is not self._inflight:
