@@ -36,6 +36,8 @@ LOOKUP_RESULTS = ("hit", "miss", "refused")  # a holder listed / none / the quer
 REGISTRATION_RESULTS = ("accepted", "refused", "invalid")
 REFUSAL_REASONS = ("per-address", "total")  # which connection cap was reached
 TRANSFER_RESULTS = ("complete", "failed", "refused", "not-found")
+# A relayed circuit: ended by a side / cut at a limit / the node never came / refused at a limit.
+CIRCUIT_RESULTS = ("complete", "cut", "timeout", "refused")
 
 PATH = b"metrics"
 
@@ -87,8 +89,9 @@ class _Metrics:
 
 class RelayMetrics(_Metrics):
     """
-    The relay's figures.  ``peers`` and ``entries`` are callables read at
-    each scrape (they may also be set later, once the registry exists).
+    The relay's figures.  ``peers``, ``entries``, ``circuitsOpen`` and
+    ``controlsOpen`` are callables read at each scrape (they may also be
+    set later, once the registry and the factory exist).
     """
 
     def __init__(
@@ -97,12 +100,34 @@ class RelayMetrics(_Metrics):
         *,
         peers: Callable[[], float] = _zero,
         entries: Callable[[], float] = _zero,
+        circuitsOpen: Callable[[], float] = _zero,
+        controlsOpen: Callable[[], float] = _zero,
     ) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
         super().__init__(registry)
         self.peers = peers
         self.entries = entries
+        self.circuitsOpen = circuitsOpen
+        self.controlsOpen = controlsOpen
+        self._gauge("p2prelay_relay_circuits_open", "Relayed circuits open now.", lambda: self.circuitsOpen())
+        self._gauge(
+            "p2prelay_relay_control_connections_open",
+            "Control connections firewalled nodes hold now.",
+            lambda: self.controlsOpen(),
+        )
+        self._circuits = self._byResult(
+            "p2prelay_relay_circuits",
+            "Relayed circuits by result: complete (a side closed), cut (a limit), "
+            "timeout (the node did not open it), refused (a limit, before it opened).",
+            "result",
+            CIRCUIT_RESULTS,
+        )
+        self._relayed = Counter(
+            "p2prelay_relay_relayed_bytes",
+            "Bytes passed through circuits, both directions.",
+            registry=self.registry,
+        )
         self._gauge("p2prelay_relay_peers", "Peers registered and live.", lambda: self.peers())
         self._gauge(
             "p2prelay_relay_index_entries",
@@ -150,6 +175,14 @@ class RelayMetrics(_Metrics):
     def observeLatency(self, seconds: float) -> None:
         """One request answered, ``seconds`` after it began."""
         self._latency.observe(seconds)
+
+    def circuit(self, result: str) -> None:
+        """One circuit ended (or was refused): see :data:`CIRCUIT_RESULTS`."""
+        self._circuits.labels(self._check(result, CIRCUIT_RESULTS)).inc()
+
+    def relayed(self, count: int) -> None:
+        """``count`` more bytes passed through a circuit."""
+        self._relayed.inc(count)
 
     def connectionOpened(self) -> None:
         self._open.inc()

@@ -27,6 +27,10 @@ RELAY_FAMILIES = {
     "p2prelay_relay_request_seconds": "histogram",
     "p2prelay_relay_connections_open": "gauge",
     "p2prelay_relay_connections_refused": "counter",
+    "p2prelay_relay_circuits_open": "gauge",
+    "p2prelay_relay_control_connections_open": "gauge",
+    "p2prelay_relay_circuits": "counter",
+    "p2prelay_relay_relayed_bytes": "counter",
 }
 NODE_FAMILIES = {
     "p2prelay_node_files_shared": "gauge",
@@ -135,6 +139,31 @@ class RelayMetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("p2prelay_relay_index_entries"), 40)
         given = RelayMetrics(newRegistry(process=False), peers=lambda: 7)
         self.assertEqual(samples(given.registry)[("p2prelay_relay_peers", ())], 7)
+
+
+    def test_circuits(self) -> None:
+        """circuit(result) counts circuits by result, every result a series from the start."""
+        for result in ("complete", "cut", "timeout", "refused"):
+            self.assertEqual(self.value("p2prelay_relay_circuits_total", result=result), 0)
+        self.metrics.circuit("complete")
+        self.metrics.circuit("timeout")
+        self.metrics.circuit("timeout")
+        self.assertEqual(self.value("p2prelay_relay_circuits_total", result="complete"), 1)
+        self.assertEqual(self.value("p2prelay_relay_circuits_total", result="timeout"), 2)
+        self.assertRaises(ValueError, self.metrics.circuit, "whatever")
+
+    def test_relayedBytes(self) -> None:
+        """relayed(count) adds to the bytes relayed."""
+        self.metrics.relayed(1000)
+        self.metrics.relayed(24)
+        self.assertEqual(self.value("p2prelay_relay_relayed_bytes_total"), 1024)
+
+    def test_openPathGauges(self) -> None:
+        """Open circuits and control connections are read from their callables at each scrape."""
+        self.metrics.circuitsOpen = lambda: 3
+        self.metrics.controlsOpen = lambda: 9
+        self.assertEqual(self.value("p2prelay_relay_circuits_open"), 3)
+        self.assertEqual(self.value("p2prelay_relay_control_connections_open"), 9)
 
 
 class NodeMetricsTests(SynchronousTestCase):
