@@ -62,6 +62,7 @@ PURPOSES = {
     wire.REGISTER: identity.REGISTER_PROOF,
     wire.HEARTBEAT: identity.HEARTBEAT_PROOF,
     wire.UNREGISTER: identity.UNREGISTER_PROOF,
+    wire.CONTROL: identity.CONTROL_PROOF,
 }
 
 
@@ -119,6 +120,7 @@ class Nodes:
 class RelayTestCase(SynchronousTestCase):
     secret: bytes | None = None
     private = False
+    options: dict = {}  # more RelayFactory keyword arguments
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -133,6 +135,7 @@ class RelayTestCase(SynchronousTestCase):
             dialback=DialBack(self.clock, self.nodes),
             secret=self.secret,
             private=self.private,
+            **self.options,
         )
 
     def changed(self) -> None:
