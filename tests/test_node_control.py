@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.error import ConnectionLost, TimeoutError
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.logger import capturedLogs, formatEvent
@@ -497,7 +497,7 @@ class ReconnectTests(ControlTestCase):
             self.relay.controls[0].transport.loseConnection()
             self.flush()
         text = "\n".join(formatEvent(e) for e in events)
-        self.assertIn("control connection to relay the relay lost", text)
+        self.assertIn("control connection to the relay lost", text)
         self.assertIn("reconnecting in 1.0 s", text)
 
     def test_refusalsBackOff(self) -> None:
@@ -548,3 +548,102 @@ class ReconnectTests(ControlTestCase):
         self.assertEqual(self.relayAttempts(), 1)
         self.assertFalse(control.running)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _Refusing:
+    """A dial-back endpoint that is refused: the relay cannot reach the node."""
+
+    def connect(self, factory):
+        return fail(ConnectionRefusedError())
+
+
+class ServiceTests(SynchronousTestCase):
+    """The node service and a real relay (in memory) whose dial-back is refused."""
+
+    def setUp(self) -> None:
+        from p2prelay.node.service import NodeService
+        from p2prelay.relay.dialback import DialBack
+        from p2prelay.relay.protocol import RelayFactory
+        from p2prelay.relay.registry import Registry
+
+        from .test_service import UDPReactor
+
+        self.reactor = UDPReactor()
+        self.registry = Registry(self.reactor.seconds, 90.0)
+        self.relay = RelayFactory(
+            self.registry, self.reactor, dialback=DialBack(self.reactor, lambda host, port: _Refusing())
+        )
+        self.network = MemoryNetwork(self.reactor)
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "a.txt").write_bytes(b"alpha")
+        self.node = NodeService(
+            self.reactor,
+            relay=self.network.endpoint("relay", self.relay),
+            directory=str(folder),
+            description="tcp:0:interface=127.0.0.1",
+            udp=None,
+            key=KEY,
+            runInThread=syncThread,
+            lock=str(Path(self.mktemp())),
+            advertisePort=7000,  # the memory reactor binds port 0
+        )
+
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        end = self.reactor.seconds() + seconds
+        self.network.flush()
+        while self.reactor.seconds() < end:
+            self.reactor.advance(min(step, end - self.reactor.seconds()))
+            self.network.flush()
+
+    def started(self) -> None:
+        self.node.startService()
+        self.addCleanup(self.stopped)
+        self.advance(1)
+        self.successResultOf(self.node.ready)
+
+    def stopped(self) -> None:
+        d = self.node.stopService()
+        self.advance(5)
+        self.successResultOf(d)
+
+    def test_firewalledOpensControl(self) -> None:
+        """A registration answered reachable=0 opens the control connection; the relay lists the node through it."""
+        with capturedLogs() as events:
+            self.started()
+        self.assertFalse(self.node.registrar.reachable)
+        self.assertTrue(self.node.control.isOpen)
+        self.assertTrue(self.registry.get(KEY.node).control)
+        self.assertIn(KEY.node, self.relay.controls)
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn(
+            "keeping a control connection to it so clients can still fetch via reverse or relayed paths", text
+        )
+
+    def test_heartbeatsOverControl(self) -> None:
+        """While the control connection is open, heartbeats go over it: no new connection to the relay."""
+        self.started()
+        before = len(self.network.connections)
+        seen = self.registry.get(KEY.node).expires
+        self.advance(95)
+        self.assertEqual(len(self.network.connections), before)
+        self.assertGreater(self.registry.get(KEY.node).expires, seen)
+
+    def test_reachableClosesControl(self) -> None:
+        """A heartbeat answered reachable=1 closes the control connection; heartbeats go on separately."""
+        self.started()
+        self.registry.setReachable(KEY.node, True)
+        self.advance(31)
+        self.assertFalse(self.node.control.running)
+        self.assertFalse(self.registry.get(KEY.node).control)
+        before = len(self.network.connections)
+        self.advance(30)
+        self.assertEqual(len(self.network.connections), before + 1)  # a plain HEARTBEAT
+
+    def test_stopClosesControl(self) -> None:
+        """Stopping the node closes its control connection and takes its entry back."""
+        self.started()
+        self.stopped()
+        self.assertFalse(self.node.control.running)
+        self.assertIsNone(self.registry.get(KEY.node))
+        self.assertNotIn(KEY.node, self.relay.controls)

@@ -699,3 +699,115 @@ class IdentityTests(RegistrarTestCase):
 class _Refusing:
     def connect(self, factory):
         return fail(ConnectionRefusedError())
+
+
+class FakeChannel:
+    """A control connection as the registrar sees it: open or not, heartbeats answered by the test."""
+
+    def __init__(self, isOpen: bool = True) -> None:
+        self.isOpen = isOpen
+        self.heartbeats: list[Deferred] = []
+
+    def heartbeat(self) -> Deferred:
+        d: Deferred = Deferred()
+        self.heartbeats.append(d)
+        return d
+
+
+class ChannelTests(RegistrarTestCase):
+    """Heartbeats over a firewalled node's control connection, and what their answers say."""
+
+    def alive(self, reachable: object = 0):
+        from p2prelay import wire
+
+        return wire.parseLine(
+            wire.status(wire.OK, "alive", ttl=90, boot=self.relay.factory.boot, reachable=reachable)
+        )
+
+    def firewalled(self, channel: FakeChannel) -> Registrar:
+        self.relay.factory.dialback = DialBack(self.clock, lambda host, port: _Refusing())
+        registrar = self.start()
+        registrar.channel = channel
+        return registrar
+
+    def test_heartbeatOverChannel(self):
+        """With the control connection open, a heartbeat goes over it, not as a HEARTBEAT connection."""
+        channel = FakeChannel()
+        self.firewalled(channel)
+        self.advance(30)
+        self.assertEqual(self.relay.verbs(), ["REGISTER"])
+        self.assertEqual(len(channel.heartbeats), 1)
+
+    def test_answeredOverChannel(self):
+        """A heartbeat answered over the channel schedules the next one an interval later, over it too."""
+        channel = FakeChannel()
+        self.firewalled(channel)
+        self.advance(30)
+        channel.heartbeats[0].callback(self.alive())
+        self.advance(30)
+        self.assertEqual(len(channel.heartbeats), 2)
+        self.assertEqual(self.relay.verbs(), ["REGISTER"])
+
+    def test_closedChannel(self):
+        """A channel that is not open leaves heartbeats to their own connections."""
+        channel = FakeChannel(isOpen=False)
+        self.firewalled(channel)
+        self.advance(30)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "HEARTBEAT"])
+        self.assertEqual(channel.heartbeats, [])
+
+    def test_notFoundOverChannel(self):
+        """A 404 over the channel (the relay forgot us) leads to a full registration."""
+        from p2prelay import wire
+
+        channel = FakeChannel()
+        self.firewalled(channel)
+        self.advance(30)
+        channel.heartbeats[0].errback(wire.ProtocolError(wire.NOT_FOUND, "unknown node; register again"))
+        self.advance(1)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "REGISTER"])
+
+    def test_newBootOverChannel(self):
+        """An answer over the channel from a relay with a new boot id leads to a full registration."""
+        from p2prelay import wire
+
+        channel = FakeChannel()
+        self.firewalled(channel)
+        self.advance(30)
+        channel.heartbeats[0].callback(wire.parseLine(wire.status(wire.OK, "alive", ttl=90, boot="other")))
+        self.advance(1)
+        self.assertEqual(self.relay.verbs(), ["REGISTER", "REGISTER"])
+
+    def test_reachableLearnt(self):
+        """The registrar learns reachable= from heartbeat answers and tells onReachable each time."""
+        channel = FakeChannel()
+        told: list[bool] = []
+        registrar = self.firewalled(channel)
+        registrar.onReachable = told.append
+        self.advance(30)
+        channel.heartbeats[0].callback(self.alive(1))
+        self.assertTrue(registrar.reachable)
+        self.assertEqual(told, [True])
+
+    def test_reachableToldOnRegistration(self):
+        """A registration answered reachable=0 tells onReachable False."""
+        self.relay.factory.dialback = DialBack(self.clock, lambda host, port: _Refusing())
+        told: list[bool] = []
+        registrar = Registrar(self.clock, self.relay, self.share, KEY, 7000, rng=lambda: 0.5, rescan=None)
+        registrar.onReachable = told.append
+        self.registrar = registrar
+        registrar.start()
+        self.addCleanup(self.stop)
+        self.advance(0)
+        self.assertEqual(told, [False])
+
+    def test_silentAnswerChangesNothing(self):
+        """A heartbeat answer without reachable= leaves what the registrar knows as it was."""
+        channel = FakeChannel()
+        told: list[bool] = []
+        registrar = self.firewalled(channel)
+        registrar.onReachable = told.append
+        self.advance(30)
+        channel.heartbeats[0].callback(self.alive(None))
+        self.assertFalse(registrar.reachable)
+        self.assertEqual(told, [])

@@ -358,7 +358,7 @@ class ControlConnection:
             return
         self._unopened = 0
         self._retryHint = None
-        self.log.info("opening a control connection to relay {relay}", relay=self._relayName())
+        self.log.info("opening a control connection to {relay}", relay=self._relayName())
         self._service.startService()
 
     def stop(self) -> Deferred[None]:
@@ -383,7 +383,8 @@ class ControlConnection:
     # What the protocol reports.
 
     def _relayName(self) -> str:
-        return self.relayName or "the relay"
+        """The relay, for log lines: ``relay HOST:PORT`` as the user named it, or ``the relay``."""
+        return f"relay {self.relayName}" if self.relayName else "the relay"
 
     def _retryPolicy(self, attempt: int) -> float:
         delay = self._backoff(attempt + self._unopened)
@@ -397,7 +398,7 @@ class ControlConnection:
         self._unopened = 0
         self.protocol = protocol
         self.log.info(
-            "control connection to relay {relay} open: clients can fetch from this node "
+            "control connection to {relay} open: clients can fetch from this node "
             "via reverse or relayed paths",
             relay=self._relayName(),
             interval=message.get("interval"),
@@ -424,10 +425,10 @@ class ControlConnection:
         if self.protocol is protocol:
             self.protocol = None
         if opened and self._stopping:
-            self.log.info("control connection to relay {relay} closed", relay=self._relayName())
+            self.log.info("control connection to {relay} closed", relay=self._relayName())
         elif opened:
             self.log.info(
-                "control connection to relay {relay} lost ({why})",
+                "control connection to {relay} lost ({why})",
                 relay=self._relayName(),
                 why=reason.getErrorMessage() if reason is not None else "closed",
             )
@@ -456,7 +457,7 @@ class ControlConnection:
         if host is None:
             endpoint = self.relay
             intro = wire.request(wire.CIRCUIT, token=token)
-            where = f"relay {self._relayName()}"
+            where = self._relayName()
         else:
             endpoint = self.endpointFor(host, port)
             intro = wire.request(wire.REVERSE, token=token)
