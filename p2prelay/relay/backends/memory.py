@@ -1,0 +1,122 @@
+"""
+The registry in this process: :class:`~p2prelay.relay.registry.Registry`
+behind the backend interface, every answer an already-fired Deferred.
+
+The default backend (and the one ``--state PATH`` persists).  A search that
+needs more than one step runs its remaining steps on a cooperator, as the
+relay has always run them, so other requests are answered in between.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+from twisted.internet import defer, task
+from zope.interface import implementer
+
+from ...wire import FileEntry
+from ..registry import Figures, Peer, Registry, SearchHit
+from .interface import IRegistryBackend
+
+
+def _fired(call: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    try:
+        return defer.succeed(call(*args, **kwargs))
+    except Exception:
+        return defer.fail()
+
+
+@implementer(IRegistryBackend)
+class MemoryBackend:
+    """
+    ``registry`` (a :class:`Registry`) as a backend; ``epoch`` names this
+    registry's life (a fresh one per relay run unless given).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        epoch: Optional[str] = None,
+        cooperator: Optional[task.Cooperator] = None,
+    ) -> None:
+        self.registry = registry
+        self._epoch = epoch if epoch is not None else uuid.uuid4().hex[:16]
+        self._cooperator = cooperator
+
+    @property
+    def ttl(self) -> float:
+        return self.registry.ttl
+
+    @property
+    def maxTotal(self) -> int:
+        return self.registry.maxTotal
+
+    @property
+    def maxHolders(self) -> int:
+        return self.registry.maxHolders
+
+    def register(self, node: str, host: str, port: int, files: Iterable[FileEntry], udp: int | None = None, **kwargs: Any) -> defer.Deferred:
+        return _fired(self.registry.register, node, host, port, files, udp, **kwargs)
+
+    def room(self, node: str, source: str | None) -> defer.Deferred:
+        return _fired(self.registry.room, node, source)
+
+    def refresh(self, node: str) -> defer.Deferred:
+        return _fired(self.registry.refresh, node)
+
+    def unregister(self, node: str) -> defer.Deferred:
+        return _fired(self.registry.unregister, node)
+
+    def get(self, node: str) -> defer.Deferred:
+        return _fired(self.registry.get, node)
+
+    def at(self, host: str, port: int) -> defer.Deferred:
+        return _fired(self.registry.at, host, port)
+
+    def holders(self, name: str, limit: int | None = None) -> defer.Deferred:
+        return _fired(self.registry.holders, name, limit)
+
+    def active(self) -> defer.Deferred:
+        return _fired(self.registry.active)
+
+    def all(self) -> defer.Deferred:
+        return _fired(self.registry.all)
+
+    def figures(self) -> "defer.Deferred[Figures]":
+        return _fired(self.registry.figures)
+
+    def setReachable(self, node: str, reachable: bool) -> defer.Deferred:
+        return _fired(self.registry.setReachable, node, reachable)
+
+    def expire(self) -> "defer.Deferred[List[Peer]]":
+        return _fired(self.registry.expire)
+
+    def epoch(self) -> "defer.Deferred[str]":
+        return defer.succeed(self._epoch)
+
+    def close(self) -> "defer.Deferred[None]":
+        return defer.succeed(None)
+
+    def search(self, pattern: str, limit: int) -> "defer.Deferred[Tuple[List[SearchHit], bool]]":
+        """The first step at once (a small search is done in it), the rest cooperatively."""
+        steps = self.registry.searchSteps(pattern, limit)
+        try:
+            next(steps)
+        except StopIteration as done:
+            return defer.succeed(done.value)
+        except Exception:
+            return defer.fail()
+        result: List[Tuple[List[SearchHit], bool]] = []
+
+        def run():
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result.append(done.value)
+                    return
+                yield None
+
+        cooperate = (self._cooperator or task).cooperate
+        return cooperate(run()).whenDone().addCallback(lambda _: result[0])

@@ -1,0 +1,671 @@
+"""
+The registry in a Redis that several relays share, through ``txredisapi``
+(Twisted-native: every command is a Deferred on the reactor, nothing blocks).
+
+Layout, under a prefix (default ``p2p:``):
+
+- ``node:ID``: the peer's record, one JSON object of :class:`Peer`'s fields
+  (all but ``files``, ``expires`` and ``control``, which is this relay's
+  connection state and never shared) plus ``gen``, a token new at every
+  registration.  Its TTL (``PX``) *is* the registration's lifetime: Redis
+  drops it on time with no sweeper.
+- ``files:ID``: the peer's file table and a copy of its record, kept a
+  ``grace`` longer than ``node:ID``, so whoever sweeps can still unlink an
+  expired node from the indexes (and say what it dropped).
+- ``name:NAME``: a hash, node id -> ``GEN|[size, sha256, root, pieceSize]``:
+  the set of holders of the name, each with its entry, so ``WHOHAS`` reads
+  one hash (or a random sample of a big one) and the holders' records.
+- ``names`` (every name, for ``SEARCH``), ``addr:HOST:PORT`` and
+  ``src:SOURCE`` (sets of node ids), ``expiry`` (a sorted set, node -> when
+  it expires by Redis's clock: the live count for the caps, the sweep's
+  list), ``epoch``.
+
+Every change is one Lua script, so it is atomic: a re-registration unlinks
+the old entry and writes the new one with nothing in between, and no lookup
+sees half of it.  A heartbeat is one script, one round trip.  An index
+entry whose node has expired (its record gone) or registered again without
+the name (its ``gen`` differs) is filtered out on read and deleted there, so
+leftovers vanish lazily even if no relay ever sweeps.
+
+The scripts touch keys they compute, so this layout needs one Redis (or a
+primary with replicas), not Redis Cluster, which wants every key named in
+``KEYS``; a cluster would need one hash tag per registry, i.e. one slot.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from array import array
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import attrs
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ...wire import FileEntry
+from ..registry import (
+    DEFAULT_TTL,
+    MAX_HOLDERS,
+    MAX_PER_SOURCE,
+    MAX_TOTAL,
+    AddressTaken,
+    FileTable,
+    Figures,
+    Peer,
+    RegistryFull,
+    SearchHit,
+    matcher,
+)
+from .interface import IRegistryBackend, RegistryUnavailable
+from .url import RedisAddress
+
+PREFIX = "p2p:"
+TIMEOUT = 5.0  # seconds one call (or connecting at start) may take before RegistryUnavailable
+SCAN_COUNT = 2000  # names one SSCAN step asks for
+FETCH_CHUNK = 256  # peers fetched by one script call (all(), active(), figures())
+SEARCH_CHUNK = 500  # names whose holders one script call counts
+EXPIRE_BATCH = 1000  # expired nodes one sweep script cleans up
+RECONNECT_DELAY = 2.0  # seconds at most between two attempts to reach a lost Redis
+# Redis errors that mean "not now" rather than a bug of ours.
+_TRANSIENT = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "NOAUTH", "WRONGPASS", "CLUSTERDOWN", "TRYAGAIN")
+
+# Peer's fields a relay shares: everything but the file table (stored on its
+# own), the lifetime (the key's TTL) and the per-relay connection state.
+_LOCAL = frozenset({"files", "expires", "control"})
+_FIELDS = frozenset(f.name for f in attrs.fields(Peer))
+_SHARED = tuple(f.name for f in attrs.fields(Peer) if f.name not in _LOCAL)
+
+_PRELUDE = """
+local P = ARGV[1]
+local function nowms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function record(node)
+  local raw = redis.call('GET', P .. 'node:' .. node)
+  if not raw then return nil, nil end
+  return cjson.decode(raw), raw
+end
+local function triple(node, raw)
+  local files = redis.call('GET', P .. 'files:' .. node)
+  if not files then return nil end
+  return {raw, files, redis.call('PTTL', P .. 'node:' .. node)}
+end
+local function unlink(node, keep)
+  local raw = redis.call('GET', P .. 'files:' .. node)
+  if not raw then return nil end
+  local f = cjson.decode(raw)
+  local mine = f.peer.gen .. '|'
+  for _, name in ipairs(f.names) do
+    if not (keep and keep[name]) then
+      local hk = P .. 'name:' .. name
+      local v = redis.call('HGET', hk, node)
+      if v and string.sub(v, 1, #mine) == mine then
+        redis.call('HDEL', hk, node)
+        if redis.call('EXISTS', hk) == 0 then redis.call('SREM', P .. 'names', name) end
+      end
+    end
+  end
+  redis.call('SREM', P .. 'addr:' .. f.peer.host .. ':' .. f.peer.port, node)
+  if f.peer.source ~= cjson.null then redis.call('SREM', P .. 'src:' .. f.peer.source, node) end
+  return raw
+end
+local function remove(node)
+  unlink(node, nil)
+  local existed = redis.call('DEL', P .. 'node:' .. node)
+  redis.call('DEL', P .. 'files:' .. node)
+  redis.call('ZREM', P .. 'expiry', node)
+  return existed
+end
+local function room(node, source, maxTotal, maxPer)
+  if redis.call('EXISTS', P .. 'node:' .. node) == 1 then return nil end
+  if redis.call('ZCOUNT', P .. 'expiry', '(' .. nowms(), '+inf') >= maxTotal then return 'total' end
+  if source ~= '' then
+    local sk = P .. 'src:' .. source
+    local n = 0
+    for _, m in ipairs(redis.call('SMEMBERS', sk)) do
+      local r = record(m)
+      if r and r.source == source then n = n + 1 else redis.call('SREM', sk, m) end
+    end
+    if n >= maxPer then return 'source' end
+  end
+  return nil
+end
+"""
+
+# ARGV: P node key reachable source host port ttl grace maxTotal maxPer gen record files [name entry]...
+_REGISTER = _PRELUDE + """
+local node, key, reachable, source = ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
+local host, port = ARGV[6], ARGV[7]
+local ttl, grace = tonumber(ARGV[8]), tonumber(ARGV[9])
+local gen = ARGV[12]
+local cur = record(node)
+if cur then
+  local ck = cur.key
+  if ck == cjson.null then ck = '' end
+  if ck ~= key then return {'key'} end
+else
+  local why = room(node, source, tonumber(ARGV[10]), tonumber(ARGV[11]))
+  if why then return {why} end
+end
+local addrKey = P .. 'addr:' .. host .. ':' .. port
+local others, taken = {}, false
+for _, other in ipairs(redis.call('SMEMBERS', addrKey)) do
+  if other ~= node then
+    local r = record(other)
+    if r and r.host == host and tostring(r.port) == port then
+      table.insert(others, other)
+      if r.reachable then taken = true end
+    else
+      redis.call('SREM', addrKey, other)
+    end
+  end
+end
+if taken and not reachable then return {'taken'} end
+if reachable then
+  for _, other in ipairs(others) do remove(other) end
+end
+local keep = {}
+for i = 15, #ARGV, 2 do keep[ARGV[i]] = true end
+unlink(node, keep)
+redis.call('SET', P .. 'node:' .. node, ARGV[13], 'PX', ttl)
+redis.call('SET', P .. 'files:' .. node, ARGV[14], 'PX', ttl + grace)
+for i = 15, #ARGV, 2 do
+  redis.call('HSET', P .. 'name:' .. ARGV[i], node, gen .. '|' .. ARGV[i + 1])
+  redis.call('SADD', P .. 'names', ARGV[i])
+end
+redis.call('SADD', addrKey, node)
+if source ~= '' then redis.call('SADD', P .. 'src:' .. source, node) end
+redis.call('ZADD', P .. 'expiry', nowms() + ttl, node)
+return {'ok'}
+"""
+
+# ARGV: P node source maxTotal maxPer
+_ROOM = _PRELUDE + """
+return room(ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])) or false
+"""
+
+# ARGV: P node ttl grace
+_REFRESH = _PRELUDE + """
+local node, ttl = ARGV[2], tonumber(ARGV[3])
+local r, raw = record(node)
+if not r then return false end
+redis.call('PEXPIRE', P .. 'node:' .. node, ttl)
+redis.call('PEXPIRE', P .. 'files:' .. node, ttl + tonumber(ARGV[4]))
+redis.call('ZADD', P .. 'expiry', nowms() + ttl, node)
+return triple(node, raw) or false
+"""
+
+# ARGV: P node...
+_FETCH = _PRELUDE + """
+local out = {}
+for i = 2, #ARGV do
+  local r, raw = record(ARGV[i])
+  local t = r and triple(ARGV[i], raw)
+  if t then table.insert(out, t) end
+end
+return out
+"""
+
+# ARGV: P host port
+_AT = _PRELUDE + """
+local host, port = ARGV[2], ARGV[3]
+local ak = P .. 'addr:' .. host .. ':' .. port
+local out = {}
+for _, node in ipairs(redis.call('SMEMBERS', ak)) do
+  local r, raw = record(node)
+  local t = r and r.host == host and tostring(r.port) == port and triple(node, raw)
+  if t then table.insert(out, t) else redis.call('SREM', ak, node) end
+end
+return out
+"""
+
+# ARGV: P name limit
+_HOLDERS = _PRELUDE + """
+local hk = P .. 'name:' .. ARGV[2]
+local limit = tonumber(ARGV[3])
+local flat
+if redis.call('HLEN', hk) <= 2 * limit then
+  flat = redis.call('HGETALL', hk)
+else
+  flat = redis.call('HRANDFIELD', hk, 2 * limit, 'WITHVALUES')
+end
+local out = {}
+for i = 1, #flat, 2 do
+  local node, v = flat[i], flat[i + 1]
+  local bar = string.find(v, '|', 1, true)
+  local r, raw = record(node)
+  if r and r.gen == string.sub(v, 1, bar - 1) then
+    if r.reachable and #out < limit then
+      table.insert(out, {raw, string.sub(v, bar + 1), redis.call('PTTL', P .. 'node:' .. node)})
+    end
+  else
+    redis.call('HDEL', hk, node)
+  end
+end
+if redis.call('EXISTS', hk) == 0 then redis.call('SREM', P .. 'names', ARGV[2]) end
+return out
+"""
+
+# ARGV: P name... -> for each name, the entries of its live listed holders
+_VERSIONS = _PRELUDE + """
+local out = {}
+for i = 2, #ARGV do
+  local hk = P .. 'name:' .. ARGV[i]
+  local flat = redis.call('HGETALL', hk)
+  local live = {}
+  for j = 1, #flat, 2 do
+    local v = flat[j + 1]
+    local bar = string.find(v, '|', 1, true)
+    local r = record(flat[j])
+    if r and r.gen == string.sub(v, 1, bar - 1) then
+      if r.reachable then table.insert(live, string.sub(v, bar + 1)) end
+    else
+      redis.call('HDEL', hk, flat[j])
+    end
+  end
+  table.insert(out, live)
+end
+return out
+"""
+
+# ARGV: P node
+_UNREGISTER = _PRELUDE + """
+return remove(ARGV[2])
+"""
+
+# ARGV: P node gen record -> the updated triple, or false if gone (or registered anew)
+_UPDATE = _PRELUDE + """
+local r = record(ARGV[2])
+if not r or r.gen ~= ARGV[3] then return false end
+redis.call('SET', P .. 'node:' .. ARGV[2], ARGV[4], 'KEEPTTL')
+return triple(ARGV[2], ARGV[4]) or false
+"""
+
+# ARGV: P batch -> the files records of the nodes dropped
+_EXPIRE = _PRELUDE + """
+local now = nowms()
+local due = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, node in ipairs(due) do
+  local left = redis.call('PTTL', P .. 'node:' .. node)
+  if left > 0 then
+    redis.call('ZADD', P .. 'expiry', now + left, node)
+  else
+    local raw = unlink(node, nil)
+    redis.call('DEL', P .. 'files:' .. node)
+    redis.call('ZREM', P .. 'expiry', node)
+    if raw then table.insert(out, raw) end
+  end
+end
+return out
+"""
+
+# ARGV: P candidate
+_EPOCH = """
+local e = redis.call('GET', ARGV[1] .. 'epoch')
+if e then return e end
+redis.call('SET', ARGV[1] .. 'epoch', ARGV[2])
+return ARGV[2]
+"""
+
+
+def _encodeEntry(entry: FileEntry) -> str:
+    return json.dumps([entry.size, entry.sha256, entry.root, entry.pieceSize], separators=(",", ":"))
+
+
+def _shared(peer: Peer, gen: str) -> Dict[str, Any]:
+    fields = {name: getattr(peer, name) for name in _SHARED}
+    fields["gen"] = gen
+    return fields
+
+
+def _encodeFiles(peer: Peer, record: Dict[str, Any]) -> str:
+    table = peer.files
+    return json.dumps(
+        {
+            "peer": record,
+            "names": list(table.names),
+            "sizes": list(table.sizes),
+            "digests": table.digests.hex(),
+            "roots": table.roots.hex(),
+            "pieces": None if table.pieces is None else list(table.pieces),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _decodeFiles(data: Dict[str, Any]) -> FileTable:
+    sizes: Sequence[int]
+    try:
+        sizes = array("q", data["sizes"])
+    except OverflowError:
+        sizes = tuple(data["sizes"])
+    pieces = data.get("pieces")
+    return FileTable(
+        tuple(sys.intern(n) for n in data["names"]),
+        sizes,
+        bytes.fromhex(data["digests"]),
+        bytes.fromhex(data.get("roots", "")),
+        None if pieces is None else array("q", pieces),
+    )
+
+
+def _peer(record: Dict[str, Any], files: FileTable, expires: float) -> Peer:
+    """A Peer of a shared record: fields this version does not know are left out."""
+    known = {k: v for k, v in record.items() if k in _FIELDS and k not in _LOCAL}
+    return Peer(files=files, expires=expires, **known)
+
+
+def _mapFailure(failure: Failure, where: str, what: str) -> Failure:
+    if failure.check(RegistryUnavailable, RegistryFull, AddressTaken, ValueError):
+        return failure
+    if failure.check(txredisapi.ConnectionError, defer.TimeoutError, defer.CancelledError, ConnectionError):
+        reason = failure.getErrorMessage() or failure.type.__name__
+        raise RegistryUnavailable(f"the registry's Redis at {where} did not answer {what}: {reason}")
+    if failure.check(txredisapi.ResponseError):
+        message = failure.getErrorMessage()
+        if message.split(" ", 1)[0].upper() in _TRANSIENT:
+            raise RegistryUnavailable(f"the registry's Redis at {where} refused {what}: {message}")
+    return failure
+
+
+@implementer(IRegistryBackend)
+class RedisBackend:
+    """
+    The registry in the Redis ``client`` talks to (a txredisapi connection
+    handler; :func:`connect` makes one).  ``now`` gives the local time that
+    a peer's ``expires`` is reported in (its remaining TTL added to it).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        client: Any,
+        reactor: IReactorTime,
+        ttl: float = DEFAULT_TTL,
+        *,
+        maxPerSource: int = MAX_PER_SOURCE,
+        maxTotal: int = MAX_TOTAL,
+        maxHolders: int = MAX_HOLDERS,
+        prefix: str = PREFIX,
+        timeout: float = TIMEOUT,
+        grace: Optional[float] = None,
+        where: str = "?",
+        now: Optional[Callable[[], float]] = None,
+    ) -> None:
+        self.client = client
+        self._reactor = reactor
+        self.ttl = ttl
+        self.maxPerSource = maxPerSource
+        self.maxTotal = maxTotal
+        self.maxHolders = maxHolders
+        self.prefix = prefix
+        self.timeout = timeout
+        self.grace = ttl if grace is None else grace
+        self.where = where
+        self._now = now if now is not None else reactor.seconds
+
+    # Plumbing: every call has a deadline and one error type for "unreachable".
+
+    def _guard(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        d.addTimeout(self.timeout, self._reactor)
+        return d.addErrback(_mapFailure, self.where, what)
+
+    def _eval(self, script: str, *args: Any, what: str) -> defer.Deferred:
+        try:
+            d = self.client.eval(script, [], [self.prefix, *args])
+        except Exception:
+            d = defer.fail()
+        return self._guard(d, what)
+
+    def _ms(self, seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+    def _decode(self, triple: Sequence[Any]) -> Peer:
+        raw, filesRaw, pttl = triple
+        data = json.loads(filesRaw)
+        return _peer(json.loads(raw), _decodeFiles(data), self._now() + max(pttl, 0) / 1000)
+
+    # The interface.
+
+    def register(
+        self,
+        node: str,
+        host: str,
+        port: int,
+        files: Iterable[FileEntry],
+        udp: int | None = None,
+        *,
+        key: str | None = None,
+        reachable: bool = True,
+        source: str | None = None,
+        tls: int | None = None,
+    ) -> defer.Deferred:
+        peer = Peer(
+            node=sys.intern(node),
+            host=host,
+            port=port,
+            files=FileTable.of(files),
+            expires=self._now() + self.ttl,
+            udp=udp,
+            key=key,
+            reachable=reachable,
+            source=source,
+            tls=tls,
+        )
+        gen = uuid.uuid4().hex[:16]
+        record = _shared(peer, gen)
+        table = peer.files
+        pairs: List[str] = []
+        for index, name in enumerate(table.names):
+            pairs.append(name)
+            pairs.append(_encodeEntry(table.entry(index)))
+        d = self._eval(
+            _REGISTER,
+            node,
+            key or "",
+            "1" if reachable else "0",
+            source or "",
+            host,
+            str(port),
+            self._ms(self.ttl),
+            self._ms(self.grace),
+            self.maxTotal,
+            self.maxPerSource,
+            gen,
+            json.dumps(record, separators=(",", ":")),
+            _encodeFiles(peer, record),
+            *pairs,
+            what="a registration",
+        )
+
+        def registered(answer: List[str]) -> Peer:
+            outcome = answer[0]
+            if outcome == "ok":
+                return peer
+            if outcome == "key":
+                raise ValueError(f"node {node} is bound to another key")
+            if outcome == "taken":
+                raise AddressTaken(f"{host}:{port} is held by another node")
+            raise RegistryFull(self._why(outcome, source))
+
+        return d.addCallback(registered)
+
+    def _why(self, outcome: str, source: str | None) -> str:
+        if outcome == "total":
+            return f"the relay holds {self.maxTotal} registrations"
+        return f"{self.maxPerSource} registrations from {source} already"
+
+    def room(self, node: str, source: str | None) -> defer.Deferred:
+        d = self._eval(_ROOM, node, source or "", self.maxTotal, self.maxPerSource, what="a room check")
+        return d.addCallback(lambda outcome: None if not outcome else self._why(outcome, source))
+
+    def refresh(self, node: str) -> defer.Deferred:
+        d = self._eval(_REFRESH, node, self._ms(self.ttl), self._ms(self.grace), what="a heartbeat")
+        return d.addCallback(lambda t: self._decode(t) if t else None)
+
+    def unregister(self, node: str) -> defer.Deferred:
+        return self._eval(_UNREGISTER, node, what="an unregistration").addCallback(bool)
+
+    def get(self, node: str) -> defer.Deferred:
+        d = self._eval(_FETCH, node, what="a lookup")
+        return d.addCallback(lambda found: self._decode(found[0]) if found else None)
+
+    def at(self, host: str, port: int) -> defer.Deferred:
+        d = self._eval(_AT, host, str(port), what="an address lookup")
+        return d.addCallback(lambda found: [self._decode(t) for t in found])
+
+    def holders(self, name: str, limit: int | None = None) -> defer.Deferred:
+        limit = self.maxHolders if limit is None else limit
+        d = self._eval(_HOLDERS, name, limit, what="a WHOHAS lookup")
+
+        def decoded(found: List[List[Any]]) -> List[Tuple[Peer, FileEntry]]:
+            now = self._now()
+            out = []
+            for raw, entryRaw, pttl in found:
+                size, sha256, root, pieceSize = json.loads(entryRaw)
+                entry = FileEntry(name, size, sha256, root=root, pieceSize=pieceSize)
+                peer = _peer(json.loads(raw), FileTable.of([entry]), now + max(pttl, 0) / 1000)
+                out.append((peer, entry))
+            return out
+
+        return d.addCallback(decoded)
+
+    @defer.inlineCallbacks
+    def all(self):
+        """Every live entry, in the order of their expiry (soonest first)."""
+        nodes = yield self._guard(self.client.zrange(self.prefix + "expiry", 0, -1), "a listing")
+        peers: List[Peer] = []
+        for start in range(0, len(nodes), FETCH_CHUNK):
+            found = yield self._eval(_FETCH, *nodes[start : start + FETCH_CHUNK], what="a listing")
+            peers.extend(self._decode(t) for t in found)
+        return peers
+
+    def active(self) -> defer.Deferred:
+        return self.all().addCallback(lambda peers: [p for p in peers if p.reachable])
+
+    def figures(self) -> defer.Deferred:
+        def count(peers: List[Peer]) -> Figures:
+            names: set[str] = set()
+            entries = size = 0
+            for peer in peers:
+                names.update(peer.files.names)
+                entries += len(peer.files)
+                size += sum(peer.files.sizes)
+            return Figures(len(peers), len(names), entries, size)
+
+        return self.active().addCallback(count)
+
+    @defer.inlineCallbacks
+    def search(self, pattern: str, limit: int):
+        matches = matcher(pattern)
+        names: List[str] = []
+        cursor = 0
+        while True:
+            cursor, chunk = yield self._guard(
+                self.client.sscan(self.prefix + "names", cursor, count=SCAN_COUNT), "a search"
+            )
+            names.extend(chunk if matches is None else [n for n in chunk if matches(n)])
+            if int(cursor) == 0:
+                break
+        names = sorted(set(names))
+        hits: List[SearchHit] = []
+        for start in range(0, len(names), SEARCH_CHUNK):
+            chunk = names[start : start + SEARCH_CHUNK]
+            found = yield self._eval(_VERSIONS, *chunk, what="a search")
+            for name, entries in zip(chunk, found):
+                versions: Dict[Tuple[int, str], int] = {}
+                for raw in entries:
+                    size, sha256 = json.loads(raw)[:2]
+                    versions[(size, sha256)] = versions.get((size, sha256), 0) + 1
+                for (size, sha256), holders in sorted(versions.items()):
+                    hits.append(SearchHit(name, size, sha256, holders))
+            if len(hits) > limit:
+                break
+        return hits[:limit], len(hits) > limit
+
+    @defer.inlineCallbacks
+    def setReachable(self, node: str, reachable: bool):
+        peer = yield self.get(node)
+        if peer is None or peer.reachable == reachable:
+            return peer
+        return (yield self._update(node, reachable=reachable))
+
+    @defer.inlineCallbacks
+    def _update(self, node: str, **changes: Any):
+        """Change shared fields of a live entry, keeping its lifetime; the peer, or None."""
+        unknown = set(changes) - set(_SHARED)
+        if unknown:
+            raise TypeError(f"not shared fields of Peer: {sorted(unknown)}")
+        found = yield self._eval(_FETCH, node, what="an update")
+        if not found:
+            return None
+        record = json.loads(found[0][0])
+        gen = record["gen"]
+        record.update(changes)
+        t = yield self._eval(_UPDATE, node, gen, json.dumps(record, separators=(",", ":")), what="an update")
+        return self._decode(t) if t else None
+
+    @defer.inlineCallbacks
+    def expire(self):
+        """Unlink what Redis has expired (correctness needs no sweep; tidiness does)."""
+        gone: List[Peer] = []
+        while True:
+            dropped = yield self._eval(_EXPIRE, EXPIRE_BATCH, what="a sweep")
+            now = self._now()
+            for raw in dropped:
+                data = json.loads(raw)
+                gone.append(_peer(data["peer"], _decodeFiles(data), now))
+            if len(dropped) < EXPIRE_BATCH:
+                return gone
+
+    def epoch(self) -> defer.Deferred:
+        return self._eval(_EPOCH, uuid.uuid4().hex[:16], what="the registry's epoch")
+
+    def close(self) -> defer.Deferred:
+        return self.client.disconnect()
+
+
+def connect(
+    address: RedisAddress,
+    reactor: Optional[Any] = None,
+    *,
+    timeout: float = TIMEOUT,
+    **options: Any,
+) -> "defer.Deferred[RedisBackend]":
+    """
+    A :class:`RedisBackend` on ``address`` once Redis has answered (its
+    epoch read or made); fails with :class:`RegistryUnavailable` after
+    ``timeout`` seconds without an answer (the relay's start then fails:
+    exit 1 with the message).  Later, a lost Redis is reconnected to every
+    ``RECONNECT_DELAY`` seconds at most; calls meanwhile fail with
+    RegistryUnavailable after their own ``timeout``.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    where = address.describe()
+    if address.path is not None:
+        client = txredisapi.lazyUnixConnection(
+            address.path, dbid=address.db, password=address.password, connectTimeout=timeout
+        )
+    else:
+        client = txredisapi.lazyConnection(
+            address.host, address.port, dbid=address.db, password=address.password, connectTimeout=timeout
+        )
+    client._factory.maxDelay = RECONNECT_DELAY
+    client._factory.initialDelay = min(client._factory.initialDelay, RECONNECT_DELAY / 4)
+    backend = RedisBackend(client, reactor, timeout=timeout, where=where, **options)
+
+    def failed(failure: Failure) -> Failure:
+        client.disconnect()
+        return failure
+
+    return backend.epoch().addCallbacks(lambda _: backend, failed)
