@@ -101,6 +101,7 @@ class FakeFetcher:
         self.inFlight = 0
         self.mostInFlight = 0
         self.transfers: Dict[str, FakeTransfer] = {}
+        self.path = wire.DIRECT  # the path every file comes by
 
     @staticmethod
     def onTransfer(transfer) -> None:
@@ -152,7 +153,7 @@ class FakeFetcher:
             sink.expect(len(data), sha(data))
             sink.write(data)
             sink.verify()
-            return Fetched(name, len(data), sha(data), PEER, [], 0.25)
+            return Fetched(name, len(data), sha(data), PEER, [], 0.25, path=self.path)
         finally:
             self.inFlight -= 1
 
@@ -666,6 +667,33 @@ class OutputDirectoryTests(CommandTestCase):
         self.assertIn(f"saved big.bin (1.5 MiB from {PEER})", self.terminal.stderr)
         self.assertEqual(json.loads(self.terminal.stdout)["size"], len(data))
 
+    def test_savedViaRelay(self) -> None:
+        """A file that came via the relay says so on its "saved" line."""
+        fetcher = FakeFetcher({"a.txt": A})
+        fetcher.path = "relay"
+        self.assertEqual(self.p2pFetch(["-o", str(self.out), "a.txt"], fetcher), EXIT_OK)
+        self.assertIn(f"saved a.txt ({len(A)} B from {PEER} via relay) to {self.out / 'a.txt'}\n", self.terminal.stderr)
+
+    def test_savedViaReverse(self) -> None:
+        """A file that came over a reverse connection says so on its "saved" line."""
+        fetcher = FakeFetcher({"a.txt": A})
+        fetcher.path = "reverse"
+        self.assertEqual(self.p2pFetch(["-o", str(self.out), "a.txt"], fetcher), EXIT_OK)
+        self.assertIn(f"({len(A)} B from {PEER} via reverse connection) to", self.terminal.stderr)
+
+    def test_savedDirectSaysNothingMore(self) -> None:
+        """A direct fetch's "saved" line is as it always was."""
+        self.assertEqual(self.p2pFetch(["-o", str(self.out), "a.txt"], FakeFetcher({"a.txt": A})), EXIT_OK)
+        self.assertNotIn(" via ", self.terminal.stderr)
+
+    def test_jsonVia(self) -> None:
+        """--json: the record's "via" is the path the file came by; "path" stays where it was saved."""
+        fetcher = FakeFetcher({"a.txt": A})
+        fetcher.path = "relay"
+        self.assertEqual(self.p2pFetch(["--json", "-o", str(self.out), "a.txt"], fetcher), EXIT_OK)
+        record = json.loads(self.terminal.stdout)
+        self.assertEqual((record["via"], record["path"]), ("relay", str(self.out / "a.txt")))
+
     def test_outputIsAFile(self) -> None:
         """-o naming an existing file is a usage error: '-o: FILE is not a folder'."""
         self.out.write_bytes(b"a file")
@@ -774,7 +802,7 @@ class OutputDirectoryTests(CommandTestCase):
             [
                 {
                     "name": "a.txt", "ok": True, "size": len(A), "sha256": sha(A), "peer": PEER,
-                    "attempts": [], "seconds": 0.25, "path": str(self.out / "a.txt"),
+                    "attempts": [], "seconds": 0.25, "path": str(self.out / "a.txt"), "via": "direct",
                 },
                 {
                     "name": "nope.txt", "ok": False, "error": "not found on any of the 1 active peers",
@@ -1296,6 +1324,29 @@ class DefenceOptionTests(SynchronousTestCase):
         fetcher = buildFetcher(Clock(), args, lambda line: None, relay=object())
         line = fetcher.prover("nonce", True, b"P2P/1 PEERS\r\n")
         self.assertTrue(line.startswith(b"P2P/1 PROOF mac="), line)
+
+    def test_listenByDefault(self) -> None:
+        """By default the Fetcher may ask a firewalled peer to connect back."""
+        fetcher = buildFetcher(Clock(), parseArgs(["x"]), lambda line: None, relay=object())
+        self.assertTrue(fetcher.listen)
+
+    def test_noListen(self) -> None:
+        """--no-listen: the Fetcher never listens (firewalled peers via the relay)."""
+        fetcher = buildFetcher(Clock(), parseArgs(["--no-listen", "x"]), lambda line: None, relay=object())
+        self.assertFalse(fetcher.listen)
+
+    def test_noListenDocumented(self) -> None:
+        """--help explains --no-listen."""
+        stdout = io.StringIO()
+        with redirect_stdout(stdout):
+            self.assertRaises(SystemExit, parseArgs, ["--help"])
+        self.assertIn("firewalled peers via the relay", " ".join(stdout.getvalue().split()))
+
+    def test_tlsRefusesFirewalled(self) -> None:
+        """--tls: a firewalled peer is a failed attempt saying TLS needs a direct connection."""
+        endpoint = options.tlsPeerEndpoint(Clock(), 3.0)(PeerAddress("h", 1, "n", reach=wire.FIREWALLED))
+        failure = self.failureResultOf(endpoint.connect(Factory()))
+        self.assertIn("firewalled", str(failure.value))
 
     def test_secretFileMissing(self) -> None:
         """An unreadable --secret-file is a usage error naming it."""

@@ -152,6 +152,8 @@ class HolderEndpoint:
     def __init__(self, network: MemoryNetwork, label: str, holder: Holder) -> None:
         self.inner = network.endpoint(label, holder)
         self.holder = holder
+        # As p2prelay.client.paths.PathEndpoint says which path it took.
+        self.path = "direct"
 
     def connect(self, factory):
         if self.holder.gone:
@@ -209,6 +211,29 @@ class SwarmTestCase(SynchronousTestCase):
     def served(self) -> int:
         """Bytes of piece bodies the holders were asked for."""
         return sum(length for h in self.holders.values() for _, length in h.requests)
+
+
+class MultiSourcePathTests(SwarmTestCase):
+    def test_eachSourcesPath(self) -> None:
+        """-v: each source's first connection says its path ('via relay' for a relayed one)."""
+        self.holder(rate=200_000)
+        self.holder(rate=200_000)
+        self.endpoints[("127.0.0.1", 5002)].path = "relay"
+        verbose: List[str] = []
+        self.successResultOf(self.save(verbose=verbose.append))
+        fetching = [line for line in verbose if line.startswith("fetching ")]
+        self.assertEqual(
+            sorted(fetching), ["fetching big.bin from 127.0.0.1:5001", "fetching big.bin from 127.0.0.1:5002 via relay"]
+        )
+
+    def test_mainPath(self) -> None:
+        """Fetched.path is the path of the holder that delivered the most pieces."""
+        slow = self.holder(rate=50_000)
+        fast = self.holder(rate=400_000)
+        self.endpoints[("127.0.0.1", 5002)].path = "reverse"
+        fetched = self.successResultOf(self.save())
+        self.assertGreater(len(fast.pieces), len(slow.pieces))
+        self.assertEqual(fetched.path, "reverse")
 
 
 class MultiSourceTests(SwarmTestCase):

@@ -152,6 +152,8 @@ class FakeFetcher:
         ]
         return items, False
 
+    path = wire.DIRECT  # the path every download comes by
+
     async def save(self, name: str, final: Path, *, force: bool = False, onStart=lambda sink: None):
         self.saves.append(name)
         if name not in self.files:
@@ -161,7 +163,7 @@ class FakeFetcher:
         if name in self.held:
             await self.held[name]
         final.write_bytes(data)
-        return Fetched(name, len(data), sha(data), "10.9.8.7:7000", [], 0.0)
+        return Fetched(name, len(data), sha(data), "10.9.8.7:7000", [], 0.0, path=self.path)
 
 
 class OptionTests(SynchronousTestCase):
@@ -197,8 +199,8 @@ class OptionTests(SynchronousTestCase):
         options = self.parse()
         self.assertEqual(
             {k: options[k] for k in ("relay", "port", "heartbeat", "rescan", "timeout", "log", "udp")},
-            {"relay": "localhost:8000", "port": "tcp:0", "heartbeat": None, "rescan": DEFAULT_RESCAN,
-             "timeout": PEER_TIMEOUT, "log": None, "udp": (0, "")},
+            {"relay": "localhost:8000", "port": "tcp6:0:interface=\\:\\:", "heartbeat": None, "rescan": DEFAULT_RESCAN,
+             "timeout": PEER_TIMEOUT, "log": None, "udp": (0, "::")},
         )
 
     def test_relayFromEnvironment(self) -> None:
@@ -289,7 +291,7 @@ class OptionTests(SynchronousTestCase):
         """--help lists the options with their defaults, and the exit statuses."""
         text = self.help("--help")
         self.assertTrue(text.startswith("Usage: p2p-peer --dir DIR"), text)
-        for expected in ("--no-udp", "--udp-port", "--timeout", "--log", "[default: tcp:0]",
+        for expected in ("--no-udp", "--udp-port", "--timeout", "--log", "tcp6:0:interface=\\:\\:]",
                          f"[default: {PEER_TIMEOUT}]", "$P2PRELAY_RELAY",
                          "0    the menu was quit", "1    the node cannot start", "2    usage error",
                          "130  interrupted (Ctrl-C; 143 after SIGTERM"):
@@ -537,6 +539,11 @@ class MenuTests(RunTestCase):
         self.assertEqual((self.folder / "b.txt").read_bytes(), b"beta")
         self.assertIn("b.txt", self.after("4\n"))
         self.assertEqual(self.registered(), ["a.txt", "b.txt"])
+
+    def test_downloadViaRelay(self) -> None:
+        """A download that came via the relay says so when it is done."""
+        self.fetcher.path = "relay"
+        self.assertIn("b.txt: done, 4 B from 10.9.8.7:7000 via relay; now shared\n", self.after("3\nb.txt\n"))
 
     def test_downloadSeveral(self) -> None:
         """Several names, comma separated, with or without the seeds' Send verb."""
@@ -843,6 +850,27 @@ class SecretTests(RunTestCase):
         self.start("--secret-file", str(secret))
         [kw] = made
         self.assertTrue(kw["prover"]("nonce", True, b"P2P/1 PEERS\r\n").startswith(b"P2P/1 PROOF mac="))
+
+    def fetcherMade(self, *argv: str) -> dict:
+        from p2prelay.cli import peer
+
+        made = []
+
+        def fetcher(*args, **kw):
+            made.append(kw)
+            return self.fetcher
+
+        self.patch(peer, "Fetcher", fetcher)
+        self.start(*argv)
+        return made[0]
+
+    def test_listens(self) -> None:
+        """By default p2p-peer's downloads may ask a firewalled peer to connect back."""
+        self.assertTrue(self.fetcherMade()["listen"])
+
+    def test_noListen(self) -> None:
+        """--no-listen: p2p-peer's downloads reach firewalled peers via the relay only."""
+        self.assertFalse(self.fetcherMade("--no-listen")["listen"])
 
     def test_noSecretNoProver(self) -> None:
         """Without --secret-file the fetcher has no prover."""

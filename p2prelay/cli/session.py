@@ -327,7 +327,9 @@ class Client:
             "size": result.size,
             "sha256": result.sha256,
             "peer": result.peer,
-            "path": result.path,
+            # How the bytes came: "direct", "reverse" or "relay" (null: already
+            # there).  Not "path", which has always been where the file was saved.
+            "via": result.path,
             "attempts": [{"peer": a.peer, "error": a.error} for a in result.attempts],
             "seconds": round(result.seconds, 3),
             **extra,
