@@ -22,8 +22,13 @@ from twisted.python.failure import Failure
 
 from .addresses import describePeer
 
-# The node's default --port (see tap.NodeOptions).
-NODE_DEFAULT_PORT = "tcp:0"
+# The node's default --port (see tap.NodeOptions): an OS-chosen port on both
+# families (Linux's dual-stack socket: IPv4 clients arrive as ::ffff:a.b.c.d),
+# so a node that registers over IPv6 is reachable where the relay records
+# it.  Where IPv6 is unavailable the default falls back to IPv4 alone.
+NODE_DEFAULT_PORT = "tcp6:0:interface=\\:\\:"
+NODE_IPV4_PORT = "tcp:0"
+DUAL_STACK_UDP = "::"  # the UDP interface beside NODE_DEFAULT_PORT (falls back to '')
 
 
 def describeAddress(port: IListeningPort) -> str:
@@ -121,16 +126,47 @@ class ListeningService(_Listening):
     none gets ``backlog=`` that many (Twisted's default is 50).
     """
 
-    def __init__(self, reactor, description: str, factory, what: str, *, backlog: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        reactor,
+        description: str,
+        factory,
+        what: str,
+        *,
+        backlog: Optional[int] = None,
+        fallback: Optional[str] = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.what = what
         self.backlog = backlog
+        # Listened on instead when ``description`` cannot be had (the
+        # dual-stack default on a host without IPv6); None: no second try.
+        self.fallback = fallback
 
     def _bind(self) -> Deferred[IListeningPort]:
-        return serverFromString(self.reactor, withBacklog(self.description, self.backlog)).listen(self.factory)
+        d = self._listenOn(self.description)
+        if self.fallback is not None:
+            d.addErrback(self._fallBack)
+        return d
+
+    def _listenOn(self, description: str) -> Deferred[IListeningPort]:
+        return maybeDeferred(
+            lambda: serverFromString(self.reactor, withBacklog(description, self.backlog)).listen(self.factory)
+        )
+
+    def _fallBack(self, failure: Failure) -> Deferred[IListeningPort]:
+        self.log.info(
+            "{what} cannot listen on {desc} ({error}); listening on {fallback} instead",
+            what=self.what,
+            desc=self.description,
+            error=failure.getErrorMessage(),
+            fallback=self.fallback,
+        )
+        self.description = self.fallback
+        return self._listenOn(self.fallback)
 
 
 def withBacklog(description: str, backlog: Optional[int]) -> str:
@@ -157,6 +193,7 @@ class DatagramListeningService(_Listening):
         what: str,
         *,
         maxPacketSize: int = 8192,
+        fallback: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -165,9 +202,31 @@ class DatagramListeningService(_Listening):
         self.protocol = protocol
         self.what = what
         self.maxPacketSize = maxPacketSize
-        self.description = f"udp:{port}" + (f":interface={interface}" if interface else "")
+        # The interface bound instead when ``interface`` cannot be had ('' for
+        # IPv4 beside the dual-stack default on a host without IPv6).
+        self.fallback = fallback
+
+    @property
+    def description(self) -> str:
+        return f"udp:{self.number}" + (f":interface={self.interface}" if self.interface else "")
 
     def _bind(self) -> IListeningPort:
+        try:
+            return self._listenAt(self.interface)
+        except Exception as e:
+            if self.fallback is None:
+                raise
+            self.log.info(
+                "{what} cannot listen on {desc} ({error}); listening on {fallback} instead",
+                what=self.what,
+                desc=self.description,
+                error=str(e),
+                fallback=self.fallback or "every IPv4 address",
+            )
+            self.interface = self.fallback
+            return self._listenAt(self.interface)
+
+    def _listenAt(self, interface: str) -> IListeningPort:
         return self.reactor.listenUDP(
-            self.number, self.protocol, interface=self.interface, maxPacketSize=self.maxPacketSize
+            self.number, self.protocol, interface=interface, maxPacketSize=self.maxPacketSize
         )

@@ -1063,3 +1063,30 @@ class NodeMetricsTests(ServerTestCase):
             sum(self.sample("p2prelay_node_transfers_total", result=r) for r in ("complete", "failed", "refused", "not-found")),
             0,
         )
+
+
+class DualStackSourceTests(ServerTestCase):
+    """On the dual-stack default port an IPv4 client arrives as ::ffff:a.b.c.d; the caps count it as plain IPv4."""
+
+    def test_mappedCountsAsIPv4(self):
+        """A mapped IPv6 source and the same plain IPv4 source share one per-address cap."""
+        from twisted.internet.address import IPv6Address
+
+        from p2prelay.limits import Refusal
+
+        factory = FileServerFactory(self.share, self.clock, self.cooperator, maxPerAddress=1)
+        first = factory.buildProtocol(IPv6Address("TCP", "::ffff:10.77.4.1", 40001))
+        self.assertNotIsInstance(first, Refusal)
+        self.assertEqual(factory.connections.counter.holding("10.77.4.1"), 1)
+        self.assertIsInstance(factory.buildProtocol(IPv4Address("TCP", "10.77.4.1", 40002)), Refusal)
+
+    def test_mappedRequestsCountAsIPv4(self):
+        """GETs in flight from a mapped source count under its plain IPv4 address."""
+        from twisted.internet.address import IPv6Address
+
+        self.write("a.txt", b"alpha")
+        self.successResultOf(self.share.scan())
+        transport = StringTransport(peerAddress=IPv6Address("TCP", "::ffff:10.77.4.1", 40001))
+        proto, transport = self.connect(transport)
+        proto.dataReceived(wire.request(wire.GET, name="a.txt"))
+        self.assertEqual(self.factory.gets.holding("10.77.4.1"), 1)

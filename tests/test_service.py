@@ -14,7 +14,7 @@ from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from p2prelay.listening import DatagramListeningService, ListenFailed, ListeningService
 
@@ -273,3 +273,152 @@ class NodeServiceTests(SynchronousTestCase):
         self.stop(node)
         self.assertFalse(reactor.udpPorts[0].listening)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+NO_IPV6 = OSError(97, "Address family not supported by protocol")
+
+
+class _BoundTCP:
+    """What ``listenTCP`` returns: a port number read back."""
+
+    def __init__(self, host: str, number: int) -> None:
+        self.host = host
+        self.number = number
+        self.listening = True
+
+    def getHost(self):
+        from twisted.internet.address import IPv6Address
+
+        if ":" in self.host:
+            return IPv6Address("TCP", self.host, self.number)
+        return IPv4Address("TCP", self.host or "0.0.0.0", self.number)
+
+    def stopListening(self):
+        self.listening = False
+
+
+class DualStackReactor(UDPReactor):
+    """A memory reactor binding TCP ports (an OS-chosen one is 41000) on any interface."""
+
+    ipv6 = True
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if not self.ipv6 and ":" in interface:
+            raise CannotListenError(interface, port, NO_IPV6)
+        self.tcpServers.append((port, factory, backlog, interface))
+        return _BoundTCP(interface, port or 41000)
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if not self.ipv6 and ":" in interface:
+            raise CannotListenError(interface, port, NO_IPV6)
+        return super().listenUDP(port, protocol, interface, maxPacketSize)
+
+
+class NoIPv6Reactor(DualStackReactor):
+    """A host without IPv6: binding an IPv6 interface fails."""
+
+    ipv6 = False
+
+
+class DualStackTests(SynchronousTestCase):
+    """The node's default port: both families, IPv4 alone where IPv6 is unavailable."""
+
+    def node(self, reactor, description=None, udp=(0, "::")):
+        from p2prelay.listening import NODE_DEFAULT_PORT
+        from p2prelay.node.service import NodeService
+
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        node = NodeService(
+            reactor,
+            relay=RefusingRelay(),
+            directory=str(folder),
+            description=NODE_DEFAULT_PORT if description is None else description,
+            udp=udp,
+            runInThread=syncThread,
+            lock=str(Path(self.mktemp())),
+        )
+        node.startService()
+        self.addCleanup(node.stopService)
+        return node
+
+    def test_defaultIsDualStack(self) -> None:
+        """By default the node listens on '::' (both families), TCP and UDP."""
+        reactor = DualStackReactor()
+        node = self.node(reactor)
+        self.successResultOf(node.ready)
+        self.assertEqual([interface for _, _, _, interface in reactor.tcpServers], ["::"])
+        self.assertEqual([p.interface for p in reactor.udpPorts], ["::"])
+
+    def test_boundPortRegistered(self) -> None:
+        """What the registrar registers is the port bound on the dual-stack socket."""
+        node = self.node(DualStackReactor())
+        self.successResultOf(node.ready)
+        self.assertEqual(node.registrar.port, 41000)
+
+    def test_fallsBackWithoutIPv6(self) -> None:
+        """Where IPv6 is unavailable the default listens on IPv4 (TCP and UDP) instead of failing."""
+        reactor = NoIPv6Reactor()
+        with capturedLogs() as events:
+            node = self.node(reactor)
+        self.successResultOf(node.ready)
+        self.assertEqual([interface for _, _, _, interface in reactor.tcpServers], [""])
+        self.assertEqual([p.interface for p in reactor.udpPorts], [""])
+        self.assertEqual(node.registrar.port, 41000)
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("listening on tcp:0 instead", text)
+
+    def test_typedPortNeverFallsBack(self) -> None:
+        """A tcp6: port the user typed fails where IPv6 is unavailable, naming it."""
+        node = self.node(NoIPv6Reactor(), description="tcp6:7000")
+        failure = self.failureResultOf(node.ready, ListenFailed)
+        self.assertEqual(failure.value.description, "tcp6:7000")
+
+    def test_typedUDPNeverFallsBack(self) -> None:
+        """Beside a port the user typed, UDP on '::' does not fall back either."""
+        node = self.node(NoIPv6Reactor(), description="tcp:0", udp=(0, "::"))
+        self.failureResultOf(node.ready, ListenFailed)
+
+
+class RealDualStackTests(SynchronousTestCase):
+    """The default port on this machine's sockets: one socket for both families."""
+
+    def setUp(self) -> None:
+        import socket
+
+        if not socket.has_ipv6:
+            raise SkipTest("no IPv6 in this Python")
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            probe.bind(("::", 0))
+            probe.close()
+        except OSError as e:
+            raise SkipTest(f"IPv6 unavailable here: {e}")
+
+    def test_tcpTakesIPv4(self) -> None:
+        """The default TCP port accepts an IPv4 connection (the socket is not IPv6-only)."""
+        import socket
+
+        from twisted.internet import reactor
+
+        from p2prelay.listening import NODE_DEFAULT_PORT
+
+        service = ListeningService(reactor, NODE_DEFAULT_PORT, Factory(), "peernode")
+        service.startService()
+        port = self.successResultOf(service.whenListening)
+        self.addCleanup(service.stopService)
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 0)
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5):
+            pass  # the kernel accepts it into the backlog: no reactor turn needed
+
+    def test_udpBothFamilies(self) -> None:
+        """UDP beside the default port binds '::' without IPV6_V6ONLY: IPv4 datagrams arrive too."""
+        import socket
+
+        from twisted.internet import reactor
+
+        service = DatagramListeningService(reactor, 0, "::", DatagramProtocol(), "peernode")
+        service.startService()
+        port = self.successResultOf(service.whenListening)
+        self.addCleanup(service.stopService)
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 0)

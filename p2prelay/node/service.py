@@ -22,7 +22,14 @@ from ..limits import NODE_MAX_CONNECTIONS, NODE_MAX_GETS_PER_ADDRESS, NODE_MAX_P
 from ..negotiation import CLOSE_DEADLINE, IDLE_TIMEOUT, REQUEST_DEADLINE
 from .. import identity
 from ..human import humanSize, plural
-from ..listening import DatagramListeningService, ListenFailed, ListeningService
+from ..listening import (
+    DUAL_STACK_UDP,
+    NODE_DEFAULT_PORT,
+    NODE_IPV4_PORT,
+    DatagramListeningService,
+    ListenFailed,
+    ListeningService,
+)
 from ..udp import MAX_BLOCK, MAX_DATAGRAM, UDPFileServer
 from ..udp.server import (
     IDLE_TIMEOUT as UDP_IDLE_TIMEOUT,
@@ -61,7 +68,10 @@ class NodeService(MultiService):
     cap).  ``metrics``, a server endpoint description, serves Prometheus
     metrics there; ``relayName`` is the relay as the user named it (for
     log lines); ``lock`` the lock file that tells a second node sharing the
-    same folder (default: in the node's state folder).  The other keyword arguments are the node's limits (see
+    same folder (default: in the node's state folder); ``connectOut(host,
+    port)`` the endpoint a reverse order connects to (default: TCP), see
+    ``node/control.py``: the control connection kept while the relay says
+    it cannot reach the node.  The other keyword arguments are the node's limits (see
     ``docs/limits.rst``), each defaulting to its constant.
     """
 
@@ -148,7 +158,12 @@ class NodeService(MultiService):
             limiter=self.limiter,
             metrics=self.metrics,
         )
-        self.listener = ListeningService(reactor, description, self.files, "peernode")
+        # The default port is dual-stack; on a host without IPv6 it falls
+        # back to IPv4 (UDP beside it too).  A port the user typed never does.
+        default = description == NODE_DEFAULT_PORT
+        self.listener = ListeningService(
+            reactor, description, self.files, "peernode", fallback=NODE_IPV4_PORT if default else None
+        )
         self.listener.setServiceParent(self)
         self.udpListener: Optional[DatagramListeningService] = None
         if udp is not None:
@@ -165,7 +180,13 @@ class NodeService(MultiService):
             )
             server.noisy = False
             self.udpListener = DatagramListeningService(
-                reactor, udp[0], udp[1], server, "peernode", maxPacketSize=MAX_DATAGRAM
+                reactor,
+                udp[0],
+                udp[1],
+                server,
+                "peernode",
+                maxPacketSize=MAX_DATAGRAM,
+                fallback="" if default and udp[1] == DUAL_STACK_UDP else None,
             )
             self.udpListener.setServiceParent(self)
         self.tlsListener: Optional[ListeningService] = None
