@@ -57,6 +57,8 @@ from .relay.dialback import (
     REPORT_BURST,
     REPORT_RATE,
 )
+from .relay.circuits import CIRCUIT_BYTES, CIRCUIT_SECONDS, MAX_CIRCUITS, MAX_CIRCUITS_PER_NODE
+from .relay.control import MAX_CONTROL
 from .relay.registry import DEFAULT_TTL, MAX_PER_SOURCE, MAX_TOTAL
 from .udp.server import (
     IDLE_TIMEOUT as UDP_IDLE_TIMEOUT,
@@ -138,6 +140,19 @@ def byteSize(option: str):
     return coerce
 
 
+def _relayRate(value: str) -> ByteSize:
+    """--relay-rate: bytes per second over all circuits, or 0 for no cap."""
+    if value.strip() == "0":
+        return ByteSize(0)
+    try:
+        return parseSize(value)
+    except ValueError:
+        raise ValueError(
+            f"--relay-rate {value}: not a rate in bytes per second (a number, optionally "
+            "with K, M or G; 0 for no cap)"
+        ) from None
+
+
 def _pieceSize(value: str) -> ByteSize:
     size = byteSize("piece-size")(value)
     if not MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE:
@@ -210,16 +225,45 @@ class RelayOptions(usage.Options):
          "in this file may register."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics here (a port or server "
          "endpoint description, e.g. tcp:9101:interface=127.0.0.1; default: off).", _server],
+        ["max-control", None, MAX_CONTROL, "Control connections at most that firewalled nodes "
+         "may hold open (more are answered 503 busy).", positiveInteger("max-control")],
+        ["max-circuits", None, MAX_CIRCUITS, "Relayed circuits at most, open or being opened, "
+         "all nodes together (more are answered 503 busy).", positiveInteger("max-circuits")],
+        ["max-circuits-per-node", None, MAX_CIRCUITS_PER_NODE, "Relayed circuits at most to "
+         "one node.", positiveInteger("max-circuits-per-node")],
+        ["circuit-bytes", None, ByteSize(CIRCUIT_BYTES), "Bytes at most one relayed circuit "
+         "carries, both directions counted, before it is cut (a RELAY announcing more is "
+         "answered 413); K, M, G: powers of 1024.", byteSize("circuit-bytes")],
+        ["circuit-seconds", None, CIRCUIT_SECONDS, "Seconds at most a relayed circuit stays "
+         "open before it is cut.", seconds("circuit-seconds")],
+        ["relay-rate", None, ByteSize(0), "Bytes per second at most through all relayed "
+         "circuits together, paced by pausing reads (K, M, G: powers of 1024; 0: no cap).",
+         _relayRate],
     ]
     optFlags = [
         ["private", None, "Clients must prove the shared secret too (needs --secret-file)."],
         ["verbose", "v", "Log every lookup (WHOHAS, PEERS, SEARCH, STATS) at debug level."],
+        ["no-relaying", None, "Relay no transfers for firewalled nodes (RELAY is answered "
+         "503); control connections and reverse connections still work."],
     ]
 
     def postOptions(self) -> None:
         self["secret"] = _secret(self["secret-file"])
         if self["private"] and self["secret"] is None:
             raise usage.UsageError("--private needs --secret-file")
+
+    def circuitLimits(self):
+        """The relayed path's limits these options set."""
+        from .relay.circuits import CircuitLimits
+
+        return CircuitLimits(
+            relaying=not self["no-relaying"],
+            maxCircuits=self["max-circuits"],
+            maxPerNode=self["max-circuits-per-node"],
+            bytes=int(self["circuit-bytes"]),
+            seconds=self["circuit-seconds"],
+            rate=int(self["relay-rate"]),
+        )
 
 
 class NodeOptions(usage.Options):
@@ -232,7 +276,8 @@ class NodeOptions(usage.Options):
         ["relay", "r", "localhost:8000", "The relay: HOST:PORT or a client endpoint description."],
         ["dir", "d", None, "The folder to share (required)."],
         ["port", "p", NODE_DEFAULT_PORT, "Where to serve (port number or endpoint description; "
-         "default: an OS-chosen port, which is what gets registered).", _server],
+         "default: an OS-chosen port on IPv4 and IPv6 alike, IPv4 alone where IPv6 is "
+         "unavailable; the port bound is what gets registered).", _server],
         ["advertise", "a", None, "Host to register, or HOST:PORT ([V6]:PORT) behind a router "
          "forwarding PORT to --port (default: the address the relay sees, and the port bound)."],
         ["advertise-udp", None, None, "UDP port to register, behind a router forwarding it to "
@@ -417,6 +462,8 @@ def makeRelayService(config, reactor=None):
         recheckInterval=config["recheck-interval"],
         metrics=config.get("metrics"),
         verbose=bool(config.get("verbose")),
+        circuits=RelayOptions.circuitLimits(config),
+        maxControl=config["max-control"],
     )
 
 

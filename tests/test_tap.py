@@ -113,6 +113,86 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual(service.registry.ttl, 7)
 
 
+class RelayPathOptionsTests(SynchronousTestCase):
+    """The relay's options for firewalled nodes: control connections and relayed circuits."""
+
+    def parse(self, *argv: str) -> RelayOptions:
+        options = RelayOptions()
+        options.parseOptions(list(argv))
+        return options
+
+    def usageError(self, *argv: str) -> str:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(*argv)
+        return str(caught.exception)
+
+    def test_defaults(self) -> None:
+        """By default the relay relays: 64 circuits, 8 per node, 2G and an hour each, no rate cap, 1024 control connections."""
+        from p2prelay.relay.circuits import CircuitLimits
+
+        options = self.parse()
+        self.assertEqual(options.circuitLimits(), CircuitLimits())
+        self.assertEqual(
+            (options.circuitLimits().maxCircuits, options.circuitLimits().maxPerNode,
+             options.circuitLimits().bytes, options.circuitLimits().seconds,
+             options.circuitLimits().rate, options["max-control"]),
+            (64, 8, 2 << 30, 3600.0, 0, 1024),
+        )
+
+    def test_given(self) -> None:
+        """Each option sets its limit."""
+        options = self.parse(
+            "--no-relaying", "--max-circuits", "10", "--max-circuits-per-node", "2",
+            "--circuit-bytes", "512M", "--circuit-seconds", "90", "--relay-rate", "20M",
+            "--max-control", "50",
+        )
+        limits = options.circuitLimits()
+        self.assertEqual(
+            (limits.relaying, limits.maxCircuits, limits.maxPerNode, limits.bytes, limits.seconds, limits.rate),
+            (False, 10, 2, 512 << 20, 90.0, 20 << 20),
+        )
+        self.assertEqual(options["max-control"], 50)
+
+    def test_relayRateZero(self) -> None:
+        """--relay-rate 0 is no cap."""
+        self.assertEqual(self.parse("--relay-rate", "0").circuitLimits().rate, 0)
+
+    def test_badValues(self) -> None:
+        """Bad values are usage errors naming the option."""
+        for argv, text in [
+            (("--max-circuits", "0"), "--max-circuits 0: not a whole number"),
+            (("--max-circuits-per-node", "x"), "--max-circuits-per-node x: not a whole number"),
+            (("--max-control", "-3"), "--max-control -3: not a whole number"),
+            (("--circuit-bytes", "lots"), "--circuit-bytes lots: not a size"),
+            (("--circuit-seconds", "0"), "--circuit-seconds 0: not a positive number"),
+            (("--relay-rate", "-1"), "--relay-rate -1: not a rate"),
+        ]:
+            with self.subTest(argv=argv):
+                self.assertIn(text, self.usageError(*argv))
+
+    def test_makeServiceWiresLimits(self) -> None:
+        """makeService hands the limits to the relay's factory."""
+        reactor = UDPReactor()
+        service = makeRelayService(
+            self.parse("--port", "tcp:0:interface=127.0.0.1", "--max-circuits", "3",
+                       "--relay-rate", "1M", "--max-control", "5", "--no-relaying"),
+            reactor,
+        )
+        factory = service.factory
+        self.assertEqual(
+            (factory.circuits.limits.maxCircuits, factory.circuits.limits.relaying, factory.controls.maximum),
+            (3, False, 5),
+        )
+        self.assertEqual(factory.circuits.limiter.rate, 1 << 20)
+
+    def test_help(self) -> None:
+        """Every path option has a help string."""
+        text = str(RelayOptions())
+        for name in ("--no-relaying", "--max-circuits", "--max-circuits-per-node", "--circuit-bytes",
+                     "--circuit-seconds", "--relay-rate", "--max-control"):
+            self.assertIn(name, text)
+
+
 class NodeOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.folder = Path(self.mktemp()).absolute()
@@ -142,8 +222,8 @@ class NodeOptionsTests(SynchronousTestCase):
         options = self.parse()
         self.assertEqual(
             {k: options[k] for k in ("relay", "port", "advertise", "heartbeat", "rescan", "udp")},
-            {"relay": "localhost:8000", "port": "tcp:0", "advertise": None, "heartbeat": None,
-             "rescan": DEFAULT_RESCAN, "udp": (0, "")},
+            {"relay": "localhost:8000", "port": "tcp6:0:interface=\\:\\:", "advertise": None, "heartbeat": None,
+             "rescan": DEFAULT_RESCAN, "udp": (0, "::")},
         )
 
     def test_relayDefaultIgnoresEnvironment(self) -> None:

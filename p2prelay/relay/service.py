@@ -24,6 +24,8 @@ from .dialback import (
     REPORT_RATE,
     DialBack,
 )
+from .circuits import CircuitLimits
+from .control import MAX_CONTROL
 from .protocol import MAX_INFLIGHT_BYTES, RelayFactory
 from .registry import MAX_PER_SOURCE, MAX_TOTAL, Registry
 from .store import StateStore, StateUnwritable, StateWriter, checkWritable
@@ -42,8 +44,10 @@ class RelayService(MultiService):
     Every limit is a keyword argument defaulting to its constant (see
     ``docs/limits.rst``): registrations per source address and in total,
     registration bytes being received, the negotiation deadline, minimum
-    rate, idle timeout and close deadline, and the dial-back's timeout and rates (per
-    second, with bursts) for registrations and DEAD reports.
+    rate, idle timeout and close deadline, the dial-back's timeout and rates (per
+    second, with bursts) for registrations and DEAD reports, the control
+    connections held at most, and the relayed path's ``circuits`` limits
+    (:class:`~p2prelay.relay.circuits.CircuitLimits`).
 
     ``metrics``, a server endpoint description, serves Prometheus metrics
     there (``/metrics``); ``verbose`` logs every lookup at debug level.
@@ -79,6 +83,8 @@ class RelayService(MultiService):
         recheckInterval: float = RECHECK_INTERVAL,
         metrics: Optional[str] = None,
         verbose: bool = False,
+        circuits: CircuitLimits = CircuitLimits(),
+        maxControl: int = MAX_CONTROL,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -119,6 +125,8 @@ class RelayService(MultiService):
             recheckInterval=recheckInterval,
             metrics=self.metrics,
             verbose=verbose,
+            circuits=circuits,
+            maxControl=maxControl,
         )
         self.listener = ListeningService(
             reactor, description, self.factory, "relay", backlog=LISTEN_BACKLOG
@@ -163,6 +171,7 @@ class RelayService(MultiService):
     def stopService(self):
         if self._sweep.running:
             self._sweep.stop()
+        self.factory.circuits.stop()
         d = super().stopService()
         if self.writer is not None:
             self.writer.close()  # what is queued is written before the relay exits
