@@ -474,6 +474,24 @@ class OrderTests(ControlTestCase):
         self.assertEqual((len(pending.attempts), control.dropped), (1, 1))
 
 
+class BadRelayTests(ControlTestCase):
+    def test_overlongLine(self) -> None:
+        """An over-long line from the relay drops the connection (it is opened again later)."""
+        control = self.opened()
+        side = self.relay.controls[0]
+        side.transport.write(b"P2P/1 " + b"x" * wire.MAX_LINE + b"\r\n")
+        self.flush()
+        self.assertFalse(control.isOpen)
+        self.assertTrue(side.lost)
+
+    def test_unaskedAnswerIgnored(self) -> None:
+        """A status line nobody asked for is ignored; the connection stays open."""
+        control = self.opened()
+        self.relay.controls[0].transport.write(wire.status(wire.OK, "alive"))
+        self.flush()
+        self.assertTrue(control.isOpen)
+
+
 class ReconnectTests(ControlTestCase):
     def relayAttempts(self) -> int:
         return self.network.connections.count("relay")
@@ -587,7 +605,14 @@ class ServiceTests(SynchronousTestCase):
             runInThread=syncThread,
             lock=str(Path(self.mktemp())),
             advertisePort=7000,  # the memory reactor binds port 0
+            connectOut=self.connectOut,
         )
+        self.clients: list[tuple[str, int, ReverseClient]] = []
+
+    def connectOut(self, host: str, port: int):
+        client = ReverseClient()
+        self.clients.append((host, port, client))
+        return self.network.endpoint(f"client {host}:{port}", Factory.forProtocol(lambda: client))
 
     def advance(self, seconds: float, step: float = 0.5) -> None:
         end = self.reactor.seconds() + seconds
@@ -647,3 +672,39 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(self.node.control.running)
         self.assertIsNone(self.registry.get(KEY.node))
         self.assertNotIn(KEY.node, self.relay.controls)
+
+    def test_relayOrdersReverse(self) -> None:
+        """A REVERSE at the relay reaches the node over its control connection: it connects to the client's address and introduces itself."""
+        self.started()
+        token = identity.newNonce()
+        self.assertTrue(self.relay.controls.order(KEY.node, token, "10.77.4.1", 5000))
+        self.advance(0.5)
+        [(host, port, client)] = self.clients
+        self.assertEqual((host, port), ("10.77.4.1", 5000))
+        self.assertEqual(client.lines[0], f"P2P/1 REVERSE token={token}\r".encode())
+
+    def test_relayedRequestReachesNode(self) -> None:
+        """A client's RELAY is spliced with the circuit the node opens on the relay's order; the node answers the client's request."""
+        self.started()
+        client = RelayClient(wire.request(wire.RELAY, node=KEY.node) + wire.request(wire.GET, name="nosuch.txt"))
+        self.network.endpoint("relay", self.relay).connect(Factory.forProtocol(lambda: client))
+        self.advance(1)
+        relayed, answer = [wire.parseLine(line) for line in client.lines[:2]]
+        self.assertEqual((relayed.status, answer.status), (200, wire.NOT_FOUND))
+        self.assertIsNotNone(relayed.get("circuit"))
+
+
+class RelayClient(LineReceiver):
+    """A client of the relay: sends ``request`` and notes every line of the answer."""
+
+    delimiter = b"\n"
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.lines: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
