@@ -7,6 +7,8 @@ a fetch through them is reported -- against an in-memory relay and node.
 from __future__ import annotations
 
 from pathlib import Path
+
+import attrs
 from typing import Callable, List, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -21,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2prelay import identity, wire
 from p2prelay.client.download import Download
 from p2prelay.client.fetcher import Fetcher, NotFetched, PeerAddress
-from p2prelay.client.outcomes import PathRefused, describe, directFirst
+from p2prelay.client.outcomes import NoUDP, PathRefused, describe, directFirst
 from p2prelay.client.paths import (
     RELAY,
     REVERSE,
@@ -333,6 +335,12 @@ class HoldersTests(PathTestCase):
         self.assertIsInstance(f.peerEndpoint(self.holder()), PathEndpoint)
         self.assertNotIsInstance(f.peerEndpoint(self.holder(None)), PathEndpoint)
 
+    def test_noUDPToFirewalled(self):
+        """Over UDP a firewalled peer is a failed attempt at once: no path through the relay carries UDP."""
+        peer = attrs.evolve(self.holder(), udp=4999)
+        failure = self.failureResultOf(ensureDeferred(self.fetcher().transferUDP(peer, "a.txt", self.sink())), NoUDP)
+        self.assertIn("firewalled", str(failure.value))
+
     def test_budget(self):
         """A firewalled peer's setup budget is two connect timeouts and a second."""
         self.assertEqual(setupBudget(3.0), 7.0)
@@ -468,6 +476,17 @@ class FallbackTests(PathTestCase):
         self.assertFetched(self.fetch(), RELAY)
         self.assertEqual(self.relay.asked, ["WHOHAS", "REVERSE", "RELAY"])
         self.assertTrue(self.reactor.ports[0].closed)
+
+    def test_timeoutSaid(self):
+        """-v says the reverse connection did not come, and that the relay is tried instead."""
+        peer = self.holder()
+        self.neverConnects()
+        self.relays()
+        self.fetch()
+        self.assertIn(
+            f"peer {peer}: no reverse connection within 3 seconds; trying via relay (and for other peers from now on)",
+            self.verbose,
+        )
 
     def test_laterPeersSkipReverse(self):
         """Once a reverse attempt timed out, later firewalled peers go straight to the relay."""

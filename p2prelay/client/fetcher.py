@@ -184,12 +184,15 @@ class Fetcher:
         One attempt over UDP (``blockSize`` bytes a block, by default
         ``udp.fetchUDP``'s: 1400, or 60 KiB towards a loopback address).
         Silence is not reported to the relay as a dead peer: UDP may be
-        filtered where TCP is not.
+        filtered where TCP is not.  A firewalled peer is not tried: no path
+        through the relay carries UDP.
         """
         from .. import udp  # only a UDP fetch needs the UDP code
 
         if peer.udp is None:
             raise NoUDP("peer serves no UDP")
+        if peer.firewalled:
+            raise NoUDP("peer is firewalled: UDP needs a direct path")
         host = peer.host
         if not (isIPAddress(host) or isIPv6Address(host)):
             host = await self.reactor.resolve(host)

@@ -59,7 +59,7 @@ def setupBudget(connectTimeout: float) -> float:
     return 2 * connectTimeout + PATH_SLACK
 
 
-class ReverseTimedOut(error.TimeoutError):
+class ReverseTimedOut(Exception):
     """The node did not connect back in time (we are probably not reachable)."""
 
 
