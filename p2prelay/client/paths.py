@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import identity, wire
+from ..addresses import describePeer
 from ..negotiation import IncompleteAnswer, _OneShotFactory
 from .outcomes import PathRefused, PeerAddress, describe
 from .relay import proofFor
@@ -140,7 +141,9 @@ class _ReverseIntro(_Preamble):
             self.waiter.accept(self)
         else:
             # Not ours (a scan, a stale or forged intro): dropped, and we keep waiting.
-            self.waiter.log.info("dropped a connection that is not our reverse connection")
+            self.waiter.log.info(
+                "dropped {peer}: not our reverse connection", peer=describePeer(self.transport.getPeer())
+            )
             self.waiter.pending.discard(self)
             self.preambleFailed(wire.ProtocolError(wire.BAD_REQUEST, "not our reverse connection"))
 
