@@ -7,6 +7,8 @@ both ways, and every operator limit.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.test import iosim
 from twisted.logger import capturedLogs, formatEvent
 
 from p2prelay import identity, wire
@@ -398,3 +400,60 @@ class PrivateCircuitTests(CircuitTestCase):
         node, nodeTransport = self.circuit(order.nonce("token"))
         self.assertEqual(nodeTransport.value(), b"")
         self.assertEqual(parse(clientTransport.value())[0].status, wire.OK)
+
+
+class _Side(Protocol):
+    """One end of a circuit in memory: sends ``first`` on connection, keeps what it receives."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+        self.received = b""
+        self.closed = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.first)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed = True
+
+
+class InMemoryCircuitTests(CircuitTestCase):
+    """A whole exchange through a circuit, both connections pumped in memory."""
+
+    def test_exchange(self):
+        """A request and a 1 MiB answer pass through the relay intact, and the node's close reaches the client."""
+        client = _Side(wire.request(wire.RELAY, node=KEY.node))
+        relayForClient = self.factory.buildProtocol(ASKER)
+        clientPump = iosim.connect(
+            relayForClient, iosim.FakeTransport(relayForClient, True, peerAddress=ASKER),
+            client, iosim.FakeTransport(client, False),
+            clock=self.clock,
+        )
+        clientPump.flush()
+        [order] = parse(self.orders.value())
+        node = _Side(wire.request(wire.CIRCUIT, token=order.nonce("token")))
+        relayForNode = self.factory.buildProtocol(NODE_DATA)
+        nodePump = iosim.connect(
+            relayForNode, iosim.FakeTransport(relayForNode, True, peerAddress=NODE_DATA),
+            node, iosim.FakeTransport(node, False),
+            clock=self.clock,
+        )
+        nodePump.flush()
+        clientPump.flush()
+        status, _, rest = client.received.partition(b"\r\n")
+        self.assertEqual(parse(status + b"\r\n")[0].status, wire.OK)
+        client.transport.write(b"P2P/1 GET name=a.txt\r\n")
+        clientPump.flush()
+        nodePump.flush()
+        self.assertEqual(node.received, b"P2P/1 GET name=a.txt\r\n")
+        body = bytes(range(256)) * 4096
+        node.transport.write(b"P2P/1 200 size=1048576\r\n" + body)
+        node.transport.loseConnection()
+        for _ in range(3):
+            nodePump.flush()
+            clientPump.flush()
+        self.assertEqual(client.received, status + b"\r\n" + b"P2P/1 200 size=1048576\r\n" + body)
+        self.assertTrue(client.closed)
