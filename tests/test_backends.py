@@ -14,6 +14,8 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -688,6 +690,27 @@ class RedisConnectionTests(RedisTestCase):
         self.assertIsNone(await backend.get("n1"))
         await backend.register("n1", "h", 1, [entry("a")])
         self.assertEqual(len(await backend.holders("a")), 1)
+
+
+    async def test_hungServer(self):
+        """
+        A Redis that stops answering on an open connection fails calls with
+        RegistryUnavailable after the timeout; the connection is dropped and
+        made again once it answers.
+        """
+        own = redisserver.started(self)
+        backend = await self.connect(own.url)
+        await backend.register("n1", "h", 1, [entry("a")])
+        before = await backend.client.execute_command("CLIENT", "ID")
+        os.kill(own.process.pid, signal.SIGSTOP)
+        try:
+            with self.assertRaises(RegistryUnavailable):
+                await backend.holders("a")
+        finally:
+            os.kill(own.process.pid, signal.SIGCONT)
+        found = await self.waitFor(lambda: backend.holders("a"))
+        self.assertEqual([p.node for p, _ in found], ["n1"])
+        self.assertNotEqual(await backend.client.execute_command("CLIENT", "ID"), before)
 
 
 class URLTests(SynchronousTestCase):

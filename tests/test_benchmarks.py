@@ -100,3 +100,13 @@ class PiecesBenchmarkTests(SynchronousTestCase):
         out = smoke(self, "pieces.py")
         for figure in ("multi-source speedup:", "resume sent again:", "first byte after the relay answers:"):
             self.assertIn(figure, out)
+
+
+class RegistryBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self):
+        """benchmarks/registry.py --smoke loads and looks up through the memory and Redis backends."""
+        out = smoke(self, "registry.py")
+        self.assertIn("memory backend", out)
+        if shutil.which("redis-server"):
+            for figure in ("redis, one relay, c=1", "redis, one relay, c=16", "redis, two relays together"):
+                self.assertIn(figure, out)
