@@ -34,11 +34,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest
 
-from p2prelay.cli.demo import Daemon, script
+from p2prelay.cli.demo import Daemon
 
 PREFIX = "p2ptest-"  # every namespace made here is named p2ptest-ROLE-PID-N
 _counter = itertools.count(1)
@@ -291,7 +291,3 @@ def connect(made: Namespaces, ns: str, host: str, port: int, timeout: float = 3)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
-
-def envWithout(*names: str) -> Dict[str, str]:
-    """This process's environment without ``names`` (e.g. P2PRELAY_RELAY)."""
-    return {k: v for k, v in os.environ.items() if k not in names}

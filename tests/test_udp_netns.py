@@ -8,7 +8,6 @@ checked here.  Needs root; skipped with a one-line reason otherwise.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 from twisted.trial import unittest
+
+from .netns import skipUnlessNamespaces
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "udp_loss.py"
 PREFIX = "p2pbench-"
@@ -26,22 +27,9 @@ def benchmarkNamespaces() -> list:
     return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
 
 
-def skipUnlessNamespaces() -> None:
-    if os.geteuid() != 0:
-        raise unittest.SkipTest("needs root for network namespaces")
-    probe = f"p2ptest-probe-{os.getpid()}"
-    try:
-        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise unittest.SkipTest("the ip command is not installed")
-    if made.returncode != 0:
-        raise unittest.SkipTest(f"ip netns add fails: {made.stderr.strip()}")
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-
-
 class UDPLossBenchmarkSmokeTests(unittest.TestCase):
     def setUp(self) -> None:
-        skipUnlessNamespaces()
+        skipUnlessNamespaces("tc", "nft")
         self.before = set(benchmarkNamespaces())
 
     def assertNothingLeft(self) -> None:
