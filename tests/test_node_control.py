@@ -517,6 +517,7 @@ class ReconnectTests(ControlTestCase):
         text = "\n".join(formatEvent(e) for e in events)
         self.assertIn("control connection to the relay lost", text)
         self.assertIn("reconnecting in 1.0 s", text)
+        self.assertNotIn("Scheduling retry", text)  # one line per wait, not ClientService's too
 
     def test_refusalsBackOff(self) -> None:
         """Refusals in a row wait longer each time: 2, 4, 8 ... seconds."""

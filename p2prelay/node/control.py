@@ -286,6 +286,12 @@ def _ipEndpoint(reactor, host: str, port: int, timeout: float) -> IStreamClientE
     return kind(reactor, host, port, timeout=timeout)
 
 
+class _ClientService(ClientService):
+    """ClientService without its own retry lines: ControlConnection logs its own, naming the relay."""
+
+    _log = Logger(observer=lambda event: None)
+
+
 class ControlConnection:
     """
     Keeps the control connection up between :meth:`start` and :meth:`stop`,
@@ -337,7 +343,7 @@ class ControlConnection:
         self._backoff = backoffPolicy(
             initialDelay=FIRST_RETRY / 2, factor=2.0, maxDelay=MAX_RETRY, jitter=rng
         )
-        self._service = ClientService(
+        self._service = _ClientService(
             relay, _ControlFactory(self), retryPolicy=self._retryPolicy, clock=clock
         )
 
