@@ -298,6 +298,18 @@ class HandshakeTests(ControlTestCase):
         self.assertEqual(self.forgotten, 1)
 
 
+class RefusalLogTests(ControlTestCase):
+    def test_refusalTextEscaped(self) -> None:
+        """A refusal's text from the relay is logged with its control characters escaped."""
+        self.relay.refusal = b"P2P/1 503 retry=5 :\x1b]0;owned\x07busy\r\n"
+        with capturedLogs() as events:
+            self.control().start()
+            self.flush()
+        [line] = [formatEvent(e) for e in events if "refused the control connection" in formatEvent(e)]
+        self.assertNotIn("\x1b", line)
+        self.assertIn("\\x1b]0;owned\\x07busy", line)
+
+
 class SilentRelayTests(ControlTestCase):
     def test_handshakeTimeout(self) -> None:
         """A relay that never answers the CONTROL line is dropped after the handshake timeout, and tried again."""

@@ -48,6 +48,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from .. import identity, limits, wire
+from ..cli.console import visible
 from ..client.relay import ProofNeeded, keyProver
 from .server import FileServerFactory, FileServerProtocol
 
@@ -111,7 +112,7 @@ class ControlProtocol(LineReceiver):
     def _handshakeLine(self, message: wire.Message) -> None:
         code = message.status
         if code is None:
-            raise wire.ProtocolError(wire.BAD_REQUEST, f"expected a status line, not {message.word}")
+            raise wire.ProtocolError(wire.BAD_REQUEST, f"expected a status line, not {visible(message.word)}")
         if code == wire.CONTINUE and self.phase is Phase.CHALLENGED:
             prove = keyProver(self.control.key, identity.CONTROL_PROOF, self.control.secret)
             self.transport.write(prove(message.nonce(), message.flag("secret"), self._sent))
@@ -130,10 +131,10 @@ class ControlProtocol(LineReceiver):
             self.control._order(message)
             return
         if message.status is None:
-            self.log.info("ignoring {word} on the control connection", word=message.word)
+            self.log.info("ignoring {word} on the control connection", word=visible(message.word))
             return
         if not self._heartbeats:
-            self.log.info("ignoring an unasked-for {code} on the control connection", code=message.word)
+            self.log.info("ignoring an unasked-for {code} on the control connection", code=visible(message.word))
             return
         d, deadline = self._heartbeats.pop(0)
         if deadline.active():
@@ -251,8 +252,8 @@ class OrderedServing(FileServerProtocol):
                 self.log.info(
                     "{peer} refused the connection ordered: {code} {text}",
                     peer=self.peerName(),
-                    code=message.word,
-                    text=message.text,
+                    code=visible(message.word),
+                    text=visible(message.text),
                 )
                 self._requested = True
                 self.conclude()
@@ -421,7 +422,7 @@ class ControlConnection:
         self.log.warn(
             "the relay refused the control connection: {code} {why}",
             code=code,
-            why=message.text,
+            why=visible(message.text),
             retry=retry,
         )
         if code == wire.NOT_FOUND and self.onForgotten is not None:
