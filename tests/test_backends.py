@@ -657,6 +657,26 @@ class RedisConnectionTests(RedisTestCase):
         with self.assertRaises(RegistryUnavailable) as caught:
             await redisbackend.connect(parse(f"redis://127.0.0.1:{port}/0"), reactor, timeout=SHORT)
         self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
+        self.assertIn("did not answer", str(caught.exception))
+
+    async def test_wrongPassword(self):
+        """A wrong password fails the start at once with RegistryUnavailable saying so, without the password."""
+        guarded = redisserver.started(self, password="right")
+        secret = Path(self.mktemp())
+        secret.write_text("wrong-one\n")
+        started = reactor.seconds()
+        with self.assertRaises(RegistryUnavailable) as caught:
+            await redisbackend.connect(parse(guarded.url, secret), reactor, timeout=30)
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertIn("WRONGPASS", str(caught.exception))
+        self.assertNotIn("wrong-one", str(caught.exception))
+
+    async def test_passwordMissing(self):
+        """A Redis that wants a password, given none, fails the start with RegistryUnavailable saying so."""
+        guarded = redisserver.started(self, password="right")
+        with self.assertRaises(RegistryUnavailable) as caught:
+            await redisbackend.connect(parse(guarded.url), reactor, timeout=30)
+        self.assertIn("NOAUTH", str(caught.exception))
 
     async def waitFor(self, call, seconds: float = 15.0):
         """``call()``'s result once it stops failing with RegistryUnavailable."""

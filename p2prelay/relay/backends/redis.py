@@ -103,6 +103,26 @@ end
 local function list(parts)
   return '[' .. table.concat(parts, ',') .. ']'
 end
+-- A record opens with its gen and reachable (see _shared), so the lookups'
+-- test of a holder is usually a prefix comparison, not a JSON decode: 'live' (the
+-- registration the entry belongs to, listed), 'hidden' (that registration,
+-- not listed) or nil (expired, or registered again since).
+local function holder(raw, v)
+  if not raw then return nil end
+  local bar = string.find(v, '|', 1, true)
+  local gen = string.sub(v, 1, bar - 1)
+  local head = '{"gen":"' .. gen .. '","reachable":'
+  local listed
+  if string.sub(raw, 1, #head) == head then
+    listed = string.sub(raw, #head + 1, #head + 4) == 'true'
+  else  -- written some other way: read it whole
+    local r = cjson.decode(raw)
+    if r.gen ~= gen then return nil end
+    listed = r.reachable == true
+  end
+  if listed then return 'live', string.sub(v, bar + 1) end
+  return 'hidden'
+end
 local function unlink(node, keep)
   local raw = redis.call('GET', P .. 'files:' .. node)
   if not raw then return nil end
@@ -145,7 +165,8 @@ local function room(node, source, maxTotal, maxPer)
 end
 """
 
-# ARGV: P node key reachable source host port ttl grace maxTotal maxPer gen record files [name entry]...
+# ARGV: P node key reachable source host port ttl grace maxTotal maxPer gen record files
+#       [name, entry, name, entry...] (one JSON array of strings)
 _REGISTER = _PRELUDE + """
 local node, key, reachable, source = ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
 local host, port = ARGV[6], ARGV[7]
@@ -177,14 +198,15 @@ if taken and not reachable then return {'taken'} end
 if reachable then
   for _, other in ipairs(others) do remove(other) end
 end
+local entries = cjson.decode(ARGV[15])
 local keep = {}
-for i = 15, #ARGV, 2 do keep[ARGV[i]] = true end
+for i = 1, #entries, 2 do keep[entries[i]] = true end
 unlink(node, keep)
 redis.call('SET', P .. 'node:' .. node, ARGV[13], 'PX', ttl)
 redis.call('SET', P .. 'files:' .. node, ARGV[14], 'PX', ttl + grace)
-for i = 15, #ARGV, 2 do
-  redis.call('HSET', P .. 'name:' .. ARGV[i], node, gen .. '|' .. ARGV[i + 1])
-  redis.call('SADD', P .. 'names', ARGV[i])
+for i = 1, #entries, 2 do
+  redis.call('HSET', P .. 'name:' .. entries[i], node, gen .. '|' .. entries[i + 1])
+  redis.call('SADD', P .. 'names', entries[i])
 end
 redis.call('SADD', addrKey, node)
 if source ~= '' then redis.call('SADD', P .. 'src:' .. source, node) end
@@ -244,15 +266,14 @@ else
 end
 local out = {}
 for i = 1, #flat, 2 do
-  local node, v = flat[i], flat[i + 1]
-  local bar = string.find(v, '|', 1, true)
-  local r, raw = record(node)
-  if r and r.gen == string.sub(v, 1, bar - 1) then
-    if r.reachable and #out < limit then
-      table.insert(out, '[' .. raw .. ',' .. string.sub(v, bar + 1) .. ',' .. redis.call('PTTL', P .. 'node:' .. node) .. ']')
-    end
-  else
+  local node = flat[i]
+  local key = P .. 'node:' .. node
+  local raw = redis.call('GET', key)
+  local state, entry = holder(raw, flat[i + 1])
+  if not state then
     redis.call('HDEL', hk, node)
+  elseif state == 'live' and #out < limit then
+    table.insert(out, '[' .. raw .. ',' .. entry .. ',' .. redis.call('PTTL', key) .. ']')
   end
 end
 if redis.call('EXISTS', hk) == 0 then redis.call('SREM', P .. 'names', ARGV[2]) end
@@ -267,13 +288,11 @@ for i = 2, #ARGV do
   local flat = redis.call('HGETALL', hk)
   local live = {}
   for j = 1, #flat, 2 do
-    local v = flat[j + 1]
-    local bar = string.find(v, '|', 1, true)
-    local r = record(flat[j])
-    if r and r.gen == string.sub(v, 1, bar - 1) then
-      if r.reachable then table.insert(live, string.sub(v, bar + 1)) end
-    else
+    local state, entry = holder(redis.call('GET', P .. 'node:' .. flat[j]), flat[j + 1])
+    if not state then
       redis.call('HDEL', hk, flat[j])
+    elseif state == 'live' then
+      table.insert(live, entry)
     end
   end
   table.insert(out, list(live))
@@ -322,13 +341,30 @@ return ARGV[2]
 """
 
 
-def _encodeEntry(entry: FileEntry) -> str:
-    return json.dumps([entry.size, entry.sha256, entry.root, entry.pieceSize], separators=(",", ":"))
+def _entries(table: FileTable) -> str:
+    """
+    One JSON array: each name, then its entry as JSON text
+    (``[size,"sha256",root,pieceSize]``), made directly: a registration of
+    a thousand files is one argument, not two thousand.
+    """
+    digests = table.digests.hex()
+    roots = table.roots.hex()
+    flat: List[str] = []
+    for index, name in enumerate(table.names):
+        at = index * 64
+        root = roots[at : at + 64]
+        root = "null" if not root or root == "0" * 64 else f'"{root}"'
+        flat.append(name)
+        flat.append(f'[{table.sizes[index]},"{digests[at : at + 64]}",{root},{table.pieceSize(index)}]')
+    return json.dumps(flat, separators=(",", ":"))
 
 
 def _shared(peer: Peer, gen: str) -> Dict[str, Any]:
-    fields = {name: getattr(peer, name) for name in _SHARED}
-    fields["gen"] = gen
+    """The record: ``gen`` and ``reachable`` first (the lookup scripts read that prefix), then the rest."""
+    fields: Dict[str, Any] = {"gen": gen, "reachable": bool(peer.reachable)}
+    for name in _SHARED:
+        if name != "reachable":
+            fields[name] = getattr(peer, name)
     return fields
 
 
@@ -383,7 +419,11 @@ def _single(entry: FileEntry) -> FileTable:
 def _mapFailure(failure: Failure, where: str, what: str) -> Failure:
     if failure.check(RegistryUnavailable, RegistryFull, AddressTaken, ValueError):
         return failure
-    if failure.check(txredisapi.ConnectionError, defer.TimeoutError, defer.CancelledError, ConnectionError):
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        raise RegistryUnavailable(
+            f"the registry's Redis at {where} did not answer {what} in time (is it running there?)"
+        )
+    if failure.check(txredisapi.ConnectionError, ConnectionError):
         reason = failure.getErrorMessage() or failure.type.__name__
         raise RegistryUnavailable(f"the registry's Redis at {where} did not answer {what}: {reason}")
     if failure.check(txredisapi.ResponseError):
@@ -479,11 +519,6 @@ class RedisBackend:
         )
         gen = uuid.uuid4().hex[:16]
         record = _shared(peer, gen)
-        table = peer.files
-        pairs: List[str] = []
-        for index, name in enumerate(table.names):
-            pairs.append(name)
-            pairs.append(_encodeEntry(table.entry(index)))
         d = self._eval(
             _REGISTER,
             node,
@@ -499,7 +534,7 @@ class RedisBackend:
             gen,
             json.dumps(record, separators=(",", ":")),
             _encodeFiles(peer, record),
-            *pairs,
+            _entries(peer.files),
             what="a registration",
         )
 
@@ -684,9 +719,28 @@ def connect(
     client._factory.maxDelay = RECONNECT_DELAY
     client._factory.initialDelay = min(client._factory.initialDelay, RECONNECT_DELAY / 4)
     backend = RedisBackend(client, reactor, timeout=timeout, where=where, **options)
+    result: defer.Deferred = defer.Deferred()
 
-    def failed(failure: Failure) -> Failure:
+    def ready(_: object) -> None:
+        if not result.called:
+            result.callback(backend)
+
+    def failed(failure: Failure) -> None:
         client.disconnect()
-        return failure
+        if not result.called:
+            result.errback(failure)
 
-    return backend.epoch().addCallbacks(lambda _: backend, failed)
+    def refused(failure: Failure) -> None:
+        # A wrong password or database: txredisapi gives up on the
+        # connection and says why here, long before the first call times out.
+        if not result.called:
+            result.errback(RegistryUnavailable(
+                f"the registry's Redis at {where} refused the relay: {failure.getErrorMessage()}"
+            ))
+        asked.cancel()  # ends its timeout; failed() lets go of the connection
+
+    asked = backend.epoch()
+    asked.addCallbacks(ready, failed)
+    if client._factory.deferred is not None:
+        client._factory.deferred.addErrback(refused)
+    return result
