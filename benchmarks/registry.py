@@ -18,7 +18,9 @@ What it does, in this order:
   in memory (already-fired Deferreds, one at a time);
   Redis with 1 and 16 lookups in flight from one process (one relay);
   Redis with 16 in flight from each of two processes (two relays on this
-  machine, each its own reactor and connection);
+  machine, each its own reactor and connection); and Redis through its
+  unix socket;
+- heartbeats (``refresh`` of random peers) the same way;
 - reports Redis's own CPU share during each Redis run and its memory.
 
 With 2 shared cores, the client processes and redis-server compete: the
@@ -73,11 +75,24 @@ async def load(backend, peers: int, files: int, pool: list[str], inflight: int) 
     return time.perf_counter() - started
 
 
-async def lookups(backend, pool: list[str], seconds: float, inflight: int, seed: int) -> dict:
-    """holders() of random names for ``seconds`` with ``inflight`` outstanding."""
+async def lookups(backend, pool: list[str], seconds: float, inflight: int, seed: int, heartbeats: int = 0) -> dict:
+    """
+    holders() of random names for ``seconds`` with ``inflight`` outstanding;
+    with ``heartbeats`` (the number of peers), refresh() of random peers instead.
+    """
     from twisted.internet import defer
 
     rng = random.Random(seed)
+    if heartbeats:
+        nodes = [f"node{i:06}" for i in range(heartbeats)]
+
+        def call():
+            return backend.refresh(rng.choice(nodes)).addCallback(lambda peer: [peer])
+    else:
+
+        def call():
+            return backend.holders(rng.choice(pool))
+
     latencies: list[float] = []
     found = 0
     deadline = time.perf_counter() + seconds
@@ -99,7 +114,7 @@ async def lookups(backend, pool: list[str], seconds: float, inflight: int, seed:
             elif state["open"] == 0 and not done.called:
                 done.callback(None)
 
-        backend.holders(rng.choice(pool)).addCallback(answered)
+        call().addCallback(answered)
 
     cpu = time.process_time()
     began = time.perf_counter()
@@ -107,7 +122,7 @@ async def lookups(backend, pool: list[str], seconds: float, inflight: int, seed:
         # In memory every Deferred has fired already: a plain loop, no recursion.
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            d = backend.holders(rng.choice(pool))
+            d = call()
             found += len(d.result)
             latencies.append(time.perf_counter() - started)
     else:
@@ -124,14 +139,15 @@ async def lookups(backend, pool: list[str], seconds: float, inflight: int, seed:
     }
 
 
-def summary(label: str, result: dict, extra: str = "") -> str:
+def summary(label: str, result: dict, extra: str = "", unit: str = "lookups/s") -> str:
     lat = sorted(result["latencies"])
     p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0
     rate = result["count"] / result["elapsed"] if result["elapsed"] else 0.0
+    each = f"{result['holders']:.1f} holders each; " if unit == "lookups/s" else ""
     return (
-        f"{label:<34} {rate:>10,.0f} lookups/s  p50 {p50:6.3f} ms  p99 {p99:6.3f} ms"
-        f"  ({result['holders']:.1f} holders each; client CPU {result['cpu'] / result['elapsed']:.0%}{extra})"
+        f"{label:<38} {rate:>8,.0f} {unit:<9}  p50 {p50:6.3f} ms  p99 {p99:6.3f} ms"
+        f"  ({each}client CPU {result['cpu'] / result['elapsed']:.0%}{extra})"
     )
 
 
@@ -171,12 +187,13 @@ async def main(reactor, options) -> None:
     print(f"memory: loaded in {took:.1f} s ({peers / took:,.0f} registrations/s)")
     await lookups(memory, pool, min(0.5, seconds), 1, 1)
     print(summary("memory backend", await lookups(memory, pool, seconds, 1, 2)))
+    print(summary("memory backend, heartbeats", await lookups(memory, pool, seconds, 1, 2, peers), unit="beats/s"))
     del memory
 
     if binary() is None:
         print("redis: skipped, no redis-server binary")
         return
-    server = RedisServer().start()
+    server = RedisServer(both=True).start()
     try:
         backend = await redisbackend.connect(
             parse(server.url), reactor, ttl=3600.0, maxTotal=maxTotal, maxPerSource=peers, prefix="bench:"
@@ -192,6 +209,17 @@ async def main(reactor, options) -> None:
             result = await lookups(backend, pool, seconds, inflight, 4)
             share = (redisCpu(pid) - cpu) / result["elapsed"]
             print(summary(f"redis, one relay, c={inflight}", result, f"; redis-server CPU {share:.0%}"))
+        cpu = redisCpu(pid)
+        result = await lookups(backend, pool, seconds, 16, 5, peers)
+        share = (redisCpu(pid) - cpu) / result["elapsed"]
+        print(summary("redis, one relay, heartbeats c=16", result, f"; redis-server CPU {share:.0%}", unit="beats/s"))
+        local = await redisbackend.connect(parse(server.unixURL), reactor, prefix="bench:")
+        await lookups(local, pool, min(0.5, seconds), 16, 6)
+        cpu = redisCpu(pid)
+        result = await lookups(local, pool, seconds, 16, 7)
+        share = (redisCpu(pid) - cpu) / result["elapsed"]
+        print(summary("redis, one relay, c=16, unix socket", result, f"; redis-server CPU {share:.0%}"))
+        await local.close()
         # Two relays: two processes, 16 in flight each, at the same time.
         cpu = redisCpu(pid)
         began = time.perf_counter()

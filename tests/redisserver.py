@@ -44,19 +44,25 @@ def freePort() -> int:
 class RedisServer:
     """One redis-server process: ``start()``, ``stop()``, ``restart()`` (same port, empty)."""
 
-    def __init__(self, unix: bool = False, password: Optional[str] = None) -> None:
+    def __init__(self, unix: bool = False, password: Optional[str] = None, both: bool = False) -> None:
+        """On a unix socket (``unix``), a loopback port, or ``both``."""
         self.binary = need()
         self.folder = Path(tempfile.mkdtemp(prefix="p2p-redis-"))
-        self.port = 0 if unix else freePort()
-        self.path = str(self.folder / "redis.sock") if unix else None
+        self.port = 0 if unix and not both else freePort()
+        self.path = str(self.folder / "redis.sock") if unix or both else None
         self.password = password
         self.process: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
-        if self.path is not None:
-            return f"unix://{self.path}?db=0"
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The TCP address if it has one, else the socket's."""
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return self.unixURL
+
+    @property
+    def unixURL(self) -> str:
+        return f"unix://{self.path}?db=0"
 
     def start(self) -> "RedisServer":
         args = [
@@ -87,7 +93,7 @@ class RedisServer:
         return self
 
     def _accepts(self) -> bool:
-        if self.path is not None:
+        if not self.port:
             family, where = socket.AF_UNIX, self.path
         else:
             family, where = socket.AF_INET, ("127.0.0.1", self.port)
