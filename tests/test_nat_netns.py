@@ -12,6 +12,7 @@ Needs root, ``ip`` and ``nft``; skipped with a one-line reason otherwise.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from p2prelay.cli.demo import LISTENING, REGISTERED, script
 
 from .netns import NATTopology, Listener, connect, namespaces, python, skipUnlessNamespaces
 
+NODE_OPEN = re.compile(r"control connection to relay \S+ open")
+RELAY_OPEN = re.compile(r"control connection from \S+ at \S+ open")
 CONTENT = bytes(range(256)) * 4096 + b"behind the router\n"  # 1 MiB and a bit
 
 
@@ -94,6 +97,8 @@ class NATFetchTests(SynchronousTestCase):
             str(self.root),
         )
         self.node.waitFor(REGISTERED)
+        self.node.waitFor(NODE_OPEN)
+        relay.waitFor(RELAY_OPEN)  # each log is read on its own: wait for both
 
     def fetch(self, *args: str):
         """``p2p-fetch --relay RELAY --json ARGS`` in the client's namespace, to its end."""
