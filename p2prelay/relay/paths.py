@@ -31,7 +31,7 @@ class PathRequests:
     _controlNode: str | None = None  # the node whose control connection this is
     _token: str | None = None  # RELAY: the circuit's token while its node is awaited
     _circuit = None  # the Circuit this connection is a side of
-    _early: List[bytes] = []  # RELAY: bytes that came before the circuit opened
+    _early: List[bytes]  # RELAY: bytes that came before the circuit opened (set by _relay)
 
     # CONTROL: proved like a HEARTBEAT, then held open.
 
