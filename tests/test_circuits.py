@@ -457,3 +457,17 @@ class InMemoryCircuitTests(CircuitTestCase):
             clientPump.flush()
         self.assertEqual(client.received, status + b"\r\n" + b"P2P/1 200 size=1048576\r\n" + body)
         self.assertTrue(client.closed)
+
+
+class RateLimitedEarlyBytesTests(CircuitTestCase):
+    limits = CircuitLimits(rate=1000)
+
+    def test_earlyBytesPaidFor(self):
+        """Early bytes over the rate leave the client paused at the splice: the cap holds from the first byte."""
+        client, clientTransport, order = self.relay()
+        client.dataReceived(b"g" * 1000)
+        node, nodeTransport = self.circuit(order.nonce("token"))
+        self.assertEqual(nodeTransport.value(), b"g" * 1000)
+        self.assertEqual(clientTransport.producerState, "paused")
+        self.clock.advance(1)
+        self.assertEqual(clientTransport.producerState, "producing")

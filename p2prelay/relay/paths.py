@@ -191,14 +191,15 @@ class PathRequests:
             side.conclude()  # no deadline, no idle timeout: the circuit's limits apply
             side._releaseSlots()  # counted by --max-circuits, not the connection caps
         client.transport.write(wire.status(wire.OK, "relayed by this relay", circuit=token))
+        early, client._early = client._early, []
+        # Paused while it waited; from here the splice's producers (and the
+        # rate cap) pause and resume it.
+        client.transport.resumeProducing()
         circuit = self.factory.circuits.splice(pending, self)
         client._circuit = self._circuit = circuit
         self.log.info("circuit {token} for {node} open", token=token, node=pending.node)
-        early, client._early = client._early, []
         for data in early:
             circuit.received(client, data)
-        if not circuit.ended:
-            client.transport.resumeProducing()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._circuit is not None:
