@@ -100,7 +100,6 @@ async def lookups(backend, pool: list[str], seconds: float, inflight: int, seed:
     state = {"open": 0}
 
     def one() -> None:
-        nonlocal found
         started = time.perf_counter()
         state["open"] += 1
 

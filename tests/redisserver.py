@@ -8,7 +8,6 @@ reason where no ``redis-server`` binary is installed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

@@ -17,7 +17,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import attrs
 from twisted.internet import defer, reactor, task

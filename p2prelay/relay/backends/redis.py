@@ -44,7 +44,6 @@ import attrs
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -440,8 +439,6 @@ class RedisBackend:
     handler; :func:`connect` makes one).  ``now`` gives the local time that
     a peer's ``expires`` is reported in (its remaining TTL added to it).
     """
-
-    log = Logger()
 
     def __init__(
         self,
