@@ -48,9 +48,12 @@ class EntryRequests:
             raise wire.ProtocolError(
                 wire.TOO_LARGE, f"at most {wire.MAX_FILES} files per registration"
             )
-        full = self.factory.registry.room(node, self.source)
+        # The FILE lines that follow wait (reading paused) for the answer.
+        self._await(self.factory.backend.room(node, self.source), self._roomChecked, message, size, key, node)
+
+    def _roomChecked(self, full: str | None, message: wire.Message, size: int, key: str, node: str) -> None:
         if full is not None:
-            raise wire.ProtocolError(wire.BUSY, full, retry=self.factory.registry.ttl)
+            raise wire.ProtocolError(wire.BUSY, full, retry=self.factory.backend.ttl)
         if self.factory.inflight >= self.factory.maxInflight:
             raise wire.ProtocolError(
                 wire.BUSY, "too many registrations in progress", retry=INFLIGHT_RETRY
@@ -85,7 +88,9 @@ class EntryRequests:
         assert request is not None
         host = plainHost(request.get("host") or self.transport.getPeer().host)
         port = request.port()
-        existing = self.factory.registry.get(self._node)
+        self._await(self.factory.backend.get(self._node), self._found, host, port)
+
+    def _found(self, existing, host: str, port: int) -> None:
         same = existing is not None and existing.key == self._key and existing.address == (host, port)
         if same and existing.reachable:
             # Reached there before within its lifetime: no second dial-back.
@@ -99,45 +104,44 @@ class EntryRequests:
             raise wire.ProtocolError(
                 wire.BUSY, "too many dial-backs for your address", retry=wait
             )
-        self.holdDeadline()
-        self.transport.pauseProducing()
-        d = self.factory.dialback.check(host, port, self._key)
-        d.addCallback(self._dialled, host, port)
-        d.addErrback(self._crashed)
+        # Paused with its deadline held while the relay dials; a node that
+        # gives up waiting meanwhile will register again.
+        self._await(self.factory.dialback.check(host, port, self._key), self._dialled, host, port)
 
     def _dialled(self, outcome: Outcome, host: str, port: int) -> None:
-        if self.finished or self._lost:
-            return  # the node gave up waiting: it will register again
-        try:
-            self._record(host, port, outcome.ok, outcome.reason)
-        except wire.ProtocolError as e:
-            self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
-            self._settle(e.status)
-            self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
+        self._record(host, port, outcome.ok, outcome.reason)
 
     def _record(self, host: str, port: int, reachable: bool, reason: str) -> None:
         request = self._request
         assert request is not None
         udp = request.port("udp") if request.get("udp") else None
         tlsPort = request.port("tls") if request.get("tls") else None
-        try:
-            peer = self.factory.registry.register(
-                self._node,
-                host,
-                port,
-                self._files,
-                udp=udp,
-                tls=tlsPort,
-                key=self._key,
-                reachable=reachable,
-                source=self.source,
-            )
-        except RegistryFull as e:
-            raise wire.ProtocolError(wire.BUSY, str(e), retry=self.factory.registry.ttl) from None
-        except (AddressTaken, ValueError) as e:
+        backend = self.factory.backend
+        d = backend.register(
+            self._node,
+            host,
+            port,
+            self._files,
+            udp=udp,
+            tls=tlsPort,
+            key=self._key,
+            reachable=reachable,
+            source=self.source,
+        )
+
+        def refused(failure):
+            failure.trap(RegistryFull, AddressTaken, ValueError)
+            if failure.check(RegistryFull):
+                raise wire.ProtocolError(wire.BUSY, str(failure.value), retry=backend.ttl)
             raise wire.ProtocolError(
-                wire.CONFLICT, f"{e}; the relay could not reach this key there ({reason})"
-            ) from None
+                wire.CONFLICT, f"{failure.value}; the relay could not reach this key there ({reason})"
+            )
+
+        d.addErrback(refused)
+        self._await(d, self._registered, reachable, reason)
+
+    def _registered(self, peer, reachable: bool, reason: str) -> None:
+        host, port = peer.host, peer.port
         self.factory.changed()
         self._settle(wire.OK)
         self.log.info(
@@ -158,22 +162,20 @@ class EntryRequests:
                 wire.OK,
                 text,
                 node=peer.node,
-                ttl=_seconds(self.factory.registry.ttl),
+                ttl=_seconds(self.factory.backend.ttl),
                 boot=self.factory.boot,
                 host=peer.host,
                 reachable=int(reachable),
             )
         )
 
-    def _crashed(self, failure) -> None:
-        self.log.failure("bug while registering", failure)
-        self.transport.abortConnection()
-
     # HEARTBEAT and UNREGISTER: proved with the key the entry holds.
 
     def _provedByOwner(self, message: wire.Message, purpose: bytes, then) -> None:
         node = nodeId(message)
-        peer = self.factory.registry.get(node)
+        self._await(self.factory.backend.get(node), self._owned, node, purpose, then)
+
+    def _owned(self, peer, node: str, purpose: bytes, then) -> None:
         if peer is None:
             self.finish(
                 wire.status(
@@ -193,7 +195,9 @@ class EntryRequests:
         self._provedByOwner(message, identity.HEARTBEAT_PROOF, self._beat)
 
     def _beat(self, node: str) -> None:
-        peer = self.factory.registry.refresh(node)
+        self._await(self.factory.backend.refresh(node), self._beaten)
+
+    def _beaten(self, peer) -> None:
         if peer is None:
             self.finish(
                 wire.status(wire.NOT_FOUND, "unknown node; register again", boot=self.factory.boot)
@@ -207,7 +211,7 @@ class EntryRequests:
             wire.status(
                 wire.OK,
                 "alive",
-                ttl=_seconds(self.factory.registry.ttl),
+                ttl=_seconds(self.factory.backend.ttl),
                 boot=self.factory.boot,
                 reachable=int(peer.reachable),
             )
@@ -217,7 +221,9 @@ class EntryRequests:
         self._provedByOwner(message, identity.UNREGISTER_PROOF, self._leave)
 
     def _leave(self, node: str) -> None:
-        removed = self.factory.registry.unregister(node)
+        self._await(self.factory.backend.unregister(node), self._left, node)
+
+    def _left(self, removed: bool, node: str) -> None:
         if removed:
             self.factory.changed()
             self.log.info("unregistered {node}", node=node)

@@ -18,7 +18,7 @@ from typing import List
 from .. import identity, wire
 from ..addresses import plainHost
 from .circuits import CIRCUIT_RETRY
-from .control import CONTROL_RETRY
+from .control import CONTROL_RETRY, orderLine
 from .entries import _seconds, nodeId
 from .phase import Phase
 
@@ -43,8 +43,10 @@ class PathRequests:
         self._provedByOwner(message, identity.CONTROL_PROOF, self._controlOpened)
 
     def _controlOpened(self, node: str) -> None:
+        self._await(self.factory.backend.get(node), self._controlFound, node)
+
+    def _controlFound(self, peer, node: str) -> None:
         factory = self.factory
-        peer = factory.registry.get(node)
         if peer is None:
             self.finish(wire.status(wire.NOT_FOUND, "unknown node; register again", boot=factory.boot))
             return
@@ -55,7 +57,7 @@ class PathRequests:
         self._controlNode = node
         self._answered()
         self.requestComplete()  # no negotiation deadline from here on
-        self.setTimeout(factory.registry.ttl)  # closed when silent for a TTL
+        self.setTimeout(factory.backend.ttl)  # closed when silent for a TTL
         self._releaseSlots()  # counted by --max-control, not the connection caps
         old = factory.controls.opened(node, self)
         if old is not None:
@@ -63,7 +65,7 @@ class PathRequests:
             old.closeWithin()
         factory.changed()
         self.log.info("control connection from {node} at {peer} open", node=node, peer=self.peerName())
-        ttl = factory.registry.ttl
+        ttl = factory.backend.ttl
         self.transport.write(
             wire.status(
                 wire.OK,
@@ -80,12 +82,18 @@ class PathRequests:
             raise wire.ProtocolError(
                 wire.BAD_REQUEST, f"expected HEARTBEAT on a control connection, not {message.word}"
             )
+        self._await(self.factory.backend.refresh(self._controlNode), self._controlBeaten)
+
+    def _controlBeaten(self, peer) -> None:
         factory = self.factory
-        peer = factory.registry.refresh(self._controlNode)
         if peer is None:
             self.finish(wire.status(wire.NOT_FOUND, "unknown node; register again", boot=factory.boot))
             return
         factory.changed()
+        if not peer.control and self._controlNode is not None:
+            # The registry lost the record of this connection (a Redis
+            # restarted): the heartbeat puts it back.
+            factory.controls.record(self._controlNode, True)
         if not peer.reachable:
             # It may be reachable again: check (as often as a DEAD report may).
             factory.recheck(peer, self.source)
@@ -93,7 +101,7 @@ class PathRequests:
             wire.status(
                 wire.OK,
                 "alive",
-                ttl=_seconds(factory.registry.ttl),
+                ttl=_seconds(factory.backend.ttl),
                 boot=factory.boot,
                 reachable=int(peer.reachable),
             )
@@ -122,10 +130,18 @@ class PathRequests:
         # Always where the request comes from, never a host the client
         # names: nobody can make nodes connect to third parties.
         host = plainHost(self.transport.getPeer().host)
-        if not self.factory.controls.order(node, token, host, port):
+        line = orderLine(token, host, port)
+        if self.factory.controls.send(node, line):
+            self._reversed(True, node, host, port, "")
+            return
+        # Another relay sharing the registry may hold it: the order goes there.
+        self._await(self.factory.backend.forward(node, line), self._reversed, node, host, port, " through another relay")
+
+    def _reversed(self, sent: bool, node: str, host: str, port: int, how: str) -> None:
+        if not sent:
             raise wire.ProtocolError(wire.NOT_FOUND, f"{node} holds no control connection here")
         self.log.info(
-            "asked {node} to connect to {host}:{port}", node=node, host=host, port=port
+            "asked {node} to connect to {host}:{port}{how}", node=node, host=host, port=port, how=how
         )
         self.finish(wire.status(wire.OK, f"asked {node} to connect to you"))
 
@@ -142,7 +158,8 @@ class PathRequests:
         name = message.name() if message.get("name") is not None else None
         self._pathAllowance()
         if node not in factory.controls:
-            raise wire.ProtocolError(wire.NOT_FOUND, f"{node} holds no control connection here")
+            self._await(factory.backend.get(node), self._elsewhere, node)
+            return
         if size is not None and size > limits.bytes:
             factory.circuits.result("refused")
             raise wire.ProtocolError(
@@ -161,6 +178,13 @@ class PathRequests:
         self.holdDeadline()  # waiting for the node is not the client's slowness
         self._token = factory.circuits.expect(node, self, self._circuitTimedOut)
         factory.controls.order(node, self._token)
+
+    def _elsewhere(self, peer, node: str) -> None:
+        """A RELAY for a node with no control connection here: held at another relay, or none."""
+        if peer is not None and peer.control:
+            # The circuit's two connections must meet at one relay.
+            raise wire.ProtocolError(wire.NOT_FOUND, f"{node}'s control connection is at another relay")
+        raise wire.ProtocolError(wire.NOT_FOUND, f"{node} holds no control connection here")
 
     def _circuitTimedOut(self) -> None:
         self._token = None

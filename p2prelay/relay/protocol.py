@@ -1,8 +1,14 @@
 """
 The relay: a directory of peer nodes, answered one request per connection.
 
-The protocol only translates lines into calls on :class:`Registry` and the
-results back into lines; every rule about who is alive lives there.
+The protocol only translates lines into calls on the registry and the
+results back into lines; every rule about who is alive lives there.  It
+reaches the registry only through
+:class:`~p2prelay.relay.backends.interface.IRegistryBackend`, whose every
+answer is a Deferred (:meth:`RelayProtocol._await`): in memory one that has
+fired already, on Redis a round trip, during which the connection is paused
+and its deadline held.  A registry that cannot be reached is answered
+``503 retry=N :the registry is unavailable (...)``.
 
 This module holds the connection -- reading the request, dispatching it,
 the challenge and its ``PROOF``, what the metrics see -- and
@@ -17,11 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .. import identity, wire
 from ..limits import (
@@ -55,6 +63,8 @@ from .paths import PathRequests
 from .phase import Phase
 from .queries import QueryRequests
 from .entries import EntryRequests, _retry
+from .backends.interface import RETRY as REGISTRY_RETRY, IRegistryBackend, RegistryUnavailable
+from .backends.memory import MemoryBackend
 from .registry import Peer, Registry
 
 LONG_REACHABLE = 300.0  # seconds direct after which one failed probe only counts a miss
@@ -104,6 +114,7 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
         self._began: float | None = None  # when its line was read (for the latency histogram)
         self._settled = False  # its result counted (registrations, refused lookups)
         self._counted = False  # counted among the open connections
+        self._awaiting = 0  # registry answers this connection is paused for
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -138,9 +149,80 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
                 self._hold(len(raw))
                 self._fileLine(message)
         except wire.ProtocolError as e:
-            self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
-            self._settle(e.status)
-            self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
+            self._protocolError(e)
+
+    def _protocolError(self, e: wire.ProtocolError) -> None:
+        self.log.info("refusing {peer}: {error}", peer=self.peerName(), error=str(e))
+        self._settle(e.status)
+        self.refuseWith(wire.status(e.status, e.message, retry=_retry(e.retry)))
+
+    # The registry's answers: Deferreds.
+
+    def _await(self, d: defer.Deferred, then: Callable[..., None], *args: Any) -> None:
+        """
+        Call ``then(result, *args)`` when the registry's answer ``d`` fires;
+        until then (unless it has fired already, as the in-memory backend's
+        have) reading is paused and the request's deadline held: the wait is
+        the relay's, not the peer's.  A ``ProtocolError`` raised by ``then``
+        (or failing ``d``) is answered as if raised in ``lineReceived``; a
+        :class:`RegistryUnavailable` is answered ``503 retry=``.
+        """
+        if d.called and not isinstance(d.result, Failure):
+            # The in-memory backend's answer: no pause, no callbacks to add.
+            result = d.result
+            d.result = None
+            try:
+                then(result, *args)
+            except wire.ProtocolError as e:
+                self._protocolError(e)
+            return
+        waited = not d.called
+        if waited:
+            self._awaiting += 1
+            if self._awaiting == 1:
+                self.pauseProducing()
+                self.holdDeadline()
+        d.addCallbacks(self._fired, self._failed, (waited, then, args), errbackArgs=(waited,))
+        d.addErrback(self._crashed)
+
+    def _fired(self, result: Any, waited: bool, then: Callable[..., None], args: tuple) -> None:
+        if waited:
+            self._awaiting -= 1
+        if self.finished or self._lost:
+            return
+        try:
+            then(result, *args)
+        except wire.ProtocolError as e:
+            self._protocolError(e)
+        if waited:
+            self._resumeAfterWait()
+
+    def _failed(self, failure: Failure, waited: bool) -> Optional[Failure]:
+        if waited:
+            self._awaiting -= 1
+        if failure.check(RegistryUnavailable):
+            self.factory.registryLost(failure.value)
+            error = wire.ProtocolError(
+                wire.BUSY, f"the registry is unavailable ({failure.value})", retry=REGISTRY_RETRY
+            )
+        elif failure.check(wire.ProtocolError):
+            error = failure.value
+        else:
+            return failure
+        if not (self.finished or self._lost):
+            self._protocolError(error)
+        return None
+
+    def _resumeAfterWait(self) -> None:
+        """Read again once no registry answer is awaited (lines that came meanwhile are handled now)."""
+        if self._awaiting == 0 and not self.finished and not self._lost and self.transport is not None:
+            self.resumeDeadline()
+            self.resumeProducing()
+
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("bug while answering {peer}", failure, peer=self.peerName())
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     # What the metrics see: a request's verb, its latency and, for a
     # registration or lookup refused, how it ended.
@@ -275,8 +357,12 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
 
 class RelayFactory(Factory):
     """
-    Shares one registry between connections; ``boot`` identifies this run
-    of the relay so nodes notice a restart.
+    Shares one registry between connections: ``registry`` is a
+    :class:`Registry` (held in memory, behind a
+    :class:`~p2prelay.relay.backends.memory.MemoryBackend`) or any
+    :class:`IRegistryBackend`.  ``boot`` identifies the registry's lifetime
+    so nodes notice it lost them: this run of the relay in memory, the
+    backend's epoch when ``boot`` is given (a Redis several relays share).
 
     ``secret`` (bytes) closes the network: every proof must also carry an
     HMAC under it; with ``private`` clients' queries must prove it too.
@@ -317,8 +403,18 @@ class RelayFactory(Factory):
         verbose: bool = False,
         circuits: CircuitLimits = CircuitLimits(),
         maxControl: int = MAX_CONTROL,
+        boot: Optional[str] = None,
     ) -> None:
         self.registry = registry
+        if IRegistryBackend.providedBy(registry):
+            self.backend = registry
+        else:
+            # One search step per reactor turn, between other requests.
+            cooperator = task.Cooperator(
+                terminationPredicateFactory=lambda: lambda: True,
+                scheduler=lambda step: clock.callLater(0, step),
+            )
+            self.backend = MemoryBackend(registry, boot, cooperator)
         # Log each lookup (WHOHAS, PEERS, SEARCH, STATS) at debug level:
         # twistd's observer shows every level, so the flag decides.
         self.verbose = verbose
@@ -333,7 +429,8 @@ class RelayFactory(Factory):
             what="relay",
             onRefused=None if metrics is None else metrics.connectionRefused,
         )
-        self.boot = uuid.uuid4().hex[:16]
+        self.boot = boot if boot is not None else uuid.uuid4().hex[:16]
+        self.registryDown: Optional[str] = None  # why the registry cannot be reached, while it cannot
         self._onChange = onChange
         assert secret is not None or not private, "a private relay needs a secret"
         self.secret = secret
@@ -350,7 +447,7 @@ class RelayFactory(Factory):
         self.reports = TokenBucket(clock.seconds, reportRate, reportBurst)
         self.recheckInterval = recheckInterval
         self._checked: Dict[str, float] = {}  # node -> when the relay last re-checked it
-        self.controls = Controls(registry, maxControl)
+        self.controls = Controls(self.backend, maxControl)
         self.circuits = Circuits(clock, circuits, metrics)
         # REVERSE and RELAY requests from one source address.
         self.pathRequests = TokenBucket(clock.seconds, circuits.requestRate, circuits.requestBurst)
@@ -360,6 +457,23 @@ class RelayFactory(Factory):
 
     def changed(self) -> None:
         self._onChange()
+
+    def registryLost(self, why: object) -> None:
+        """The registry could not be reached: one warning until it is back (not one per request)."""
+        if self.registryDown is None:
+            self.registryDown = str(why)
+            self.log.warn("the registry is unavailable: {why}; answering 503 until it is back", why=str(why))
+
+    def registryBack(self) -> None:
+        """The registry answered again (after :meth:`registryLost`): one line saying so."""
+        if self.registryDown is not None:
+            self.registryDown = None
+            self.log.info("the registry is available again")
+
+    def orderForwarded(self, node: str, line: bytes) -> None:
+        """Another relay forwarded an order for a node whose control connection is here."""
+        if self.controls.send(node, line):
+            self.log.info("passed on an order for {node} from another relay", node=node)
 
     def recheck(self, peer: Peer, source: Optional[str] = None) -> bool:
         """
@@ -374,7 +488,7 @@ class RelayFactory(Factory):
             return False
         if source is not None and self.dialbacks.take(source):
             return False
-        if len(self._checked) > self.registry.maxTotal:
+        if len(self._checked) > self.backend.maxTotal:
             self._checked = {n: t for n, t in self._checked.items() if now - t < self.recheckInterval}
         self._probe(peer)
         return True
@@ -382,17 +496,31 @@ class RelayFactory(Factory):
     def _probe(self, peer: Peer) -> None:
         self._checked[peer.node] = self.clock.seconds()
         d = self.dialback.check(peer.host, peer.port, peer.key)
-        d.addCallback(self._rechecked, peer)
-        d.addErrback(lambda f: self.log.failure("bug while re-checking a node", f))
+        d.addCallback(lambda outcome: self._current(peer).addCallback(lambda current: self._rechecked(outcome, peer, current)))
+        self._guard(d, "re-checking a node")
 
-    def _current(self, peer: Peer) -> Peer | None:
-        """``peer``'s entry now, unless it is gone or was registered anew meanwhile."""
-        current = self.registry.get(peer.node)
-        if current is None or (current.key, current.address) != (peer.key, peer.address):
-            return None
-        return current
+    def _guard(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        """The end of a chain of the relay's own: an unreachable registry is a warning, anything else a bug."""
 
-    def _rechecked(self, outcome: Outcome, peer: Peer) -> None:
+        def failed(failure: Failure) -> None:
+            if failure.check(RegistryUnavailable):
+                self.registryLost(failure.value)
+            else:
+                self.log.failure("bug while " + what, failure)
+
+        return d.addErrback(failed)
+
+    def _current(self, peer: Peer) -> defer.Deferred:
+        """``peer``'s entry now (a Deferred), None if it is gone or was registered anew meanwhile."""
+
+        def same(current: Peer | None) -> Peer | None:
+            if current is None or (current.key, current.address) != (peer.key, peer.address):
+                return None
+            return current
+
+        return self.backend.get(peer.node).addCallback(same)
+
+    def _rechecked(self, outcome: Outcome, peer: Peer, current: Peer | None) -> Any:
         """
         A re-check's outcome, with hysteresis: a node direct for at least
         ``LONG_REACHABLE`` seconds survives one failed probe as a miss
@@ -400,51 +528,60 @@ class RelayFactory(Factory):
         seconds later; a second failure in a row, or a first one of a node
         direct for less long, makes it firewalled.  A success clears misses.
         """
-        current = self._current(peer)
         if current is None:
-            return
+            return None
         if outcome.ok:
             if current.reachable and current.misses == 0:
-                return
+                return None
             again = not current.reachable
-            self.registry.setReachable(peer.node, True)
-            self.changed()
-            if again:
-                self.log.info("{node} at {host}:{port} is reachable again", node=peer.node, host=peer.host, port=peer.port)
-            return
+
+            def listed(_: object) -> None:
+                self.changed()
+                if again:
+                    self.log.info("{node} at {host}:{port} is reachable again", node=peer.node, host=peer.host, port=peer.port)
+
+            return self.backend.setReachable(peer.node, True).addCallback(listed)
         if not current.reachable:
-            return
+            return None
         since = current.directSince
         longReachable = since is not None and self.clock.seconds() - since >= LONG_REACHABLE
         if longReachable and current.misses == 0:
-            self.registry.missed(peer.node)
+            return self.backend.missed(peer.node).addCallback(self._missed, peer, current, outcome)
+
+        def hidden(_: object) -> None:
             self.changed()
             self.log.info(
-                "{node} at {host}:{port} missed a probe ({why}); confirming in {delay:g} s",
+                "{node} at {host}:{port} is unreachable ({why}); firewalled{how}",
                 node=peer.node,
                 host=peer.host,
                 port=peer.port,
                 why=outcome.reason,
-                delay=CONFIRM_DELAY,
+                how="" if current.control else ", hidden until it holds a control connection",
             )
-            self.clock.callLater(CONFIRM_DELAY, self._confirm, current)
-            return
-        self.registry.setReachable(peer.node, False)
+
+        return self.backend.setReachable(peer.node, False).addCallback(hidden)
+
+    def _missed(self, _: object, peer: Peer, current: Peer, outcome: Outcome) -> None:
+        """One probe missed of a node long direct: confirmed by another in ``CONFIRM_DELAY``."""
         self.changed()
         self.log.info(
-            "{node} at {host}:{port} is unreachable ({why}); firewalled{how}",
+            "{node} at {host}:{port} missed a probe ({why}); confirming in {delay:g} s",
             node=peer.node,
             host=peer.host,
             port=peer.port,
             why=outcome.reason,
-            how="" if current.control else ", hidden until it holds a control connection",
+            delay=CONFIRM_DELAY,
         )
+        self.clock.callLater(CONFIRM_DELAY, self._confirm, current)
 
     def _confirm(self, peer: Peer) -> None:
         """The confirming probe after a miss: past the recheck interval and any allowance."""
-        current = self._current(peer)
-        if current is not None and current.reachable and current.misses:
-            self._probe(current)
+
+        def probe(current: Peer | None) -> None:
+            if current is not None and current.reachable and current.misses:
+                self._probe(current)
+
+        self._guard(self._current(peer).addCallback(probe), "confirming a miss")
 
     def buildProtocol(self, addr: object):
         return self.connections.build(addr, lambda: RelayProtocol(self))

@@ -18,7 +18,7 @@ from .entries import checkHost
 from .registry import Peer
 
 MAX_SEARCH_RESULTS = 1000
-SEARCH_SLICE = 1  # search steps (SEARCH_STEP names each) run per reactor turn
+SEARCH_SLICE = 1  # in memory, search steps (SEARCH_STEP names each) run per reactor turn
 
 
 def peerFields(peer: Peer) -> dict[str, object]:
@@ -51,7 +51,9 @@ class QueryRequests:
         )
 
     def _peers(self, message: wire.Message) -> None:
-        peers = self.factory.registry.active()
+        self._await(self.factory.backend.active(), self._peersFound)
+
+    def _peersFound(self, peers: List[Peer]) -> None:
         items = [
             wire.item(wire.PEER, **peerFields(p), files=len(p.files)) for p in peers
         ]
@@ -61,7 +63,9 @@ class QueryRequests:
 
     def _whohas(self, message: wire.Message) -> None:
         name = message.name()
-        holders = self.factory.registry.holders(name)
+        self._await(self.factory.backend.holders(name), self._holdersFound, name)
+
+    def _holdersFound(self, holders, name: str) -> None:
         items = [
             wire.item(wire.PEER, **peerFields(p), size=e.size, sha256=e.sha256, **_layout(e))
             for p, e in holders
@@ -76,24 +80,13 @@ class QueryRequests:
         limit = message.integer("limit", MAX_SEARCH_RESULTS, low=1, high=MAX_SEARCH_RESULTS)
         self._pattern = pattern
         self._phase = Phase.WORKING
-        self._searchStep(self.factory.registry.searchSteps(pattern, limit))
+        # In memory a few steps per reactor turn, so every other request is
+        # answered between them however many names the search goes through;
+        # the deadline is held meanwhile: the relay's work is not the client's slowness.
+        self._await(self.factory.backend.search(pattern, limit), self._searched)
 
-    def _searchStep(self, steps) -> None:
-        # A few steps per reactor turn, so every other request is answered
-        # between them however many names the search goes through.
-        if self.finished or self._lost:
-            steps.close()
-            return
-        for _ in range(SEARCH_SLICE):
-            try:
-                next(steps)
-            except StopIteration as done:
-                self._searched(*done.value)
-                return
-        self.holdDeadline()  # the relay's own work is not the client's slowness
-        self.factory.clock.callLater(0, self._searchStep, steps)
-
-    def _searched(self, hits, truncated: bool) -> None:
+    def _searched(self, found) -> None:
+        hits, truncated = found
         items = [
             wire.item(wire.FILE, name=h.name, size=h.size, sha256=h.sha256, holders=h.holders)
             for h in hits
@@ -107,7 +100,9 @@ class QueryRequests:
 
     def _stats(self, message: wire.Message) -> None:
         """STATS: the headline figures on one status line (see docs/protocol.rst)."""
-        figures = self.factory.registry.figures()
+        self._await(self.factory.backend.figures(), self._statsFigured)
+
+    def _statsFigured(self, figures) -> None:
         uptime = max(0, int(self.factory.clock.seconds() - self.factory.started))
         if self.factory.verbose:
             self.log.debug("STATS from {peer}", peer=self.peerName())
@@ -134,9 +129,10 @@ class QueryRequests:
         wait = self.factory.reports.take(self.source)
         if wait:
             raise wire.ProtocolError(wire.BUSY, "too many reports from your address", retry=wait)
-        checking = [
-            p for p in self.factory.registry.at(host, port) if p.reachable and self.factory.recheck(p)
-        ]
+        self._await(self.factory.backend.at(host, port), self._reported, host, port)
+
+    def _reported(self, peers: List[Peer], host: str, port: int) -> None:
+        checking = [p for p in peers if p.reachable and self.factory.recheck(p)]
         if checking:
             self.log.info(
                 "a client reports {host}:{port} unreachable; checking", host=host, port=port

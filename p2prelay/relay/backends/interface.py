@@ -35,7 +35,7 @@ start, exits 1 with the message).
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -100,7 +100,33 @@ class IRegistryBackend(Interface):
         """``Registry.figures`` over the listed peers."""
 
     def setReachable(node: str, reachable: bool) -> "Deferred[Optional[Peer]]":
-        """Record the relay's own check of a live node; the peer, or None if gone."""
+        """
+        Record the relay's own check of a live node (its misses forgotten; a
+        node found direct again starts a new run: ``directSince``); the peer,
+        or None if gone.
+        """
+
+    def missed(node: str) -> "Deferred[Optional[Peer]]":
+        """One probe of a live, direct node failed and it stays direct for now (``misses`` + 1)."""
+
+    def setControl(node: str, control: bool) -> "Deferred[Optional[Peer]]":
+        """
+        The node's control connection to this relay opened (True) or closed.
+        Every relay sharing the registry lists the node (firewalled) while
+        any relay holds its control connection.
+        """
+
+    def forward(node: str, order: bytes) -> "Deferred[bool]":
+        """
+        Hand ``order`` (a ``CONNECT`` line) to the relay holding ``node``'s
+        control connection, when another relay holds it; whether one did.
+        """
+
+    def listen(onOrder: "Callable[[str, bytes], None]") -> "Deferred[None]":
+        """
+        Receive the orders other relays forward to this one: ``onOrder(node,
+        line)`` for each (a backend of one relay never calls it).
+        """
 
     def expire() -> "Deferred[List[Peer]]":
         """Drop what has expired; the peers dropped (as far as still known)."""

@@ -89,6 +89,18 @@ class MemoryBackend:
     def setReachable(self, node: str, reachable: bool) -> defer.Deferred:
         return _fired(self.registry.setReachable, node, reachable)
 
+    def missed(self, node: str) -> defer.Deferred:
+        return _fired(self.registry.missed, node)
+
+    def setControl(self, node: str, control: bool) -> defer.Deferred:
+        return _fired(self.registry.setControl, node, control)
+
+    def forward(self, node: str, order: bytes) -> "defer.Deferred[bool]":
+        return defer.succeed(False)  # one relay: no other to hold a control connection
+
+    def listen(self, onOrder: Callable[[str, bytes], None]) -> "defer.Deferred[None]":
+        return defer.succeed(None)
+
     def expire(self) -> "defer.Deferred[List[Peer]]":
         return _fired(self.registry.expire)
 

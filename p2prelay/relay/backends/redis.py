@@ -5,8 +5,7 @@ The registry in a Redis that several relays share, through ``txredisapi``
 Layout, under a prefix (default ``p2p:``):
 
 - ``node:ID``: the peer's record, one JSON object of :class:`Peer`'s fields
-  (all but ``files``, ``expires`` and ``control``, which is this relay's
-  connection state and never shared) plus ``gen``, a token new at every
+  (all but ``files``, ``expires`` and ``control``, which is its own key) plus ``gen``, a token new at every
   registration.  Its TTL (``PX``) *is* the registration's lifetime: Redis
   drops it on time with no sweeper.
 - ``files:ID``: the peer's file table and a copy of its record, kept a
@@ -15,6 +14,12 @@ Layout, under a prefix (default ``p2p:``):
 - ``name:NAME``: a hash, node id -> ``GEN|[size, sha256, root, pieceSize]``:
   the set of holders of the name, each with its entry, so ``WHOHAS`` reads
   one hash (or a random sample of a big one) and the holders' records.
+- ``control:ID``: the id of the relay holding the node's control connection
+  (a firewalled node holds one, at one relay), with the registration's TTL,
+  refreshed by the heartbeats on that connection and deleted when it
+  closes.  Every relay lists a node that is not reachable while this key
+  exists (``Peer.control``); a ``REVERSE`` at another relay is forwarded to
+  the holder by a ``PUBLISH`` on its channel ``orders:RELAYID``.
 - ``names`` (every name, for ``SEARCH``), ``addr:HOST:PORT`` and
   ``src:SOURCE`` (sets of node ids), ``expiry`` (a sorted set, node -> when
   it expires by Redis's clock: the live count for the caps, the sweep's
@@ -35,6 +40,8 @@ primary with replicas), not Redis Cluster, which wants every key named in
 from __future__ import annotations
 
 import json
+import random
+import socket
 import sys
 import uuid
 from array import array
@@ -94,19 +101,24 @@ local function record(node)
 end
 -- Replies are one JSON text each, made of the stored JSON by concatenation:
 -- one bulk string is parsed far faster by the client than an array of many.
+local function held(node)
+  if redis.call('EXISTS', P .. 'control:' .. node) == 1 then return 'true' end
+  return 'false'
+end
 local function triple(node, raw)
   local files = redis.call('GET', P .. 'files:' .. node)
   if not files then return nil end
-  return '[' .. raw .. ',' .. files .. ',' .. redis.call('PTTL', P .. 'node:' .. node) .. ']'
+  return '[' .. raw .. ',' .. files .. ',' .. redis.call('PTTL', P .. 'node:' .. node) .. ',' .. held(node) .. ']'
 end
 local function list(parts)
   return '[' .. table.concat(parts, ',') .. ']'
 end
 -- A record opens with its gen and reachable (see _shared), so the lookups'
 -- test of a holder is usually a prefix comparison, not a JSON decode: 'live' (the
--- registration the entry belongs to, listed), 'hidden' (that registration,
--- not listed) or nil (expired, or registered again since).
-local function holder(raw, v)
+-- registration the entry belongs to, listed: reachable, or its control
+-- connection held by some relay), 'hidden' (that registration, not listed)
+-- or nil (expired, or registered again since).
+local function holder(raw, v, node)
   if not raw then return nil end
   local bar = string.find(v, '|', 1, true)
   local gen = string.sub(v, 1, bar - 1)
@@ -119,7 +131,7 @@ local function holder(raw, v)
     if r.gen ~= gen then return nil end
     listed = r.reachable == true
   end
-  if listed then return 'live', string.sub(v, bar + 1) end
+  if listed or held(node) == 'true' then return 'live', string.sub(v, bar + 1) end
   return 'hidden'
 end
 local function unlink(node, keep)
@@ -197,11 +209,21 @@ if taken and not reachable then return {'taken'} end
 if reachable then
   for _, other in ipairs(others) do remove(other) end
 end
+local rec, kept = ARGV[13], false
+if cur and reachable and cur.reachable == true and cur.host == host and tostring(cur.port) == port then
+  -- still direct where it was: its run of successes and misses carry on
+  local since = cur.directSince
+  if since == nil or since == cjson.null then since = 'null' else since = cjson.encode(since) end
+  local misses = tonumber(cur.misses) or 0
+  rec = (string.gsub(rec, '"misses":%d+,"directSince":[^,]*}$',
+    '"misses":' .. misses .. ',"directSince":' .. since .. '}'))
+  kept = {misses, since}
+end
 local entries = cjson.decode(ARGV[15])
 local keep = {}
 for i = 1, #entries, 2 do keep[entries[i]] = true end
 unlink(node, keep)
-redis.call('SET', P .. 'node:' .. node, ARGV[13], 'PX', ttl)
+redis.call('SET', P .. 'node:' .. node, rec, 'PX', ttl)
 redis.call('SET', P .. 'files:' .. node, ARGV[14], 'PX', ttl + grace)
 for i = 1, #entries, 2 do
   redis.call('HSET', P .. 'name:' .. entries[i], node, gen .. '|' .. entries[i + 1])
@@ -210,6 +232,7 @@ end
 redis.call('SADD', addrKey, node)
 if source ~= '' then redis.call('SADD', P .. 'src:' .. source, node) end
 redis.call('ZADD', P .. 'expiry', nowms() + ttl, node)
+if kept then return {'ok', tostring(kept[1]), kept[2]} end
 return {'ok'}
 """
 
@@ -218,11 +241,13 @@ _ROOM = _PRELUDE + """
 return room(ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])) or false
 """
 
-# ARGV: P node ttl grace
+# ARGV: P node ttl grace relay
 _REFRESH = _PRELUDE + """
 local node, ttl = ARGV[2], tonumber(ARGV[3])
 local r, raw = record(node)
 if not r then return false end
+local ck = P .. 'control:' .. node
+if redis.call('GET', ck) == ARGV[5] then redis.call('PEXPIRE', ck, ttl) end
 redis.call('PEXPIRE', P .. 'node:' .. node, ttl)
 redis.call('PEXPIRE', P .. 'files:' .. node, ttl + tonumber(ARGV[4]))
 redis.call('ZADD', P .. 'expiry', nowms() + ttl, node)
@@ -268,11 +293,11 @@ for i = 1, #flat, 2 do
   local node = flat[i]
   local key = P .. 'node:' .. node
   local raw = redis.call('GET', key)
-  local state, entry = holder(raw, flat[i + 1])
+  local state, entry = holder(raw, flat[i + 1], node)
   if not state then
     redis.call('HDEL', hk, node)
   elseif state == 'live' and #out < limit then
-    table.insert(out, '[' .. raw .. ',' .. entry .. ',' .. redis.call('PTTL', key) .. ']')
+    table.insert(out, '[' .. raw .. ',' .. entry .. ',' .. redis.call('PTTL', key) .. ',' .. held(node) .. ']')
   end
 end
 if redis.call('EXISTS', hk) == 0 then redis.call('SREM', P .. 'names', ARGV[2]) end
@@ -287,7 +312,7 @@ for i = 2, #ARGV do
   local flat = redis.call('HGETALL', hk)
   local live = {}
   for j = 1, #flat, 2 do
-    local state, entry = holder(redis.call('GET', P .. 'node:' .. flat[j]), flat[j + 1])
+    local state, entry = holder(redis.call('GET', P .. 'node:' .. flat[j]), flat[j + 1], flat[j])
     if not state then
       redis.call('HDEL', hk, flat[j])
     elseif state == 'live' then
@@ -310,6 +335,29 @@ local r = record(ARGV[2])
 if not r or r.gen ~= ARGV[3] then return false end
 redis.call('SET', P .. 'node:' .. ARGV[2], ARGV[4], 'KEEPTTL')
 return triple(ARGV[2], ARGV[4]) or false
+"""
+
+# ARGV: P node relay ttl on -> the triple (control set or cleared), or false if gone
+_CONTROL = _PRELUDE + """
+local node, relay = ARGV[2], ARGV[3]
+local ck = P .. 'control:' .. node
+if ARGV[5] == '1' then
+  if redis.call('EXISTS', P .. 'node:' .. node) == 0 then return false end
+  redis.call('SET', ck, relay, 'PX', tonumber(ARGV[4]))
+elseif redis.call('GET', ck) == relay then
+  redis.call('DEL', ck)
+end
+local r, raw = record(node)
+if not r then return false end
+return triple(node, raw) or false
+"""
+
+# ARGV: P node relay order -> whether another relay holds the control connection and heard the order
+_FORWARD = """
+local P, node = ARGV[1], ARGV[2]
+local holder = redis.call('GET', P .. 'control:' .. node)
+if not holder or holder == ARGV[3] then return 0 end
+return redis.call('PUBLISH', P .. 'orders:' .. holder, ARGV[4])
 """
 
 # ARGV: P batch -> the files records of the nodes dropped
@@ -398,14 +446,27 @@ def _decodeFiles(data: Dict[str, Any]) -> FileTable:
     )
 
 
-def _peer(record: Dict[str, Any], files: FileTable, expires: float) -> Peer:
+def _peer(record: Dict[str, Any], files: FileTable, expires: float, control: bool = False) -> Peer:
     """A Peer of a shared record: fields this version does not know are left out."""
     record.pop("gen", None)
     try:
-        return Peer(files=files, expires=expires, **record)
+        return Peer(files=files, expires=expires, control=control, **record)
     except TypeError:  # written by a relay that knows more fields (or a local one)
         known = {k: v for k, v in record.items() if k in _FIELDS and k not in _LOCAL}
-        return Peer(files=files, expires=expires, **known)
+        return Peer(files=files, expires=expires, control=control, **known)
+
+
+def ordered(peers: Iterable[Peer], rng: random.Random) -> List[Peer]:
+    """``peers`` by :attr:`Peer.tier`, in random order within a tier (as ``Registry.ordered``)."""
+    tiers: Dict[int, List[Peer]] = {}
+    for peer in peers:
+        tiers.setdefault(peer.tier, []).append(peer)
+    result: List[Peer] = []
+    for tier in sorted(tiers):
+        group = tiers[tier]
+        rng.shuffle(group)
+        result.extend(group)
+    return result
 
 
 def _single(entry: FileEntry) -> FileTable:
@@ -466,6 +527,10 @@ class RedisBackend:
         self.grace = ttl if grace is None else grace
         self.where = where
         self._now = now if now is not None else reactor.seconds
+        self.relayId = uuid.uuid4().hex[:16]  # this relay, as control:ID keys name it
+        self.address: Optional[RedisAddress] = None  # where to subscribe (set by connect)
+        self._random = random.Random()
+        self._orders: Any = None  # the subscriber connection's factory, once listening
 
     # Plumbing: every call has a deadline and one error type for "unreachable".
 
@@ -484,8 +549,8 @@ class RedisBackend:
         return max(1, int(seconds * 1000))
 
     def _decode(self, triple: Sequence[Any]) -> Peer:
-        record, files, pttl = triple
-        return _peer(record, _decodeFiles(files), self._now() + max(pttl, 0) / 1000)
+        record, files, pttl, control = triple
+        return _peer(record, _decodeFiles(files), self._now() + max(pttl, 0) / 1000, control)
 
     # The interface.
 
@@ -513,6 +578,7 @@ class RedisBackend:
             reachable=reachable,
             source=source,
             tls=tls,
+            directSince=self._now() if reachable else None,
         )
         gen = uuid.uuid4().hex[:16]
         record = _shared(peer, gen)
@@ -538,6 +604,9 @@ class RedisBackend:
         def registered(answer: List[str]) -> Peer:
             outcome = answer[0]
             if outcome == "ok":
+                if len(answer) == 3:  # still direct where it was
+                    peer.misses = int(answer[1])
+                    peer.directSince = None if answer[2] == "null" else float(answer[2])
                 return peer
             if outcome == "key":
                 raise ValueError(f"node {node} is bound to another key")
@@ -557,7 +626,9 @@ class RedisBackend:
         return d.addCallback(lambda outcome: None if not outcome else self._why(outcome, source))
 
     def refresh(self, node: str) -> defer.Deferred:
-        d = self._eval(_REFRESH, node, self._ms(self.ttl), self._ms(self.grace), what="a heartbeat")
+        d = self._eval(
+            _REFRESH, node, self._ms(self.ttl), self._ms(self.grace), self.relayId, what="a heartbeat"
+        )
         return d.addCallback(lambda t: self._decode(json.loads(t)) if t else None)
 
     def unregister(self, node: str) -> defer.Deferred:
@@ -580,11 +651,12 @@ class RedisBackend:
         def decoded(text: str) -> List[Tuple[Peer, FileEntry]]:
             now = self._now()
             out = []
-            for record, (size, sha256, root, pieceSize), pttl in json.loads(text):
+            entries = {}
+            for record, (size, sha256, root, pieceSize), pttl, control in json.loads(text):
                 entry = FileEntry(name, size, sha256, root=root, pieceSize=pieceSize)
-                peer = _peer(record, _single(entry), now + max(pttl, 0) / 1000)
-                out.append((peer, entry))
-            return out
+                peer = _peer(record, _single(entry), now + max(pttl, 0) / 1000, control)
+                entries[id(peer)] = (peer, entry)
+            return [entries[id(p)] for p in ordered((p for p, _ in entries.values()), self._random)]
 
         return d.addCallback(decoded)
 
@@ -599,7 +671,7 @@ class RedisBackend:
         return peers
 
     def active(self) -> defer.Deferred:
-        return self.all().addCallback(lambda peers: [p for p in peers if p.reachable])
+        return self.all().addCallback(lambda peers: ordered((p for p in peers if p.listed), self._random))
 
     def figures(self) -> defer.Deferred:
         def count(peers: List[Peer]) -> Figures:
@@ -643,9 +715,42 @@ class RedisBackend:
     @defer.inlineCallbacks
     def setReachable(self, node: str, reachable: bool):
         peer = yield self.get(node)
-        if peer is None or peer.reachable == reachable:
+        if peer is None or (peer.reachable == reachable and not peer.misses):
             return peer
-        return (yield self._update(node, reachable=reachable))
+        changes: Dict[str, Any] = {"misses": 0}
+        if peer.reachable != reachable:
+            changes.update(reachable=reachable, directSince=self._now() if reachable else None)
+        return (yield self._update(node, **changes))
+
+    @defer.inlineCallbacks
+    def missed(self, node: str):
+        peer = yield self.get(node)
+        if peer is None or not peer.reachable:
+            return peer
+        return (yield self._update(node, misses=peer.misses + 1))
+
+    def setControl(self, node: str, control: bool) -> defer.Deferred:
+        d = self._eval(
+            _CONTROL, node, self.relayId, self._ms(self.ttl), "1" if control else "0",
+            what="a control connection's record",
+        )
+        return d.addCallback(lambda t: self._decode(json.loads(t)) if t else None)
+
+    def forward(self, node: str, order: bytes) -> defer.Deferred:
+        message = json.dumps({"node": node, "order": order.decode("ascii")})
+        d = self._eval(_FORWARD, node, self.relayId, message, what="a forwarded order")
+        return d.addCallback(lambda heard: bool(heard))
+
+    def listen(self, onOrder: Callable[[str, bytes], None]) -> defer.Deferred:
+        """
+        Subscribe to ``orders:RELAYID`` on a connection of its own (reconnected
+        when lost, as the commands' one is); fires once subscribed.
+        """
+        assert self.address is not None, "listen() needs a backend made by connect()"
+        factory = _OrdersFactory(self.address, self.prefix + "orders:" + self.relayId, onOrder)
+        self._orders = factory
+        factory.startConnecting(_endpoint(self._reactor, self.address, self.timeout))
+        return factory.subscribed
 
     @defer.inlineCallbacks
     def _update(self, node: str, **changes: Any):
@@ -678,7 +783,106 @@ class RedisBackend:
         return self._eval(_EPOCH, uuid.uuid4().hex[:16], what="the registry's epoch")
 
     def close(self) -> defer.Deferred:
+        if self._orders is not None:
+            self._orders.stopTrying()
+            self._orders.disconnect()
         return self.client.disconnect()
+
+
+class _OrdersProtocol(txredisapi.SubscriberProtocol):
+    """The subscriber connection: orders other relays forward, to ``factory.onOrder``."""
+
+    @defer.inlineCallbacks
+    def connectionMade(self):
+        yield super().connectionMade()
+        if self.connected:
+            yield self.subscribe(self.factory.channel)
+            if not self.factory.subscribed.called:
+                self.factory.subscribed.callback(None)
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        try:
+            data = json.loads(message)
+            node, order = data["node"], data["order"].encode("ascii")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # not one of ours
+        self.factory.onOrder(node, order)
+
+
+class _OrdersFactory(txredisapi.RedisFactory):
+    protocol = _OrdersProtocol
+    noisy = False
+
+    def __init__(self, address: RedisAddress, channel: str, onOrder: Callable[[str, bytes], None]) -> None:
+        super().__init__(channel, address.db, 1, isLazy=True, password=address.password)
+        self.channel = channel
+        self.onOrder = onOrder
+        self.subscribed: defer.Deferred = defer.Deferred()
+        self.maxDelay = RECONNECT_DELAY
+        self.initialDelay = min(self.initialDelay, RECONNECT_DELAY / 4)
+
+
+def _endpoint(reactor: Any, address: RedisAddress, timeout: float) -> Any:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+
+    if address.path is not None:
+        return UNIXClientEndpoint(reactor, address.path, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+
+
+def preflight(address: RedisAddress, prefix: str = PREFIX, timeout: float = TIMEOUT) -> str:
+    """
+    The registry's epoch, read (or made) over a plain blocking socket:
+    the relay's start, before the reactor runs, so a Redis that is not
+    there (or refuses the password) fails the start at once with one line
+    (:class:`RegistryUnavailable`), and the relay's first answers already
+    carry the epoch as their ``boot=``.
+    """
+    where = address.describe()
+    family = socket.AF_UNIX if address.path is not None else socket.AF_INET
+    target: Any = address.path if address.path is not None else (address.host, address.port)
+    try:
+        if family == socket.AF_INET:
+            sock = socket.create_connection(target, timeout=timeout)
+        else:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(target)
+    except OSError as e:
+        raise RegistryUnavailable(f"cannot reach the registry's Redis at {where}: {e.strerror or e}") from None
+    reader = sock.makefile("rb")
+
+    def command(*args: str) -> Any:
+        out = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode("utf-8")
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        sock.sendall(b"".join(out))
+        line = reader.readline()
+        if not line:
+            raise RegistryUnavailable(f"the registry's Redis at {where} closed the connection")
+        kind, rest = line[:1], line[1:].rstrip(b"\r\n").decode("utf-8", "replace")
+        if kind == b"-":
+            raise RegistryUnavailable(f"the registry's Redis at {where} refused the relay: {rest}")
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else reader.read(size + 2)[:-2].decode("utf-8")
+        return rest
+
+    try:
+        if address.password is not None:
+            command("AUTH", address.password)
+        command("SELECT", str(address.db))
+        return command("EVAL", _EPOCH, "0", prefix, uuid.uuid4().hex[:16])
+    except socket.timeout:
+        raise RegistryUnavailable(
+            f"the registry's Redis at {where} did not answer in time (is it running there?)"
+        ) from None
+    except OSError as e:
+        raise RegistryUnavailable(f"the registry's Redis at {where} did not answer: {e.strerror or e}") from None
+    finally:
+        reader.close()
+        sock.close()
 
 
 def connect(
@@ -716,6 +920,7 @@ def connect(
     client._factory.maxDelay = RECONNECT_DELAY
     client._factory.initialDelay = min(client._factory.initialDelay, RECONNECT_DELAY / 4)
     backend = RedisBackend(client, reactor, timeout=timeout, where=where, **options)
+    backend.address = address
     result: defer.Deferred = defer.Deferred()
 
     def ready(_: object) -> None:
