@@ -176,7 +176,7 @@ def _server(value: str) -> str:
 
 
 class RelayOptions(usage.Options):
-    synopsis = "[--port DESC] [--ttl SECONDS] [--state PATH]"
+    synopsis = "[--port DESC] [--ttl SECONDS] [--state PATH | --registry URL]"
     longdesc = (
         "The p2prelay relay: the directory peer nodes register with and clients ask. "
         "DESC is a port number or a Twisted server endpoint description, "
@@ -188,6 +188,10 @@ class RelayOptions(usage.Options):
          seconds("ttl")],
         ["state", None, None, "SQLite file keeping the registry across restarts "
          "(default: in memory only)."],
+        ["registry", None, None, "Keep the registry in a Redis that several relays may share: "
+         "redis://HOST:PORT/DB or unix:///path/redis.sock?db=N (default: in this process)."],
+        ["registry-password-file", None, None, "File whose first line is the --registry "
+         "Redis's password (never on the command line)."],
         ["max-connections", None, RELAY_MAX_CONNECTIONS, "Open connections at most, all "
          "clients together (more are answered 503 busy).", positiveInteger("max-connections")],
         ["max-per-address", None, RELAY_MAX_PER_ADDRESS, "Open connections at most from one "
@@ -251,6 +255,7 @@ class RelayOptions(usage.Options):
         self["secret"] = _secret(self["secret-file"])
         if self["private"] and self["secret"] is None:
             raise usage.UsageError("--private needs --secret-file")
+        self["redis"] = _registry(self["registry"], self["registry-password-file"], self["state"])
 
     def circuitLimits(self):
         """The relayed path's limits these options set."""
@@ -273,7 +278,9 @@ class NodeOptions(usage.Options):
         "files to clients."
     )
     optParameters = [
-        ["relay", "r", "localhost:8000", "The relay: HOST:PORT or a client endpoint description."],
+        ["relay", "r", "localhost:8000", "The relay: HOST:PORT or a client endpoint description; "
+         "several as a comma list (a.example:8000,b.example:8000, at most 8), tried in order "
+         "with failover, the one that last answered first."],
         ["dir", "d", None, "The folder to share (required)."],
         ["port", "p", NODE_DEFAULT_PORT, "Where to serve (port number or endpoint description; "
          "default: an OS-chosen port on IPv4 and IPv6 alike, IPv4 alone where IPv6 is "
@@ -315,7 +322,7 @@ class NodeOptions(usage.Options):
          "description; TLS 1.3 with the node's key, which clients pin to; default: no TLS).",
          _server],
         ["relay-ca", None, None, "CA certificates (PEM file) to verify the relay with: the relay "
-         "(HOST:PORT) is then reached over TLS."],
+         "(HOST:PORT, or each of a comma list) is then reached over TLS."],
         ["max-rate", None, None, "Bytes per second the node uploads at most, all TCP and TLS "
          "clients together, shared fairly (e.g. 20M; K, M, G: powers of 1024; default: no cap).",
          byteSize("max-rate")],
@@ -399,7 +406,7 @@ def _advertiseHostPort(advertise: str) -> tuple[str, int | None]:
 
 
 def _checkRelayCA(config) -> None:
-    """With --relay-ca, the CA file must be usable and --relay a HOST:PORT."""
+    """With --relay-ca, the CA file must be usable and --relay a HOST:PORT (or a list of them)."""
     if not config.get("relay-ca"):
         return
     from .tls import TLSConfigError, loadCAFile  # imports OpenSSL: only for a TLS relay
@@ -408,12 +415,19 @@ def _checkRelayCA(config) -> None:
         loadCAFile(config["relay-ca"])
     except TLSConfigError as e:
         raise usage.UsageError(f"--relay-ca: {e}") from None
-    if parseHostPort(config["relay"].strip().removeprefix("tls:")) is None:
-        raise usage.UsageError("--relay: with --relay-ca, give the relay as HOST:PORT")
+    from .addresses import splitRelays
+
+    for name in splitRelays(config["relay"]):  # postOptions has checked the list
+        if parseHostPort(name.strip().removeprefix("tls:")) is None:
+            raise usage.UsageError("--relay: with --relay-ca, give the relay as HOST:PORT"
+                                   + (f" (not {name!r})" if name != config["relay"] else ""))
 
 
 def relayEndpoint(reactor, config, timeout: float):
-    """The relay's client endpoint: over TLS with --relay-ca, else as --relay says."""
+    """
+    The relay's client endpoint: over TLS with --relay-ca, else as --relay
+    says; for a comma list, a FailoverEndpoint over the relays.
+    """
     if config.get("relay-ca"):
         from .tls import relayEndpoint as tlsRelay
 
@@ -431,6 +445,22 @@ def _secret(path):
         return loadSecret(path)
     except IdentityError as e:
         raise usage.UsageError(f"--secret-file: {e}") from None
+
+
+def _registry(url, passwordFile, state):
+    """``--registry`` (with its password file) as a RedisAddress, or None: in memory."""
+    if url is None:
+        if passwordFile is not None:
+            raise usage.UsageError("--registry-password-file needs --registry")
+        return None
+    if state is not None:
+        raise usage.UsageError("--state keeps the in-memory registry; a --registry Redis keeps its own")
+    from .relay.backends.url import RegistryURLError, parse
+
+    try:
+        return parse(url, passwordFile)
+    except RegistryURLError as e:
+        raise usage.UsageError(f"--registry: {e}") from None
 
 
 def makeRelayService(config, reactor=None):
@@ -464,6 +494,7 @@ def makeRelayService(config, reactor=None):
         verbose=bool(config.get("verbose")),
         circuits=RelayOptions.circuitLimits(config),
         maxControl=config["max-control"],
+        registry=config.get("redis"),
     )
 
 

@@ -327,6 +327,68 @@ class BackendTests:
         self.assertFalse((await self.backend.refresh("n1")).reachable)
         self.assertEqual(await self.backend.active(), [])
 
+    # The relay's own checks: misses and runs of successes; control connections.
+
+    async def test_directSinceOnRegistration(self):
+        """A node registered reachable starts a run of successes then; one not reachable has none."""
+        await self.elapse(3)
+        peer = await self.backend.register("n1", "h", 1, [])
+        self.assertAlmostEqual(peer.directSince, self.clock.seconds(), delta=0.01)
+        self.assertIsNone((await self.backend.register("n2", "h2", 1, [], reachable=False)).directSince)
+
+    async def test_missedCounted(self):
+        """A missed probe of a direct node is counted and read back by another view of the registry."""
+        await self.backend.register("n1", "h", 1, [entry("a")])
+        self.assertEqual((await self.backend.missed("n1")).misses, 1)
+        other = await self.another()
+        self.assertEqual((await other.get("n1")).misses, 1)
+        self.assertEqual(len(await other.holders("a")), 1, "still listed")
+
+    async def test_missesSurviveReregistration(self):
+        """Registering again at the same address, still direct, keeps the misses and the run's start."""
+        first = await self.backend.register("n1", "h", 1, [])
+        await self.backend.missed("n1")
+        await self.elapse(5)
+        again = await self.backend.register("n1", "h", 1, [entry("b")])
+        self.assertEqual(again.misses, 1)
+        self.assertAlmostEqual(again.directSince, first.directSince, delta=0.01)
+        stored = await self.backend.get("n1")
+        self.assertEqual((stored.misses, round(stored.directSince, 2)), (1, round(first.directSince, 2)))
+
+    async def test_reachableClearsMisses(self):
+        """Found reachable, a node's misses are forgotten; found unreachable, its run of successes ends."""
+        await self.backend.register("n1", "h", 1, [])
+        await self.backend.missed("n1")
+        self.assertEqual((await self.backend.setReachable("n1", True)).misses, 0)
+        self.assertEqual((await self.backend.get("n1")).misses, 0)
+        hidden = await self.backend.setReachable("n1", False)
+        self.assertIsNone(hidden.directSince)
+        self.assertIsNone((await self.backend.get("n1")).directSince)
+
+    async def test_controlLists(self):
+        """An unreachable node is listed (everywhere) while its control connection is open, and hidden after."""
+        await self.backend.register("n1", "h", 1, [entry("a")], reachable=False)
+        self.assertTrue((await self.backend.setControl("n1", True)).control)
+        other = await self.another()
+        self.assertEqual([p.node for p, _ in await other.holders("a")], ["n1"])
+        self.assertEqual([(p.node, p.reach) for p in await other.active()], [("n1", "firewalled")])
+        self.assertTrue((await other.get("n1")).control)
+        self.assertEqual((await other.figures()).peers, 1)
+        await self.backend.setControl("n1", False)
+        self.assertEqual(await other.holders("a"), [])
+        self.assertEqual(await other.active(), [])
+
+    async def test_controlOfUnknown(self):
+        """A control connection of a node with no entry records nothing."""
+        self.assertIsNone(await self.backend.setControl("n1", True))
+        await self.backend.register("n1", "h", 1, [entry("a")], reachable=False)
+        self.assertEqual(await self.backend.holders("a"), [])
+
+    async def test_forwardWithoutHolder(self):
+        """An order for a node no other relay holds the control connection of is not forwarded."""
+        await self.backend.register("n1", "h", 1, [], reachable=False)
+        self.assertFalse(await self.backend.forward("n1", b"CONNECT token=x\r\n"))
+
     # Caps.
 
     async def fill(self, source: str, *names: str) -> None:

@@ -1,12 +1,13 @@
 """
-The relay as a Twisted service: registry, expiry sweep, port and state file.
+The relay as a Twisted service: registry (in memory, or a Redis several
+relays share), expiry sweep, port and state file.
 
 Assembled by ``tap.py``; twistd (or a ``.tac``) starts and stops it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import task
@@ -27,11 +28,48 @@ from .dialback import (
 from .circuits import CircuitLimits
 from .control import MAX_CONTROL
 from .protocol import MAX_INFLIGHT_BYTES, RelayFactory
-from .registry import MAX_PER_SOURCE, MAX_TOTAL, Registry
+from .backends.interface import RegistryUnavailable
+from .backends.url import RedisAddress
+from .registry import MAX_PER_SOURCE, MAX_TOTAL, Figures, Registry
 from .store import StateStore, StateUnwritable, StateWriter, checkWritable
 
 SWEEP_FRACTION = 4  # sweep expired peers this many times per lifetime
 LISTEN_BACKLOG = 1024  # connections the kernel queues for accept (Twisted's default: 50)
+HEALTH_INTERVAL = 2.0  # seconds between two looks at a shared registry (its epoch, whether it answers)
+FIGURES_MAX_AGE = 5.0  # seconds the metrics' peers and entries of a shared registry may be old
+
+
+class CachedFigures:
+    """
+    The metrics' ``peers`` and ``entries`` of a shared registry: counting
+    them is a full scan, so a scrape reads the last count, and starts a new
+    one when that is older than ``maxAge`` seconds (one at a time).
+    """
+
+    def __init__(self, figures: Callable[[], Any], now: Callable[[], float], maxAge: float = FIGURES_MAX_AGE) -> None:
+        self._figures = figures
+        self._now = now
+        self.maxAge = maxAge
+        self.last = Figures(0, 0, 0, 0)
+        self._when: Optional[float] = None
+        self._counting = False
+
+    def current(self) -> Figures:
+        now = self._now()
+        if not self._counting and (self._when is None or now - self._when >= self.maxAge):
+            self._counting = True
+
+            def counted(figures: Figures) -> None:
+                self.last, self._when = figures, self._now()
+
+            def done(result: object) -> None:
+                self._counting = False
+
+            d = self._figures()
+            d.addCallback(counted)
+            d.addErrback(lambda f: f.trap(RegistryUnavailable))
+            d.addBoth(done)
+        return self.last
 
 
 class RelayService(MultiService):
@@ -85,28 +123,51 @@ class RelayService(MultiService):
         verbose: bool = False,
         circuits: CircuitLimits = CircuitLimits(),
         maxControl: int = MAX_CONTROL,
+        registry: Optional[RedisAddress] = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.registry = Registry(
-            reactor.seconds,
-            ttl,
-            maxPerSource=maxRegistrationsPerAddress,
-            maxTotal=maxRegistrations,
-        )
+        self.registryAddress = registry
+        assert registry is None or not state, "--state keeps the in-memory registry only"
+        self.registry: Optional[Registry] = None
+        if registry is None:
+            self.registry = Registry(
+                reactor.seconds,
+                ttl,
+                maxPerSource=maxRegistrationsPerAddress,
+                maxTotal=maxRegistrations,
+            )
+            self.backend: Any = None  # the factory's MemoryBackend, below
+        else:
+            from .backends import redis
+
+            self.backend = redis.lazy(
+                registry,
+                reactor,
+                ttl=ttl,
+                maxPerSource=maxRegistrationsPerAddress,
+                maxTotal=maxRegistrations,
+            )
         self.store = StateStore(state) if state else None
         self.writer: Optional[StateWriter] = None
         self.metrics = None
         if metrics is not None:
             from ..metrics import MetricsService, RelayMetrics
 
-            self.metrics = RelayMetrics(
-                peers=lambda: len(self.registry.active()),
-                entries=lambda: self.registry.figures().entries,
-            )
+            if self.registry is not None:
+                self.metrics = RelayMetrics(
+                    peers=lambda: len(self.registry.active()),
+                    entries=lambda: self.registry.figures().entries,
+                )
+            else:
+                self.figures = CachedFigures(self.backend.figures, reactor.seconds)
+                self.metrics = RelayMetrics(
+                    peers=lambda: self.figures.current().peers,
+                    entries=lambda: self.figures.current().entries,
+                )
             MetricsService(reactor, metrics, self.metrics.registry).setServiceParent(self)
         self.factory = RelayFactory(
-            self.registry,
+            self.registry if self.registry is not None else self.backend,
             reactor,
             maxConnections=maxConnections,
             maxPerAddress=maxPerAddress,
@@ -132,26 +193,48 @@ class RelayService(MultiService):
             reactor, description, self.factory, "relay", backlog=LISTEN_BACKLOG
         )
         self.listener.setServiceParent(self)
+        if self.backend is None:
+            self.backend = self.factory.backend
         self._sweep = task.LoopingCall(self._expire)
         self._sweep.clock = reactor
+        self._health = task.LoopingCall(self._look)
+        self._health.clock = reactor
 
     def privilegedStartService(self) -> None:
         # twistd: a state file that cannot be written ends the relay at
         # once (exit 1, one line), before any port is bound.
         try:
             self._checkState()
+            self._firstLook()
         except StateUnwritable as e:
             self.log.critical("relay cannot start: {error}", error=str(e))
             raise SystemExit(1)
+        except RegistryUnavailable as e:
+            self.log.critical("relay cannot start: {error}", error=str(e))
+            raise SystemExit(1)
         super().privilegedStartService()
+
+    def _firstLook(self) -> None:
+        """
+        A shared registry answers before the relay listens, and its epoch is
+        the relay's ``boot=``: a blocking round trip, once, before the
+        reactor runs (nothing else is waiting yet).
+        """
+        if self.registryAddress is None or self._health.running:
+            return
+        from .backends import redis
+
+        self.factory.boot = redis.preflight(self.registryAddress, self.backend.prefix, self.backend.timeout)
 
     def _checkState(self) -> None:
         if self.store is not None and self.writer is None:
             checkWritable(self.store.path)
 
     def startService(self) -> None:
-        # Started without twistd: the caller sees StateUnwritable.
+        # Started without twistd: the caller sees StateUnwritable (or RegistryUnavailable).
         self._checkState()
+        if not self.running:
+            self._firstLook()
         if self.store is not None and self.writer is None:
             peers = self.store.load()
             stale = [peer.node for peer in peers if not self.registry.restore(peer)]
@@ -166,19 +249,62 @@ class RelayService(MultiService):
                 self.writer.removed(node)
             self.registry.listener = self.writer
         super().startService()
-        self._sweep.start(max(self.registry.ttl / SWEEP_FRACTION, 0.25), now=False)
+        self._sweep.start(max(self.backend.ttl / SWEEP_FRACTION, 0.25), now=False)
+        if self.registryAddress is not None:
+            self._health.start(HEALTH_INTERVAL, now=False)
+            d = self.backend.listen(self.factory.orderForwarded)
+            d.addErrback(lambda f: self.log.failure("bug while subscribing to forwarded orders", f))
+            self.log.info(
+                "registry: Redis at {where}, epoch {epoch}", where=self.backend.where, epoch=self.factory.boot
+            )
 
     def stopService(self):
         if self._sweep.running:
             self._sweep.stop()
+        if self._health.running:
+            self._health.stop()
         self.factory.circuits.stop()
         d = super().stopService()
         if self.writer is not None:
             self.writer.close()  # what is queued is written before the relay exits
+        if self.registryAddress is not None:
+            d.addCallback(lambda _: self.backend.close())
+            d.addErrback(lambda f: None)  # a Redis already gone has nothing to let go of
         return d
 
-    def _expire(self) -> None:
-        for peer in self.registry.expire():
-            self.log.info(
-                "expired {node} at {host}:{port}", node=peer.node, host=peer.host, port=peer.port
-            )
+    def _expire(self):
+        def dropped(peers) -> None:
+            for peer in peers:
+                self.log.info(
+                    "expired {node} at {host}:{port}", node=peer.node, host=peer.host, port=peer.port
+                )
+
+        d = self.backend.expire()
+        d.addCallback(dropped)
+        return d.addErrback(self._unavailable)
+
+    def _unavailable(self, failure) -> None:
+        failure.trap(RegistryUnavailable)
+        self.factory.registryLost(failure.value)
+
+    def _look(self):
+        """
+        A shared registry's health: its epoch (new when Redis lost the
+        entries: answers say so as ``boot=`` and nodes register again), and
+        one log line when it is lost and one when it is back.
+        """
+
+        def answered(epoch: str) -> None:
+            self.factory.registryBack()
+            if epoch != self.factory.boot:
+                self.log.warn(
+                    "the registry's epoch is now {epoch} (was {old}): its entries were lost; "
+                    "nodes register again",
+                    epoch=epoch,
+                    old=self.factory.boot,
+                )
+                self.factory.boot = epoch
+
+        d = self.backend.epoch()
+        d.addCallback(answered)
+        return d.addErrback(self._unavailable)

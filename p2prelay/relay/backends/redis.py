@@ -885,18 +885,16 @@ def preflight(address: RedisAddress, prefix: str = PREFIX, timeout: float = TIME
         sock.close()
 
 
-def connect(
+def lazy(
     address: RedisAddress,
     reactor: Optional[Any] = None,
     *,
     timeout: float = TIMEOUT,
     **options: Any,
-) -> "defer.Deferred[RedisBackend]":
+) -> RedisBackend:
     """
-    A :class:`RedisBackend` on ``address`` once Redis has answered (its
-    epoch read or made); fails with :class:`RegistryUnavailable` after
-    ``timeout`` seconds without an answer (the relay's start then fails:
-    exit 1 with the message).  Later, a lost Redis is reconnected to every
+    A :class:`RedisBackend` on ``address`` at once, its connection being
+    made (calls wait for it, each within ``timeout``).  A lost Redis is reconnected to every
     ``RECONNECT_DELAY`` seconds at most; calls meanwhile fail with
     RegistryUnavailable after their own ``timeout`` (a call still waiting for
     the connection is then never sent; one already sent may take effect, as
@@ -921,6 +919,24 @@ def connect(
     client._factory.initialDelay = min(client._factory.initialDelay, RECONNECT_DELAY / 4)
     backend = RedisBackend(client, reactor, timeout=timeout, where=where, **options)
     backend.address = address
+    return backend
+
+
+def connect(
+    address: RedisAddress,
+    reactor: Optional[Any] = None,
+    *,
+    timeout: float = TIMEOUT,
+    **options: Any,
+) -> "defer.Deferred[RedisBackend]":
+    """
+    A :class:`RedisBackend` on ``address`` once Redis has answered (its
+    epoch read or made); fails with :class:`RegistryUnavailable` after
+    ``timeout`` seconds without an answer (the relay's start then fails:
+    exit 1 with the message).  See :func:`lazy` for what happens later.
+    """
+    backend = lazy(address, reactor, timeout=timeout, **options)
+    client, where = backend.client, backend.where
     result: defer.Deferred = defer.Deferred()
 
     def ready(_: object) -> None:
