@@ -9,14 +9,19 @@ place that tells them apart.
 The relay, wherever a command asks for it (:func:`relayAddress`), may be
 given as a bare port (``8001``: ``localhost:8001``), a bare host
 (``relay.example.org``: port 8000), ``HOST:PORT``, ``[::1]:PORT``, or a
-client endpoint description.
+client endpoint description; and several relays as a comma list
+(``a.example:8000,b.example:8000``), tried in order with failover by a
+:class:`FailoverEndpoint` that remembers which one last answered.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Optional, Sequence
+
+import attrs
 
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -28,6 +33,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer
 
 # twisted.internet.endpoints imports OpenSSL (about 230 ms) whenever it is
@@ -45,6 +52,7 @@ _BRACKETED = re.compile(r"\A\[(?P<v6>[^\]]+)\]\Z")
 
 DEFAULT_RELAY_HOST = "localhost"  # what a bare --relay port is a port of
 DEFAULT_RELAY_PORT = 8000  # what a bare --relay host listens on (the relay's default)
+MAX_RELAYS = 8  # relays in one --relay comma list, at most
 
 
 class AddressError(ValueError):
@@ -253,10 +261,47 @@ def _unbracketedIPv6(text: str, defaultPort: int) -> Optional[str]:
     return None
 
 
+def splitRelays(value: str) -> list[str]:
+    """
+    The relays of a ``--relay`` value, each as typed (spaces around commas
+    dropped): one relay without a comma, exactly as given.  A comma list
+    may name at most :data:`MAX_RELAYS` relays, each once, none empty.
+    Each element is checked only by :func:`relayAddress` and the callers.
+    """
+    if "," not in value:
+        return [value]
+    names = [part.strip() for part in value.split(",")]
+    if any(not name for name in names):
+        raise AddressError(f"{value!r}: an empty relay in the list (two commas, or one at an end)")
+    if len(names) > MAX_RELAYS:
+        raise AddressError(f"{len(names)} relays listed; at most {MAX_RELAYS}")
+    seen: dict[object, str] = {}
+    for name in names:
+        try:
+            address = relayAddress(name)
+        except AddressError as e:
+            raise AddressError(f"{name}: {e}") from None
+        key = address if isinstance(address, str) else (address[0].lower(), address[1])
+        if key in seen:
+            raise AddressError(f"{name!r} is listed twice" + (f" (as {seen[key]!r})" if seen[key] != name else ""))
+        seen[key] = name
+    return names
+
+
 def checkClientAddress(value: str) -> None:
-    """Raise AddressError unless value names the relay (see :func:`relayAddress`); connects nowhere."""
-    if isinstance(relayAddress(value), str):
-        clientEndpoint(None, value)
+    """
+    Raise AddressError unless value names the relay (see :func:`relayAddress`),
+    or several as a comma list (see :func:`splitRelays`); connects nowhere.
+    """
+    names = splitRelays(value)
+    for name in names:
+        try:
+            if isinstance(relayAddress(name), str):
+                clientEndpoint(None, name)
+        except AddressError as e:
+            if len(names) == 1:
+                raise
+            raise AddressError(f"{name}: {e}") from None
 
 
 class _Connected(Protocol):
@@ -447,8 +492,11 @@ def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> ISt
     """
     A client endpoint from what a user typed for the relay (see
     :func:`relayAddress`): a port, a host, ``host:port``, or a client
-    endpoint description.
+    endpoint description; for a comma list of those, a
+    :class:`FailoverEndpoint` over them (see :func:`failoverEndpoint`).
     """
+    if "," in value:
+        return failoverEndpoint(value, lambda name: clientEndpoint(reactor, name, timeout=timeout))
     address = relayAddress(value)
     if not isinstance(address, str):
         return tcpEndpoint(reactor, address[0], address[1], timeout=timeout)
@@ -460,3 +508,209 @@ def clientEndpoint(reactor, value: str, timeout: float = CONNECT_TIMEOUT) -> ISt
         raise AddressError(
             f"{value!r} is not HOST:PORT or a client endpoint description ({e})"
         ) from None
+
+
+# Several relays, one endpoint.
+
+
+@attrs.frozen
+class Relay:
+    """One relay of a ``--relay`` list: its name as typed, and its endpoint."""
+
+    name: str
+    endpoint: IStreamClientEndpoint = attrs.field(eq=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _reason(e: BaseException) -> str:
+    """Why one relay could not be reached, in a few words."""
+    if isinstance(e, NoSuchHost):
+        return "no such host"
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (error.TimeoutError, error.TCPTimedOutError)):
+        return "timed out"
+    if isinstance(e, error.DNSLookupError):
+        return str(e) or "name lookup failed"
+    if isinstance(e, error.ConnectError) and e.osError:
+        return str(e.osError)
+    return str(e) or e.__class__.__name__
+
+
+class AllRelaysFailed(error.ConnectError):
+    """
+    No relay of a list could be reached: ``failures`` says, relay by relay
+    in the order tried, why.  A ``ConnectError``: nothing was sent.
+    """
+
+    def __init__(self, failures: Sequence[tuple[Relay, BaseException]]) -> None:
+        super().__init__()
+        self.failures = list(failures)
+
+    @property
+    def reasons(self) -> str:
+        """``a:8000: connection refused; b:8001: timed out``"""
+        return "; ".join(f"{relay.name}: {_reason(e)}" for relay, e in self.failures)
+
+    def __str__(self) -> str:
+        return f"no relay could be reached ({self.reasons})"
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """
+    Several relays as one client endpoint: :meth:`connect` tries them one
+    after another (each with its own endpoint's connect timeout) until one
+    connects, and fails with :class:`AllRelaysFailed` when none does.
+
+    The order is sticky: the relay that last connected is tried first next
+    time, and one that failed goes to the back, behind the others.
+    :meth:`relayOf` tells which relay a connection made here reached (for
+    what must go back to the same relay: a circuit for the relay that
+    ordered it, a DEAD report to the relay that listed the peer).
+    Cancelling stops at the relay being tried; the rest are not tried.
+    """
+
+    log = Logger()
+
+    def __init__(self, relays: Sequence[Relay]) -> None:
+        if not relays:
+            raise ValueError("a FailoverEndpoint needs at least one relay")
+        self.relays = list(relays)
+        self._order = list(relays)
+        self._reached: "weakref.WeakKeyDictionary[object, Relay]" = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"<FailoverEndpoint {', '.join(r.name for r in self._order)}>"
+
+    @property
+    def preferred(self) -> Relay:
+        """The relay the next connection tries first."""
+        return self._order[0]
+
+    @property
+    def names(self) -> str:
+        """The relays as a list for people: ``a:8000, b:8001``."""
+        return ", ".join(relay.name for relay in self.relays)
+
+    def relayOf(self, protocol: object) -> Optional[Relay]:
+        """
+        The relay a protocol connected here reached (None: not one of
+        ours).  Known by the protocol ``connect()`` fired with and by its
+        transport, so a protocol that a wrapper stood in for (as
+        ``ClientService``'s proxy does) is known too.
+        """
+        for key in (protocol, getattr(protocol, "transport", None)):
+            try:
+                relay = self._reached.get(key)
+            except TypeError:  # unhashable, or not weakly referable: never recorded
+                relay = None
+            if relay is not None:
+                return relay
+        return None
+
+    def connect(self, protocolFactory) -> Deferred:
+        return _Failover(self, protocolFactory).start()
+
+    def _answered(self, relay: Relay, protocol: object) -> None:
+        for key in (protocol, getattr(protocol, "transport", None)):
+            if key is not None:
+                try:
+                    self._reached[key] = relay
+                except TypeError:
+                    pass
+        self._order.remove(relay)
+        self._order.insert(0, relay)
+
+    def _failedAt(self, relay: Relay) -> None:
+        self._order.remove(relay)
+        self._order.append(relay)
+
+
+class _Failover:
+    """One :meth:`FailoverEndpoint.connect`: relay after relay."""
+
+    def __init__(self, endpoint: FailoverEndpoint, factory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.left = list(endpoint._order)
+        self.failures: list[tuple[Relay, BaseException]] = []
+        self.deferred: Deferred = Deferred(self._cancel)
+        self.trying: Optional[Deferred] = None
+        self.cancelled = False
+
+    def start(self) -> Deferred:
+        self._next()
+        return self.deferred
+
+    def _next(self) -> None:
+        if not self.left:
+            self.deferred.errback(Failure(AllRelaysFailed(self.failures)))
+            return
+        relay = self.left.pop(0)
+        try:
+            d = relay.endpoint.connect(self.factory)
+        except Exception as e:
+            self._failed(Failure(e), relay)
+            return
+        self.trying = d
+        d.addCallbacks(self._connected, self._failed, callbackArgs=(relay,), errbackArgs=(relay,))
+
+    def _connected(self, protocol: object, relay: Relay) -> None:
+        self.trying = None
+        if self.deferred.called:  # cancelled, yet it connected: nobody wants it now
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return
+        self.endpoint._answered(relay, protocol)
+        self.deferred.callback(protocol)
+
+    def _failed(self, failure: Failure, relay: Relay) -> None:
+        self.trying = None
+        if self.cancelled:
+            if not self.deferred.called:
+                self.deferred.errback(failure)
+            return
+        self.endpoint._failedAt(relay)
+        if len(self.endpoint.relays) == 1:
+            self.deferred.errback(failure)  # one relay: its own failure, as ever
+            return
+        self.failures.append((relay, failure.value))
+        if self.left:
+            self.endpoint.log.warn(
+                "relay {relay} unreachable ({why}); trying {next}",
+                relay=relay.name,
+                why=_reason(failure.value),
+                next=self.left[0].name,
+            )
+        self._next()
+
+    def _cancel(self, d: Deferred) -> None:
+        self.cancelled = True
+        trying, self.trying = self.trying, None
+        if trying is not None:
+            trying.cancel()
+
+
+def failoverEndpoint(value: str, make: Callable[[str], IStreamClientEndpoint]) -> FailoverEndpoint:
+    """A :class:`FailoverEndpoint` over the relays of ``value`` (see :func:`splitRelays`), each ``make(name)``."""
+    return FailoverEndpoint([Relay(name, make(name)) for name in splitRelays(value)])
+
+
+def relayReached(endpoint: IStreamClientEndpoint, protocol: object) -> Optional[Relay]:
+    """
+    Which relay of ``endpoint`` a protocol connected through it reached:
+    for a :class:`FailoverEndpoint`, the relay it recorded; otherwise None
+    (a single relay: ``endpoint`` itself is the one).
+    """
+    relayOf = getattr(endpoint, "relayOf", None)
+    return relayOf(protocol) if relayOf is not None else None
+
+
+def endpointReached(endpoint: IStreamClientEndpoint, protocol: object) -> IStreamClientEndpoint:
+    """The endpoint of the one relay ``protocol`` reached through ``endpoint`` (else ``endpoint``)."""
+    relay = relayReached(endpoint, protocol)
+    return relay.endpoint if relay is not None else endpoint

@@ -278,7 +278,9 @@ class NodeOptions(usage.Options):
         "files to clients."
     )
     optParameters = [
-        ["relay", "r", "localhost:8000", "The relay: HOST:PORT or a client endpoint description."],
+        ["relay", "r", "localhost:8000", "The relay: HOST:PORT or a client endpoint description; "
+         "several as a comma list (a.example:8000,b.example:8000, at most 8), tried in order "
+         "with failover, the one that last answered first."],
         ["dir", "d", None, "The folder to share (required)."],
         ["port", "p", NODE_DEFAULT_PORT, "Where to serve (port number or endpoint description; "
          "default: an OS-chosen port on IPv4 and IPv6 alike, IPv4 alone where IPv6 is "
@@ -320,7 +322,7 @@ class NodeOptions(usage.Options):
          "description; TLS 1.3 with the node's key, which clients pin to; default: no TLS).",
          _server],
         ["relay-ca", None, None, "CA certificates (PEM file) to verify the relay with: the relay "
-         "(HOST:PORT) is then reached over TLS."],
+         "(HOST:PORT, or each of a comma list) is then reached over TLS."],
         ["max-rate", None, None, "Bytes per second the node uploads at most, all TCP and TLS "
          "clients together, shared fairly (e.g. 20M; K, M, G: powers of 1024; default: no cap).",
          byteSize("max-rate")],
@@ -404,7 +406,7 @@ def _advertiseHostPort(advertise: str) -> tuple[str, int | None]:
 
 
 def _checkRelayCA(config) -> None:
-    """With --relay-ca, the CA file must be usable and --relay a HOST:PORT."""
+    """With --relay-ca, the CA file must be usable and --relay a HOST:PORT (or a list of them)."""
     if not config.get("relay-ca"):
         return
     from .tls import TLSConfigError, loadCAFile  # imports OpenSSL: only for a TLS relay
@@ -413,12 +415,19 @@ def _checkRelayCA(config) -> None:
         loadCAFile(config["relay-ca"])
     except TLSConfigError as e:
         raise usage.UsageError(f"--relay-ca: {e}") from None
-    if parseHostPort(config["relay"].strip().removeprefix("tls:")) is None:
-        raise usage.UsageError("--relay: with --relay-ca, give the relay as HOST:PORT")
+    from .addresses import splitRelays
+
+    for name in splitRelays(config["relay"]):  # postOptions has checked the list
+        if parseHostPort(name.strip().removeprefix("tls:")) is None:
+            raise usage.UsageError("--relay: with --relay-ca, give the relay as HOST:PORT"
+                                   + (f" (not {name!r})" if name != config["relay"] else ""))
 
 
 def relayEndpoint(reactor, config, timeout: float):
-    """The relay's client endpoint: over TLS with --relay-ca, else as --relay says."""
+    """
+    The relay's client endpoint: over TLS with --relay-ca, else as --relay
+    says; for a comma list, a FailoverEndpoint over the relays.
+    """
     if config.get("relay-ca"):
         from .tls import relayEndpoint as tlsRelay
 

@@ -466,12 +466,17 @@ def relayClientEndpoint(reactor, host: str, port: int, caFile: str, timeout: flo
 def relayEndpoint(reactor, value: str, caFile: str, timeout: float) -> IStreamClientEndpoint:
     """
     :func:`relayClientEndpoint` from what a user typed for ``--relay``
-    alongside ``--relay-ca``: ``HOST:PORT`` (or ``tls:HOST:PORT``).
+    alongside ``--relay-ca``: ``HOST:PORT`` (or ``tls:HOST:PORT``), or a
+    comma list of those, each reached over TLS and verified against
+    ``caFile``, as a :class:`~p2prelay.addresses.FailoverEndpoint`.
     Raises :class:`~p2prelay.addresses.AddressError` or
     :class:`TLSConfigError` with the reason.
     """
-    from .addresses import AddressError, parseHostPort
+    from .addresses import AddressError, failoverEndpoint, parseHostPort
 
+    if "," in value:
+        loadCAFile(caFile)  # once, before any relay: a bad file is one error
+        return failoverEndpoint(value, lambda name: relayEndpoint(reactor, name, caFile, timeout))
     text = value.strip()
     pair = parseHostPort(text[4:] if text.startswith("tls:") else text)
     if pair is None:
