@@ -29,6 +29,13 @@ metrics apply unchanged; the node only ever connects to the host and port
 an order names (an IP address, which the relay took from the client's
 connection) or to its relay, and carries out at most :data:`MAX_ORDERS`
 at once.
+
+With several relays (``--relay a,b``: a
+:class:`~p2prelay.addresses.FailoverEndpoint`), each reconnection goes to
+the relay that last answered, else the next, and a circuit is always
+opened at the relay that holds the control connection the order came on
+(the one that has the client waiting), never wherever the failover would
+go next.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from .. import identity, limits, wire
+from ..addresses import relayReached
 from ..cli.console import visible
 from ..client.relay import ProofNeeded, keyProver
 from .server import FileServerFactory, FileServerProtocol
@@ -119,7 +127,7 @@ class ControlProtocol(LineReceiver):
             self.phase = Phase.PROVING
             return
         if code != wire.OK:
-            self.control._refused(code, message)
+            self.control._refused(code, message, self)
             self._close()
             return
         self._cancelHandshake()
@@ -128,7 +136,7 @@ class ControlProtocol(LineReceiver):
 
     def _openLine(self, message: wire.Message) -> None:
         if message.word == wire.CONNECT:
-            self.control._order(message)
+            self.control._order(message, self)
             return
         if message.status is None:
             self.log.info("ignoring {word} on the control connection", word=visible(message.word))
@@ -299,7 +307,8 @@ class ControlConnection:
     and carries out the relay's orders with the node's ``files`` factory.
 
     ``relay`` is the relay's client endpoint (the one the registrar uses;
-    circuits are opened there too); ``endpointFor(host, port)`` makes the
+    circuits are opened there too, at the very relay the order came from
+    when it is a failover list); ``endpointFor(host, port)`` makes the
     endpoint for a reverse order (default: plain TCP on ``reactor``).
     ``onForgotten`` is called when the relay refuses the connection because
     it holds no entry for the node (404), so the registrar registers again.
@@ -336,6 +345,8 @@ class ControlConnection:
         self.connectTimeout = connectTimeout
         self.relayName = relayName
         self.protocol: Optional[ControlProtocol] = None  # the open connection, if any
+        # Of a relay list, the one the open connection reached (None: one relay).
+        self.reached = None
         self.orders = 0  # orders in flight: connecting out, or serving
         self.dropped = 0  # orders dropped over maxOrders
         self._unopened = 0  # connections in a row that never got their 200
@@ -389,8 +400,16 @@ class ControlConnection:
 
     # What the protocol reports.
 
-    def _relayName(self) -> str:
-        """The relay, for log lines: ``relay HOST:PORT`` as the user named it, or ``the relay``."""
+    def _relayName(self, protocol: Optional[ControlProtocol] = None) -> str:
+        """
+        The relay, for log lines: ``relay HOST:PORT`` as the user named it
+        (of a list, the one ``protocol`` reached, when known), or ``the relay``.
+        """
+        relay = None if protocol is None else relayReached(self.relay, protocol)
+        if relay is not None:
+            return f"relay {relay.name}"
+        if self.relayName and "," in self.relayName:
+            return f"one of the relays {self.relayName}"
         return f"relay {self.relayName}" if self.relayName else "the relay"
 
     def _retryPolicy(self, attempt: int) -> float:
@@ -404,14 +423,17 @@ class ControlConnection:
     def _opened(self, protocol: ControlProtocol, message: wire.Message) -> None:
         self._unopened = 0
         self.protocol = protocol
+        self.reached = relayReached(self.relay, protocol)
         self.log.info(
             "control connection to {relay} open: clients can fetch from this node "
             "via reverse or relayed paths",
-            relay=self._relayName(),
+            relay=self._relayName(protocol),
             interval=message.get("interval"),
         )
 
-    def _refused(self, code: Optional[int], message: Optional[wire.Message]) -> None:
+    def _refused(
+        self, code: Optional[int], message: Optional[wire.Message], protocol: Optional[ControlProtocol] = None
+    ) -> None:
         """The relay refused (or never opened) the connection: a failed attempt."""
         self._unopened += 1
         if code is None or message is None:
@@ -419,8 +441,10 @@ class ControlConnection:
         retry = message.retry()
         if retry is not None:
             self._retryHint = retry
+        relay = None if protocol is None else relayReached(self.relay, protocol)
         self.log.warn(
-            "the relay refused the control connection: {code} {why}",
+            "{relay} refused the control connection: {code} {why}",
+            relay="the relay" if relay is None else f"relay {relay.name}",
             code=code,
             why=visible(message.text),
             retry=retry,
@@ -431,18 +455,23 @@ class ControlConnection:
     def _lost(self, protocol: ControlProtocol, opened: bool, reason: Optional[Failure]) -> None:
         if self.protocol is protocol:
             self.protocol = None
+            self.reached = None
         if opened and self._stopping:
-            self.log.info("control connection to {relay} closed", relay=self._relayName())
+            self.log.info("control connection to {relay} closed", relay=self._relayName(protocol))
         elif opened:
             self.log.info(
                 "control connection to {relay} lost ({why})",
-                relay=self._relayName(),
+                relay=self._relayName(protocol),
                 why=reason.getErrorMessage() if reason is not None else "closed",
             )
 
     # Orders.
 
-    def _order(self, message: wire.Message) -> None:
+    def _order(self, message: wire.Message, via: Optional[ControlProtocol] = None) -> None:
+        """
+        Carry out a CONNECT order that came on the control connection
+        ``via``: a circuit goes to the relay ``via`` reached.
+        """
         try:
             token = message.nonce("token")
             host = message.get("host")
@@ -462,9 +491,10 @@ class ControlConnection:
             )
             return
         if host is None:
-            endpoint = self.relay
+            relay = None if via is None else relayReached(self.relay, via)
+            endpoint = self.relay if relay is None else relay.endpoint
             intro = wire.request(wire.CIRCUIT, token=token)
-            where = self._relayName()
+            where = self._relayName(via)
         else:
             endpoint = self.endpointFor(host, port)
             intro = wire.request(wire.REVERSE, token=token)

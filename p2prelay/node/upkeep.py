@@ -32,6 +32,12 @@ Every REGISTER, HEARTBEAT and UNREGISTER is challenged by the relay
 node's key (and ``mac=`` with the shared secret when the relay asks).  A
 relay that refuses for a while (``503 retry=N``) is not asked again sooner
 than it said.
+
+``relay`` may be a :class:`~p2prelay.addresses.FailoverEndpoint` (``--relay
+a,b``): each contact goes to the relay that last answered, else the next;
+a relay that does not know us answers a heartbeat 404 (or with another
+boot) and is registered with afresh, so a node whose relay dies carries on
+through the next one.  The log names the relay each contact reached.
 """
 
 from __future__ import annotations
@@ -48,8 +54,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import identity, wire
+from ..addresses import AllRelaysFailed, relayReached
 from ..human import humanSize, plural
-from ..client.relay import ProofNeeded, Reply, keyProver, query
+from ..client.relay import QUERY_TIMEOUT, ProofNeeded, QueryProtocol, Reply, keyProver
+from ..negotiation import negotiate
 from .share import SharedDirectory
 
 DEFAULT_RESCAN = 10.0
@@ -163,6 +171,9 @@ class Registrar:
         self.channel: Optional[_Channel] = None
         self.firstRegistration: Deferred[Reply] = Deferred()
         self._sentAt = 0.0  # when the contact in flight was sent
+        # Who the last failure is about, for its log line: a relay's name,
+        # or None when every relay of a list failed (see _backOff).
+        self._failedAt: Optional[str] = relayName
         self._failures = 0
         self._timer: Optional[IDelayedCall] = None
         self._inflight: Optional[Deferred[Reply]] = None
@@ -227,12 +238,15 @@ class Registrar:
         if retry is not None:
             # ...unless it asked for longer (503 retry=), within reason.
             delay = max(delay, min(retry, MAX_RETRY))
-        self.log.warn(
-            "relay {relay}unreachable ({why}); retrying in {delay:.1f} s",
-            relay=f"{self.relayName} " if self.relayName else "",
-            why=why,
-            delay=delay,
-        )
+        if self._failedAt is None and self.relayName is not None and "," in self.relayName:
+            self.log.warn("no relay reachable ({why}); retrying in {delay:.1f} s", why=why, delay=delay)
+        else:
+            self.log.warn(
+                "relay {relay}unreachable ({why}); retrying in {delay:.1f} s",
+                relay=f"{self._failedAt} " if self._failedAt else "",
+                why=why,
+                delay=delay,
+            )
         self._wait(delay)
 
     def _startRescans(self) -> None:
@@ -257,18 +271,26 @@ class Registrar:
             payload = wire.request(wire.HEARTBEAT, node=self.node)
             purpose = identity.HEARTBEAT_PROOF
         channel = self.channel
+        protocol: Optional[QueryProtocol] = None
         if verb == wire.HEARTBEAT and channel is not None and channel.isOpen:
             # Over the control connection: it is proved already.
             d = channel.heartbeat().addCallback(lambda status: Reply(status, []))
         else:
-            d = Deferred.fromCoroutine(
-                query(self.relay, payload, self.clock, prover=self._prover(purpose))
-            )
+            protocol = QueryProtocol(self.clock, payload, QUERY_TIMEOUT, self._prover(purpose))
+            d = Deferred.fromCoroutine(negotiate(self.relay, protocol))
         self._inflight = d
         self._sentAt = self.clock.seconds()
         d.addCallbacks(
-            self._answered, self._failed, callbackArgs=(verb, count, d), errbackArgs=(verb, d)
+            self._answered,
+            self._failed,
+            callbackArgs=(verb, count, d, protocol),
+            errbackArgs=(verb, d, protocol),
         )
+
+    def _relayOf(self, protocol: Optional[QueryProtocol]) -> Optional[str]:
+        """The relay a contact reached, by name: of a list, the one it reached; else as named."""
+        relay = None if protocol is None else relayReached(self.relay, protocol)
+        return relay.name if relay is not None else self.relayName
 
     def _prover(self, purpose: bytes):
         return keyProver(self.key, purpose, self.secret)
@@ -290,21 +312,23 @@ class Registrar:
         if not self.registered:
             self._loop.unregistered()
             return
-        d = Deferred.fromCoroutine(
-            query(
-                self.relay,
-                wire.request(wire.UNREGISTER, node=self.node),
-                self.clock,
-                STOP_TIMEOUT,
-                prover=self._prover(identity.UNREGISTER_PROOF),
-            )
+        protocol = QueryProtocol(
+            self.clock,
+            wire.request(wire.UNREGISTER, node=self.node),
+            STOP_TIMEOUT,
+            self._prover(identity.UNREGISTER_PROOF),
         )
+        d = Deferred.fromCoroutine(negotiate(self.relay, protocol))
 
         def done(result: object) -> None:
             if isinstance(result, Failure):
                 self.log.info("could not unregister: {error}", error=result.value)
             else:
-                self.log.info("unregistered from the relay")
+                relay = relayReached(self.relay, protocol)
+                self.log.info(
+                    "unregistered from {relay}",
+                    relay="the relay" if relay is None else f"relay {relay.name}",
+                )
             self.registered = False
             self._loop.unregistered()
 
@@ -317,7 +341,9 @@ class Registrar:
 
     # Outcomes of contacts, turned into inputs.
 
-    def _answered(self, reply: Reply, verb: str, count: int, d: Deferred) -> None:
+    def _answered(
+        self, reply: Reply, verb: str, count: int, d: Deferred, protocol: Optional[QueryProtocol] = None
+    ) -> None:
         if d is not self._inflight:
             return  # abandoned
         self._inflight = None
@@ -347,7 +373,7 @@ class Registrar:
             files=plural(count, "file"),
             size=humanSize(size),
             seconds=self.clock.seconds() - self._sentAt,
-            relay=f"{self.relayName} " if self.relayName else "",
+            relay=f"{name} " if (name := self._relayOf(protocol)) else "",
             count=count,
             bytes=size,
             host=reply.status.get("host"),
@@ -379,11 +405,17 @@ class Registrar:
         if self.onReachable is not None:
             self.onReachable(reachable)
 
-    def _failed(self, failure: Failure, verb: str, d: Deferred) -> None:
+    def _failed(
+        self, failure: Failure, verb: str, d: Deferred, protocol: Optional[QueryProtocol] = None
+    ) -> None:
         if d is not self._inflight:
             return  # abandoned
         self._inflight = None
         error = failure.value
+        self._failedAt = None if isinstance(error, AllRelaysFailed) else self._relayOf(protocol)
+        if isinstance(error, AllRelaysFailed):
+            self._loop.failed(error.reasons)  # nothing was sent
+            return
         if isinstance(error, wire.ProtocolError):
             if error.status == wire.NOT_FOUND and verb == wire.HEARTBEAT:
                 self.log.info("the relay forgot this node; registering again")
