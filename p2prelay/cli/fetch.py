@@ -21,7 +21,7 @@ from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
 
 from .. import wire
-from ..addresses import AddressError, relayAddress
+from ..addresses import AddressError, relayAddress, splitRelays
 from ..client.fetcher import Fetcher, RelayUnreachable
 from .console import Console
 from .options import parseArgs
@@ -86,7 +86,7 @@ def needsTLS(args: argparse.Namespace) -> bool:
     if args.tls or args.relay_ca:
         return True
     try:
-        return isinstance(relayAddress(args.relay), str)
+        return any(isinstance(relayAddress(name), str) for name in splitRelays(args.relay))
     except AddressError:
         return True
 

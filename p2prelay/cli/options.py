@@ -17,7 +17,14 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
 from .. import __version__, wire
-from ..addresses import AddressError, checkClientAddress, clientEndpoint, relayAddress
+from ..addresses import (
+    AddressError,
+    checkClientAddress,
+    clientEndpoint,
+    failoverEndpoint,
+    relayAddress,
+    splitRelays,
+)
 from ..client.relay import secretProver
 from ..client.fetcher import (
     CONNECT_TIMEOUT,
@@ -85,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--relay",
         default=os.environ.get(RELAY_ENV, DEFAULT_RELAY),
-        help=f"relay as HOST:PORT or a client endpoint description "
+        help=f"relay as HOST:PORT or a client endpoint description; several as a comma "
+        f"list (a.example:8000,b.example:8000, at most 8), asked in order with failover "
         f"(default: ${RELAY_ENV}, else {DEFAULT_RELAY})",
     )
     p.add_argument(
@@ -194,8 +202,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--relay-ca",
         metavar="FILE",
-        help="CA certificates (PEM) to verify the relay with: --relay (HOST:PORT) is then "
-        "reached over TLS",
+        help="CA certificates (PEM) to verify the relay with: --relay (HOST:PORT, or each "
+        "of a comma list) is then reached over TLS",
     )
     p.add_argument(
         "--udp-block",
@@ -264,11 +272,17 @@ def parseArgs(argv: Sequence[str]) -> argparse.Namespace:
         except TLSConfigError as e:
             p.error(f"--relay-ca: {e}")
         try:
-            address = relayAddress(args.relay.strip().removeprefix("tls:"))
+            names = splitRelays(args.relay)
         except AddressError as e:
             p.error(f"--relay: {e}")
-        if isinstance(address, str):
-            p.error("--relay: with --relay-ca, give the relay as a port, a host or HOST:PORT")
+        for name in names:
+            try:
+                address = relayAddress(name.strip().removeprefix("tls:"))
+            except AddressError as e:
+                p.error(f"--relay: {e}" if len(names) == 1 else f"--relay: {name}: {e}")
+            if isinstance(address, str):
+                p.error("--relay: with --relay-ca, give the relay as a port, a host or HOST:PORT"
+                        + ("" if len(names) == 1 else f" (not {name!r})"))
     if args.force and not args.output:
         p.error("--force only makes sense with -o DIR")
     if args.no_resume and not args.output:
@@ -342,8 +356,14 @@ def buildFetcher(
         if getattr(args, "relay_ca", None):
             from ..tls import relayClientEndpoint
 
-            host, port = relayAddress(args.relay.strip().removeprefix("tls:"))  # parseArgs checked it
-            relay = relayClientEndpoint(reactor, host, port, args.relay_ca, args.timeout)
+            def tlsRelay(name: str):
+                host, port = relayAddress(name.strip().removeprefix("tls:"))  # parseArgs checked it
+                return relayClientEndpoint(reactor, host, port, args.relay_ca, args.timeout)
+
+            if "," in args.relay:
+                relay = failoverEndpoint(args.relay, tlsRelay)
+            else:
+                relay = tlsRelay(args.relay)
         else:
             relay = clientEndpoint(reactor, args.relay, timeout=args.timeout)
     if peerEndpoint is None and getattr(args, "tls", False):

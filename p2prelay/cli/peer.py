@@ -30,7 +30,9 @@ from twisted.python import usage
 
 from .. import __version__, wire
 from ..client.download import DestinationError, Download, destination
+from ..addresses import splitRelays
 from ..client.fetcher import PEER_TIMEOUT, Fetcher, NotFetched, RelayUnreachable
+from ..client.outcomes import NoRelayReachable
 from ..client.paths import via
 from ..client.relay import secretProver
 from ..human import humanSize, plural
@@ -92,8 +94,9 @@ class PeerOptions(NodeOptions):
         self["relay"] = self.defaults["relay"] = os.environ.get(RELAY_ENV, DEFAULT_RELAY)
         self.docs["relay"] = (
             f"The relay: PORT (on localhost), HOST (port 8000), HOST:PORT, [IPV6]:PORT "
-            f"or a client endpoint description; ${RELAY_ENV} sets the default, "
-            f"else {DEFAULT_RELAY}."
+            f"or a client endpoint description; several as a comma list (a.example:8000,"
+            f"b.example:8000, at most 8), tried in order with failover by the node and its "
+            f"downloads alike; ${RELAY_ENV} sets the default, else {DEFAULT_RELAY}."
         )
         # Options whose default is "none": say what that means.
         for option, default in (
@@ -204,6 +207,8 @@ class PeerConsole:
                 return
             try:
                 await self.dispatch(choice)
+            except NoRelayReachable as e:
+                self.out(str(e))  # names each relay and why
             except RelayUnreachable as e:
                 self.out(f"relay unreachable: {e}")
             except wire.ProtocolError as e:
@@ -432,7 +437,9 @@ async def run(
         secret = config.get("secret")
         fetcher = Fetcher(
             reactor,
-            relayEndpoint(reactor, config, config["timeout"]),  # over TLS with --relay-ca
+            # The node's own (over TLS with --relay-ca): with several relays,
+            # downloads start at the one the node last reached.
+            getattr(node, "relay", None) or relayEndpoint(reactor, config, config["timeout"]),
             timeout=config["timeout"],
             exclude=[node.node],
             prover=secretProver(secret) if secret else None,
@@ -442,7 +449,8 @@ async def run(
     watching = Deferred.fromCoroutine(_deliver(signals, ui)) if signals is not None else None
     ui.out(
         f"p2p-peer: sharing {plural(len(node.share.entries), 'file')} from {node.share.root} "
-        f"on {describeAddress(node.listener.port)}, relay {config['relay']}"
+        f"on {describeAddress(node.listener.port)}, "
+        + (f"relays {', '.join(splitRelays(config['relay']))}" if "," in config["relay"] else f"relay {config['relay']}")
     )
     try:
         await ui.loop()

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorThreads
 from .. import wire
 from ..client.download import DestinationError, Download, VerificationError, destination
 from ..client.fetcher import Fetched, Fetcher, NotFetched, RelayNotFound, RelayUnreachable
+from ..client.outcomes import NoRelayReachable
 from ..human import humanSize
 from ..client.paths import via
 from ..client.swarm import Interrupted, keptMessage
@@ -125,6 +126,8 @@ class Client:
         """Why the relay could not be asked, as one phrase naming it."""
         if isinstance(e, RelayNotFound):
             return f"relay {e}"  # relay NAME:PORT: no such host
+        if isinstance(e, NoRelayReachable):
+            return str(e)  # no relay could be reached (a:8000: connection refused; ...)
         return f"relay {self.args.relay} unreachable: {e}"
 
     async def resolveNames(self, words: Sequence[str], allowVerb: bool = False) -> List[str]:

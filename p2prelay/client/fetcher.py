@@ -36,13 +36,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from .. import wire
-from ..addresses import NoSuchHost, TCPClient
+from ..addresses import AllRelaysFailed, NoSuchHost, TCPClient
 from .download import Download, VerificationError
 from .get import SPEED_LIMIT, SPEED_TIME, Accepted, GetProtocol
 from .outcomes import (
     Attempt,
     Fetched,
     NotFetched,
+    NoRelayReachable,
     NoUDP,
     PeerAddress,
     RelayNotFound,
@@ -54,7 +55,7 @@ from .outcomes import (
 )
 from .paths import DIRECT, PathEndpoint, via
 from .race import ATTEMPTS_AT_ONCE, STAGGER, Race
-from .relay import IncompleteReply, ProofNeeded, Prover, query
+from .relay import IncompleteReply, ProofNeeded, Prover, queryReached
 
 PEER_TIMEOUT = 10.0  # idle timeout of every connection
 CONNECT_TIMEOUT = 3.0  # seconds to connect to a peer, and again for its status line
@@ -144,9 +145,21 @@ class Fetcher:
             return PathEndpoint(self, peer)
         return TCPClient(self.reactor, peer.host, peer.port, timeout=self.connectTimeout)
 
-    async def ask(self, payload: bytes):
+    async def ask(self, payload: bytes, at=None):
+        """
+        The relay's reply to ``payload``: asked of ``at`` (one relay's
+        endpoint) when given, else of the relay (or the relays, in turn).
+        """
+        return (await self._askReached(payload, at))[0]
+
+    async def _askReached(self, payload: bytes, at=None):
+        """:meth:`ask`, and the endpoint of the relay that answered."""
         try:
-            return await query(self.relay, payload, self.reactor, self.timeout, self.prover)
+            return await queryReached(
+                self.relay if at is None else at, payload, self.reactor, self.timeout, self.prover
+            )
+        except AllRelaysFailed as e:
+            raise NoRelayReachable(str(e)) from None
         except NoSuchHost as e:
             raise RelayNotFound(str(e)) from None
         except (error.ConnectError, error.TimeoutError, IncompleteReply) as e:
@@ -155,16 +168,22 @@ class Fetcher:
             # A private relay, and no --secret-file: the relay's refusal.
             raise wire.ProtocolError(wire.UNAUTHORIZED, str(e)) from None
 
-    def _peerList(self, reply) -> List[PeerAddress]:
+    def _peerList(self, reply, at=None) -> List[PeerAddress]:
+        """The PEER items of ``reply`` (from the relay ``at``), but for excluded nodes."""
         peers = [PeerAddress.fromMessage(m) for m in reply.items if m.word == wire.PEER]
+        if at is not None and at is not self.relay:
+            peers = [attrs.evolve(p, relay=at) for p in peers]
         return [p for p in peers if p.node not in self.exclude]
 
     async def peers(self) -> List[PeerAddress]:
-        return self._peerList(await self.ask(wire.request(wire.PEERS)))
+        return self._peerList(*await self._askReached(wire.request(wire.PEERS)))
 
     async def holders(self, name: str) -> List[PeerAddress]:
-        """The relay's holders of ``name``: the direct ones first, then the firewalled ones."""
-        return directFirst(self._peerList(await self.ask(wire.request(wire.WHOHAS, name=name))))
+        """
+        The relay's holders of ``name``: the direct ones first, then the
+        firewalled ones; each remembers the relay that listed it.
+        """
+        return directFirst(self._peerList(*await self._askReached(wire.request(wire.WHOHAS, name=name))))
 
     async def search(self, pattern: str, limit: Optional[int] = None):
         reply = await self.ask(wire.request(wire.SEARCH, pattern=pattern, limit=limit))
@@ -173,7 +192,7 @@ class Fetcher:
 
     async def reportDead(self, peer: PeerAddress) -> None:
         try:
-            await self.ask(wire.request(wire.DEAD, host=peer.host, port=peer.port))
+            await self.ask(wire.request(wire.DEAD, host=peer.host, port=peer.port), at=peer.relay)
         except Exception as e:
             self.log.debug("could not report {peer}: {error}", peer=str(peer), error=e)
 

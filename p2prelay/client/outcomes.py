@@ -31,6 +31,13 @@ class RelayNotFound(RelayUnreachable):
     """The relay's host name does not exist: ``NAME:PORT: no such host``."""
 
 
+class NoRelayReachable(RelayUnreachable):
+    """
+    No relay of a ``--relay`` list could be asked; the message names each
+    and why: ``no relay could be reached (a:8000: connection refused; ...)``.
+    """
+
+
 class PathRefused(wire.ProtocolError):
     """
     The relay refused a reverse or relayed path to a firewalled peer: its
@@ -82,6 +89,9 @@ class PeerAddress:
     # wire.DIRECT: connect to it; wire.FIREWALLED: only through the relay
     # (see p2prelay.client.paths).
     reach: str = attrs.field(default=wire.DIRECT, eq=False)
+    # The endpoint of the relay that listed it (None: the client's relay):
+    # a DEAD report about it, a REVERSE or RELAY to it, go there.
+    relay: Optional[object] = attrs.field(default=None, eq=False, repr=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

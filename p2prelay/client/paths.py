@@ -251,8 +251,9 @@ def listenEphemeral(reactor, factory: Factory):
 
 class PathEndpoint:
     """
-    A client endpoint to a firewalled ``peer`` through ``fetcher``'s relay:
-    reverse first, then relayed; :attr:`path` tells which one connected.
+    A client endpoint to a firewalled ``peer`` through ``fetcher``'s relay
+    (of several, the one that listed the peer): reverse first, then
+    relayed; :attr:`path` tells which one connected.
     """
 
     log = Logger()
@@ -313,8 +314,10 @@ class PathEndpoint:
             port.stopListening()
 
     async def _ask(self, payload: bytes) -> None:
+        # To the relay that listed the peer: the one its control connection is at.
+        at = {} if self.peer.relay is None else {"at": self.peer.relay}
         try:
-            await self.fetcher.ask(payload)
+            await self.fetcher.ask(payload, **at)
         except PathRefused:
             raise
         except wire.ProtocolError as e:
@@ -325,7 +328,8 @@ class PathEndpoint:
         payload = wire.request(wire.RELAY, node=self.peer.node, size=self.peer.size)
         intro = _RelayedIntro(payload, f.prover, protocolFactory)
         try:
-            await f.relay.connect(_OneShotFactory(intro))
+            relay = f.relay if self.peer.relay is None else self.peer.relay
+            await relay.connect(_OneShotFactory(intro))
         except CancelledError:
             raise
         except (error.ConnectError, error.TimeoutError) as e:

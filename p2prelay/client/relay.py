@@ -146,6 +146,26 @@ async def query(
     return await negotiate(endpoint, QueryProtocol(clock, payload, timeout, prover))
 
 
+async def queryReached(
+    endpoint: IStreamClientEndpoint,
+    payload: bytes,
+    clock: IReactorTime,
+    timeout: float = QUERY_TIMEOUT,
+    prover: Optional[Prover] = None,
+) -> tuple[Reply, IStreamClientEndpoint]:
+    """
+    :func:`query`, and the endpoint of the one relay that answered: of a
+    :class:`~p2prelay.addresses.FailoverEndpoint`, the relay it reached,
+    else ``endpoint`` itself.  What must go to the same relay (a DEAD
+    report about a peer it listed, a REVERSE or RELAY for one) goes there.
+    """
+    from ..addresses import endpointReached
+
+    protocol = QueryProtocol(clock, payload, timeout, prover)
+    reply = await negotiate(endpoint, protocol)
+    return reply, endpointReached(endpoint, protocol)
+
+
 def secretProver(secret: bytes) -> Prover:
     """
     A client's prover for a private relay: ``PROOF mac=`` over the query,
