@@ -167,7 +167,7 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
         (or failing ``d``) is answered as if raised in ``lineReceived``; a
         :class:`RegistryUnavailable` is answered ``503 retry=``.
         """
-        if d.called and not isinstance(d.result, Failure):
+        if d.called and not d.paused and not isinstance(d.result, (Failure, defer.Deferred)):
             # The in-memory backend's answer: no pause, no callbacks to add.
             result = d.result
             d.result = None
@@ -176,17 +176,19 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
             except wire.ProtocolError as e:
                 self._protocolError(e)
             return
-        waited = not d.called
-        if waited:
+        wait = {"waited": False, "done": False}
+        d.addCallbacks(self._fired, self._failed, (wait, then, args), errbackArgs=(wait,))
+        d.addErrback(self._crashed)
+        if not wait["done"]:
+            wait["waited"] = True
             self._awaiting += 1
             if self._awaiting == 1:
                 self.pauseProducing()
                 self.holdDeadline()
-        d.addCallbacks(self._fired, self._failed, (waited, then, args), errbackArgs=(waited,))
-        d.addErrback(self._crashed)
 
-    def _fired(self, result: Any, waited: bool, then: Callable[..., None], args: tuple) -> None:
-        if waited:
+    def _fired(self, result: Any, wait: dict, then: Callable[..., None], args: tuple) -> None:
+        wait["done"] = True
+        if wait["waited"]:
             self._awaiting -= 1
         if self.finished or self._lost:
             return
@@ -194,11 +196,12 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
             then(result, *args)
         except wire.ProtocolError as e:
             self._protocolError(e)
-        if waited:
+        if wait["waited"]:
             self._resumeAfterWait()
 
-    def _failed(self, failure: Failure, waited: bool) -> Optional[Failure]:
-        if waited:
+    def _failed(self, failure: Failure, wait: dict) -> Optional[Failure]:
+        wait["done"] = True
+        if wait["waited"]:
             self._awaiting -= 1
         if failure.check(RegistryUnavailable):
             self.factory.registryLost(failure.value)
