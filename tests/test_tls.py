@@ -489,6 +489,59 @@ class StoredTLSTests(SynchronousTestCase):
         self.assertEqual((peer.node, peer.key, peer.tls), ("n1", "K", None))
 
 
+def closedPort() -> int:
+    """A loopback port nothing listens on (bound, then closed at once)."""
+    import socket
+
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RelayListTests(TLSRelayCase):
+    """--relay a,b with --relay-ca: each relay reached over TLS and verified, in order with failover."""
+
+    async def test_failsOverToTLSRelay(self) -> None:
+        """A closed first relay is skipped; the second answers over verified TLS."""
+        endpoint = tls.relayEndpoint(
+            reactor, f"127.0.0.1:{closedPort()},127.0.0.1:{self.port}", self.caFile, TIMEOUT
+        )
+        reply = await self.ask(endpoint)
+        self.assertEqual(reply.status.status, wire.OK)
+        self.assertEqual(endpoint.preferred.name, f"127.0.0.1:{self.port}")
+
+    async def test_eachVerified(self) -> None:
+        """A first relay whose certificate the CA file does not vouch for is refused, and the next one asked."""
+        otherKey, otherCert = makeCA("a stranger CA")
+        untrusted = self.startRelay(*makeServerCertificate(otherKey, otherCert))
+        endpoint = tls.relayEndpoint(
+            reactor, f"127.0.0.1:{untrusted},127.0.0.1:{self.port}", self.caFile, TIMEOUT
+        )
+        reply = await self.ask(endpoint)
+        self.assertEqual(reply.status.status, wire.OK)
+        self.assertEqual(endpoint.preferred.name, f"127.0.0.1:{self.port}")
+
+    def test_nodeListNeedsHostPorts(self) -> None:
+        """A node's --relay-ca with a list: every relay must be HOST:PORT, the one that is not named."""
+        share = self.folder / "share"
+        share.mkdir()
+        config = NodeOptions()
+        with self.assertRaises(UsageError) as caught:
+            config.parseOptions(
+                ["--relay", f"127.0.0.1:{self.port},8001", "--relay-ca", self.caFile, "--dir", str(share),
+                 "--key", str(self.folder / "node.key")]
+            )
+        self.assertIn("give the relay as HOST:PORT (not '8001')", str(caught.exception))
+
+    def test_fetchListOverTLS(self) -> None:
+        """p2p-fetch --relay-ca with a list: a FailoverEndpoint of TLS endpoints, one per relay."""
+        args = parseArgs(["--relay", f"127.0.0.1:{self.port},localhost:{self.port + 1}", "--relay-ca", self.caFile, "x"])
+        fetcher = buildFetcher(reactor, args, lambda line: None)
+        self.assertEqual(
+            [type(r.endpoint).__name__ for r in fetcher.relay.relays], ["_TLSClientEndpoint"] * 2
+        )
+
+
 class NodeWiringTests(TLSRelayCase):
     """A node with --tls-port and --relay-ca, in process, against a TLS relay."""
 
