@@ -701,3 +701,61 @@ class NodeOptionTests(SynchronousTestCase):
         self.addCleanup(service.cache.close)
         self.assertIsInstance(service.relay, FailoverEndpoint)
         self.assertEqual([r.name for r in service.relay.relays], ["a.example:8000", "b.example:8000"])
+
+
+# End to end.
+
+
+class TwoRelaysEndToEndTests(SynchronousTestCase):
+    """
+    Two independent relays (plain in-memory registries) as real processes
+    on OS-chosen loopback ports: a node with --relay A,B registers at A; A
+    is killed; the node registers at B; p2p-fetch --relay A,B fetches its file.
+    """
+
+    def setUp(self) -> None:
+        from .support import LOOPBACK, Network
+
+        self.net = Network()
+        self.addCleanup(self.net.close)
+        self.a, self.relayA = self.net.address, self.net.relay
+        self.relayB = self.net.daemon(["relay", "--port", LOOPBACK])
+        host, port = self.relayB.listening()
+        self.b = f"{host}:{port}"
+        self.folder = self.net.folder("share", {"hello.txt": "hello from a node with two relays\n"})
+
+    def peersAt(self, address: str) -> int:
+        from .support import relayQuery
+
+        try:
+            return len(relayQuery(address, wire.request(wire.PEERS))) - 1
+        except OSError:
+            return -1
+
+    def test_relayKilledNodeAndClientCarryOn(self) -> None:
+        """The node moves to B when A dies, and a client given A,B fetches from it through B."""
+        import re
+        import signal
+
+        from .support import LOOPBACK, waitUntil
+
+        node = self.net.daemon(
+            ["peernode", "--relay", f"{self.a},{self.b}", "--dir", str(self.folder), "--port", LOOPBACK,
+             "--heartbeat", "1", "--no-udp"]
+        )
+        node.waitFor(re.compile(rf"announced 1 file .* to relay {re.escape(self.a)} as"))
+        self.assertEqual((self.peersAt(self.a), self.peersAt(self.b)), (1, 0))
+
+        self.relayA.stop(signal.SIGKILL)
+        node.waitFor(re.compile(rf"announced 1 file .* to relay {re.escape(self.b)} as"), timeout=30)
+        waitUntil(lambda: self.peersAt(self.b) == 1, timeout=10)
+        self.assertTrue(any(f"relay {self.a} unreachable" in line for line in node.log), node.log[-10:])
+
+        fetched = self.net.fetch("--relay", f"{self.a},{self.b}", "hello.txt")
+        self.assertEqual(fetched.returncode, 0, fetched.stderr)
+        self.assertEqual(fetched.stdout, b"hello from a node with two relays\n")
+
+        gone = self.net.fetch("--relay", f"{self.a},127.0.0.1:1", "--peers")
+        self.assertEqual(gone.returncode, EXIT_RELAY)
+        self.assertIn(f"no relay could be reached ({self.a}: connection refused; 127.0.0.1:1: connection refused)",
+                      gone.stderr.decode())
