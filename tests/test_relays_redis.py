@@ -10,6 +10,7 @@ pieces hold together.
 from __future__ import annotations
 
 import signal
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +20,8 @@ from . import redisserver
 from .support import LOOPBACK, Network, relayQuery
 
 CONTENT = b"served through two relays\n"
+TTL = 3  # seconds the relays grant: an entry not heartbeated is gone after it
+HEARTBEAT = "0.5"
 
 
 class TwoRelaysTests(SynchronousTestCase):
@@ -26,10 +29,10 @@ class TwoRelaysTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         redis = redisserver.started(self)
-        self.net = Network(relayArgs=["--registry", redis.url])
+        self.net = Network(relayArgs=["--registry", redis.url, "--ttl", str(TTL)])
         self.addCleanup(self.net.close)
         self.first, self.firstAddress = self.net.relay, self.net.address
-        self.second = self.net.startRelay(LOOPBACK, "--registry", redis.url)
+        self.second = self.net.startRelay(LOOPBACK, "--registry", redis.url, "--ttl", str(TTL))
         self.secondAddress = self.net.address
 
     def listed(self, address: str) -> list:
@@ -49,5 +52,17 @@ class TwoRelaysTests(SynchronousTestCase):
         self.assertEqual(len(listed), 1)
         self.first.stop(signal.SIGKILL)
         self.assertEqual(self.listed(self.secondAddress), listed, "nothing lost with A")
+        result = self.net.fetch("both.txt")
+        self.assertEqual((result.returncode, result.stdout), (0, CONTENT), result.stderr)
+
+    def test_nodeWithARelayList(self) -> None:
+        """A node with --relay A,B keeps heartbeating through B once A is killed: listed past several TTLs, fetched from."""
+        self.net.address = f"{self.firstAddress},{self.secondAddress}"
+        self.net.node(self.net.folder("listed", {"both.txt": CONTENT}), "--heartbeat", HEARTBEAT)
+        self.net.address = self.secondAddress
+        [node] = self.listed(self.secondAddress)
+        self.first.stop(signal.SIGKILL)
+        time.sleep(2.5 * TTL)  # real daemons, real time: past the lifetime of an entry not heartbeated
+        self.assertEqual(self.listed(self.secondAddress), [node])
         result = self.net.fetch("both.txt")
         self.assertEqual((result.returncode, result.stdout), (0, CONTENT), result.stderr)
