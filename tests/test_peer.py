@@ -896,3 +896,43 @@ class VisibleLogTests(SynchronousTestCase):
         self.patch(sys, "stderr", captured)
         VisibleStderr().write(f"GET {ESC}[2J from peer\nnext\n")
         self.assertEqual(captured.getvalue(), "GET \\x1b[2J from peer\nnext\n")
+
+
+class RelayListTests(RunTestCase):
+    """p2p-peer --relay a,b: the node and its downloads share one relay list, with failover."""
+
+    passFetcher = False
+    RELAYS = "127.0.0.1:8000,127.0.0.1:8001"
+
+    def fetcherArgs(self) -> tuple:
+        from p2prelay.cli import peer
+
+        made = []
+
+        def fetcher(*args, **kw):
+            made.append(args)
+            return self.fetcher
+
+        self.patch(peer, "Fetcher", fetcher)
+        self.start("--relay", self.RELAYS)
+        return made[0]
+
+    def test_downloadsShareNodeRelays(self) -> None:
+        """The downloads ask a FailoverEndpoint over the relays listed, in their order."""
+        from p2prelay.addresses import FailoverEndpoint
+
+        reactor, relay = self.fetcherArgs()[:2]
+        self.assertIsInstance(relay, FailoverEndpoint)
+        self.assertEqual([r.name for r in relay.relays], self.RELAYS.split(","))
+
+    def test_registersAtFirst(self) -> None:
+        """The node registers with the first relay of the list."""
+        self.fetcherArgs()
+        self.assertEqual(self.registered(), ["a.txt"])
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 8000))
+
+    def test_bannerNamesRelays(self) -> None:
+        """The banner lists the relays."""
+        self.fetcherArgs()
+        self.assertIn(", relays 127.0.0.1:8000, 127.0.0.1:8001\n", self.stdout)
+
