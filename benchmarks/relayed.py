@@ -242,6 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = {s: signal.signal(s, _terminate) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         figures = benchmark(args)
+    except RuntimeError as e:
+        print(f"failed: {e}")
+        return 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -110,3 +110,12 @@ class RegistryBenchmarkTests(SynchronousTestCase):
         if shutil.which("redis-server"):
             for figure in ("redis, one relay, c=1", "redis, one relay, c=16", "redis, two relays together"):
                 self.assertIn(figure, out)
+
+
+class RelayedBenchmarkTests(SynchronousTestCase):
+    def test_smoke(self) -> None:
+        """benchmarks/relayed.py --smoke fetches directly and through a circuit and prints every figure."""
+        out = smoke(self, "relayed.py")
+        for figure in ("direct:", "relayed:", "relayed/direct:", "relay CPU-s/GiB relayed:"):
+            self.assertIn(figure, out)
+        self.assertNotIn("failed:", out)
