@@ -132,7 +132,9 @@ class Namespaces:
         run("ip", "-n", ns, "route", "add", *spec)
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
-        run(*self.inside(ns), "sysctl", "-qw", f"{key}={value}")
+        """Set ``key`` (e.g. net.ipv4.ip_forward) inside ``ns`` (no procps needed)."""
+        path = "/proc/sys/" + key.replace(".", "/")
+        run(*self.inside(ns), sys.executable, "-c", f"open({path!r}, 'w').write({value!r})")
 
     def nft(self, ns: str, *commands: str) -> None:
         """Each of ``commands`` as one ``nft`` invocation inside ``ns``."""
