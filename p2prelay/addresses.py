@@ -614,6 +614,14 @@ class FailoverEndpoint:
     def connect(self, protocolFactory) -> Deferred:
         return _Failover(self, protocolFactory).start()
 
+    def demote(self, relay: Relay) -> None:
+        """
+        ``relay`` connected but did not answer as it should (silent, cut
+        short, busy): the next connection tries the others first.
+        """
+        if relay in self._order:
+            self._failedAt(relay)
+
     def _answered(self, relay: Relay, protocol: object) -> None:
         for key in (protocol, getattr(protocol, "transport", None)):
             if key is not None:

@@ -38,7 +38,7 @@ from p2prelay.addresses import (
 from p2prelay.cli.options import EXIT_RELAY, EXIT_USAGE, buildFetcher, parseArgs
 from p2prelay.client.fetcher import Fetcher
 from p2prelay.client.outcomes import NoRelayReachable, PeerAddress, RelayUnreachable
-from p2prelay.client.relay import queryReached
+from p2prelay.client.relay import QUERY_TIMEOUT, queryReached
 from p2prelay.node.upkeep import Registrar
 from p2prelay.relay.protocol import RelayFactory
 from p2prelay.relay.registry import Registry
@@ -52,6 +52,17 @@ from .test_cli_fetch import CommandTestCase
 from .test_fetch import FakeRelay as ClientRelay
 
 REFUSED = ConnectionRefusedError("Connection refused")
+
+
+class _Says(Protocol):
+    """A server that answers any request with one fixed line, and closes."""
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(self.line)
+        self.transport.loseConnection()
 
 
 class Pending:
@@ -298,9 +309,13 @@ class TwoRelays:
             )
         self.endpoint = FailoverEndpoint([Relay("a:8000", self.a), Relay("b:8001", self.b)])
 
+    silent: MemoryNetwork | None = None
+
     def flush(self) -> None:
         self.a.flush()
         self.b.flush()
+        if self.silent is not None:
+            self.silent.flush()
 
     def knows(self, relay) -> bool:
         return self.registries[relay].get(upkeep_support.NODE_ID) is not None
@@ -382,6 +397,28 @@ class RegistrarFailoverTests(upkeep_support.RegistrarTestCase):
         self.start()
         self.relays.b.down = False
         self.advance(5)
+        self.assertTrue(self.relays.knows(self.relays.b))
+
+    def test_silentRelaySetBack(self) -> None:
+        """A relay that takes the connection but never answers is set back: after the timeout, the node registers at b."""
+        silent = MemoryNetwork(self.clock)
+        self.relays.silent = silent
+        self.relays.endpoint = FailoverEndpoint(
+            [Relay("a:8000", silent.endpoint("a", Factory.forProtocol(Protocol))), Relay("b:8001", self.relays.b)]
+        )
+        self.start()
+        self.assertFalse(self.relays.knows(self.relays.b))
+        self.advance(QUERY_TIMEOUT + 5)
+        self.assertTrue(self.relays.knows(self.relays.b))
+        self.assertEqual(silent.connections, ["a"])
+
+    def test_busyRelaySetBack(self) -> None:
+        """A relay answering 503 (its registry unreachable, say) is set back, and the next contact goes to b."""
+        self.start()
+        busy = Factory.forProtocol(lambda: _Says(wire.status(wire.BUSY, "registry unavailable", retry=1)))
+        self.relays.a.factory = busy
+        self.advance(11)  # the heartbeat at a: 503
+        self.advance(5)  # the retry: at b, which registers the node
         self.assertTrue(self.relays.knows(self.relays.b))
 
     def test_unregistersWhereRegistered(self) -> None:
@@ -491,6 +528,32 @@ class ClientFailoverTests(ClientFailoverTestCase):
         )
         self.assertEqual(len(reply.items), 1)
         self.assertIs(at, self.endpointB)
+
+    def test_silentRelaySkipped(self) -> None:
+        """A relay that takes the connection and never answers is given up on at the timeout, and the next asked."""
+        self.endpointA.error = None
+        self.endpointA.factory = Factory.forProtocol(Protocol)
+        fetcher = Fetcher(self.clock, self.relays, timeout=5)
+        [peer] = self.successResultOf(self.drive(fetcher.peers()))
+        self.assertIs(peer.relay, self.endpointB)
+        self.assertIs(self.relays.preferred.endpoint, self.endpointB)
+
+    def test_busyRelaySkipped(self) -> None:
+        """A relay answering 503 is set back and the next one asked."""
+        self.endpointA.error = None
+        self.endpointA.factory = Factory.forProtocol(lambda: _Says(wire.status(wire.BUSY, "registry unavailable")))
+        fetcher = Fetcher(self.clock, self.relays)
+        self.assertEqual(len(self.successResultOf(self.drive(fetcher.peers()))), 1)
+        self.assertEqual(self.network.connections, ["a", "b"])
+
+    def test_refusalNotSkipped(self) -> None:
+        """Any other refusal (403, 404...) is the relay's answer: not asked again elsewhere."""
+        self.endpointA.error = None
+        self.endpointA.factory = Factory.forProtocol(lambda: _Says(wire.status(403, "forbidden")))
+        fetcher = Fetcher(self.clock, self.relays)
+        failure = self.failureResultOf(self.drive(fetcher.peers()), wire.ProtocolError)
+        self.assertEqual(failure.value.status, 403)
+        self.assertEqual(self.network.connections, ["a"])
 
     def test_holdersRememberRelay(self) -> None:
         """The holders a WHOHAS lists remember the relay that answered it."""

@@ -18,11 +18,14 @@ from typing import Callable, List, Optional
 
 import attrs
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
 
 from .. import wire
 from ..negotiation import IncompleteAnswer, OneShotClient, negotiate
 
 QUERY_TIMEOUT = 15.0
+
+log = Logger()
 
 
 class IncompleteReply(IncompleteAnswer):
@@ -146,6 +149,19 @@ async def query(
     return await negotiate(endpoint, QueryProtocol(clock, payload, timeout, prover))
 
 
+def answeredBadly(error: BaseException) -> bool:
+    """
+    Whether a query that failed with ``error`` reached a relay that took
+    the connection but did not answer it: silent past the timeout, cut
+    short, or ``503`` busy (a relay whose registry is unreachable, say).
+    """
+    from twisted.internet.error import TimeoutError
+
+    if isinstance(error, wire.ProtocolError):
+        return error.status == wire.BUSY
+    return isinstance(error, (TimeoutError, IncompleteReply))
+
+
 async def queryReached(
     endpoint: IStreamClientEndpoint,
     payload: bytes,
@@ -158,12 +174,28 @@ async def queryReached(
     :class:`~p2prelay.addresses.FailoverEndpoint`, the relay it reached,
     else ``endpoint`` itself.  What must go to the same relay (a DEAD
     report about a peer it listed, a REVERSE or RELAY for one) goes there.
-    """
-    from ..addresses import endpointReached
 
-    protocol = QueryProtocol(clock, payload, timeout, prover)
-    reply = await negotiate(endpoint, protocol)
-    return reply, endpointReached(endpoint, protocol)
+    Of a list, a relay that took the connection but did not answer it
+    (:func:`answeredBadly`) is set back and the query asked again, at most
+    once per relay: a hung relay still accepts connections.
+    """
+    from ..addresses import relayReached
+
+    tries = len(getattr(endpoint, "relays", ())) or 1
+    while True:
+        protocol = QueryProtocol(clock, payload, timeout, prover)
+        try:
+            reply = await negotiate(endpoint, protocol)
+        except Exception as e:
+            relay = relayReached(endpoint, protocol)
+            tries -= 1
+            if relay is None or tries <= 0 or not answeredBadly(e):
+                raise
+            endpoint.demote(relay)
+            log.info("relay {relay} did not answer ({why}); asking the next", relay=relay.name, why=str(e))
+            continue
+        relay = relayReached(endpoint, protocol)
+        return reply, (endpoint if relay is None else relay.endpoint)
 
 
 def secretProver(secret: bytes) -> Prover:

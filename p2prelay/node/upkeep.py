@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 from .. import identity, wire
 from ..addresses import AllRelaysFailed, relayReached
 from ..human import humanSize, plural
-from ..client.relay import QUERY_TIMEOUT, ProofNeeded, QueryProtocol, Reply, keyProver
+from ..client.relay import QUERY_TIMEOUT, ProofNeeded, QueryProtocol, Reply, answeredBadly, keyProver
 from ..negotiation import negotiate
 from .share import SharedDirectory
 
@@ -416,6 +416,12 @@ class Registrar:
         if isinstance(error, AllRelaysFailed):
             self._loop.failed(error.reasons)  # nothing was sent
             return
+        if protocol is not None and answeredBadly(error):
+            # Connected, yet no good answer (a hung relay still accepts
+            # connections): of a list, the next contact tries the others first.
+            relay = relayReached(self.relay, protocol)
+            if relay is not None:
+                self.relay.demote(relay)
         if isinstance(error, wire.ProtocolError):
             if error.status == wire.NOT_FOUND and verb == wire.HEARTBEAT:
                 self.log.info("the relay forgot this node; registering again")
