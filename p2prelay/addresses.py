@@ -581,6 +581,8 @@ class FailoverEndpoint:
         self.relays = list(relays)
         self._order = list(relays)
         self._reached: "weakref.WeakKeyDictionary[object, Relay]" = weakref.WeakKeyDictionary()
+        # Told each failover as a sentence too (p2p-fetch -v shows it).
+        self.narrate: Callable[[str], None] = lambda line: None
 
     def __repr__(self) -> str:
         return f"<FailoverEndpoint {', '.join(r.name for r in self._order)}>"
@@ -688,12 +690,11 @@ class _Failover:
             return
         self.failures.append((relay, failure.value))
         if self.left:
+            why = _reason(failure.value)
             self.endpoint.log.warn(
-                "relay {relay} unreachable ({why}); trying {next}",
-                relay=relay.name,
-                why=_reason(failure.value),
-                next=self.left[0].name,
+                "relay {relay} unreachable ({why}); trying {next}", relay=relay.name, why=why, next=self.left[0].name
             )
+            self.endpoint.narrate(f"relay {relay.name} unreachable ({why}); trying {self.left[0].name}")
         self._next()
 
     def _cancel(self, d: Deferred) -> None:

@@ -671,6 +671,17 @@ class FetchCommandTests(CommandTestCase):
         status = self.run_(["--stats"], REFUSED, None)
         self.assertNotEqual(status, EXIT_RELAY)
 
+    def test_verboseNarratesFailover(self) -> None:
+        """-v says each relay given up on, and the next tried."""
+        self.run_(["-v", "--peers"], REFUSED, None)
+        self.assertIn("relay a.example:8000 unreachable (connection refused); trying b.example:8001",
+                      self.terminal.stderr)
+
+    def test_quietWithoutVerbose(self) -> None:
+        """Without -v, a failover that worked says nothing."""
+        self.run_(["--peers"], REFUSED, None)
+        self.assertNotIn("trying b.example:8001", self.terminal.stderr)
+
     def test_fetchAllDown(self) -> None:
         """Fetching a name with every relay down: exit 3, each relay named."""
         status = self.run_(["a.txt"], REFUSED, TimeoutError())

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from .. import __version__, wire
 from ..addresses import (
     AddressError,
+    FailoverEndpoint,
     checkClientAddress,
     clientEndpoint,
     failoverEndpoint,
@@ -366,6 +367,8 @@ def buildFetcher(
                 relay = tlsRelay(args.relay)
         else:
             relay = clientEndpoint(reactor, args.relay, timeout=args.timeout)
+    if args.verbose and isinstance(relay, FailoverEndpoint):
+        relay.narrate = report  # "relay a:8000 unreachable (connection refused); trying b:8001"
     if peerEndpoint is None and getattr(args, "tls", False):
         peerEndpoint = tlsPeerEndpoint(reactor, args.connect_timeout)
     fetcher = Fetcher(
