@@ -186,9 +186,9 @@ class ManyPiecesTests(NetworkTestCase):
     def fetched(self, *args: str) -> dict:
         out = self.net.root / f"out-pieces{len(args)}"
         try:
-            result = self.net.fetch("--json", "-o", str(out), *args, "pieces.bin", timeout=15)
+            result = self.net.fetch("--json", "-o", str(out), *args, "pieces.bin", timeout=10)
         except subprocess.TimeoutExpired as e:
-            self.fail(f"not fetched in 15 s: {(e.stderr or b'').decode()[-500:]}")
+            self.fail(f"not fetched in 10 s: {(e.stderr or b'').decode()[-500:]}")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue((out / "pieces.bin").read_bytes() == PIECES)
         return json.loads(result.stdout.splitlines()[-1])
