@@ -421,6 +421,25 @@ class RegistrarFailoverTests(upkeep_support.RegistrarTestCase):
         self.advance(5)  # the retry: at b, which registers the node
         self.assertTrue(self.relays.knows(self.relays.b))
 
+    def test_channelFailureNamesItsRelay(self) -> None:
+        """A heartbeat lost on the control connection is logged naming the relay that connection reached."""
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionLost
+
+        class Channel:
+            isOpen = True
+            reached = Relay("b:8001", None)
+
+            def heartbeat(self):
+                return fail(ConnectionLost("the control connection was lost"))
+
+        registrar = self.start()
+        registrar.channel = Channel()
+        with capturedLogs() as events:
+            self.advance(11)
+        lines = [formatEvent(e) for e in events]
+        self.assertTrue(any(line.startswith("relay b:8001 unreachable (") for line in lines), lines)
+
     def test_unregistersWhereRegistered(self) -> None:
         """Stopping unregisters at the relay that holds the entry."""
         self.start()

@@ -289,7 +289,10 @@ class Registrar:
 
     def _relayOf(self, protocol: Optional[QueryProtocol]) -> Optional[str]:
         """The relay a contact reached, by name: of a list, the one it reached; else as named."""
-        relay = None if protocol is None else relayReached(self.relay, protocol)
+        if protocol is None:  # over the control connection: the relay it reached
+            relay = getattr(self.channel, "reached", None)
+        else:
+            relay = relayReached(self.relay, protocol)
         return relay.name if relay is not None else self.relayName
 
     def _prover(self, purpose: bytes):
