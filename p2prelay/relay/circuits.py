@@ -35,8 +35,11 @@ CIRCUIT_BYTES = 2 << 30  # bytes one circuit may carry, both directions counted
 CIRCUIT_SECONDS = 3600.0  # seconds one circuit may stay open
 CIRCUIT_TIMEOUT = DIALBACK_TIMEOUT  # seconds the node has to open the circuit (504 after)
 CIRCUIT_RETRY = 30  # retry= (seconds) with a 503 at a circuit cap
-PATH_RATE = 60 / 60.0  # REVERSE and RELAY requests per second from one source address...
-PATH_BURST = 20  # ...with this many at once
+# A piece is one connection, so a 1 GiB file from a firewalled node is 256
+# requests; the requester is the only address a REVERSE makes nodes dial and
+# circuits have their own caps, so this guards the relay's CPU, not others.
+PATH_RATE = 10.0  # REVERSE and RELAY requests per second from one source address...
+PATH_BURST = 100  # ...with this many at once
 
 
 @attrs.frozen
