@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2prelay.client.schedule import MAX_IN_FLIGHT, Scheduler
+from p2prelay.client.schedule import BUSY_PATIENCE, MAX_IN_FLIGHT, Scheduler
 
 PIECE = 1024 * 1024
 MB = 1000 * 1000
@@ -274,6 +274,34 @@ class FailureTests(SynchronousTestCase):
         self.assertIsNotNone(sched.assign("busy"))
         self.assertFalse(sched.isDropped("busy"))
 
+
+    def test_busyForeverDropped(self) -> None:
+        """A holder answering only "busy" for BUSY_PATIENCE seconds is dropped, so the download ends."""
+        sched = Scheduler(2, self.clock.seconds, sources=1)
+        sched.addHolder("busy")
+        while True:
+            piece = sched.assign("busy")
+            if piece is None:
+                self.clock.advance(1)
+                continue
+            sched.failed(piece, "busy", retryAfter=1)
+            if sched.isDropped("busy"):
+                break
+            self.assertLess(self.clock.seconds(), BUSY_PATIENCE + 2)
+        self.assertGreaterEqual(self.clock.seconds(), BUSY_PATIENCE)
+        self.assertTrue(sched.exhausted)
+
+    def test_busyPatienceRestartsOnDelivery(self) -> None:
+        """A piece delivered resets the patience: a holder busy now and then is kept."""
+        sched = Scheduler(100, self.clock.seconds, sources=1)
+        sched.addHolder("popular")
+        for _ in range(5):
+            piece = sched.assign("popular")
+            sched.failed(piece, "popular", retryAfter=BUSY_PATIENCE / 2)
+            self.clock.advance(BUSY_PATIENCE / 2)
+            piece = sched.assign("popular")
+            sched.completed(piece, "popular", PIECE)
+        self.assertFalse(sched.isDropped("popular"))
 
 class EndgameTests(SynchronousTestCase):
     def test_stalledPieceTakenOver(self) -> None:

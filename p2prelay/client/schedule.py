@@ -43,6 +43,7 @@ MAX_IN_FLIGHT = 8  # pieces one holder may have in flight, at most
 INITIAL_IN_FLIGHT = 1  # ... and before its speed is known
 PIPELINE_SECONDS = 1.0  # a measured holder gets about this many seconds of work queued
 MAX_FAILURES = 3  # plain failures in a row that drop a holder
+BUSY_PATIENCE = 60.0  # seconds a holder may answer only "busy" (503 retry=) before it is dropped
 COPIES = 2  # requests for one piece in flight at once, at most (endgame)
 SMOOTHING = 0.3  # weight of the newest measurement in a holder's rate
 MIN_SECONDS = 1e-3  # a piece never counts as faster than this (a clock that did not move)
@@ -62,6 +63,7 @@ class _HolderState:
         "dropped",
         "corrupt",
         "benchedUntil",
+        "busySince",
         "lastEvent",
         "pieces",
     )
@@ -75,6 +77,7 @@ class _HolderState:
         self.dropped = False
         self.corrupt = False
         self.benchedUntil: Optional[float] = None
+        self.busySince: Optional[float] = None  # its first "busy" since it last delivered
         self.lastEvent: Optional[float] = None  # when one of its pieces last ended
         self.pieces = 0  # pieces it delivered
 
@@ -103,6 +106,7 @@ class Scheduler:
         maxFailures: int = MAX_FAILURES,
         copies: int = COPIES,
         pipelineSeconds: float = PIPELINE_SECONDS,
+        busyPatience: float = BUSY_PATIENCE,
     ) -> None:
         if pieceCount < 0:
             raise ValueError(f"pieceCount must be >= 0, not {pieceCount}")
@@ -119,6 +123,7 @@ class Scheduler:
         self.maxFailures = max(1, maxFailures)
         self.copies = max(1, copies)
         self.pipelineSeconds = pipelineSeconds
+        self.busyPatience = busyPatience
 
         self._verified = bytearray(pieceCount)
         self._verifiedCount = 0
@@ -293,6 +298,7 @@ class Scheduler:
                 seconds = now - start
             self._measure(state, nbytes, seconds)
             state.failures = 0
+            state.busySince = None
             state.pieces += 1
             state.lastEvent = now
         if self._verified[piece]:
@@ -325,7 +331,8 @@ class Scheduler:
         failure in a row, and ``maxFailures`` of them drop the holder; with
         ``retryAfter`` (a busy holder's hint, in seconds) it is no failure,
         but the holder gives up its place to a spare and is not asked
-        again before then.  The piece goes back to the queue unless
+        again before then -- unless it has answered nothing but "busy" for
+        ``busyPatience`` seconds, which drops it.  The piece goes back to the queue unless
         another copy is in flight.
 
         Returns the holder's other pieces in flight if it was dropped or
@@ -347,6 +354,13 @@ class Scheduler:
         if not wasInFlight or state.dropped:
             return []
         if retryAfter is not None:
+            now = self.now()
+            if state.busySince is None:
+                state.busySince = now
+            elif now - state.busySince >= self.busyPatience:
+                # Busy for ever is as good as gone: without this, one holder
+                # that only ever answers 503 keeps a download waiting forever.
+                return self._drop(state)
             return self._bench(state, retryAfter)
         state.failures += 1
         if state.failures >= self.maxFailures:
