@@ -119,8 +119,11 @@ class Network:
         firewalled.waitFor(NODE_OPEN, START_TIMEOUT)
         self.relayDaemon.waitFor(RELAY_OPEN, START_TIMEOUT)
 
-    def fetch(self, path: str, name: str, size: int) -> tuple[float, float]:
-        """(whole-command seconds, the client's own seconds) of one fetch by ``path``."""
+    def fetch(self, path: str, name: str, size: int) -> tuple[float, float, int]:
+        """
+        (whole-command seconds, the client's own seconds, failed attempts on
+        the way, e.g. the relay's 503 past its path allowance) of one fetch.
+        """
         out = self.scratch / "out"
         shutil.rmtree(out, ignore_errors=True)
         if path == DIRECT:
@@ -141,7 +144,7 @@ class Network:
         record = json.loads(result.stdout.splitlines()[-1])
         if record.get("via") != path or record.get("size") != size:
             raise RuntimeError(f"expected {size} B via {path}, got {record}")
-        return elapsed, record["seconds"]
+        return elapsed, record["seconds"], len(record.get("attempts", []))
 
     def close(self) -> None:
         for daemon in reversed(self.daemons):
@@ -170,7 +173,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, float]:
 
 
 def rounds(net: Network, name: str, size: int, count: int) -> Dict[str, float]:
-    samples: Dict[str, List[tuple[float, float]]] = {DIRECT: [], RELAYED: []}
+    samples: Dict[str, List[tuple[float, float, int]]] = {DIRECT: [], RELAYED: []}
     failed = {DIRECT: 0, RELAYED: 0}
     relayCPU = 0.0  # over the relayed fetches that succeeded
     pid = net.relayDaemon.process.pid
@@ -189,7 +192,8 @@ def rounds(net: Network, name: str, size: int, count: int) -> Dict[str, float]:
             samples[path].append(sample)
             print(
                 f"  round {round + 1} {path:<6} {size / sample[0] / MiB:8.1f} MiB/s whole command, "
-                f"{size / sample[1] / MiB:8.1f} MiB/s in-process",
+                f"{size / sample[1] / MiB:8.1f} MiB/s in-process"
+                + (f", {sample[2]} failed attempts first" if sample[2] else ""),
                 flush=True,
             )
     for path, values in samples.items():
