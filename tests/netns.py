@@ -8,11 +8,11 @@ namespaces), and always deleted -- with every process still inside them
 addresses, nft, sysctl, daemons run inside with ``ip netns exec``);
 :class:`NATTopology` is a small internet with one home router::
 
-    relay 10.77.1.1 --+
-                      +-- switch (a bridge, no address) -- pub0 10.77.1.254  router
-    client 10.77.1.2 -+                                     lan0 10.77.2.254  (masquerade
-                                                                 |            out of pub0,
-                                                           node 10.77.2.1     no forwards)
+    relay 10.77.1.1 fd77:1::1 --+
+                                +-- switch (a bridge) -- pub0 10.77.1.254  router
+    client 10.77.1.2 fd77:1::2 -+                         lan0 10.77.2.254  (masquerade
+                                                               |            out of pub0,
+                                                         node 10.77.2.1     no forwards)
 
 The node's only route is its default route to the router; the relay and
 the client have no route at all beyond their own link, so nothing from
@@ -125,8 +125,8 @@ class Namespaces:
         for port in ports:
             run("ip", "-n", ns, "link", "set", port, "master", name)
 
-    def address(self, ns: str, dev: str, cidr: str) -> None:
-        run("ip", "-n", ns, "addr", "add", cidr, "dev", dev)
+    def address(self, ns: str, dev: str, cidr: str, *flags: str) -> None:
+        run("ip", "-n", ns, "addr", "add", cidr, "dev", dev, *flags)
 
     def route(self, ns: str, *spec: str) -> None:
         run("ip", "-n", ns, "route", "add", *spec)
@@ -191,6 +191,9 @@ class NATTopology(Namespaces):
     RELAY = "10.77.1.1"
     CLIENT = "10.77.1.2"
     ROUTER_PUBLIC = "10.77.1.254"
+    # The public link speaks IPv6 too (the LAN does not): fd77:1::/64.
+    RELAY6 = "fd77:1::1"
+    CLIENT6 = "fd77:1::2"
     ROUTER_LAN = "10.77.2.254"
     NODE = "10.77.2.1"
     PUBLIC_IF = "pub0"  # the router's public interface: masquerade out of it
@@ -218,6 +221,9 @@ class NATTopology(Namespaces):
         self.address(self.relay, "pub", f"{self.RELAY}/24")
         self.address(self.client, "pub", f"{self.CLIENT}/24")
         self.address(self.router, self.PUBLIC_IF, f"{self.ROUTER_PUBLIC}/24")
+        # nodad: usable at once, not after duplicate address detection.
+        self.address(self.relay, "pub", f"{self.RELAY6}/64", "nodad")
+        self.address(self.client, "pub", f"{self.CLIENT6}/64", "nodad")
         # The LAN behind the router.
         self.veth(self.router, self.LAN_IF, self.node, "lan")
         self.address(self.router, self.LAN_IF, f"{self.ROUTER_LAN}/24")

@@ -6,6 +6,9 @@ router's public address, where nothing can reach it; the relay records
 it firewalled, and a client on the public side still gets its file, by
 a reverse connection and, with ``--no-listen``, through the relay.
 
+The public link also speaks IPv6: a public node with the default
+``--port`` registering over IPv6 is reached there (listed direct).
+
 Needs root, ``ip`` and ``nft``; skipped with a one-line reason otherwise.
 """
 
@@ -137,3 +140,61 @@ class NATFetchTests(SynchronousTestCase):
         result = self.fetch("--no-listen", "-o", str(out), "behind.bin")
         self.assertEqual(self.record(result)["via"], "relay", result.stderr)
         self.assertTrue((out / "behind.bin").read_bytes() == CONTENT)
+
+
+class DualStackTests(SynchronousTestCase):
+    """
+    The public link over IPv6: a relay listening on fd77:1::1 and a public
+    node (in the client's namespace) with the default ``--port`` that
+    registers over IPv6, where the relay records the address it came from.
+    """
+
+    def setUp(self) -> None:
+        skipUnlessNamespaces("nft")
+        self.root = Path(tempfile.mkdtemp(prefix="p2prelay-v6-")).resolve()
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.net = NATTopology()
+        self.addCleanup(self.net.close)
+        self.net.open()
+        interface = NATTopology.RELAY6.replace(":", "\\:")
+        relay = self.net.daemon(
+            self.net.relay, ["relay", "--port", f"tcp6:0:interface={interface}"], str(self.root)
+        )
+        port = relay.waitFor(LISTENING).group("port")
+        self.relay = f"[{NATTopology.RELAY6}]:{port}"
+        self.relayPlain = f"{NATTopology.RELAY6}:{port}"  # as tests.support.relayQuery splits it
+        share = self.root / "share"
+        share.mkdir()
+        (share / "v6.bin").write_bytes(CONTENT)
+        self.node = self.net.daemon(
+            self.net.client,
+            ["peernode", "--relay", self.relay, "--dir", str(share), "--key", str(self.root / "node.key")],
+            str(self.root),
+        )
+        self.node.waitFor(REGISTERED)
+
+    def test_listedDirect(self) -> None:
+        """The default --port serves IPv6 too: the dial-back reaches the node, listed direct at fd77:1::2."""
+        code = (
+            "from tests.support import relayQuery; from p2prelay import wire; "
+            "[print(p.get('host'), p.get('reach')) "
+            f"for p in relayQuery({self.relayPlain!r}, wire.request(wire.PEERS))[1:]]"
+        )
+        result = self.net.runIn(self.net.client, python(code), cwd=str(Path(__file__).parent.parent))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().split(), [NATTopology.CLIENT6, "direct"])
+
+    def test_fetchedDirect(self) -> None:
+        """A client on the IPv6 link fetches from it directly."""
+        out = self.root / "out-v6"
+        result = self.net.runIn(
+            self.net.relay,
+            [*script("p2p-fetch"), "--relay", self.relay, "--json", "-o", str(out), "v6.bin"],
+            cwd=str(self.root),
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        record = json.loads(result.stdout.decode().splitlines()[-1])
+        self.assertEqual(record["via"], "direct")
+        self.assertTrue(record["peer"].startswith(f"[{NATTopology.CLIENT6}]:"), record["peer"])
+        self.assertTrue((out / "v6.bin").read_bytes() == CONTENT)
