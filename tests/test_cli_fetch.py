@@ -861,6 +861,7 @@ class ListingTests(CommandTestCase):
     """
 
     peers = [PeerAddress("127.0.0.1", 5001, "n1", 6001), PeerAddress("::1", 5002, "n2")]
+    firewalled = PeerAddress("192.0.2.9", 5003, "n3", reach=wire.FIREWALLED)
 
     def test_peers(self) -> None:
         """--peers prints one line per peer (host:port, node, udp port if any) and a count on stderr."""
@@ -882,11 +883,22 @@ class ListingTests(CommandTestCase):
         self.assertEqual(
             [json.loads(line) for line in self.terminal.stdout.splitlines()],
             [
-                {"host": "127.0.0.1", "port": 5001, "udp": 6001, "node": "n1"},
-                {"host": "::1", "port": 5002, "udp": None, "node": "n2"},
+                {"host": "127.0.0.1", "port": 5001, "udp": 6001, "node": "n1", "reach": "direct"},
+                {"host": "::1", "port": 5002, "udp": None, "node": "n2", "reach": "direct"},
             ],
         )
         self.assertQuiet()
+
+    def test_peersFirewalled(self) -> None:
+        """--peers marks a firewalled peer (its address takes no connections) with reach=firewalled."""
+        fetcher = FakeFetcher(peers=[self.firewalled])
+        self.assertEqual(self.p2pFetch(["--peers"], fetcher), EXIT_OK)
+        self.assertEqual(self.terminal.stdout.decode(), "192.0.2.9:5003  node=n3  reach=firewalled\n")
+
+    def test_peersJsonFirewalled(self) -> None:
+        """--peers --json says each peer's reach."""
+        self.assertEqual(self.p2pFetch(["--peers", "--json"], FakeFetcher(peers=[self.firewalled])), EXIT_OK)
+        self.assertEqual(json.loads(self.terminal.stdout)["reach"], "firewalled")
 
     def test_table(self) -> None:
         """--list PATTERN asks the relay for PATTERN and prints an aligned table."""

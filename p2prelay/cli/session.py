@@ -167,10 +167,14 @@ class Client:
         peers = await self.fetcher.peers()
         for p in peers:
             if self.args.json:
-                self.outJSON({"host": p.host, "port": p.port, "udp": p.udp, "node": p.node})
+                self.outJSON(
+                    {"host": p.host, "port": p.port, "udp": p.udp, "node": p.node, "reach": p.reach}
+                )
             else:
                 udp = f"  udp={p.udp}" if p.udp else ""
-                self.out(f"{visible(str(p))}  node={visible(p.node)}{udp}")
+                # A firewalled peer's address takes no connections: say how it is reached.
+                reach = f"  reach={p.reach}" if p.reach != wire.DIRECT else ""
+                self.out(f"{visible(str(p))}  node={visible(p.node)}{udp}{reach}")
         if not self.args.json:
             self.err(f"{len(peers)} active peer(s)")
 
