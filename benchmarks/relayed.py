@@ -27,7 +27,11 @@ client's own figure (``--json`` "seconds") is printed beside it.  Medians;
 the ratio is relayed throughput over direct (the issue's target: 0.5 or
 better).  The relay's CPU-seconds per GiB relayed is its process's
 utime + stime (``/proc/PID/stat``) over the relayed rounds only, divided
-by the GiB that crossed it.  A fetch that has not finished after
+by the GiB that crossed it.  Each piece is one RELAY request, and the
+relay allows one address only so many at once: back-to-back relayed
+fetches of big files meet its 503s (each round says how many attempts
+failed first); ``--settle S`` waits before each relayed fetch so they
+start with the allowance refilled.  A fetch that has not finished after
 ``--fetch-timeout`` seconds is stopped and counted as failed (so is one
 that came by another path); every process started here is stopped in a
 ``finally``, on SIGINT and SIGTERM too.
@@ -165,14 +169,14 @@ def benchmark(args: argparse.Namespace) -> Dict[str, float]:
                 f"loopback; pieces of {args.piece_size}; {os.cpu_count()} cores",
                 flush=True,
             )
-            return rounds(net, "bench.bin", size, args.rounds)
+            return rounds(net, "bench.bin", size, args.rounds, args.settle)
         finally:
             net.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def rounds(net: Network, name: str, size: int, count: int) -> Dict[str, float]:
+def rounds(net: Network, name: str, size: int, count: int, settle: float = 0) -> Dict[str, float]:
     samples: Dict[str, List[tuple[float, float, int]]] = {DIRECT: [], RELAYED: []}
     failed = {DIRECT: 0, RELAYED: 0}
     relayCPU = 0.0  # over the relayed fetches that succeeded
@@ -180,6 +184,8 @@ def rounds(net: Network, name: str, size: int, count: int) -> Dict[str, float]:
     for round in range(count):
         order = (DIRECT, RELAYED) if round % 2 == 0 else (RELAYED, DIRECT)
         for path in order:
+            if path == RELAYED and settle:
+                time.sleep(settle)  # the relay's REVERSE/RELAY allowance for our address refills
             before = cpuSeconds(pid)
             try:
                 sample = net.fetch(path, name, size)
@@ -239,6 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the nodes' --piece-size (default 4M, the node's default)")  # fmt: skip
     parser.add_argument("--fetch-timeout", type=float, default=300,
                         help="seconds before a fetch counts as failed (default 300)")  # fmt: skip
+    parser.add_argument("--settle", type=float, default=0,
+                        help="seconds to wait before each relayed fetch, so the relay's allowance of "
+                        "path requests per address (one per piece) refills (default 0)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="4 MiB, one round: checks that it all works")
     args = parser.parse_args(argv)
     if args.smoke:
