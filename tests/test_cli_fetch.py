@@ -686,13 +686,13 @@ class OutputDirectoryTests(CommandTestCase):
         self.assertEqual(self.p2pFetch(["-o", str(self.out), "a.txt"], FakeFetcher({"a.txt": A})), EXIT_OK)
         self.assertNotIn(" via ", self.terminal.stderr)
 
-    def test_jsonVia(self) -> None:
-        """--json: the record's "via" is the path the file came by; "path" stays where it was saved."""
+    def test_jsonPath(self) -> None:
+        """--json: the record's "path" is the path the file came by; "saved" is where it was saved."""
         fetcher = FakeFetcher({"a.txt": A})
         fetcher.path = "relay"
         self.assertEqual(self.p2pFetch(["--json", "-o", str(self.out), "a.txt"], fetcher), EXIT_OK)
         record = json.loads(self.terminal.stdout)
-        self.assertEqual((record["via"], record["path"]), ("relay", str(self.out / "a.txt")))
+        self.assertEqual((record["path"], record["saved"]), ("relay", str(self.out / "a.txt")))
 
     def test_outputIsAFile(self) -> None:
         """-o naming an existing file is a usage error: '-o: FILE is not a folder'."""
@@ -802,7 +802,7 @@ class OutputDirectoryTests(CommandTestCase):
             [
                 {
                     "name": "a.txt", "ok": True, "size": len(A), "sha256": sha(A), "peer": PEER,
-                    "attempts": [], "seconds": 0.25, "path": str(self.out / "a.txt"), "via": "direct",
+                    "attempts": [], "seconds": 0.25, "saved": str(self.out / "a.txt"), "path": "direct",
                 },
                 {
                     "name": "nope.txt", "ok": False, "error": "not found on any of the 1 active peers",

@@ -75,12 +75,12 @@ class FirewalledNodeTests(NetworkTestCase):
         self.assertTrue((out / "blob.bin").read_bytes() == BLOB)
 
     def test_reverseJSON(self) -> None:
-        """The --json record of a reverse fetch says "via": "reverse"."""
+        """The --json record of a reverse fetch says "path": "reverse"."""
         out = self.net.root / "out-reverse-json"
         result = self.net.fetch("--json", "-o", str(out), "small.txt")
         self.assertEqual(result.returncode, 0, result.stderr)
         record = json.loads(result.stdout.splitlines()[-1])
-        self.assertEqual((record["ok"], record["via"]), (True, "reverse"))
+        self.assertEqual((record["ok"], record["path"]), (True, "reverse"))
         self.assertEqual((out / "small.txt").read_bytes(), SMALL)
 
     def test_relayed(self) -> None:
@@ -92,12 +92,12 @@ class FirewalledNodeTests(NetworkTestCase):
         self.assertTrue((out / "blob.bin").read_bytes() == BLOB)
 
     def test_relayedJSON(self) -> None:
-        """The --json record of a relayed fetch says "via": "relay"."""
+        """The --json record of a relayed fetch says "path": "relay"."""
         out = self.net.root / "out-relay-json"
         result = self.net.fetch("--no-listen", "--json", "-o", str(out), "small.txt")
         self.assertEqual(result.returncode, 0, result.stderr)
         record = json.loads(result.stdout.splitlines()[-1])
-        self.assertEqual((record["ok"], record["via"]), (True, "relay"))
+        self.assertEqual((record["ok"], record["path"]), (True, "relay"))
         self.assertEqual((out / "small.txt").read_bytes(), SMALL)
 
     def test_relayedToStdout(self) -> None:
@@ -165,7 +165,7 @@ class NoRelayingTests(NetworkTestCase):
         out = self.net.root / "out-reverse"
         result = self.net.fetch("--json", "-o", str(out), "small.txt")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(json.loads(result.stdout.splitlines()[-1])["via"], "reverse")
+        self.assertEqual(json.loads(result.stdout.splitlines()[-1])["path"], "reverse")
         self.assertEqual((out / "small.txt").read_bytes(), SMALL)
 
 
@@ -196,8 +196,8 @@ class ManyPiecesTests(NetworkTestCase):
 
     def test_reverse(self) -> None:
         """A file of 64 pieces comes by reverse connections, one per piece."""
-        self.assertEqual(self.fetched()["via"], "reverse")
+        self.assertEqual(self.fetched()["path"], "reverse")
 
     def test_relayed(self) -> None:
         """A file of 64 pieces comes through the relay, one circuit per piece."""
-        self.assertEqual(self.fetched("--no-listen")["via"], "relay")
+        self.assertEqual(self.fetched("--no-listen")["path"], "relay")

@@ -131,14 +131,14 @@ class NATFetchTests(SynchronousTestCase):
         """A client that can accept connections gets the file over a reverse connection."""
         out = self.root / "out-reverse"
         result = self.fetch("-o", str(out), "behind.bin")
-        self.assertEqual(self.record(result)["via"], "reverse", result.stderr)
+        self.assertEqual(self.record(result)["path"], "reverse", result.stderr)
         self.assertTrue((out / "behind.bin").read_bytes() == CONTENT)
 
     def test_relayed(self) -> None:
         """With --no-listen the client gets the file through a circuit at the relay."""
         out = self.root / "out-relay"
         result = self.fetch("--no-listen", "-o", str(out), "behind.bin")
-        self.assertEqual(self.record(result)["via"], "relay", result.stderr)
+        self.assertEqual(self.record(result)["path"], "relay", result.stderr)
         self.assertTrue((out / "behind.bin").read_bytes() == CONTENT)
 
 
@@ -195,6 +195,6 @@ class DualStackTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         record = json.loads(result.stdout.decode().splitlines()[-1])
-        self.assertEqual(record["via"], "direct")
+        self.assertEqual(record["path"], "direct")
         self.assertTrue(record["peer"].startswith(f"[{NATTopology.CLIENT6}]:"), record["peer"])
         self.assertTrue((out / "v6.bin").read_bytes() == CONTENT)

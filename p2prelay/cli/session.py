@@ -290,7 +290,7 @@ class Client:
                 raise DestinationError(f"{final} exists (use --force to replace it)")
             self.err(f"already have {name}, verified")
             if self.args.json:
-                self.outJSON(self._record(have, path=str(final), already=True))
+                self.outJSON(self._record(have, saved=str(final), already=True))
             return have, None
         result = await self.fetcher.save(
             name, final, force=self.args.force, resume=not self.args.no_resume
@@ -299,7 +299,7 @@ class Client:
         source = result.peer if len(result.peers) < 2 else f"{len(result.peers)} peers"
         self.err(f"saved {name} ({humanSize(result.size)} from {source}{via(result.path)}) to {final}")
         if self.args.json:
-            self.outJSON(self._record(result, path=str(final)))
+            self.outJSON(self._record(result, saved=str(final)))
         return result, None
 
     async def _alreadyHave(self, name: str, final: Path) -> Optional[Fetched]:
@@ -334,9 +334,9 @@ class Client:
             "size": result.size,
             "sha256": result.sha256,
             "peer": result.peer,
-            # How the bytes came: "direct", "reverse" or "relay" (null: already
-            # there).  Not "path", which has always been where the file was saved.
-            "via": result.path,
+            # How the bytes came (issue 12's "path"): "direct", "reverse" or
+            # "relay" (null: already there).  Where they went is "saved".
+            "path": result.path,
             "attempts": [{"peer": a.peer, "error": a.error} for a in result.attempts],
             "seconds": round(result.seconds, 3),
             **extra,
