@@ -264,10 +264,12 @@ def preflight() -> None:
         if shutil.which(tool) is None:
             raise Skip(f"{tool} is not installed")
     probe = f"p2pbench-probe-{os.getpid()}"
-    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise Skip(f"ip netns add fails: {result.stderr.strip()}")
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    try:
+        result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Skip(f"ip netns add fails: {result.stderr.strip()}")
+    finally:  # even when interrupted between the two
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
 
 
 def _terminate(signum: int, frame: object) -> None:
