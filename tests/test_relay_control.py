@@ -279,8 +279,8 @@ class ReverseTests(ControlTestCase):
         self.assertEqual(self.reverse(token="short").status, wire.BAD_REQUEST)
 
     def test_allowanceFitsAFileOfPieces(self):
-        """A 256 MiB file's 64 pieces (one request each) from a firewalled node fit one source's burst."""
-        for _ in range(64):
+        """Five 256 MiB files' 320 pieces (one request each) from a firewalled node fit one source's burst."""
+        for _ in range(320):
             proto, transport = self.connect(ASKER)
             proto.dataReceived(wire.request(wire.REVERSE, node=KEY.node, port=7000, token=TOKEN))
             [reply] = parse(transport.value())

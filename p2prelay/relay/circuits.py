@@ -38,8 +38,8 @@ CIRCUIT_RETRY = 30  # retry= (seconds) with a 503 at a circuit cap
 # A piece is one connection, so a 1 GiB file from a firewalled node is 256
 # requests; the requester is the only address a REVERSE makes nodes dial and
 # circuits have their own caps, so this guards the relay's CPU, not others.
-PATH_RATE = 10.0  # REVERSE and RELAY requests per second from one source address...
-PATH_BURST = 100  # ...with this many at once
+PATH_RATE = 50.0  # REVERSE and RELAY requests per second from one source address...
+PATH_BURST = 500  # ...with this many at once (a few files of a few hundred pieces)
 
 
 @attrs.frozen
