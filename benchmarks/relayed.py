@@ -18,7 +18,7 @@ refused, the node keeps a control connection, and ``p2p-fetch
 --no-listen`` gets the file through a circuit: client -> relay -> node
 (which connected out to the relay).  Each holder is the only one its
 relay knows, so neither fetch can take the other's path; the ``--json``
-record's ``via`` is checked every time (``direct`` / ``relay``).
+record's ``path`` is checked every time (``direct`` / ``relay``).
 
 Every figure is a whole ``p2p-fetch -o DIR --json`` command (start-up,
 lookup, transfer, the client's SHA-256 check), direct and relayed
@@ -66,7 +66,7 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 START_TIMEOUT = 120.0  # a node hashes the whole file before it registers
 NODE_OPEN = re.compile(r"control connection to relay \S+ open")
 RELAY_OPEN = re.compile(r"control connection from \S+ at \S+ open")
-DIRECT, RELAYED = "direct", "relay"  # the --json record's "via" for each
+DIRECT, RELAYED = "direct", "relay"  # the --json record's "path" for each
 
 
 def cpuSeconds(pid: int) -> float:
@@ -146,7 +146,7 @@ class Network:
         if result.returncode != 0:
             raise RuntimeError(f"p2p-fetch {' '.join(extra)} failed: {result.stderr.strip()}")
         record = json.loads(result.stdout.splitlines()[-1])
-        if record.get("via") != path or record.get("size") != size:
+        if record.get("path") != path or record.get("size") != size:
             raise RuntimeError(f"expected {size} B via {path}, got {record}")
         return elapsed, record["seconds"], len(record.get("attempts", []))
 
