@@ -51,6 +51,7 @@ import attrs
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -71,6 +72,8 @@ from ..registry import (
 )
 from .interface import IRegistryBackend, RegistryUnavailable
 from .url import RedisAddress
+
+_log = Logger()
 
 PREFIX = "p2p:"
 TIMEOUT = 5.0  # seconds one call (or connecting at start) may take before RegistryUnavailable
@@ -531,6 +534,16 @@ class RedisBackend:
         self.address: Optional[RedisAddress] = None  # where to subscribe (set by connect)
         self._random = random.Random()
         self._orders: Any = None  # the subscriber connection's factory, once listening
+        self.onRefused: Optional[Callable[[Failure], None]] = None  # connect()'s, while it waits
+
+    def _handshakeFailed(self, failure: Failure) -> None:
+        if self.onRefused is not None:
+            self.onRefused(failure)
+        else:
+            _log.warn(
+                "the registry's Redis at {where} refused the relay: {why}",
+                where=self.where, why=failure.getErrorMessage(),
+            )
 
     # Plumbing: every call has a deadline and one error type for "unreachable".
 
@@ -818,6 +831,9 @@ class _OrdersFactory(txredisapi.RedisFactory):
         self.channel = channel
         self.onOrder = onOrder
         self.subscribed: defer.Deferred = defer.Deferred()
+        self.deferred.addErrback(
+            lambda f: _log.warn("the registry's Redis refused the orders' subscription: {why}", why=f.getErrorMessage())
+        )
         self.maxDelay = RECONNECT_DELAY
         self.initialDelay = min(self.initialDelay, RECONNECT_DELAY / 4)
 
@@ -919,6 +935,11 @@ def lazy(
     client._factory.initialDelay = min(client._factory.initialDelay, RECONNECT_DELAY / 4)
     backend = RedisBackend(client, reactor, timeout=timeout, where=where, **options)
     backend.address = address
+    if client._factory.deferred is not None:
+        # A refused password or database, or a connection lost during its
+        # handshake: said once (connect() fails with it), never an
+        # unhandled error in a Deferred.
+        client._factory.deferred.addErrback(backend._handshakeFailed)
     return backend
 
 
@@ -940,6 +961,7 @@ def connect(
     result: defer.Deferred = defer.Deferred()
 
     def ready(_: object) -> None:
+        backend.onRefused = None  # later refusals are warnings (see lazy)
         if not result.called:
             result.callback(backend)
 
@@ -957,8 +979,7 @@ def connect(
             ))
         asked.cancel()  # ends its timeout; failed() lets go of the connection
 
+    backend.onRefused = refused
     asked = backend.epoch()
     asked.addCallbacks(ready, failed)
-    if client._factory.deferred is not None:
-        client._factory.deferred.addErrback(refused)
     return result
