@@ -396,6 +396,27 @@ class RegistryLostTests(RedisCase):
         self.assertIn("the registry is available again", [formatEvent(e) for e in events])
         self.assertEqual(await self.whohas(relay, "a.txt"), [KEY.node])
 
+    async def test_handshakeRefusedThenFine(self):
+        """A Redis that refuses a reconnection's handshake (txredisapi then gives up) is reconnected to once it is fine."""
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("first\n")
+        guarded = redisserver.started(self, password="first")
+        service = RelayService(reactor, "tcp:0:interface=127.0.0.1", TTL, registry=parseURL(guarded.url, secret))
+        service.startService()
+        self.addCleanup(service.stopService)
+        admin = await redisbackend.connect(parseURL(guarded.url, secret), reactor, prefix="admin:", timeout=SHORT)
+        self.addCleanup(admin.close)
+        await service.backend.client.ping()
+        await admin.client.execute_command("CONFIG", "SET", "requirepass", "second")
+        await admin.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await turns(lambda: service.backend.client._factory.stopped, "txredisapi giving up")
+        await admin.client.execute_command("CONFIG", "SET", "requirepass", "first")
+        await service._look()  # fails (the connection is gone for good), and revives it
+        await answering(service.backend)
+        await service._look()
+        self.assertIsNone(service.factory.registryDown)
+
     async def test_restartedNewEpoch(self):
         """Redis restarted empty: the service's health look takes up the new epoch as boot=; the node re-registers."""
         service = RelayService(reactor, "tcp:0:interface=127.0.0.1", TTL, registry=parseURL(self.redis.url))

@@ -305,6 +305,10 @@ class RelayService(MultiService):
                 )
                 self.factory.boot = epoch
 
+        def lost(failure) -> None:
+            self._unavailable(failure)
+            self.backend.revive()  # if txredisapi gave up reconnecting
+
         d = self.backend.epoch()
         d.addCallback(answered)
-        return d.addErrback(self._unavailable)
+        return d.addErrback(lost)

@@ -535,6 +535,7 @@ class RedisBackend:
         self._random = random.Random()
         self._orders: Any = None  # the subscriber connection's factory, once listening
         self.onRefused: Optional[Callable[[Failure], None]] = None  # connect()'s, while it waits
+        self._closed = False
 
     def _handshakeFailed(self, failure: Failure) -> None:
         if self.onRefused is not None:
@@ -795,7 +796,28 @@ class RedisBackend:
     def epoch(self) -> defer.Deferred:
         return self._eval(_EPOCH, uuid.uuid4().hex[:16], what="the registry's epoch")
 
+    def revive(self) -> bool:
+        """
+        A new connection if txredisapi has given up on the one it had: it
+        stops reconnecting for good when a handshake fails (a Redis still
+        loading its data answers ``LOADING``, a password changed), which
+        must not leave a relay without its registry once Redis is fine
+        again.  Whether it made one.
+        """
+        orders = self._orders
+        if orders is not None and orders.stopped and not self._closed:
+            orders.disconnect().addErrback(lambda f: None)
+            self.listen(orders.onOrder)
+        factory = getattr(self.client, "_factory", None)
+        if self.address is None or self._closed or factory is None or not factory.stopped:
+            return False
+        _log.info("reconnecting to the registry's Redis at {where}", where=self.where)
+        old, self.client = self.client, _client(self.address, self.timeout, self._handshakeFailed)
+        old.disconnect().addErrback(lambda f: None)
+        return True
+
     def close(self) -> defer.Deferred:
+        self._closed = True
         if self._orders is not None:
             self._orders.stopTrying()
             self._orders.disconnect()
@@ -920,7 +942,14 @@ def lazy(
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
-    where = address.describe()
+    backend = RedisBackend(None, reactor, timeout=timeout, where=address.describe(), **options)
+    backend.address = address
+    backend.client = _client(address, timeout, backend._handshakeFailed)
+    return backend
+
+
+def _client(address: RedisAddress, timeout: float, onHandshakeFailed: Callable[[Failure], None]) -> Any:
+    """A lazy txredisapi connection to ``address``, reconnected every RECONNECT_DELAY at most."""
     if address.path is not None:
         client = txredisapi.lazyUnixConnection(
             address.path, dbid=address.db, password=address.password,
@@ -933,14 +962,12 @@ def lazy(
         )
     client._factory.maxDelay = RECONNECT_DELAY
     client._factory.initialDelay = min(client._factory.initialDelay, RECONNECT_DELAY / 4)
-    backend = RedisBackend(client, reactor, timeout=timeout, where=where, **options)
-    backend.address = address
     if client._factory.deferred is not None:
         # A refused password or database, or a connection lost during its
         # handshake: said once (connect() fails with it), never an
         # unhandled error in a Deferred.
-        client._factory.deferred.addErrback(backend._handshakeFailed)
-    return backend
+        client._factory.deferred.addErrback(onHandshakeFailed)
+    return client
 
 
 def connect(
