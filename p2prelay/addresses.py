@@ -194,6 +194,12 @@ def plainHost(host: str) -> str:
     return host
 
 
+def hostPort(host: str, port: int) -> str:
+    """``host:port`` as users write it: ``[v6]:port`` for an IPv6 host."""
+    host = plainHost(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def describePeer(address: object) -> str:
     """
     A connection's address as users write it: ``host:port``, ``[v6]:port``,
@@ -204,8 +210,7 @@ def describePeer(address: object) -> str:
     if host is None or port is None:
         name = getattr(address, "name", None)  # UNIX sockets
         return str(name if name is not None else address)
-    host = plainHost(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return hostPort(host, port)
 
 
 def relayAddress(

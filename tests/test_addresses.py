@@ -202,6 +202,13 @@ class PlainHostTests(SynchronousTestCase):
         for host in ("fd77:4::1", "::1", "10.77.4.1", "relay.example.org", "::ffff:nothost"):
             self.assertEqual(addresses.plainHost(host), host)
 
+    def test_hostPort(self) -> None:
+        """hostPort brackets an IPv6 host and shows a mapped IPv4 one plain, as users write them."""
+        self.assertEqual(
+            [addresses.hostPort(h, 8) for h in ("10.0.0.1", "::1", "::ffff:10.0.0.2", "a.example")],
+            ["10.0.0.1:8", "[::1]:8", "10.0.0.2:8", "a.example:8"],
+        )
+
     def test_describePeerPlain(self) -> None:
         """Logs show a dual-stack socket's IPv4 peer as host:port, not [::ffff:...]:port."""
         from twisted.internet.address import IPv6Address

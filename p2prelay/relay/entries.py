@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from .. import identity, wire
-from ..addresses import plainHost
+from ..addresses import hostPort, plainHost
 from ..human import plural
 from .dialback import Outcome
 from .phase import Phase
@@ -145,18 +145,22 @@ class EntryRequests:
         self.factory.changed()
         self._settle(wire.OK)
         self.log.info(
-            "registered {node} at {host}:{port} with {files}{how}",
+            "registered {node} at {where} with {files}{how}",
             node=peer.node,
+            where=hostPort(host, port),
             host=peer.host,
             port=peer.port,
             count=len(peer.files),
             files=plural(len(peer.files), "file"),
-            how="" if reachable else f", not listed: unreachable ({reason})",
+            how=""
+            if reachable
+            else f"; firewalled: the relay cannot reach it ({reason}), so it is listed only "
+            "while it holds a control connection",
         )
         if reachable:
             text = f"registered {plural(len(peer.files), 'file')}"
         else:
-            text = f"registered, but the relay could not reach {host}:{port} ({reason})"
+            text = f"registered, but the relay could not reach {hostPort(host, port)} ({reason})"
         self.finish(
             wire.status(
                 wire.OK,
