@@ -113,6 +113,68 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual(service.registry.ttl, 7)
 
 
+class RelayRegistryOptionsTests(SynchronousTestCase):
+    """--registry and --registry-password-file: where the relay keeps its registry."""
+
+    def parse(self, *argv: str) -> RelayOptions:
+        options = RelayOptions()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_inMemoryByDefault(self) -> None:
+        """Without --registry the registry is in memory: no Redis address."""
+        self.assertIsNone(self.parse()["redis"])
+
+    def test_tcp(self) -> None:
+        """redis://HOST:PORT/DB names a Redis on TCP and its database."""
+        address = self.parse("--registry", "redis://10.0.0.5:6380/3")["redis"]
+        self.assertEqual((address.host, address.port, address.db, address.path), ("10.0.0.5", 6380, 3, None))
+
+    def test_unix(self) -> None:
+        """unix:///path?db=N names a Redis on a unix socket."""
+        address = self.parse("--registry", "unix:///run/redis.sock?db=2")["redis"]
+        self.assertEqual((address.path, address.db), ("/run/redis.sock", 2))
+
+    def test_passwordFromFile(self) -> None:
+        """--registry-password-file gives the password, its first line."""
+        path = self.mktemp()
+        Path(path).write_text("s3cret\nignored\n")
+        address = self.parse("--registry", "redis://h/0", "--registry-password-file", path)["redis"]
+        self.assertEqual(address.password, "s3cret")
+
+    def test_malformed(self) -> None:
+        """A --registry that names no Redis is a usage error saying what is wrong."""
+        for url, says in [
+            ("http://h/0", "not a registry address"),
+            ("redis://h:99999/0", "port"),
+            ("redis://h/99", "database"),
+            ("redis://:pw@h/0", "--registry-password-file"),
+            ("unix:relative.sock", "absolute path"),
+        ]:
+            with self.subTest(url=url):
+                with self.assertRaises(usage.UsageError) as caught:
+                    self.parse("--registry", url)
+                self.assertIn("--registry", str(caught.exception))
+                self.assertIn(says, str(caught.exception))
+
+    def test_passwordFileMissing(self) -> None:
+        """A password file that cannot be read is a usage error."""
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--registry", "redis://h/0", "--registry-password-file", self.mktemp())
+        self.assertIn("cannot read the Redis password file", str(caught.exception))
+
+    def test_passwordFileAlone(self) -> None:
+        """--registry-password-file without --registry is a usage error."""
+        with self.assertRaises(usage.UsageError):
+            self.parse("--registry-password-file", "x")
+
+    def test_notWithState(self) -> None:
+        """--state (the in-memory registry's file) and --registry exclude each other."""
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--registry", "redis://h/0", "--state", "s.db")
+        self.assertIn("--state", str(caught.exception))
+
+
 class RelayPathOptionsTests(SynchronousTestCase):
     """The relay's options for firewalled nodes: control connections and relayed circuits."""
 
