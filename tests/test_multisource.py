@@ -226,6 +226,19 @@ class MultiSourcePathTests(SwarmTestCase):
             sorted(fetching), ["fetching big.bin from 127.0.0.1:5001", "fetching big.bin from 127.0.0.1:5002 via relay"]
         )
 
+    def test_pieceLengthToThePath(self) -> None:
+        """A path through the relay is told each request's piece length (RELAY size=), not the file's size."""
+        self.holder()
+        told: List[int] = []
+
+        class Recording(HolderEndpoint):
+            length = property(lambda self: None, lambda self, value: told.append(value))
+
+        endpoint = self.endpoints[("127.0.0.1", 5001)]
+        endpoint.__class__ = Recording
+        self.successResultOf(self.save())
+        self.assertEqual(sorted(set(told)), sorted({min(PIECE, len(DATA) - i * PIECE) for i in range(COUNT)}))
+
     def test_mainPath(self) -> None:
         """Fetched.path is the path of the holder that delivered the most pieces."""
         slow = self.holder(rate=50_000)

@@ -262,6 +262,9 @@ class PathEndpoint:
         self.fetcher = fetcher
         self.peer = peer
         self.path: Optional[str] = None
+        # Bytes the request will move (a piece's length; None: the whole
+        # file), told to the relay as RELAY's size= for its --circuit-bytes.
+        self.length: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"<PathEndpoint {self.peer} node={self.peer.node}>"
@@ -325,7 +328,8 @@ class PathEndpoint:
 
     async def _relayed(self, protocolFactory: Factory) -> Protocol:
         f = self.fetcher
-        payload = wire.request(wire.RELAY, node=self.peer.node, size=self.peer.size)
+        size = self.length if self.length is not None else self.peer.size
+        payload = wire.request(wire.RELAY, node=self.peer.node, size=size)
         intro = _RelayedIntro(payload, f.prover, protocolFactory)
         try:
             relay = f.relay if self.peer.relay is None else self.peer.relay

@@ -222,6 +222,8 @@ class PieceFetch:
         except Exception as e:
             self._lost(Failure(e), piece, holder, None)
             return
+        if hasattr(endpoint, "length"):  # a path through the relay: a piece, not the file
+            endpoint.length = length
         d = Deferred.fromCoroutine(self._negotiate(endpoint, proto, holder))
         self.requests[(piece, holder)] = d
         self.buffers[(piece, holder)] = buffer
