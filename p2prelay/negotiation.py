@@ -139,13 +139,17 @@ class NegotiationProtocol(LineReceiver, TimeoutMixin):
         for slot in slots:
             slot.release()
 
+    def slotSource(self) -> str:
+        """What caps count this connection under: the peer's address (an IPv6 /64)."""
+        return limits.sourceOf(self.transport.getPeer())
+
     def takeSlot(self, counter: limits.AddressCounter, text: str, retry: float = limits.BUSY_RETRY) -> bool:
         """
-        Hold one unit of ``counter`` for the peer's address until the
-        connection is lost; when a cap is reached answer
-        ``503 retry=`` with ``text``, close, and return False.
+        Hold one unit of ``counter`` for the peer's address (see
+        :meth:`slotSource`) until the connection is lost; when a cap is
+        reached answer ``503 retry=`` with ``text``, close, and return False.
         """
-        slot = counter.take(limits.sourceOf(self.transport.getPeer()))
+        slot = counter.take(self.slotSource())
         if slot is None:
             self.log.info("refusing {peer}: {text}", peer=self.peerName(), text=text)
             self.refuseWith(limits.busy(retry, text))

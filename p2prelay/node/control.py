@@ -240,14 +240,8 @@ class OrderedServing(FileServerProtocol):
         self.transport.write(self.intro)
         super().connectionMade()
 
-    def takeSlot(self, counter: limits.AddressCounter, text: str, retry: float = limits.BUSY_RETRY) -> bool:
-        slot = counter.take(self.source)
-        if slot is None:
-            self.log.info("refusing {peer}: {text}", peer=self.peerName(), text=text)
-            self.refuseWith(limits.busy(retry, text))
-            return False
-        self.slots.append(slot)
-        return True
+    def slotSource(self) -> str:
+        return self.source  # the order, not the far end's address
 
     def lineReceived(self, line: bytes) -> None:
         if not self._requested and not self.finished:
