@@ -8,6 +8,7 @@ reason where no ``redis-server`` binary is installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -46,7 +47,10 @@ class RedisServer:
     def __init__(self, unix: bool = False, password: Optional[str] = None, both: bool = False) -> None:
         """On a unix socket (``unix``), a loopback port, or ``both``."""
         self.binary = need()
-        self.folder = Path(tempfile.mkdtemp(prefix="p2p-redis-"))
+        # A unix socket's path must stay under 108 bytes: not in whatever
+        # deep temporary folder a test may have made the default.
+        short = "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK) else None
+        self.folder = Path(tempfile.mkdtemp(prefix="p2p-redis-", dir=short))
         self.port = 0 if unix and not both else freePort()
         self.path = str(self.folder / "redis.sock") if unix or both else None
         self.password = password
@@ -79,7 +83,7 @@ class RedisServer:
         if self.password is not None:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=open(self.folder / "stderr", "ab"), cwd=self.folder
+            args, stdout=open(self.folder / "stderr", "ab"), stderr=subprocess.STDOUT, cwd=self.folder
         )
         deadline = time.monotonic() + STARTUP
         while not self._accepts():
