@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 from p2prelay.cli.demo import script
 from p2prelay.client.journal import parseJournal

@@ -17,7 +17,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2prelay.node import share as share_module
 from p2prelay.node.manifest import ManifestCache, hashFile
-from p2prelay.human import humanSize
 from p2prelay.node.share import SharedDirectory
 from p2prelay.pieces import MIN_PIECE_SIZE, rootOf
 from p2prelay.wire import FileEntry

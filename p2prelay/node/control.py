@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from .. import identity, limits, wire
+from .. import identity, wire
 from ..addresses import relayReached
 from ..cli.console import visible
 from ..client.relay import ProofNeeded, keyProver
