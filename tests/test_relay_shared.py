@@ -436,6 +436,20 @@ class RegistryLostTests(RedisCase):
         self.assertEqual(reply.get("boot"), relay.boot)
         self.assertEqual((await self.heartbeat(relay)).status, wire.OK)
 
+    async def test_metricsFromTheSharedRegistry(self):
+        """With --metrics, the peers and entries gauges count the shared registry (a cached count)."""
+        service = RelayService(reactor, "tcp:0:interface=127.0.0.1", TTL, registry=parseURL(self.redis.url),
+                               metrics="tcp:0:interface=127.0.0.1")
+        service.startService()
+        self.addCleanup(service.stopService)
+        relay = service.factory
+        relay.dialback = self.factory(MemoryBackend(Registry(reactor.seconds))).dialback
+        await self.register(relay, ["a.txt", "b.txt"])
+        gauges = service.metrics.registry
+        gauges.get_sample_value("p2prelay_relay_peers")  # a scrape: starts the count
+        await turns(lambda: gauges.get_sample_value("p2prelay_relay_peers") == 1, "the count")
+        self.assertEqual(gauges.get_sample_value("p2prelay_relay_index_entries"), 2)
+
     async def test_twoServicesOneBoot(self):
         """Two relay services on one Redis answer with the same boot=; one restarted keeps it."""
         first = RelayService(reactor, "tcp:0:interface=127.0.0.1", TTL, registry=parseURL(self.redis.url))
