@@ -92,6 +92,12 @@ def namesOf(i: int, files: int, pool: int) -> list[int]:
 # -- the relay process -----------------------------------------------------
 
 
+def cpuSeconds(pid: int) -> float:
+    """CPU seconds process ``pid`` has used (user + system), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,8 +130,7 @@ class Relay:
 
     def cpu(self) -> float:
         """CPU seconds the relay has used (user + system)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpuSeconds(self.process.pid)
 
     def rss(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -488,13 +493,20 @@ def split(total: int, workers: int) -> list[int]:
     return [total // workers + (1 if w < total % workers else 0) for w in range(workers)]
 
 
-def queryRound(gens: Generators, workers: int, concurrency: int, duration: float, kind="whohas"):
+def queryRound(gens: Generators, workers: int, concurrency: int, duration: float, kind="whohas",
+               targets=None):
+    """
+    ``concurrency`` lanes split over the generator processes, all asking
+    ``gens.relayTarget``, or with ``targets`` (addresses) worker w asking
+    ``targets[w % len(targets)]``: the load split over several relays.
+    """
     shares = split(concurrency, workers)
     offsets = [sum(shares[:w]) + 1000 * kind.startswith("s") for w in range(workers)]
+    targets = targets or [gens.relayTarget]
     results = gens.call(
         "queries",
         lambda w: {"lanes": shares[w], "lane0": offsets[w], "duration": duration, "kind": kind,
-                   "target": gens.relayTarget},
+                   "target": targets[w % len(targets)]},
     )
     latencies = [x for r in results for x in r["latencies"]]
     wall = max(r["wall"] for r in results)
@@ -505,6 +517,8 @@ def queryRound(gens: Generators, workers: int, concurrency: int, duration: float
         "rate": len(latencies) / wall, "p50": quantile(latencies, 0.5), "p99": quantile(latencies, 0.99),
         "max": max(latencies, default=float("nan")), "count": len(latencies), "failed": failed,
         "errors": errors[:3], "generatorBusy": max(busy, default=0.0),
+        "workerRates": [len(r["latencies"]) / r["wall"] for r in results],
+        "generatorCpu": sum(r["cpu"] for r in results),
     }
 
 
