@@ -119,3 +119,26 @@ class RelayedBenchmarkTests(SynchronousTestCase):
         for figure in ("direct:", "relayed:", "relayed/direct:", "relay CPU-s/GiB relayed:"):
             self.assertIn(figure, out)
         self.assertNotIn("failed:", out)
+
+
+class RelaysRedisBenchmarkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if not shutil.which("redis-server"):
+            raise self.skipTest("benchmarks/relays_redis.py needs a redis-server binary")
+
+    def test_smoke(self) -> None:
+        """benchmarks/relays_redis.py --smoke registers through real relays, memory and Redis, and prints the table and ratios."""
+        out = smoke(self, "relays_redis.py")
+        for figure in (
+            "registered 100/100 with the memory relay",
+            "registered 100/100 with the redis relay",
+            "the same holders from all three relays",
+            "memory, one relay    16",
+            "redis, one relay     16",
+            "redis, two relays    16",
+            "redis one relay / memory:",
+            "two relays / one relay:",
+            "CPU per lookup",
+        ):
+            self.assertIn(figure, out)
+        self.assertNotIn("FAILED", out)
