@@ -62,6 +62,7 @@ from benchmarks.relay import (  # noqa: E402  (the checkout first on sys.path)
     queryRound,
     split,
 )
+from p2prelay.relay.registry import MAX_HOLDERS  # noqa: E402  (the relay's default WHOHAS cap)
 
 CORES = os.cpu_count() or 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -216,15 +217,17 @@ def run(args) -> dict:
         pids["redis2"] = second.process.pid
         pool = max(1, args.peers * (args.files - 1) // 10)
         names = [POPULAR] + [poolName(j) for j in range(0, pool, max(1, pool // CHECKED_NAMES))][:CHECKED_NAMES]
-        alike = 0
         for name in names:
+            # A name held by more than the cap lists a random sample of its
+            # holders (on every backend, to spread the load): only as many.
             answers = [holders(r.port, name) for r in (memory, first, second)]
-            if answers[1] != answers[2] or len(answers[0]) != len(answers[1]):
+            capped = len(answers[0]) >= MAX_HOLDERS
+            if len({len(a) for a in answers}) > 1 or not capped and not answers[0] == answers[1] == answers[2]:
                 raise RuntimeError(f"relays disagree on {name}: {[len(a) for a in answers]} holders")
-            alike += 1
-        report["alike"] = alike
-        print(f"second relay pid {second.process.pid} on the same Redis: {alike} names, the same holders"
-              f" from all three relays ({len(holders(second.port, POPULAR))} for the popular name)", flush=True)
+        report["alike"] = len(names)
+        print(f"second relay pid {second.process.pid} on the same Redis: {len(names)} names, the same holders"
+              f" from all three relays ({len(holders(second.port, POPULAR))}, a random sample, for the popular"
+              f" name)", flush=True)
 
         # 3. Interleaved rounds.
         noopPort = freePort()
