@@ -110,7 +110,7 @@ class FirewalledNodeTests(NetworkTestCase):
 class ControlConnectionTests(NetworkTestCase):
     """A relay whose entries live 3 s, and a firewalled node heartbeating over its control connection."""
 
-    relayArgs = ("--ttl", "3")
+    relayArgs = ("--ttl", "1")
 
     @classmethod
     def startNodes(cls, net: Network) -> None:
@@ -127,7 +127,7 @@ class ControlConnectionTests(NetworkTestCase):
         """
         self.assertEqual(self.opened(), 1, "".join(self.net.relay.log))
         registrations = self.net.registrations(self.port)
-        time.sleep(9)  # three TTLs: an unheartbeaten control connection or entry would be gone
+        time.sleep(3)  # three TTLs: an unheartbeaten control connection or entry would be gone
         self.assertEqual([p.get("reach") for p in self.net.peers() if p.port() == self.port], ["firewalled"])
         self.assertEqual((self.opened(), self.net.registrations(self.port)), (1, registrations))
 

@@ -20,7 +20,7 @@ from . import redisserver
 from .support import LOOPBACK, Network, relayQuery
 
 CONTENT = b"served through two relays\n"
-TTL = 3  # seconds the relays grant: an entry not heartbeated is gone after it
+TTL = 2  # seconds the relays grant: an entry not heartbeated is gone after it
 HEARTBEAT = "0.5"
 
 
