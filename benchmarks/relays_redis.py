@@ -237,11 +237,12 @@ def run(args) -> dict:
         noop = ctx.Process(target=noopServer, args=(noopPort, answer, ready), daemon=True)
         noop.start()
         ready.wait(10)
+        pids["noop"] = noop.pid
         contenders = [
             (MEMORY, [("127.0.0.1", memory.port)], ["memory"]),
             (ONE, [("127.0.0.1", first.port)], ["redis1"]),
             (TWO, [("127.0.0.1", first.port), ("127.0.0.1", second.port)], ["redis1", "redis2"]),
-            (NOOP, [("127.0.0.1", noopPort)], []),
+            (NOOP, [("127.0.0.1", noopPort)], ["noop"]),
         ]
         for label, targets, _ in contenders:  # warm up: connections, caches, the JIT-less paths
             queryRound(gens, args.workers, max(args.concurrency), args.warmup, targets=targets)
@@ -251,16 +252,20 @@ def run(args) -> dict:
                 for label, targets, _ in contenders:
                     meters.start()
                     result = queryRound(gens, args.workers, c, args.seconds, targets=targets)
-                    result["cpu"] = meters.stop()
+                    result["cpu"] = cpu = meters.stop()
+                    # The cores busy outside this benchmark's processes (others' work on a shared machine).
+                    ours = sum(cpu[name] for name in pids) + result["generatorCpu"] / cpu["wall"]
+                    cpu["others"] = max(0.0, cpu["machine"] * CORES - ours)
                     rounds.setdefault((label, c), []).append(result)
 
         # 4. The table.
         report["whohas"] = {}
         print()
         print(f"WHOHAS at {args.peers * args.files:,} entries, medians of {args.rounds} round(s) of"
-              f" {args.seconds:g} s (CPU: share of one core; machine: of all {CORES})")
+              f" {args.seconds:g} s (CPU: share of one core; machine: of all {CORES} cores;"
+              f" others: cores busy outside this benchmark)")
         print(f"{'contender':<19} {'c':>3} {'lookups/s':>10} {'p50 ms':>7} {'p99 ms':>7}  {'relay CPU':<11}"
-              f" {'redis CPU':>9} {'generator':>9} {'machine':>7}  rounds (lookups/s)")
+              f" {'redis CPU':>9} {'generator':>9} {'machine':>7} {'others':>6}  rounds (lookups/s)")
         for c in args.concurrency:
             for label, _, mine in contenders:
                 results = rounds[(label, c)]
@@ -269,6 +274,7 @@ def run(args) -> dict:
                     "rate": med(lambda x: x["rate"]), "p50": med(lambda x: x["p50"]), "p99": med(lambda x: x["p99"]),
                     "generatorBusy": med(lambda x: x["generatorBusy"]),
                     "machine": med(lambda x: x["cpu"]["machine"]),
+                    "others": med(lambda x: x["cpu"]["others"]),
                     "redisCpu": med(lambda x: x["cpu"]["redis-server"]),
                     "relayCpu": {name: med(lambda x: x["cpu"][name]) for name in mine},
                     "failed": sum(x["failed"] for x in results),
@@ -287,7 +293,8 @@ def run(args) -> dict:
                 failed = f"  FAILED {figure['failed']}" if figure["failed"] else ""
                 print(f"{label:<19} {c:>3} {figure['rate']:>10,.0f} {figure['p50'] * 1e3:>7.1f}"
                       f" {figure['p99'] * 1e3:>7.1f}  {relayCpu:<11} {redisCpu:>9}"
-                      f" {pct(figure['generatorBusy']):>9} {pct(figure['machine']):>7}  {figure['rates']}{failed}")
+                      f" {pct(figure['generatorBusy']):>9} {pct(figure['machine']):>7} {figure['others']:>6.2f}"
+                      f"  {figure['rates']}{failed}")
                 if figure["failed"]:
                     print("  errors:", next(x["errors"] for x in results if x["failed"]))
 
@@ -310,6 +317,11 @@ def run(args) -> dict:
               f" {ratio(1, relayCost):,.0f}/s as a Redis relay; one redis-server (single-threaded) about"
               f" {ratio(1, redisCost):,.0f}/s, enough for about {ratio(relayCost, redisCost):.1f} busy Redis"
               f" relays before it is the bottleneck")
+        whole = relayCost + redisCost + genCost
+        print(f"  here the Redis path costs {us(whole)} of CPU per lookup, all processes together: {CORES} cores"
+              f" allow about {ratio(CORES, whole):,.0f}/s however many relays (measured: one relay"
+              f" {one['rate']:,.0f}/s, two {two['rate']:,.0f}/s; in memory about"
+              f" {ratio(CORES, memoryCost + m['generatorCost']):,.0f}/s, measured {m['rate']:,.0f}/s)")
         report["costs"] = {"memoryRelay": memoryCost, "redisRelay": relayCost, "redisServer": redisCost,
                            "generator": genCost}
     finally:
