@@ -33,6 +33,8 @@ from p2prelay.wire import FileEntry
 from tests import redisserver
 
 TTL = 90.0
+ROOT = "d" * 64
+OTHER = "e" * 63 + "f"
 SHORT = 0.5  # seconds of every Redis deadline in these tests (no answer, or not reachable)
 
 
@@ -136,6 +138,84 @@ class BackendTests:
         for i in range(5):
             await self.backend.register(f"n{i}", f"h{i}", 1, [entry("a")])
         self.assertEqual(len(await self.holding("a")), 3)
+
+    # The index per manifest root: one content under any name.
+
+    async def rooted(self, root: str, limit: Optional[int] = None) -> List[tuple]:
+        return sorted((p.node, e.name, e.size) for p, e in await self.backend.holdersOfRoot(root, limit))
+
+    async def test_rootUnderTwoNames(self):
+        """Holders of one root under two names are both found by the root, each with its own name and entry."""
+        await self.backend.register("n1", "h1", 1, [entry("a.iso", 9, "b", root=ROOT)])
+        await self.backend.register("n2", "h2", 1, [entry("copy/b.iso", 9, "b", root=ROOT), entry("x", root=OTHER)])
+        await self.backend.register("n3", "h3", 1, [entry("a.iso", 9, "b")])  # no root announced
+        self.assertEqual(await self.rooted(ROOT), [("n1", "a.iso", 9), ("n2", "copy/b.iso", 9)])
+        [(peer, found)] = [h for h in await self.backend.holdersOfRoot(ROOT) if h[0].node == "n2"]
+        self.assertEqual((found.sha256, found.root, peer.files[found.name]), ("b" * 64, ROOT, found))
+        self.assertEqual(await self.rooted(OTHER), [("n2", "x", 1)])
+        self.assertEqual(await self.rooted("e" * 64), [])
+
+    async def test_rootTwiceInOneNode(self):
+        """A node holding one root under two names is listed once for it."""
+        await self.backend.register("n1", "h1", 1, [entry("a", root=ROOT), entry("b", root=ROOT)])
+        found = await self.rooted(ROOT)
+        self.assertEqual(len(found), 1)
+        self.assertIn(found[0][1], ("a", "b"))
+
+    async def test_rootNotAHexRoot(self):
+        """A root that is not 64 lowercase hex digits finds nothing."""
+        await self.backend.register("n1", "h1", 1, [entry("a", root=ROOT)])
+        self.assertEqual(await self.rooted(ROOT.upper()), [])
+        self.assertEqual(await self.rooted("a.txt"), [])
+
+    async def test_rootReplaced(self):
+        """A re-registration without the file drops the node from its root; one with it keeps it."""
+        await self.backend.register("n1", "h1", 1, [entry("a", root=ROOT), entry("b", root=OTHER)])
+        await self.backend.register("n1", "h1", 1, [entry("b", root=OTHER)])
+        self.assertEqual(await self.rooted(ROOT), [])
+        self.assertEqual(await self.rooted(OTHER), [("n1", "b", 1)])
+
+    async def test_rootOfANameChanges(self):
+        """A name whose root changes (the file was rewritten) is found by its new root only."""
+        await self.backend.register("n1", "h1", 1, [entry("a", 1, "b", root=ROOT)])
+        await self.backend.register("n1", "h1", 1, [entry("a", 2, "c", root=OTHER)])
+        self.assertEqual(await self.rooted(ROOT), [])
+        self.assertEqual(await self.rooted(OTHER), [("n1", "a", 2)])
+
+    async def test_rootRenamed(self):
+        """The same bytes re-registered under another name are found by the root under the new name."""
+        await self.backend.register("n1", "h1", 1, [entry("old", root=ROOT)])
+        await self.backend.register("n1", "h1", 1, [entry("new", root=ROOT)])
+        self.assertEqual(await self.rooted(ROOT), [("n1", "new", 1)])
+
+    async def test_rootExpires(self):
+        """An expired holder is not found by its root, swept or not; an unregistered one neither."""
+        await self.backend.register("n1", "h1", 1, [entry("a", root=ROOT)])
+        await self.backend.register("n2", "h2", 1, [entry("b", root=ROOT)])
+        await self.elapse(TTL / 2)
+        await self.backend.refresh("n2")
+        await self.elapse(TTL / 2 + 1)
+        self.assertEqual(await self.rooted(ROOT), [("n2", "b", 1)])
+        await self.backend.expire()
+        self.assertEqual(await self.rooted(ROOT), [("n2", "b", 1)])
+        await self.backend.unregister("n2")
+        self.assertEqual(await self.rooted(ROOT), [])
+
+    async def test_rootListsOnlyListed(self):
+        """A holder not listed (unreachable, no control connection) is not found by its root."""
+        await self.backend.register("n1", "h1", 1, [entry("a", root=ROOT)], reachable=False)
+        self.assertEqual(await self.rooted(ROOT), [])
+        await self.backend.setControl("n1", True)
+        self.assertEqual(await self.rooted(ROOT), [("n1", "a", 1)])
+
+    async def test_rootLimit(self):
+        """holdersOfRoot() lists at most ``limit`` holders (default maxHolders)."""
+        self.backend = await self.make(maxHolders=3)
+        for i in range(6):
+            await self.backend.register(f"n{i}", f"h{i}", 1, [entry(f"f{i}", root=ROOT)])
+        self.assertEqual(len(await self.rooted(ROOT)), 3)
+        self.assertEqual(len(await self.rooted(ROOT, 2)), 2)
+        self.assertEqual(len(await self.rooted(ROOT, 10)), 6)
 
     async def test_at(self):
         """at() lists every live entry registered at host:port, listed or not."""
@@ -650,6 +730,26 @@ class RedisBackendTests(BackendTests, RedisTestCase):
         await self.backend.register("n1", "h", 1, [entry("b")])
         self.assertEqual(await self.backend.holders("a"), [])
         self.assertEqual(await self.backend.search("", 10), ([SearchHit("b", 1, "a" * 64, 1)], False))
+
+    async def test_rootLeftoversCleanedOnRead(self):
+        """An expired node's entry in a root's hash is filtered out, and deleted, by the lookup that meets it."""
+        await self.backend.register("n1", "h", 1, [entry("a", root=ROOT)])
+        await self.elapse(3 * TTL)
+        self.assertTrue(await self.backend.client.hexists(self.prefix + "root:" + ROOT, "n1"))
+        self.assertEqual(await self.backend.holdersOfRoot(ROOT), [])
+        self.assertFalse(await self.backend.client.exists(self.prefix + "root:" + ROOT))
+
+    async def test_rootSweptAndUnregistered(self):
+        """expire() and unregister() unlink a node from its roots' hashes at once."""
+        await self.backend.register("n1", "h", 1, [entry("a", root=ROOT)])
+        await self.backend.register("n2", "h2", 1, [entry("b", root=OTHER)])
+        await self.elapse(TTL / 2)
+        await self.backend.refresh("n2")
+        await self.elapse(TTL / 2 + 1)
+        await self.backend.expire()
+        self.assertFalse(await self.backend.client.exists(self.prefix + "root:" + ROOT))
+        await self.backend.unregister("n2")
+        self.assertFalse(await self.backend.client.exists(self.prefix + "root:" + OTHER))
 
     async def test_sweepUnlinks(self):
         """expire() unlinks expired nodes from the name sets at once."""

@@ -24,6 +24,9 @@ same at ten peers and at ten thousand.
 - node -> :class:`Peer` (a dict in first-registration order),
 - file name -> {node: position of the name in that peer's :class:`FileTable`},
   in the order the nodes began to hold the name,
+- manifest root -> {node: position of a file with that root in its table}
+  (the first such file, when a node holds the same bytes under several
+  names): identical content under any name is one swarm,
 - (host, port) -> nodes, source address -> nodes,
 - a heap of (expiry, node), so a sweep touches only what has expired.
 
@@ -310,6 +313,7 @@ class Registry:
         self._random = rng if rng is not None else random.Random()
         self._peers: Dict[str, Peer] = {}  # in first-registration order
         self._names: Dict[str, Dict[str, int]] = {}  # name -> {node: index in its FileTable}
+        self._roots: Dict[bytes, Dict[str, int]] = {}  # raw root -> {node: index of a file with it}
         self._byAddress: Dict[Tuple[str, int], set[str]] = {}
         self._bySource: Dict[str, set[str]] = {}
         self._expiry: List[Tuple[float, str]] = []  # a heap; stale items are skipped
@@ -414,6 +418,13 @@ class Registry:
                 names[name] = {node: index}
             else:
                 holders[node] = index  # a holder already there keeps its place
+        roots = self._roots
+        for root, index in _rootsOf(peer.files).items():
+            holders = roots.get(root)
+            if holders is None:
+                roots[root] = {node: index}
+            else:
+                holders[node] = index
         self._byAddress.setdefault(peer.address, set()).add(node)
         if peer.source is not None:
             self._bySource.setdefault(peer.source, set()).add(node)
@@ -432,6 +443,16 @@ class Registry:
                 holders.pop(node, None)
                 if not holders:
                     del names[name]
+        keptRoots = _rootsOf(keep) if keep is not None else {}
+        roots = self._roots
+        for root in _rootsOf(peer.files):
+            if root in keptRoots:
+                continue
+            holders = roots.get(root)
+            if holders is not None:
+                holders.pop(node, None)
+                if not holders:
+                    del roots[root]
         _discard(self._byAddress, peer.address, node)
         if peer.source is not None:
             _discard(self._bySource, peer.source, node)
@@ -572,7 +593,24 @@ class Registry:
         a popular file spreads over all its holders; then by tier, in
         random order within a tier (see :meth:`ordered`).
         """
-        holders = self._names.get(name)
+        return self._sample(self._names.get(name), limit)
+
+    def holdersOfRoot(self, root: str, limit: int | None = None) -> List[Tuple[Peer, FileEntry]]:
+        """
+        Live, listed peers holding a file whose manifest root is ``root``
+        (64 hex digits) under any name, each with its entry (the name it
+        holds the bytes under): the rules and order of :meth:`holders`.
+        """
+        if len(root) != 2 * DIGEST or root != root.lower():
+            return []  # not a root as the wire writes one
+        try:
+            raw = bytes.fromhex(root)
+        except ValueError:
+            return []
+        return self._sample(self._roots.get(raw), limit)
+
+    def _sample(self, holders: Optional[Dict[str, int]], limit: int | None) -> List[Tuple[Peer, FileEntry]]:
+        """At most ``limit`` live, listed peers of an index's ``{node: index}``, sampled and in tiers."""
         if not holders:
             return []
         limit = self.maxHolders if limit is None else limit
@@ -663,6 +701,19 @@ class Registry:
                 yield
                 now = self._now()
         return hits[:limit], len(hits) > limit
+
+
+def _rootsOf(table: FileTable) -> Dict[bytes, int]:
+    """The raw roots of ``table``'s files, each with the index of its first file."""
+    raw = table.roots
+    if not raw:
+        return {}
+    found: Dict[bytes, int] = {}
+    for index in range(len(raw) // DIGEST):
+        root = raw[index * DIGEST : (index + 1) * DIGEST]
+        if root != _NO_ROOT and root not in found:
+            found[root] = index
+    return found
 
 
 def _discard(index: Dict, key: object, node: str) -> None:

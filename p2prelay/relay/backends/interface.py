@@ -18,9 +18,10 @@ The arguments, results and exceptions are those of
 exactly where ``Registry.register`` raises them.  What a backend promises
 beyond the in-memory one, and what it does not:
 
-- ``holders`` returns at most ``limit`` live, listed holders, in no
-  promised order (a relay orders them itself); a holder's ``files`` may hold
-  only the entry the answer is about.
+- ``holders`` (and ``holdersOfRoot``, the same per manifest root) returns
+  at most ``limit`` live, listed holders, in no promised order (a relay
+  orders them itself); a holder's ``files`` may hold only the entry the
+  answer is about.
 - ``expire`` drops what has expired and returns the peers it dropped; a
   backend with its own expiry (Redis TTLs) returns what it still knew of them
   and needs no sweep for correctness.
@@ -86,6 +87,13 @@ class IRegistryBackend(Interface):
 
     def holders(name: str, limit: Optional[int] = None) -> "Deferred[List[Tuple[Peer, FileEntry]]]":
         """At most ``limit`` (default ``maxHolders``) live, listed holders of ``name``, each with its entry."""
+
+    def holdersOfRoot(root: str, limit: Optional[int] = None) -> "Deferred[List[Tuple[Peer, FileEntry]]]":
+        """
+        At most ``limit`` (default ``maxHolders``) live, listed holders of a
+        file whose manifest root is ``root`` under any name, each with its
+        entry (so its own name): what ``holders`` promises, per root.
+        """
 
     def active() -> "Deferred[List[Peer]]":
         """The live, listed peers."""

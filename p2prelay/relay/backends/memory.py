@@ -77,6 +77,9 @@ class MemoryBackend:
     def holders(self, name: str, limit: int | None = None) -> defer.Deferred:
         return _fired(self.registry.holders, name, limit)
 
+    def holdersOfRoot(self, root: str, limit: int | None = None) -> defer.Deferred:
+        return _fired(self.registry.holdersOfRoot, root, limit)
+
     def active(self) -> defer.Deferred:
         return _fired(self.registry.active)
 

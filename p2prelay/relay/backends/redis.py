@@ -14,6 +14,12 @@ Layout, under a prefix (default ``p2p:``):
 - ``name:NAME``: a hash, node id -> ``GEN|[size, sha256, root, pieceSize]``:
   the set of holders of the name, each with its entry, so ``WHOHAS`` reads
   one hash (or a random sample of a big one) and the holders' records.
+- ``root:ROOT``: the same per manifest root (64 hex digits), node id ->
+  ``GEN|[size, sha256, root, pieceSize, name]`` (the first of its files with
+  that root, when a node holds the bytes under several names), so
+  ``WHOHAS root=`` finds identical content under any name.  Written,
+  replaced and unlinked in the same scripts as the name hashes, and
+  filtered (and tidied) on read the same way.
 - ``control:ID``: the id of the relay holding the node's control connection
   (a firewalled node holds one, at one relay), with the registration's TTL,
   refreshed by the heartbeats on that connection and deleted when it
@@ -152,6 +158,15 @@ local function unlink(node, keep)
       end
     end
   end
+  local roots, none = f.roots or '', string.rep('0', 64)
+  for i = 1, #roots, 64 do
+    local root = string.sub(roots, i, i + 63)
+    if root ~= none then
+      local rk = P .. 'root:' .. root
+      local v = redis.call('HGET', rk, node)
+      if v and string.sub(v, 1, #mine) == mine then redis.call('HDEL', rk, node) end
+    end
+  end
   redis.call('SREM', P .. 'addr:' .. f.peer.host .. ':' .. f.peer.port, node)
   if f.peer.source ~= cjson.null then redis.call('SREM', P .. 'src:' .. f.peer.source, node) end
   return raw
@@ -180,7 +195,7 @@ end
 """
 
 # ARGV: P node key reachable source host port ttl grace maxTotal maxPer gen record files
-#       [name, entry, name, entry...] (one JSON array of strings)
+#       [name, entry, name, entry...] [root, rootEntry, ...] (two JSON arrays of strings)
 _REGISTER = _PRELUDE + """
 local node, key, reachable, source = ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
 local host, port = ARGV[6], ARGV[7]
@@ -232,6 +247,10 @@ for i = 1, #entries, 2 do
   redis.call('HSET', P .. 'name:' .. entries[i], node, gen .. '|' .. entries[i + 1])
   redis.call('SADD', P .. 'names', entries[i])
 end
+local rooted = cjson.decode(ARGV[16])
+for i = 1, #rooted, 2 do
+  redis.call('HSET', P .. 'root:' .. rooted[i], node, gen .. '|' .. rooted[i + 1])
+end
 redis.call('SADD', addrKey, node)
 if source ~= '' then redis.call('SADD', P .. 'src:' .. source, node) end
 redis.call('ZADD', P .. 'expiry', nowms() + ttl, node)
@@ -281,9 +300,9 @@ end
 return list(out)
 """
 
-# ARGV: P name limit
-_HOLDERS = _PRELUDE + """
-local hk = P .. 'name:' .. ARGV[2]
+# The lookups' sample of one index hash ``hk`` (a name's or a root's): at
+# most ARGV[3] live, listed holders into ``out``, stale entries deleted.
+_SAMPLE = """
 local limit = tonumber(ARGV[3])
 local flat
 if redis.call('HLEN', hk) <= 2 * limit then
@@ -303,7 +322,20 @@ for i = 1, #flat, 2 do
     table.insert(out, '[' .. raw .. ',' .. entry .. ',' .. redis.call('PTTL', key) .. ',' .. held(node) .. ']')
   end
 end
+"""
+
+# ARGV: P name limit
+_HOLDERS = _PRELUDE + """
+local hk = P .. 'name:' .. ARGV[2]
+""" + _SAMPLE + """
 if redis.call('EXISTS', hk) == 0 then redis.call('SREM', P .. 'names', ARGV[2]) end
+return list(out)
+"""
+
+# ARGV: P root limit
+_ROOT_HOLDERS = _PRELUDE + """
+local hk = P .. 'root:' .. ARGV[2]
+""" + _SAMPLE + """
 return list(out)
 """
 
@@ -407,6 +439,36 @@ def _entries(table: FileTable) -> str:
         flat.append(name)
         flat.append(f'[{table.sizes[index]},"{digests[at : at + 64]}",{root},{table.pieceSize(index)}]')
     return json.dumps(flat, separators=(",", ":"))
+
+
+def _rootEntries(table: FileTable) -> str:
+    """
+    One JSON array: each root a file of ``table`` has (the first file with
+    it, when several share one), then that file's entry with its name last
+    (``[size,"sha256","root",pieceSize,"name"]``).
+    """
+    if not table.roots:
+        return "[]"
+    digests = table.digests.hex()
+    roots = table.roots.hex()
+    seen = set()
+    flat: List[str] = []
+    for index, name in enumerate(table.names):
+        at = index * 64
+        root = roots[at : at + 64]
+        if root == "0" * 64 or root in seen:
+            continue
+        seen.add(root)
+        flat.append(root)
+        flat.append(
+            f'[{table.sizes[index]},"{digests[at : at + 64]}","{root}",{table.pieceSize(index)},'
+            f"{json.dumps(name)}]"
+        )
+    return json.dumps(flat, separators=(",", ":"))
+
+
+def _isRoot(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _shared(peer: Peer, gen: str) -> Dict[str, Any]:
@@ -612,6 +674,7 @@ class RedisBackend:
             json.dumps(record, separators=(",", ":")),
             _encodeFiles(peer, record),
             _entries(peer.files),
+            _rootEntries(peer.files),
             what="a registration",
         )
 
@@ -668,6 +731,23 @@ class RedisBackend:
             entries = {}
             for record, (size, sha256, root, pieceSize), pttl, control in json.loads(text):
                 entry = FileEntry(name, size, sha256, root=root, pieceSize=pieceSize)
+                peer = _peer(record, _single(entry), now + max(pttl, 0) / 1000, control)
+                entries[id(peer)] = (peer, entry)
+            return [entries[id(p)] for p in ordered((p for p, _ in entries.values()), self._random)]
+
+        return d.addCallback(decoded)
+
+    def holdersOfRoot(self, root: str, limit: int | None = None) -> defer.Deferred:
+        limit = self.maxHolders if limit is None else limit
+        if not _isRoot(root):
+            return defer.succeed([])
+        d = self._eval(_ROOT_HOLDERS, root, limit, what="a WHOHAS lookup")
+
+        def decoded(text: str) -> List[Tuple[Peer, FileEntry]]:
+            now = self._now()
+            entries = {}
+            for record, (size, sha256, held, pieceSize, name), pttl, control in json.loads(text):
+                entry = FileEntry(name, size, sha256, root=held, pieceSize=pieceSize)
                 peer = _peer(record, _single(entry), now + max(pttl, 0) / 1000, control)
                 entries[id(peer)] = (peer, entry)
             return [entries[id(p)] for p in ordered((p for p, _ in entries.values()), self._random)]
