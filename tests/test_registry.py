@@ -159,6 +159,13 @@ class ExpiryTests(RegistryTestCase):
             fresh.restore(peer)
         self.assertEqual([p.node for p in fresh.active()], ["n2"])
 
+    def test_restoreIndexesRoots(self):
+        """A peer restored from saved state is found by the roots of its files."""
+        peer = Peer("n", "h", 1, {"a": FileEntry("a", 1, "a" * 64, root="d" * 64)}, expires=TTL)
+        fresh = Registry(self.clock.seconds, TTL)
+        fresh.restore(peer)
+        self.assertEqual([(p.node, e.name) for p, e in fresh.holdersOfRoot("d" * 64)], [("n", "a")])
+
 
 class UnregisterTests(RegistryTestCase):
     def test_unregister(self):
@@ -439,6 +446,28 @@ class TierTests(SynchronousTestCase):
             self.add(node, tier)
         for found in ([p.node for p in self.registry.active()], [p.node for p, _ in self.registry.holders("a")]):
             self.assertEqual([n[0] for n in found], ["d", "d", "s", "s", "f", "f"])
+
+    def test_rootTiersInOrder(self):
+        """Holders found by root come in the same tiers, whatever name each holds the bytes under."""
+        root = "d" * 64
+        for node, tier in [("f1", 2), ("s1", 1), ("d1", 0), ("f2", 2), ("d2", 0), ("s2", 1)]:
+            self.registry.register(node, node, 1, [FileEntry(f"{node}.bin", 1, "a" * 64, root=root)], reachable=tier < 2)
+            if tier == 1:
+                self.registry.missed(node)
+            if tier == 2:
+                self.registry.setControl(node, True)
+        found = self.registry.holdersOfRoot(root)
+        self.assertEqual([p.node[0] for p, _ in found], ["d", "d", "s", "s", "f", "f"])
+        self.assertEqual({e.name for _, e in found}, {f"{p.node}.bin" for p, _ in found})
+
+    def test_rootCappedSample(self):
+        """Over the holder cap, holders of a root are a random sample that varies between answers."""
+        registry = Registry(self.clock.seconds, TTL, maxHolders=3, rng=random.Random(5))
+        for i in range(12):
+            registry.register(f"d{i}", f"d{i}", 1, [FileEntry(f"n{i}", 1, "a" * 64, root="d" * 64)])
+        answers = {frozenset(p.node for p, _ in registry.holdersOfRoot("d" * 64)) for _ in range(10)}
+        self.assertTrue(all(len(a) == 3 for a in answers))
+        self.assertGreater(len(answers), 1)
 
     def test_randomWithinTier(self):
         """Within a tier the order varies between answers, so clients do not all pick the same peer."""
