@@ -487,6 +487,51 @@ class QueryTests(RelayTestCase):
         """WHOHAS without name= is refused."""
         self.assertRefused(wire.request(wire.WHOHAS), wire.BAD_REQUEST)
 
+    def test_whohasByRoot(self):
+        """WHOHAS root= lists the holders of those bytes under any name, each item with the name it holds them under."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a.iso", 5, SHA_A, root=SHA_B)])
+        self.registry.register("n2", "10.0.0.2", 5000, [FileEntry("copies/b.iso", 5, SHA_A, root=SHA_B)])
+        self.registry.register("n3", "10.0.0.3", 5000, [FileEntry("a.iso", 5, SHA_A)])  # no root
+        status, *items, end = self.answer(wire.request(wire.WHOHAS, root=SHA_B))
+        self.assertEqual((status.status, status.get("count"), end.integer("count")), (200, "2", 2))
+        self.assertEqual(
+            sorted((m.word, m.get("node"), m.get("name"), m.get("size"), m.sha256(), m.get("root"), m.get("piece"))
+                   for m in items),
+            [
+                ("PEER", "n1", "a.iso", "5", SHA_A, SHA_B, str(PIECE_SIZE)),
+                ("PEER", "n2", "copies/b.iso", "5", SHA_A, SHA_B, str(PIECE_SIZE)),
+            ],
+        )
+        self.assertEqual({(m.get("host"), m.get("reach")) for m in items}, {("10.0.0.1", "direct"), ("10.0.0.2", "direct")})
+
+    def test_whohasByRootNobody(self):
+        """WHOHAS root= for bytes nobody holds is an empty list."""
+        status, end = self.answer(wire.request(wire.WHOHAS, root=SHA_B))
+        self.assertEqual((status.status, status.get("count"), end.get("count")), (200, "0", "0"))
+
+    def test_whohasByRootHidesUnlisted(self):
+        """WHOHAS root= leaves out holders clients cannot get to, as WHOHAS name= does."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a", 5, SHA_A, root=SHA_B)], reachable=False)
+        status, end = self.answer(wire.request(wire.WHOHAS, root=SHA_B))
+        self.assertEqual(status.get("count"), "0")
+
+    def test_whohasByRootCapped(self):
+        """WHOHAS root= lists at most MAX_HOLDERS holders."""
+        for i in range(MAX_HOLDERS + 5):
+            self.registry.register(f"n{i}", f"10.0.{i // 250}.{i % 250}", 5000, [FileEntry(f"f{i}", 5, SHA_A, root=SHA_B)])
+        status, *items, end = self.answer(wire.request(wire.WHOHAS, root=SHA_B))
+        self.assertEqual((len(items), len({m.get("node") for m in items})), (MAX_HOLDERS, MAX_HOLDERS))
+
+    def test_whohasBadRoot(self):
+        """WHOHAS with a root= that is not 64 lowercase hex digits is refused."""
+        for root in ("abc", SHA_B.upper(), SHA_B + "0"):
+            self.assertRefused(wire.request(wire.WHOHAS, root=root), wire.BAD_REQUEST)
+
+    def test_whohasNameAndRoot(self):
+        """WHOHAS with both name= and root= is refused: exactly one of them."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a", 5, SHA_A, root=SHA_B)])
+        self.assertRefused(wire.request(wire.WHOHAS, name="a", root=SHA_B), wire.BAD_REQUEST)
+
     def test_search(self):
         """SEARCH answers FILE items with holders, and END says whether it was cut."""
         self.register("n1", "10.0.0.1", 5000, ["song.mp3", "notes.txt"])
@@ -1024,6 +1069,16 @@ class MetricsTests(RelayTestCase):
         self.answer(wire.request(wire.SEARCH, pattern="nothing*"))
         self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="hit"), 1)
         self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="miss"), 2)
+
+    def test_rootLookupCounted(self):
+        """A WHOHAS root= is a lookup like WHOHAS name=: a hit or a miss, and counted in STATS."""
+        self.registry.register("n1", "10.0.0.1", 5000, [FileEntry("a", 5, SHA_A, root=SHA_B)])
+        self.answer(wire.request(wire.WHOHAS, root=SHA_B))
+        self.answer(wire.request(wire.WHOHAS, root=SHA_A))
+        self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="hit"), 1)
+        self.assertEqual(self.sample("p2prelay_relay_lookups_total", result="miss"), 1)
+        [status] = self.answer(wire.request(wire.STATS))
+        self.assertEqual(status.get("lookups"), "2")
 
     def test_lookupRefused(self):
         """A malformed WHOHAS is a refused lookup, and neither a hit nor a miss."""

@@ -1,6 +1,7 @@
 """
 The relay's queries, as methods of
-:class:`~p2prelay.relay.protocol.RelayProtocol`: PEERS, WHOHAS, SEARCH
+:class:`~p2prelay.relay.protocol.RelayProtocol`: PEERS, WHOHAS (by name, or
+by manifest root: the same bytes under any name), SEARCH
 (a few steps per reactor turn), STATS and DEAD (a client's hint that a
 peer is unreachable), each answered with one status line, or a status
 line, its items and END.
@@ -62,6 +63,15 @@ class QueryRequests:
         self._answerList(items, f"{plural(len(items), 'active peer')}")
 
     def _whohas(self, message: wire.Message) -> None:
+        # name= (holders of that name) or root= (of those bytes, under any name): exactly one.
+        if "name" in message.fields and "root" in message.fields:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "WHOHAS takes name= or root=, not both")
+        if "name" not in message.fields and "root" not in message.fields:
+            raise wire.ProtocolError(wire.BAD_REQUEST, "WHOHAS needs name= or root=")
+        if "root" in message.fields:
+            root = message.sha256("root")
+            self._await(self.factory.backend.holdersOfRoot(root), self._rootHoldersFound, root)
+            return
         name = message.name()
         self._await(self.factory.backend.holders(name), self._holdersFound, name)
 
@@ -72,6 +82,17 @@ class QueryRequests:
         ]
         self._looked(name, len(items))
         self._answerList(items, f"{plural(len(items), 'peer')} {'holds' if len(items) == 1 else 'hold'} {name}")
+
+    def _rootHoldersFound(self, holders, root: str) -> None:
+        # Each item says the name its holder has the bytes under: that is what a GET asks for.
+        items = [
+            wire.item(wire.PEER, **peerFields(p), name=e.name, size=e.size, sha256=e.sha256, **_layout(e))
+            for p, e in holders
+        ]
+        self._looked(f"root {root[:12]}...", len(items))
+        self._answerList(
+            items, f"{plural(len(items), 'peer')} {'holds' if len(items) == 1 else 'hold'} root {root[:12]}..."
+        )
 
     def _search(self, message: wire.Message) -> None:
         pattern = message.get("pattern", "") or ""
