@@ -32,7 +32,7 @@ from p2prelay.client.fetcher import PeerAddress
 from p2prelay.wire import FileEntry
 
 from .support import FakeTerminal, MemoryNetwork
-from .test_fetch import FakeRelay
+from .test_fetch import FakeRelay, FakeRelayProtocol
 
 PIECE = pieces.MIN_PIECE_SIZE  # 16 KiB pieces keep the files small
 COUNT = 12
@@ -45,6 +45,38 @@ RELAY = "127.0.0.1:8000"
 def layout(data: bytes):
     digests = [pieces.pieceDigest(data[i : i + PIECE]) for i in range(0, len(data), PIECE)]
     return digests, pieces.rootOf(len(data), PIECE, digests)
+
+
+class RootRelayProtocol(FakeRelayProtocol):
+    """The fake relay, also answering ``WHOHAS root=`` (or 400, as an older relay does, when ``old``)."""
+
+    def answer(self, message: wire.Message) -> None:
+        relay = self.relay
+        if message.word != wire.WHOHAS or "root" not in message.fields:
+            return super().answer(message)
+        relay.asked.append("WHOHAS root")
+        if relay.old:
+            self.finish(wire.status(400, "WHOHAS needs name="))
+            return
+        root = message.sha256("root")
+        items = []
+        for p in relay.peers:
+            for name, (held, piece) in p.roots.items():
+                if held == root:
+                    size, digest = p.files[name]
+                    items.append(wire.item(wire.PEER, node=p.node, host=p.host, port=p.port, name=name,
+                                           size=size, sha256=digest, root=root, piece=piece))
+                    break
+        self.finish(wire.status(wire.OK, count=len(items)) + b"".join(items) + wire.end(len(items)))
+
+
+class RootRelay(FakeRelay):
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.old = False
+
+    def buildProtocol(self, addr):
+        return RootRelayProtocol(self)
 
 
 class HolderProtocol(LineReceiver):
@@ -70,6 +102,11 @@ class HolderProtocol(LineReceiver):
             self.transport.loseConnection()
             return
         assert message.word == wire.GET, message.word
+        h.names.append(message.get("name"))
+        if h.name is not None and message.get("name") != h.name:
+            self.transport.write(wire.status(404, "no such file"))
+            self.transport.loseConnection()
+            return
         offset = message.integer("offset", 0)
         length = message.integer("length", len(h.data) - offset)
         h.requests.append((offset, length))
@@ -136,6 +173,8 @@ class Holder(Factory):
         self.badDigests = [b"\0" * 32] * len(self.digests) if badManifest else None
         self.requests: List[tuple] = []
         self.manifests = 0
+        self.name: Optional[str] = None  # the only name it serves (None: any), set by SwarmTestCase.holder
+        self.names: List[Optional[str]] = []  # the name= of every GET
         self.sent = 0
         self.lost = 0
         self.gone = False
@@ -167,7 +206,7 @@ class SwarmTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.network = MemoryNetwork(self.clock)
-        self.relayFactory = FakeRelay()
+        self.relayFactory = RootRelay()
         self.relay = self.network.endpoint("relay", self.relayFactory)
         self.endpoints: Dict[tuple, object] = {}
         self.holders: Dict[str, Holder] = {}
@@ -182,6 +221,7 @@ class SwarmTestCase(SynchronousTestCase):
         port = self.nextPort
         self.nextPort += 1
         h = Holder(self.clock, data, **kw)
+        h.name = name
         entry = FileEntry(name, len(data), hashlib.sha256(data).hexdigest(),
                           root=h.root if root == "" else root, pieceSize=PIECE)
         self.relayFactory.add(f"node{port}", "127.0.0.1", port, [entry])
@@ -247,6 +287,80 @@ class MultiSourcePathTests(SwarmTestCase):
         fetched = self.successResultOf(self.save())
         self.assertGreater(len(fast.pieces), len(slow.pieces))
         self.assertEqual(fetched.path, "reverse")
+
+
+class OtherNameTests(SwarmTestCase):
+    """Holders of the same bytes under other names (WHOHAS root=) are more sources."""
+
+    def test_otherNameServesPieces(self) -> None:
+        """A holder of the same root under another name serves pieces, asked for under its own name; the file verifies."""
+        mine = self.holder(rate=100_000)
+        other = self.holder(rate=100_000, name="mirror/copy.bin")
+        fetched = self.successResultOf(self.save())
+        self.assertEqual(self.final.read_bytes(), DATA)
+        self.assertTrue(other.requests, "the holder under another name was asked for pieces")
+        self.assertEqual(set(other.names), {"mirror/copy.bin"})
+        self.assertEqual(set(mine.names), {"big.bin"})
+        self.assertEqual(set(mine.pieces) | set(other.pieces), set(range(COUNT)))
+        self.assertEqual((mine.manifests, other.manifests), (1, 0))
+        self.assertIn("127.0.0.1:5002", fetched.peers)
+
+    def test_verboseCountsThem(self) -> None:
+        """-v says how many more holders of the same content there are under other names, and names each one's name."""
+        self.holder(rate=100_000)
+        self.holder(rate=100_000, name="a.bin")
+        self.holder(rate=100_000, name="b.bin")
+        verbose: List[str] = []
+        self.successResultOf(self.save(verbose=verbose.append))
+        self.assertIn("relay: 2 more holder(s) of the same content under other names", verbose)
+        self.assertIn("fetching big.bin from 127.0.0.1:5002 (as a.bin)", verbose)
+
+    def test_otherNameBadPieceDropped(self) -> None:
+        """A bad piece from a holder under another name fails the same manifest's check: fetched again elsewhere."""
+        mine = self.holder(rate=100_000)
+        bad = self.holder(rate=400_000, name="copy.bin", corrupt=set(range(COUNT)))
+        self.successResultOf(self.save())
+        self.assertEqual(self.final.read_bytes(), DATA)
+        self.assertTrue(bad.requests)
+        self.assertEqual(set(mine.pieces), set(range(COUNT)))
+        self.assertTrue(any("bad copy of piece" in r for r in self.reports), self.reports)
+
+    def test_otherVersionNotUsed(self) -> None:
+        """Only holders of the chosen root are added: another root under another name is another file."""
+        self.holder(rate=100_000)
+        stranger = self.holder(OTHER, rate=100_000, name="copy.bin")
+        self.successResultOf(self.save())
+        self.assertEqual(stranger.requests, [])
+
+    def test_oldRelayNoMoreSources(self) -> None:
+        """An older relay's 400 to WHOHAS root= means no more sources: no error, nothing reported, the file comes."""
+        self.relayFactory.old = True
+        self.holder(rate=100_000)
+        other = self.holder(rate=100_000, name="copy.bin")
+        verbose: List[str] = []
+        self.successResultOf(self.save(verbose=verbose.append))
+        self.assertEqual(self.final.read_bytes(), DATA)
+        self.assertIn("WHOHAS root", self.relayFactory.asked)
+        self.assertEqual(other.requests, [])
+        self.assertEqual(self.reports, [])
+        self.assertFalse([line for line in verbose if "other names" in line], verbose)
+
+    def test_sameHolderOnce(self) -> None:
+        """A holder listed under the name is not added again by the root, nor is the name asked for twice."""
+        mine = self.holder(rate=100_000)
+        self.relayFactory.peers[0].roots["alias.bin"] = self.relayFactory.peers[0].roots["big.bin"]
+        self.relayFactory.peers[0].files["alias.bin"] = self.relayFactory.peers[0].files["big.bin"]
+        verbose: List[str] = []
+        self.successResultOf(self.save(verbose=verbose.append))
+        self.assertEqual(set(mine.names), {"big.bin"})
+        self.assertFalse([line for line in verbose if "other names" in line], verbose)
+
+    def test_onePieceFileAsksNothing(self) -> None:
+        """A file of one piece goes in one request as before: the relay is not asked for its root."""
+        self.holder(DATA[:PIECE], rate=100_000)
+        self.successResultOf(self.save())
+        self.assertNotIn("WHOHAS root", self.relayFactory.asked)
+
 
 
 class MultiSourceTests(SwarmTestCase):
@@ -458,6 +572,18 @@ class CommandTestCase(SwarmTestCase):
         return Deferred.fromCoroutine(
             run(self.clock, args, self.terminal.console, self.fetcher(args.sources), interrupt=interrupt)
         )
+
+
+class OtherNameStreamTests(CommandTestCase):
+    def test_streamUsesThem(self) -> None:
+        """Streaming to stdout piece by piece also takes the holders under other names."""
+        self.holder(rate=100_000)
+        other = self.holder(rate=100_000, name="copy.bin")
+        d = self.drive(self.start(["big.bin"]))
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.terminal.stdout, DATA)
+        self.assertTrue(other.requests)
+        self.assertEqual(set(other.names), {"copy.bin"})
 
 
 class StreamTests(CommandTestCase):

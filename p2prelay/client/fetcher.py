@@ -185,6 +185,27 @@ class Fetcher:
         """
         return directFirst(self._peerList(*await self._askReached(wire.request(wire.WHOHAS, name=name))))
 
+    async def holdersOfRoot(self, root: str) -> List[Tuple[str, PeerAddress]]:
+        """
+        The relay's holders of the bytes whose manifest root is ``root``,
+        under any name (``WHOHAS root=``): (the name each holds them under,
+        the peer), the direct ones first.  An older relay refuses the
+        question (a :class:`wire.ProtocolError`, 400).
+        """
+        reply, at = await self._askReached(wire.request(wire.WHOHAS, root=root))
+        named: List[Tuple[str, PeerAddress]] = []
+        for message in reply.items:
+            if message.word != wire.PEER:
+                continue
+            try:
+                name = message.name()
+            except wire.ProtocolError:
+                continue  # no name= (or an unusable one): nothing to ask it for
+            [peer] = self._peerList(attrs.evolve(reply, items=[message]), at) or [None]
+            if peer is not None:
+                named.append((name, peer))
+        return [x for x in named if not x[1].firewalled] + [x for x in named if x[1].firewalled]
+
     async def search(self, pattern: str, limit: Optional[int] = None):
         reply = await self.ask(wire.request(wire.SEARCH, pattern=pattern, limit=limit))
         truncated = bool(reply.end and reply.end.get("truncated") == "1")

@@ -11,7 +11,12 @@ hold the same bytes, so :func:`planPieces`
 2. asks one holder of the group for the manifest (``MANIFEST name=``, with
    :class:`ManifestProtocol`) and uses it only if its root is the one the
    relay lists -- a holder whose manifest does not match is a failed
-   holder, and the next one is asked.
+   holder, and the next one is asked;
+3. asks the relay for the holders of that root under *other* names
+   (``WHOHAS root=``): the same bytes, so more sources, each asked for
+   pieces under its own name (:class:`OtherName`) and every piece checked
+   against the same manifest.  A relay too old to know ``root=`` answers
+   400, which only means no more sources.
 
 The pieces themselves are :mod:`.swarm`'s business.
 """
@@ -66,6 +71,13 @@ def groupByRoot(holders: Iterable) -> List[Tuple[Tuple[str, int, str], list]]:
         groups.setdefault((peer.root, peer.size, peer.sha256), []).append(peer)
     order = list(groups)
     return sorted(groups.items(), key=lambda item: (-len(item[1]), order.index(item[0])))
+
+
+@attrs.frozen
+class OtherName(PeerAddress):
+    """A holder of the same bytes (the same root) under another name: its pieces are asked for as ``name``."""
+
+    name: str = attrs.field(default="", eq=False)
 
 
 class ManifestProtocol(OneShotClient[Manifest]):
@@ -192,7 +204,53 @@ async def planPieces(attempt: "_FetchAttempt", holders: List[PeerAddress]):
             f"relay: {len(groups[0][1])} holder(s) of {attempt.name} hold the version most do "
             f"(root {root[:12]}...); the others hold another version and are not used"
         )
-    return await fetchManifest(attempt, group, size, sha256, root)
+    plan = await fetchManifest(attempt, group, size, sha256, root)
+    if plan is None:
+        return None
+    manifest, good = plan
+    room = max(0, f.maxHolders - len(good))
+    more = await otherNames(attempt, manifest, group, room) if room else []
+    return manifest, good + more
+
+
+async def otherNames(
+    attempt: "_FetchAttempt", manifest: Manifest, known: List[PeerAddress], room: int
+) -> List[OtherName]:
+    """
+    At most ``room`` of the relay's holders of ``manifest``'s root under
+    names other than the one fetched, not among ``known``, as
+    :class:`OtherName`; none when the
+    relay does not know ``WHOHAS root=`` (400) or cannot be asked.
+    """
+    f = attempt.fetcher
+    try:
+        found = await f.holdersOfRoot(manifest.root)
+    except CancelledError:
+        raise
+    except wire.ProtocolError as e:
+        if e.status != wire.BAD_REQUEST:  # 400: an older relay, which asks for name=
+            f.verbose(f"relay: no holders of the same content under other names ({describe(e)})")
+        return []
+    except Exception as e:
+        f.verbose(f"relay: no holders of the same content under other names ({describe(e)})")
+        return []
+    nodes = {p.node for p in known if p.node}
+    addresses = {(p.host, p.port) for p in known}
+    layout = (manifest.root, manifest.size, manifest.sha256, manifest.pieceSize)
+    more: List[OtherName] = []
+    for name, peer in found:
+        if name == attempt.name or (peer.root, peer.size, peer.sha256, peer.piece) != layout:
+            continue
+        if peer.node in nodes or (peer.host, peer.port) in addresses:
+            continue
+        nodes.add(peer.node)
+        addresses.add((peer.host, peer.port))
+        more.append(OtherName(**{a.name: getattr(peer, a.name) for a in attrs.fields(PeerAddress)}, name=name))
+        if len(more) >= room:
+            break
+    if more:
+        f.verbose(f"relay: {len(more)} more holder(s) of the same content under other names")
+    return more
 
 async def fetchManifest(attempt: "_FetchAttempt", group: List[PeerAddress], size: int, sha256: str, root: str):
     """The manifest from the first holder in ``group`` that sends one matching ``root``."""

@@ -3,7 +3,8 @@ Multi-source downloads: one file's pieces from several holders at once.
 
 Given the manifest (:mod:`.manifest`), :class:`PieceFetch`
 asks up to ``sources`` holders for pieces in parallel, one range GET
-(``offset= length=``) per piece, each piece checked against its digest
+(``offset= length=``) per piece (under the holder's own name, for one
+that holds the same bytes under another: :class:`~.manifest.OtherName`), each piece checked against its digest
 as it lands (in a thread: hashing 4 MiB costs the reactor 2.5 ms);
 which holder gets which piece is the :class:`~.schedule.Scheduler`'s
 business (faster holders more pieces, a holder that sent a bad piece
@@ -207,7 +208,7 @@ class PieceFetch:
         buffer = PieceBuffer(length)
         proto = GetProtocol(
             self.clock,
-            self.name,
+            getattr(peer, "name", None) or self.name,  # a holder of the same bytes under another name
             buffer,
             f.timeout,
             offset,
@@ -236,7 +237,10 @@ class PieceFetch:
         await endpoint.connect(_OneShotFactory(proto))
         path = getattr(endpoint, "path", None) or DIRECT
         if holder not in self.paths:
-            self.fetcher.verbose(f"fetching {self.name} from {self.peers[holder]}{via(path)}")
+            peer = self.peers[holder]
+            other = getattr(peer, "name", None)
+            alias = f" (as {other})" if other and other != self.name else ""
+            self.fetcher.verbose(f"fetching {self.name} from {peer}{alias}{via(path)}")
         self.paths[holder] = path
         return await proto.deferred
 
