@@ -575,13 +575,28 @@ class QueryTests(RelayTestCase):
         self.assertTrue(searching.disconnecting)
 
     def test_searchAbandoned(self):
-        """A client that leaves during a long SEARCH stops it."""
-        self.register("n1", "10.0.0.1", 5000, [f"f{i:06}" for i in range(SEARCH_STEP * SEARCH_SLICE * 2)])
+        """A client that leaves during a long SEARCH stops it: no step of it runs afterwards."""
+        self.register("n1", "10.0.0.1", 5000, [f"f{i:06}" for i in range(SEARCH_STEP * SEARCH_SLICE * 10)])
+        steps = []
+        searchSteps = self.registry.searchSteps
+
+        def counted(*args):
+            inner = searchSteps(*args)
+            while True:
+                try:
+                    step = next(inner)
+                except StopIteration as done:
+                    return done.value
+                steps.append(step)
+                yield step
+
+        self.patch(self.registry, "searchSteps", counted)
         proto, transport = self.connect()
         proto.dataReceived(wire.request(wire.SEARCH, pattern="f"))
+        taken = len(steps)
         proto.connectionLost(None)
         self.clock.advance(0)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((len(steps), self.clock.getDelayedCalls()), (taken, []))
 
     def test_searchBadLimit(self):
         """SEARCH limit=0 is refused."""

@@ -210,6 +210,8 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
             )
         elif failure.check(wire.ProtocolError):
             error = failure.value
+        elif failure.check(defer.CancelledError) and self._lost:
+            return None  # given up on when the peer left
         else:
             return failure
         if not (self.finished or self._lost):
@@ -352,6 +354,9 @@ class RelayProtocol(EntryRequests, QueryRequests, PathRequests, NegotiationProto
         self._lost = True
         self._release()
         self._pathLost()
+        searching, self._searching = self._searching, None
+        if searching is not None and not searching.called:
+            searching.cancel()  # nobody to answer: the steps stop
         if self._counted:
             self._counted = False
             self.factory.metrics.connectionClosed()

@@ -38,6 +38,8 @@ def peerFields(peer: Peer) -> dict[str, object]:
 class QueryRequests:
     """PEERS, WHOHAS, SEARCH, STATS and DEAD, mixed into ``RelayProtocol``."""
 
+    _searching = None  # the SEARCH in progress (a Deferred), until answered or abandoned
+
     # Queries: a status line, the items, END.
 
     def _answerList(self, items: List[bytes], text: str, **extra: object) -> None:
@@ -104,7 +106,9 @@ class QueryRequests:
         # In memory a few steps per reactor turn, so every other request is
         # answered between them however many names the search goes through;
         # the deadline is held meanwhile: the relay's work is not the client's slowness.
-        self._await(self.factory.backend.search(pattern, limit), self._searched)
+        # Kept, so a client that leaves stops the search (see connectionLost).
+        self._searching = self.factory.backend.search(pattern, limit)
+        self._await(self._searching, self._searched)
 
     def _searched(self, found) -> None:
         hits, truncated = found

@@ -133,5 +133,28 @@ class MemoryBackend:
                     return
                 yield None
 
-        cooperate = (self._cooperator or task).cooperate
-        return cooperate(run()).whenDone().addCallback(lambda _: result[0])
+        work = (self._cooperator or task).cooperate(run())
+
+        stopping = []
+
+        def stop(d: defer.Deferred) -> None:
+            # Cancelled (its client left): no more steps for nobody; the
+            # answer then fails with CancelledError.
+            stopping.append(True)
+            try:
+                work.stop()
+            except (task.TaskDone, task.TaskFailed):
+                pass
+
+        answer: defer.Deferred = defer.Deferred(stop)
+
+        def done(_: object) -> None:
+            if not answer.called:
+                answer.callback(result[0])
+
+        def failed(failure) -> None:
+            if not answer.called and not stopping:
+                answer.errback(failure)
+
+        work.whenDone().addCallbacks(done, failed)
+        return answer
