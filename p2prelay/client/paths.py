@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Optional, Set
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.basic import LineReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -64,46 +65,42 @@ class ReverseTimedOut(Exception):
     """The node did not connect back in time (we are probably not reachable)."""
 
 
-class _Preamble(Protocol):
+class _Preamble(LineReceiver):
     """
     Reads a path's preamble line by line (:meth:`preambleLine`), then hands
-    the connection over to the caller's protocol (:meth:`handOver`): it is
-    connected to the same transport and gets every later byte, whatever
-    followed the preamble in the same segment included, and the close.
+    the connection over to the caller's protocol (:meth:`handOver`): raw
+    mode from there, so it is connected to the same transport and gets
+    every later byte, whatever followed the preamble in the same segment
+    included, and the close.
     """
 
+    delimiter = b"\n"  # a CR before it is left in the line, which wire.parseLine takes
+    MAX_LENGTH = wire.MAX_LINE
     inner: Optional[Protocol] = None
     closed = False  # the preamble failed: nothing more is read
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def lineReceived(self, line: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            message = wire.parseLine(line)
+        except wire.ProtocolError as e:
+            self.preambleFailed(e)
+            return
+        self.preambleLine(message)
 
-    def dataReceived(self, data: bytes) -> None:
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.preambleFailed(wire.ProtocolError(wire.LINE_TOO_LONG, "over-long line"))
+
+    def rawDataReceived(self, data: bytes) -> None:
         if self.inner is not None:
             self.inner.dataReceived(data)
-            return
-        self._buffer += data
-        while self.inner is None and not self.closed:
-            line, newline, rest = self._buffer.partition(b"\n")
-            if not newline:
-                if len(self._buffer) > wire.MAX_LINE + 1:
-                    self.preambleFailed(wire.ProtocolError(wire.LINE_TOO_LONG, "over-long line"))
-                return
-            self._buffer = rest
-            try:
-                message = wire.parseLine(line)
-            except wire.ProtocolError as e:
-                self.preambleFailed(e)
-                return
-            self.preambleLine(message)
-        if self.inner is not None and self._buffer:
-            rest, self._buffer = self._buffer, b""
-            self.inner.dataReceived(rest)
 
     def handOver(self, inner: Protocol) -> None:
         """From now on the connection is ``inner``'s."""
         self.inner = inner
         inner.makeConnection(self.transport)
+        self.setRawMode()  # what is buffered after this line goes to inner
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self.inner is not None:
