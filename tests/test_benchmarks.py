@@ -6,24 +6,101 @@ are not part of the suite, and no timing is asserted.
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Dict, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
+# Every smoke run, with the programs it needs.  The first smoke test starts
+# all of them at once: most of a smoke run is waiting (interpreters and
+# daemons starting, sockets, sleeps between rounds), so side by side they
+# take about as long as the longest one instead of the sum (some 20 s of
+# the suite).  No figure is asserted, so sharing the cores changes nothing
+# a test looks at.
+SMOKES = {
+    "fetch.py": ("curl", "sha256sum"),
+    "startup.py": (),
+    "relay.py": (),
+    "transfer.py": (),
+    "tls.py": (),
+    "pieces.py": (),
+    "registry.py": (),
+    "relayed.py": (),
+    "relays_redis.py": ("redis-server",),
+}
 
-def smoke(case: SynchronousTestCase, name: str, *args: str, timeout: float = 180) -> str:
-    """Run ``benchmarks/NAME --smoke ARGS``; its output, or the test fails."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), "--smoke", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+
+class _Run:
+    """One ``benchmarks/NAME --smoke``, its output in a temporary file."""
+
+    def __init__(self, name: str) -> None:
+        self.output = tempfile.TemporaryFile(mode="w+")
+        self.errors = tempfile.TemporaryFile(mode="w+")
+        # Its own session, so whatever it starts (daemons) goes with it.
+        self.process = subprocess.Popen(
+            [sys.executable, str(BENCHMARKS / name), "--smoke"],
+            stdout=self.output,
+            stderr=self.errors,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.output.seek(0)
+        self.errors.seek(0)
+        return subprocess.CompletedProcess(self.process.args, code, self.output.read(), self.errors.read())
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.wait()
+
+
+_runs: Optional[Dict[str, _Run]] = None
+
+
+def _started() -> Dict[str, _Run]:
+    global _runs
+    if _runs is None:
+        _runs = {
+            name: _Run(name) for name, tools in SMOKES.items() if all(shutil.which(t) for t in tools)
+        }
+    return _runs
+
+
+@atexit.register
+def _stopLeftovers() -> None:
+    """Runs no test waited for (a -k selection, an interrupted suite) are stopped, daemons and all."""
+    for run in (_runs or {}).values():
+        run.kill()
+
+
+def smoke(case: SynchronousTestCase, name: str, timeout: float = 240) -> str:
+    """The output of ``benchmarks/NAME --smoke`` (started with the others), or the test fails."""
+    run = _started().pop(name, None) or _Run(name)
+    result = run.wait(timeout)
     case.assertEqual(result.returncode, 0, result.stdout + result.stderr)
     return result.stdout
 
