@@ -54,7 +54,7 @@ class TopologyTests(SynchronousTestCase):
         the router's public address refuses the node's listening port: no
         route in, no port forwarded.
         """
-        listener = Listener(self.net, self.net.node, "0.0.0.0", timeout=0.5)  # both connects above are over by then
+        listener = Listener(self.net, self.net.node, "0.0.0.0", timeout=2)
         self.addCleanup(listener.stop)
         self.assertEqual(
             connect(self.net, self.net.relay, NATTopology.NODE, listener.port),
