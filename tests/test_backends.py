@@ -561,6 +561,54 @@ class BackendTests:
         self.assertEqual(nodes(await self.backend.active()), ["n1"])
         self.assertEqual(nodes(await self.backend.all()), ["n1", "n2"])
 
+    # Allowances and re-check claims.
+
+    async def test_takeBurstThenWait(self):
+        """take() spends a burst of tokens at once, then says the seconds until the next."""
+        waits = [await self.backend.take("report", "10.0.0.1", 1 / 6.0, 3) for _ in range(4)]
+        self.assertEqual(waits[:3], [0.0, 0.0, 0.0])
+        self.assertAlmostEqual(waits[3], 6.0)
+
+    async def test_takeRefills(self):
+        """A spent bucket gives a token again once 1 / rate seconds have passed, not before."""
+        for _ in range(2):
+            await self.backend.take("report", "10.0.0.1", 0.5, 2)
+        await self.elapse(1.5)
+        self.assertAlmostEqual(await self.backend.take("report", "10.0.0.1", 0.5, 2), 0.5)
+        await self.elapse(0.5)
+        self.assertEqual(await self.backend.take("report", "10.0.0.1", 0.5, 2), 0.0)
+
+    async def test_takeApart(self):
+        """Each source, and each allowance, has a bucket of its own."""
+        await self.backend.take("report", "10.0.0.1", 0.1, 1)
+        self.assertGreater(await self.backend.take("report", "10.0.0.1", 0.1, 1), 0)
+        self.assertEqual(await self.backend.take("report", "10.0.0.2", 0.1, 1), 0.0)
+        self.assertEqual(await self.backend.take("dialback", "10.0.0.1", 0.1, 1), 0.0)
+
+    async def test_claimRecheck(self):
+        """A node's re-check is claimed once per interval."""
+        self.assertTrue(await self.backend.claimRecheck("n1", 30.0))
+        self.assertFalse(await self.backend.claimRecheck("n1", 30.0))
+        self.assertTrue(await self.backend.claimRecheck("n2", 30.0))
+        await self.elapse(29)
+        self.assertFalse(await self.backend.claimRecheck("n1", 30.0))
+        await self.elapse(1.5)
+        self.assertTrue(await self.backend.claimRecheck("n1", 30.0))
+
+    async def test_claimRecheckForced(self):
+        """A forced claim is recorded within the interval, and the interval counts from it."""
+        await self.backend.claimRecheck("n1", 30.0)
+        await self.elapse(10)
+        self.assertTrue(await self.backend.claimRecheck("n1", 30.0, force=True))
+        await self.elapse(25)
+        self.assertFalse(await self.backend.claimRecheck("n1", 30.0))
+
+    async def test_releaseRecheck(self):
+        """A claim released leaves the node free to be claimed again at once."""
+        await self.backend.claimRecheck("n1", 30.0)
+        await self.backend.releaseRecheck("n1")
+        self.assertTrue(await self.backend.claimRecheck("n1", 30.0))
+
     # Epoch.
 
     async def test_epochStable(self):
@@ -693,6 +741,26 @@ class RedisBackendTests(BackendTests, RedisTestCase):
         after = await other.epoch()
         self.assertNotEqual(after, before)
         self.assertEqual(await self.backend.epoch(), after)
+
+    async def test_takeShared(self):
+        """Two backends on one Redis (two relays) spend one source's one bucket."""
+        other = await self.make()
+        self.assertEqual(await self.backend.take("report", "10.0.0.1", 0.1, 2), 0.0)
+        self.assertEqual(await other.take("report", "10.0.0.1", 0.1, 2), 0.0)
+        self.assertGreater(await self.backend.take("report", "10.0.0.1", 0.1, 2), 0)
+        self.assertGreater(await other.take("report", "10.0.0.1", 0.1, 2), 0)
+
+    async def test_bucketExpires(self):
+        """A bucket's key lives only until it would be full again (bounded memory for many sources)."""
+        await self.backend.take("report", "10.0.0.1", 0.5, 4)
+        left = await self.backend.client.execute_command("PTTL", self.prefix + "bucket:report:10.0.0.1")
+        self.assertTrue(0 < left <= 2000, left)
+
+    async def test_claimRecheckShared(self):
+        """A re-check claimed by one backend on a Redis is not claimed again by another within the interval."""
+        other = await self.make()
+        self.assertTrue(await self.backend.claimRecheck("n1", 30.0))
+        self.assertFalse(await other.claimRecheck("n1", 30.0))
 
     async def test_keyTtlIsTheLifetime(self):
         """A registration's record carries the TTL in Redis itself; a heartbeat renews it."""

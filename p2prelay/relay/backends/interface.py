@@ -136,6 +136,27 @@ class IRegistryBackend(Interface):
         line)`` for each (a backend of one relay never calls it).
         """
 
+    def take(bucket: str, key: str, rate: float, burst: int) -> "Deferred[float]":
+        """
+        Spend a token of ``key``'s (a source address) in the allowance named
+        ``bucket`` (``rate`` tokens a second, up to ``burst``): 0 when one was
+        there, else the seconds until one will be (and nothing is spent).
+        Shared by every relay on the registry, so N relays do not give one
+        source N allowances.
+        """
+
+    def claimRecheck(node: str, interval: float, force: bool = False) -> "Deferred[bool]":
+        """
+        Claim the re-check of ``node``: True (and the claim recorded, for
+        ``interval`` seconds) unless a relay on this registry claimed it less
+        than ``interval`` seconds ago; ``force`` records it regardless (a
+        confirming probe).  Shared, so a node is re-checked by one relay of
+        several per interval.
+        """
+
+    def releaseRecheck(node: str) -> "Deferred[None]":
+        """Undo a claim just made that led to no check (its dial-back allowance was spent)."""
+
     def expire() -> "Deferred[List[Peer]]":
         """Drop what has expired; the peers dropped (as far as still known)."""
 

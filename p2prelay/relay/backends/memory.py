@@ -10,12 +10,13 @@ relay has always run them, so other requests are answered in between.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet import defer, task
 from zope.interface import implementer
 
 from ...wire import FileEntry
+from ..dialback import TokenBucket
 from ..registry import Figures, Peer, Registry, SearchHit
 from .interface import IRegistryBackend
 
@@ -31,7 +32,10 @@ def _fired(call: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferre
 class MemoryBackend:
     """
     ``registry`` (a :class:`Registry`) as a backend; ``epoch`` names this
-    registry's life (a fresh one per relay run unless given).
+    registry's life (a fresh one per relay run unless given).  The
+    allowances (``take``) are token buckets (:class:`TokenBucket`), the re-check
+    claims a dict, in this process, on ``now`` (seconds; the registry's
+    clock unless given).
     """
 
     def __init__(
@@ -39,10 +43,14 @@ class MemoryBackend:
         registry: Registry,
         epoch: Optional[str] = None,
         cooperator: Optional[task.Cooperator] = None,
+        now: Optional[Callable[[], float]] = None,
     ) -> None:
         self.registry = registry
         self._epoch = epoch if epoch is not None else uuid.uuid4().hex[:16]
         self._cooperator = cooperator
+        self._now = now if now is not None else registry._now
+        self._buckets: Dict[str, TokenBucket] = {}  # allowance name -> its bucket
+        self._checked: Dict[str, float] = {}  # node -> when a re-check of it was last claimed
 
     @property
     def ttl(self) -> float:
@@ -102,6 +110,31 @@ class MemoryBackend:
         return defer.succeed(False)  # one relay: no other to hold a control connection
 
     def listen(self, onOrder: Callable[[str, bytes], None]) -> "defer.Deferred[None]":
+        return defer.succeed(None)
+
+    def bucket(self, name: str, rate: float, burst: int) -> TokenBucket:
+        """The allowance ``name``'s bucket (made on first use), at ``rate`` and ``burst``."""
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = TokenBucket(self._now, rate, burst)
+        bucket.rate, bucket.burst = rate, burst
+        return bucket
+
+    def take(self, bucket: str, key: str, rate: float, burst: int) -> "defer.Deferred[float]":
+        return _fired(self.bucket(bucket, rate, burst).take, key)
+
+    def claimRecheck(self, node: str, interval: float, force: bool = False) -> "defer.Deferred[bool]":
+        now = self._now()
+        last = self._checked.get(node)
+        if not force and last is not None and now - last < interval:
+            return defer.succeed(False)
+        if len(self._checked) > self.registry.maxTotal:
+            self._checked = {n: t for n, t in self._checked.items() if now - t < interval}
+        self._checked[node] = now
+        return defer.succeed(True)
+
+    def releaseRecheck(self, node: str) -> "defer.Deferred[None]":
+        self._checked.pop(node, None)
         return defer.succeed(None)
 
     def expire(self) -> "defer.Deferred[List[Peer]]":

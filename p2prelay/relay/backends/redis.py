@@ -30,6 +30,11 @@ Layout, under a prefix (default ``p2p:``):
   ``src:SOURCE`` (sets of node ids), ``expiry`` (a sorted set, node -> when
   it expires by Redis's clock: the live count for the caps, the sweep's
   list), ``epoch``.
+- ``bucket:NAME:SOURCE`` (a hash: tokens, as of when) and ``checked:ID``
+  (a ``SET NX PX`` claim): the relays' shared allowances (DEAD reports and
+  dial-backs per source address) and re-check interval per node, so N
+  relays on one Redis give a source one allowance, not N, and check a
+  node once per interval.  Both expire by themselves.
 
 Every change is one Lua script, so it is atomic: a re-registration unlinks
 the old entry and writes the new one with nothing in between, and no lookup
@@ -412,6 +417,35 @@ for _, node in ipairs(due) do
   end
 end
 return list(out)
+"""
+
+# ARGV: P bucket key rate burst now -> '0' when a token was taken, else the seconds until one will be.
+# A token bucket in a hash (tokens, as of when), on the relays' clock (``now``,
+# seconds) as the in-memory TokenBucket is; it expires once it would be full
+# again, so an attacker's many addresses cost Redis bounded memory.
+_TAKE = """
+local k = ARGV[1] .. 'bucket:' .. ARGV[2] .. ':' .. ARGV[3]
+local rate, burst, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local h = redis.call('HMGET', k, 'tokens', 'at')
+local tokens, at = tonumber(h[1]), tonumber(h[2])
+if not tokens or not at then tokens, at = burst, now end
+local level = math.min(burst, tokens + math.max(0, now - at) * rate)
+if level < 1 then return string.format('%.17g', (1 - level) / rate) end
+level = level - 1
+redis.call('HSET', k, 'tokens', string.format('%.17g', level), 'at', ARGV[6])
+redis.call('PEXPIRE', k, math.max(1, math.ceil((burst - level) / rate * 1000)))
+return '0'
+"""
+
+# ARGV: P node intervalms force -> 1 if this relay claimed the node's re-check, else 0
+_CLAIM = """
+local k = ARGV[1] .. 'checked:' .. ARGV[2]
+if ARGV[4] == '1' then
+  redis.call('SET', k, '1', 'PX', tonumber(ARGV[3]))
+  return 1
+end
+if redis.call('SET', k, '1', 'NX', 'PX', tonumber(ARGV[3])) then return 1 end
+return 0
 """
 
 # ARGV: P candidate
@@ -872,6 +906,18 @@ class RedisBackend:
                 gone.append(_peer(data["peer"], _decodeFiles(data), now))
             if len(dropped) < EXPIRE_BATCH:
                 return gone
+
+    def take(self, bucket: str, key: str, rate: float, burst: int) -> defer.Deferred:
+        d = self._eval(_TAKE, bucket, key, repr(float(rate)), int(burst), repr(float(self._now())), what="an allowance")
+        return d.addCallback(lambda wait: float(wait))
+
+    def claimRecheck(self, node: str, interval: float, force: bool = False) -> defer.Deferred:
+        d = self._eval(_CLAIM, node, self._ms(interval), "1" if force else "0", what="a re-check claim")
+        return d.addCallback(bool)
+
+    def releaseRecheck(self, node: str) -> defer.Deferred:
+        d = self._guard(self.client.delete(self.prefix + "checked:" + node), "a re-check release")
+        return d.addCallback(lambda _: None)
 
     def epoch(self) -> defer.Deferred:
         return self._eval(_EPOCH, uuid.uuid4().hex[:16], what="the registry's epoch")
