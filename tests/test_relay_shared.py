@@ -73,10 +73,10 @@ class Relays:
 
     case: TestCase
 
-    def factory(self, backend: Any) -> RelayFactory:
+    def factory(self, backend: Any, **options: Any) -> RelayFactory:
         nodes = Nodes()
         nodes.at[("10.1.2.3", 5000)] = KEY
-        return RelayFactory(backend, reactor, dialback=DialBack(reactor, nodes), boot=self.boot)
+        return RelayFactory(backend, reactor, dialback=DialBack(reactor, nodes), boot=self.boot, **options)
 
     boot = None
 
@@ -357,6 +357,29 @@ class TwoRelaysTests(RedisCase):
         [reply] = await self.ask(b, wire.request(wire.RELAY, node=HIDDEN.node, name="f.txt", size=1), peer=ASKER)
         self.assertEqual((reply.status, reply.text), (wire.NOT_FOUND, f"{HIDDEN.node}'s control connection is at another relay"))
 
+    async def dead(self, factory: RelayFactory) -> wire.Message:
+        [reply] = await self.ask(factory, wire.request(wire.DEAD, host="10.1.2.3", port=5000), peer=ASKER)
+        return reply
+
+    async def test_reportAllowanceShared(self):
+        """One source's DEAD reports are one allowance at every relay: burst 2 spent at A and B, the third is 503."""
+        first, second = await self.backend(), await self.backend()
+        a, b = self.factory(first, reportBurst=2), self.factory(second, reportBurst=2)
+        self.assertEqual([(await self.dead(relay)).status for relay in (a, b)], [wire.OK, wire.OK])
+        reply = await self.dead(b)
+        self.assertEqual((reply.status, reply.text), (wire.BUSY, "too many reports from your address"))
+        self.assertIsNotNone(reply.get("retry"))
+        self.assertEqual((await self.dead(a)).status, wire.BUSY)
+
+    async def test_recheckShared(self):
+        """A node re-checked at A on a DEAD report is not re-checked at B within the interval."""
+        a, b = await self.two()
+        await self.register(a)
+        a.dialback.connector.dialled.clear()
+        self.assertEqual((await self.dead(a)).text, "will check 1 peers")
+        self.assertEqual((await self.dead(b)).text, "will check 0 peers")
+        self.assertEqual(b.dialback.connector.dialled, [])
+
     async def test_missesAcrossRelays(self):
         """A probe missed at A (a node long direct) is seen at B, and a success at B clears it."""
         a, b = await self.two()
@@ -395,6 +418,14 @@ class RegistryLostTests(RedisCase):
         self.assertIn("the registry is unavailable", lines[0])
         self.assertIn("the registry is available again", [formatEvent(e) for e in events])
         self.assertEqual(await self.whohas(relay, "a.txt"), [KEY.node])
+
+    async def test_reportWhileUnavailable(self):
+        """A DEAD report while Redis is gone (its allowance unknown) is 503 retry= saying the registry is unavailable."""
+        relay = self.factory(await self.backend())
+        self.redis.stop()
+        [reply] = await self.ask(relay, wire.request(wire.DEAD, host="10.1.2.3", port=5000), peer=ASKER)
+        self.assertEqual((reply.status, reply.get("retry")), (wire.BUSY, "5"))
+        self.assertTrue(reply.text.startswith("the registry is unavailable ("), reply.text)
 
     async def test_handshakeRefusedThenFine(self):
         """A Redis that refuses a reconnection's handshake (txredisapi then gives up) is reconnected to once it is fine."""

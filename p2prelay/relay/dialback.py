@@ -17,7 +17,8 @@ Connections go through an injected connector, ``(host, port) ->
 IStreamClientEndpoint`` (by default a ``HostnameEndpoint`` on the reactor),
 so tests dial in memory.  Who may make the relay dial, and how often, is
 rate-limited with :class:`TokenBucket` so the relay cannot be used as a
-port scanner.
+port scanner (the registry backend's buckets: shared by every relay on one
+Redis).
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ class TokenBucket:
             oldest = sorted(self._buckets, key=lambda k: self._buckets[k][1])
             for k in oldest[: len(oldest) // 2]:
                 del self._buckets[k]
+
+
+@attrs.frozen
+class Allowance:
+    """
+    An allowance's figures (``rate`` tokens a second up to ``burst``) where
+    its buckets are a shared backend's, not this process's (see
+    ``IRegistryBackend.take``).
+    """
+
+    name: str
+    rate: float
+    burst: int
 
 
 @attrs.frozen

@@ -96,7 +96,10 @@ class EntryRequests:
             # Reached there before within its lifetime: no second dial-back.
             self._record(host, port, True, "")
             return
-        wait = self.factory.dialbacks.take(self.source)
+        # The source's dial-back allowance is the registry's: shared by every relay on it.
+        self._await(self.factory.allowance("dialback", self.source), self._allowed, existing, same, host, port)
+
+    def _allowed(self, wait: float, existing, same: bool, host: str, port: int) -> None:
         if wait:
             if same:
                 self._record(host, port, existing.reachable, "not checked again yet")
@@ -210,7 +213,11 @@ class EntryRequests:
         self.factory.changed()
         if not peer.reachable:
             # It may be reachable again: check (as often as a DEAD report may).
-            self.factory.recheck(peer, self.source)
+            self._await(self.factory.recheck(peer, self.source), self._alive, peer)
+            return
+        self._alive(False, peer)
+
+    def _alive(self, _: bool, peer) -> None:
         self.finish(
             wire.status(
                 wire.OK,

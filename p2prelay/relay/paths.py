@@ -96,7 +96,8 @@ class PathRequests:
             factory.controls.record(self._controlNode, True)
         if not peer.reachable:
             # It may be reachable again: check (as often as a DEAD report may).
-            factory.recheck(peer, self.source)
+            # (The answer does not wait for it: the registry unreachable is a warning.)
+            factory._guard(factory.recheck(peer, self.source), "re-checking a node")
         self.transport.write(
             wire.status(
                 wire.OK,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -48,6 +48,7 @@ from ..negotiation import (
 )
 from ..wire import FileEntry
 from .dialback import (
+    Allowance,
     DIALBACK_BURST,
     DIALBACK_RATE,
     RECHECK_INTERVAL,
@@ -422,7 +423,7 @@ class RelayFactory(Factory):
                 terminationPredicateFactory=lambda: lambda: True,
                 scheduler=lambda step: clock.callLater(0, step),
             )
-            self.backend = MemoryBackend(registry, boot, cooperator)
+            self.backend = MemoryBackend(registry, boot, cooperator, now=clock.seconds)
         # Log each lookup (WHOHAS, PEERS, SEARCH, STATS) at debug level:
         # twistd's observer shows every level, so the flag decides.
         self.verbose = verbose
@@ -450,11 +451,12 @@ class RelayFactory(Factory):
         self.minRate = minRate
         self.idleTimeout = idleTimeout
         self.closeDeadline = closeDeadline  # seconds a peer has to take the answer
-        # Rates are per second; bursts are how many at once.
-        self.dialbacks = TokenBucket(clock.seconds, dialbackRate, dialbackBurst)
-        self.reports = TokenBucket(clock.seconds, reportRate, reportBurst)
+        # Rates are per second; bursts are how many at once.  The buckets
+        # are the backend's (see allowance): in memory these very
+        # TokenBuckets, on Redis shared by every relay on it.
+        self.dialbacks = self._allowance("dialback", dialbackRate, dialbackBurst)
+        self.reports = self._allowance("report", reportRate, reportBurst)
         self.recheckInterval = recheckInterval
-        self._checked: Dict[str, float] = {}  # node -> when the relay last re-checked it
         self.controls = Controls(self.backend, maxControl)
         self.circuits = Circuits(clock, circuits, metrics)
         # REVERSE and RELAY requests from one source address.
@@ -462,6 +464,20 @@ class RelayFactory(Factory):
         if metrics is not None:
             metrics.circuitsOpen = lambda: len(self.circuits.open)
             metrics.controlsOpen = lambda: len(self.controls)
+
+    def _allowance(self, name: str, rate: float, burst: int) -> "TokenBucket | Allowance":
+        if isinstance(self.backend, MemoryBackend):
+            return self.backend.bucket(name, rate, burst)
+        return Allowance(name, rate, burst)
+
+    def allowance(self, name: str, source: str) -> "defer.Deferred[float]":
+        """
+        Spend one of ``source``'s tokens of the allowance ``name`` (``dialback``
+        or ``report``): 0, or the seconds until one will be (the backend's
+        ``take``, so one allowance however many relays share the registry).
+        """
+        figures = {"dialback": self.dialbacks, "report": self.reports}[name]
+        return self.backend.take(name, source, figures.rate, figures.burst)
 
     def changed(self) -> None:
         self._onChange()
@@ -483,26 +499,34 @@ class RelayFactory(Factory):
         if self.controls.send(node, line):
             self.log.info("passed on an order for {node} from another relay", node=node)
 
-    def recheck(self, peer: Peer, source: Optional[str] = None) -> bool:
+    def recheck(self, peer: Peer, source: Optional[str] = None) -> "defer.Deferred[bool]":
         """
         Dial ``peer`` back to see whether it is still there, at most once
-        per node per ``recheckInterval`` (and, for a ``source``, within its
-        dial-back allowance); its entry is hidden only if the check fails,
-        and listed again if a later one succeeds.  True if a check started.
+        per node per ``recheckInterval`` by any relay on the registry (and,
+        for a ``source``, within its dial-back allowance); its entry is
+        hidden only if the check fails, and listed again if a later one
+        succeeds.  Fires with True if a check started (the check itself
+        goes on), and fails with ``RegistryUnavailable`` if the registry
+        cannot say.
         """
-        now = self.clock.seconds()
-        last = self._checked.get(peer.node)
-        if last is not None and now - last < self.recheckInterval:
-            return False
-        if source is not None and self.dialbacks.take(source):
-            return False
-        if len(self._checked) > self.backend.maxTotal:
-            self._checked = {n: t for n, t in self._checked.items() if now - t < self.recheckInterval}
-        self._probe(peer)
-        return True
+        node = peer.node
+
+        def claimed(ok: bool) -> Any:
+            if not ok:
+                return False
+            if source is None:
+                return started(0.0)
+            return self.allowance("dialback", source).addCallback(started)
+
+        def started(wait: float) -> Any:
+            if wait:  # not checked after all: the claim is given back
+                return self.backend.releaseRecheck(node).addCallback(lambda _: False)
+            self._probe(peer)
+            return True
+
+        return self.backend.claimRecheck(node, self.recheckInterval).addCallback(claimed)
 
     def _probe(self, peer: Peer) -> None:
-        self._checked[peer.node] = self.clock.seconds()
         d = self.dialback.check(peer.host, peer.port, peer.key)
         d.addCallback(lambda outcome: self._current(peer).addCallback(lambda current: self._rechecked(outcome, peer, current)))
         self._guard(d, "re-checking a node")
@@ -585,9 +609,12 @@ class RelayFactory(Factory):
     def _confirm(self, peer: Peer) -> None:
         """The confirming probe after a miss: past the recheck interval and any allowance."""
 
-        def probe(current: Peer | None) -> None:
+        def probe(current: Peer | None) -> Any:
             if current is not None and current.reachable and current.misses:
-                self._probe(current)
+                # Recorded as a check, so the interval counts from it.
+                claim = self.backend.claimRecheck(current.node, self.recheckInterval, force=True)
+                return claim.addCallback(lambda _: self._probe(current))
+            return None
 
         self._guard(self._current(peer).addCallback(probe), "confirming a miss")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import List
 
+from twisted.internet.defer import Deferred
+
 from .. import wire
 from ..human import humanSize, plural
 from ..wire import FileEntry
@@ -151,18 +153,32 @@ class QueryRequests:
         # it only if its own check fails, so a client cannot hide a live peer.
         host = checkHost(message.require("host"))
         port = message.port()
-        wait = self.factory.reports.take(self.source)
+        # The allowance, and the re-check interval, are the registry's:
+        # shared by every relay on it.
+        self._await(self.factory.allowance("report", self.source), self._reportAllowed, host, port)
+
+    def _reportAllowed(self, wait: float, host: str, port: int) -> None:
         if wait:
             raise wire.ProtocolError(wire.BUSY, "too many reports from your address", retry=wait)
         self._await(self.factory.backend.at(host, port), self._reported, host, port)
 
     def _reported(self, peers: List[Peer], host: str, port: int) -> None:
-        checking = [p for p in peers if p.reachable and self.factory.recheck(p)]
-        if checking:
+        self._await(Deferred.fromCoroutine(self._rechecking(peers)), self._checking, host, port)
+
+    async def _rechecking(self, peers: List[Peer]) -> int:
+        """Re-check each reachable one of ``peers`` (as allowed); how many checks started."""
+        started = 0
+        for p in peers:
+            if p.reachable and (await self.factory.recheck(p)):
+                started += 1
+        return started
+
+    def _checking(self, started: int, host: str, port: int) -> None:
+        if started:
             self.log.info(
                 "a client reports {host}:{port} unreachable; checking", host=host, port=port
             )
-        self.finish(wire.status(wire.OK, f"will check {len(checking)} peers"))
+        self.finish(wire.status(wire.OK, f"will check {started} peers"))
 
 
 def _layout(entry: FileEntry) -> dict[str, object]:
