@@ -12,7 +12,7 @@ from twisted.test import iosim
 
 from p2prelay import identity, wire
 from p2prelay.client.relay import ProofNeeded, QueryProtocol, secretProver
-from p2prelay.relay.dialback import DIALBACK_BURST, DIALBACK_TIMEOUT, RECHECK_INTERVAL, REPORT_BURST
+from p2prelay.relay.dialback import DIALBACK_BURST, DIALBACK_RATE, DIALBACK_TIMEOUT, RECHECK_INTERVAL, REPORT_BURST
 
 from .test_relay import (
     CLIENT,
@@ -268,6 +268,20 @@ class DeadReportTests(RelayTestCase):
         [reply] = self.answer(wire.request(wire.HEARTBEAT, node=KEY.node))
         self.assertEqual(reply.status, wire.OK)
         self.assertEqual([p.node for p in self.registry.active()], [KEY.node])
+
+    def test_heartbeatOverAllowanceIsNoCheck(self):
+        """A hidden node's heartbeat over its source's dial-backs checks nothing, so the next one with a dial-back left checks at once."""
+        del self.nodes.at[("10.1.2.3", 5000)]
+        self.dead()
+        self.clock.advance(RECHECK_INTERVAL)
+        while not self.factory.dialbacks.take(CLIENT.host):
+            pass  # the heartbeat's source has no dial-back left
+        self.nodes.dialled.clear()
+        [reply] = self.answer(wire.request(wire.HEARTBEAT, node=KEY.node))
+        self.assertEqual((reply.status, self.nodes.dialled), (wire.OK, []))
+        self.clock.advance(1 / DIALBACK_RATE)  # one dial-back again, well within the re-check interval
+        self.answer(wire.request(wire.HEARTBEAT, node=KEY.node))
+        self.assertEqual(self.nodes.dialled, [("10.1.2.3", 5000)])
 
 
 class CapTests(RelayTestCase):
