@@ -15,8 +15,7 @@ from p2prelay import identity, wire
 from p2prelay.negotiation import NEGOTIATION_DEADLINE
 from p2prelay.relay.protocol import CONFIRM_DELAY, LONG_REACHABLE
 from p2prelay.relay.dialback import RECHECK_INTERVAL
-from p2prelay.relay.circuits import PATH_BURST, CircuitLimits
-from p2prelay.relay.registry import Registry
+from p2prelay.relay.circuits import PATH_BURST
 
 from .test_relay import CLIENT, KEY, OTHER, TTL, RelayTestCase, parse, registration
 from .test_relay_security import SECRET

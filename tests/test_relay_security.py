@@ -7,7 +7,6 @@ and closed (secret) networks.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import ensureDeferred
 from twisted.test import iosim
 
 from p2prelay import identity, wire

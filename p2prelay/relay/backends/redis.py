@@ -761,7 +761,6 @@ class RedisBackend:
 
         def decoded(text: str) -> List[Tuple[Peer, FileEntry]]:
             now = self._now()
-            out = []
             entries = {}
             for record, (size, sha256, root, pieceSize), pttl, control in json.loads(text):
                 entry = FileEntry(name, size, sha256, root=root, pieceSize=pieceSize)
