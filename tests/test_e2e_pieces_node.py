@@ -95,7 +95,12 @@ class PiecesNodeTests(NetworkTestCase):
         self.assertEqual(hashlib.sha256(body).digest(), digests(BIG, PIECE)[3])
 
     def test_rateCapHolds(self):
-        """A download from a node capped at 2 MiB/s takes the time the cap says, within 10 %."""
+        """
+        A download from a node capped at 2 MiB/s never beats the cap by more
+        than 10 %.  How close it comes depends on the load of a shared
+        machine, so only a loose floor is checked here; the bucket's accuracy
+        is specified on a fake clock in test_ratelimit.py.
+        """
         address = self.net.listening(self.capped)
         for attempt in range(50):  # an earlier test's upload may still hold the one slot
             started = time.monotonic()
@@ -106,7 +111,8 @@ class PiecesNodeTests(NetworkTestCase):
         elapsed = time.monotonic() - started
         self.assertEqual(body, CAPPED)
         rate = len(body) / elapsed
-        self.assertLessEqual(abs(rate - RATE), RATE * 0.1, f"{rate / 2**20:.2f} MiB/s")
+        self.assertLessEqual(rate, RATE * 1.1, f"{rate / 2**20:.2f} MiB/s: over the cap")
+        self.assertGreater(rate, RATE * 0.25, f"{rate / 2**20:.2f} MiB/s: strangled")
 
     def test_maxUploads(self):
         """While its one upload is sending, the capped node answers another GET 503 with retry=."""
