@@ -172,6 +172,20 @@ def noopServer(port: int, answer: bytes, ready) -> None:
     asyncio.run(main())
 
 
+NOOP_ANSWER = b"P2P/1 200 count=0 :0 peers hold x\r\nP2P/1 END count=0\r\n"
+
+
+def startNoopServer() -> tuple[int, "multiprocessing.Process"]:
+    """The no-op server in a process of its own, listening: its port and process."""
+    port = freePort()
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    process = ctx.Process(target=noopServer, args=(port, NOOP_ANSWER, ready), daemon=True)
+    process.start()
+    ready.wait(10)
+    return port, process
+
+
 # -- the load generator (one per process) -----------------------------------
 
 
@@ -575,13 +589,7 @@ def run(args) -> dict:
               f" {(rss - rss0) / entries:.0f} B per entry)  (target < 200 MiB)", flush=True)
 
         # 3. WHOHAS at each concurrency, interleaved with the no-op server.
-        noopPort = freePort()
-        answer = b"P2P/1 200 count=0 :0 peers hold x\r\nP2P/1 END count=0\r\n"
-        ctx = multiprocessing.get_context("fork")
-        ready = ctx.Event()
-        noop = ctx.Process(target=noopServer, args=(noopPort, answer, ready), daemon=True)
-        noop.start()
-        ready.wait(10)
+        noopPort, noop = startNoopServer()
         rounds: dict = {}
         for r in range(args.rounds):
             for c in args.concurrency:

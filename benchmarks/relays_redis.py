@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import shutil
@@ -52,20 +51,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.relay import (  # noqa: E402  (the checkout first on sys.path)
+    CLK_TCK,
     POPULAR,
     Generators,
     Relay,
     cpuSeconds,
-    freePort,
-    noopServer,
     poolName,
     queryRound,
     split,
+    startNoopServer,
 )
 from p2prelay.relay.registry import MAX_HOLDERS  # noqa: E402  (the relay's default WHOHAS cap)
 
 CORES = os.cpu_count() or 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHECKED_NAMES = 8  # names whose holders every relay must list alike
 MEMORY, ONE, TWO, NOOP = "memory, one relay", "redis, one relay", "redis, two relays", "no-op server"
 
@@ -230,13 +228,7 @@ def run(args) -> dict:
               f" name)", flush=True)
 
         # 3. Interleaved rounds.
-        noopPort = freePort()
-        answer = b"P2P/1 200 count=0 :0 peers hold x\r\nP2P/1 END count=0\r\n"
-        ctx = multiprocessing.get_context("fork")
-        ready = ctx.Event()
-        noop = ctx.Process(target=noopServer, args=(noopPort, answer, ready), daemon=True)
-        noop.start()
-        ready.wait(10)
+        noopPort, noop = startNoopServer()
         pids["noop"] = noop.pid
         contenders = [
             (MEMORY, [("127.0.0.1", memory.port)], ["memory"]),
