@@ -55,7 +55,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from .. import identity, wire
-from ..addresses import relayReached
+from ..addresses import hostPort, relayReached, tcpEndpoint
 from ..cli.console import visible
 from ..client.relay import ProofNeeded, keyProver
 from .server import FileServerFactory, FileServerProtocol
@@ -282,13 +282,6 @@ class _OrderFactory(Factory):
         return self.protocol
 
 
-def _ipEndpoint(reactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-
-    kind = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    return kind(reactor, host, port, timeout=timeout)
-
-
 class _ClientService(ClientService):
     """ClientService without its own retry lines: ControlConnection logs its own, naming the relay."""
 
@@ -332,7 +325,7 @@ class ControlConnection:
         self.files = files
         self.secret = secret
         if endpointFor is None:
-            endpointFor = lambda host, port: _ipEndpoint(reactor, host, port, connectTimeout)  # noqa: E731
+            endpointFor = lambda host, port: tcpEndpoint(reactor, host, port, connectTimeout)  # noqa: E731
         self.endpointFor = endpointFor
         self.onForgotten = onForgotten
         self.maxOrders = maxOrders
@@ -492,7 +485,7 @@ class ControlConnection:
         else:
             endpoint = self.endpointFor(host, port)
             intro = wire.request(wire.REVERSE, token=token)
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = hostPort(host, port)
         self.orders += 1
         # The connection's slot in the node's total, held until it ends.
         source = f"order {token}"
