@@ -54,6 +54,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .addresses import hostPort
 from .identity import NodeKey
 
 RECEIVE_SIZE = 256 * 1024  # bytes per recv() on a transfer, as client/get.py reads
@@ -343,10 +344,6 @@ class _TLSClientEndpoint:
         return TLSFailed(f"TLS handshake with {self.where} failed: {e}")
 
 
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # Pinned to a node's key.
 
 
@@ -391,7 +388,7 @@ def pinnedTLSEndpoint(reactor, host: str, port: int, publicKey: str, timeout: fl
     the handshake.  Reads are of ``RECEIVE_SIZE`` bytes, as for a plain
     transfer (measured: 64 KiB reads cost a quarter of TLS throughput).
     """
-    where = _where(host, port)
+    where = hostPort(host, port)
     creator = _PinnedCreator(publicKey, where)
 
     def check(tls) -> Optional[Exception]:
@@ -443,7 +440,7 @@ def relayClientEndpoint(reactor, host: str, port: int, caFile: str, timeout: flo
     ``host``.  TLS 1.2 or later.
     """
     trust = loadCAFile(caFile)
-    where = _where(host, port)
+    where = hostPort(host, port)
     options = optionsForClientTLS(
         host, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
     )
