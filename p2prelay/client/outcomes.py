@@ -12,6 +12,7 @@ import attrs
 from twisted.internet import error
 
 from .. import wire
+from ..addresses import hostPort
 from ..negotiation import IncompleteAnswer
 from ..pieces import PIECE_SIZE
 from .download import VerificationError
@@ -94,8 +95,7 @@ class PeerAddress:
     relay: Optional[object] = attrs.field(default=None, eq=False, repr=False)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return hostPort(self.host, self.port)
 
     @classmethod
     def fromMessage(cls, message: wire.Message) -> "PeerAddress":
