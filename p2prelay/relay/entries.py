@@ -184,15 +184,10 @@ class EntryRequests:
 
     def _owned(self, peer, node: str, purpose: bytes, then) -> None:
         if peer is None:
-            self.finish(
-                wire.status(
-                    wire.NOT_FOUND,
-                    "unknown node; register again"
-                    if purpose in (identity.HEARTBEAT_PROOF, identity.CONTROL_PROOF)
-                    else "no such node",
-                    boot=self.factory.boot,
-                )
-            )
+            if purpose in (identity.HEARTBEAT_PROOF, identity.CONTROL_PROOF):
+                self.finish(self._forgottenLine())
+            else:
+                self.finish(wire.status(wire.NOT_FOUND, "no such node", boot=self.factory.boot))
             return
         if peer.key is None:
             raise wire.ProtocolError(wire.UNAUTHORIZED, "this entry has no key to prove")
@@ -204,11 +199,23 @@ class EntryRequests:
     def _beat(self, node: str) -> None:
         self._await(self.factory.backend.refresh(node), self._beaten)
 
+    def _forgottenLine(self) -> bytes:
+        """The answer to a heartbeat (on its own or on a control connection) of an entry the relay no longer has."""
+        return wire.status(wire.NOT_FOUND, "unknown node; register again", boot=self.factory.boot)
+
+    def _aliveLine(self, peer) -> bytes:
+        """The answer to a heartbeat that refreshed ``peer``: on its own connection or a control one."""
+        return wire.status(
+            wire.OK,
+            "alive",
+            ttl=_seconds(self.factory.backend.ttl),
+            boot=self.factory.boot,
+            reachable=int(peer.reachable),
+        )
+
     def _beaten(self, peer) -> None:
         if peer is None:
-            self.finish(
-                wire.status(wire.NOT_FOUND, "unknown node; register again", boot=self.factory.boot)
-            )
+            self.finish(self._forgottenLine())
             return
         self.factory.changed()
         if not peer.reachable:
@@ -218,15 +225,7 @@ class EntryRequests:
         self._alive(False, peer)
 
     def _alive(self, _: bool, peer) -> None:
-        self.finish(
-            wire.status(
-                wire.OK,
-                "alive",
-                ttl=_seconds(self.factory.backend.ttl),
-                boot=self.factory.boot,
-                reachable=int(peer.reachable),
-            )
-        )
+        self.finish(self._aliveLine(peer))
 
     def _unregister(self, message: wire.Message) -> None:
         self._provedByOwner(message, identity.UNREGISTER_PROOF, self._leave)

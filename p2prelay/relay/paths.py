@@ -48,7 +48,7 @@ class PathRequests:
     def _controlFound(self, peer, node: str) -> None:
         factory = self.factory
         if peer is None:
-            self.finish(wire.status(wire.NOT_FOUND, "unknown node; register again", boot=factory.boot))
+            self.finish(self._forgottenLine())
             return
         full = factory.controls.room(node)
         if full is not None:  # others opened while this one proved itself
@@ -87,7 +87,7 @@ class PathRequests:
     def _controlBeaten(self, peer) -> None:
         factory = self.factory
         if peer is None:
-            self.finish(wire.status(wire.NOT_FOUND, "unknown node; register again", boot=factory.boot))
+            self.finish(self._forgottenLine())
             return
         factory.changed()
         if not peer.control and self._controlNode is not None:
@@ -98,15 +98,7 @@ class PathRequests:
             # It may be reachable again: check (as often as a DEAD report may).
             # (The answer does not wait for it: the registry unreachable is a warning.)
             factory._guard(factory.recheck(peer, self.source), "re-checking a node")
-        self.transport.write(
-            wire.status(
-                wire.OK,
-                "alive",
-                ttl=_seconds(factory.backend.ttl),
-                boot=factory.boot,
-                reachable=int(peer.reachable),
-            )
-        )
+        self.transport.write(self._aliveLine(peer))
 
     def _controlClosed(self) -> None:
         node, self._controlNode = self._controlNode, None
