@@ -411,20 +411,8 @@ class Registry:
         if old is not None:
             self._unlink(old, keep=peer.files)
         self._peers[node] = peer  # a node already there keeps its place
-        names = self._names
-        for index, name in enumerate(peer.files.names):
-            holders = names.get(name)
-            if holders is None:
-                names[name] = {node: index}
-            else:
-                holders[node] = index  # a holder already there keeps its place
-        roots = self._roots
-        for root, index in _rootsOf(peer.files).items():
-            holders = roots.get(root)
-            if holders is None:
-                roots[root] = {node: index}
-            else:
-                holders[node] = index
+        _hold(self._names, ((name, index) for index, name in enumerate(peer.files.names)), node)
+        _hold(self._roots, _rootsOf(peer.files).items(), node)
         self._byAddress.setdefault(peer.address, set()).add(node)
         if peer.source is not None:
             self._bySource.setdefault(peer.source, set()).add(node)
@@ -434,25 +422,9 @@ class Registry:
         """Take ``peer`` out of every index (but names also in ``keep``)."""
         node = peer.node
         kept = frozenset(keep.names) if keep is not None and len(keep) else frozenset()
-        names = self._names
-        for name in peer.files.names:
-            if name in kept:
-                continue
-            holders = names.get(name)
-            if holders is not None:
-                holders.pop(node, None)
-                if not holders:
-                    del names[name]
+        _unhold(self._names, peer.files.names, node, kept)
         keptRoots = _rootsOf(keep) if keep is not None else {}
-        roots = self._roots
-        for root in _rootsOf(peer.files):
-            if root in keptRoots:
-                continue
-            holders = roots.get(root)
-            if holders is not None:
-                holders.pop(node, None)
-                if not holders:
-                    del roots[root]
+        _unhold(self._roots, _rootsOf(peer.files), node, keptRoots)
         _discard(self._byAddress, peer.address, node)
         if peer.source is not None:
             _discard(self._bySource, peer.source, node)
@@ -714,6 +686,28 @@ def _rootsOf(table: FileTable) -> Dict[bytes, int]:
         if root != _NO_ROOT and root not in found:
             found[root] = index
     return found
+
+
+def _hold(index: Dict, entries: Iterable, node: str) -> None:
+    """``node`` holds each ``(key, i)`` of ``entries`` in a ``{key: {node: i}}`` index."""
+    for key, i in entries:
+        holders = index.get(key)
+        if holders is None:
+            index[key] = {node: i}
+        else:
+            holders[node] = i  # a holder already there keeps its place
+
+
+def _unhold(index: Dict, keys: Iterable, node: str, kept) -> None:
+    """``node`` no longer holds ``keys`` (but those in ``kept``) in a ``{key: {node: i}}`` index."""
+    for key in keys:
+        if key in kept:
+            continue
+        holders = index.get(key)
+        if holders is not None:
+            holders.pop(node, None)
+            if not holders:
+                del index[key]
 
 
 def _discard(index: Dict, key: object, node: str) -> None:
