@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import makeFile  # noqa: E402
 
 from p2prelay.cli.demo import LISTENING, REGISTERED, Daemon, script  # noqa: E402
+from tests.netns import run  # noqa: E402  (the test suite's namespace harness)
 
 MiB = 1024 * 1024
 NODE_ADDRESS = "10.231.0.1"
@@ -67,19 +68,6 @@ START_TIMEOUT = 60.0
 
 class Skip(Exception):
     """The benchmark cannot run here (not root, no namespaces): one line why."""
-
-
-def run(*command: str, check: bool = True, input: Optional[str] = None) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, input=input)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip() or result.returncode}")
-    return result.stdout
-
-
-def namespaces() -> List[str]:
-    """The names of the network namespaces that exist now."""
-    out = run("ip", "netns", "list", check=False)
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 class Link:

@@ -67,10 +67,12 @@ def unavailable(tools: Sequence[str] = ("ip",)) -> Optional[str]:
         if shutil.which(tool) is None:
             return f"the {tool} command is not installed"
     probe = f"{PREFIX}probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"ip netns add fails: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    try:
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if made.returncode != 0:
+            return f"ip netns add fails: {made.stderr.strip()}"
+    finally:  # even when interrupted between the two
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
